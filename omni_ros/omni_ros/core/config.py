@@ -1,0 +1,77 @@
+"""Build frozen config dataclasses from plain mappings (YAML / ROS parameters), with clear errors.
+
+Every config class in the project uses :func:`from_mapping` so that an unknown key, a wrong type or
+a missing required value is a :class:`ConfigError` naming the key, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from omni_ros.core.errors import ConfigError
+
+T = TypeVar("T")
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+}
+
+
+def _check_value(owner: str, key: str, annotation: str, value: Any) -> Any:
+    """Coerce/validate ``value`` against a simple string annotation (``int``, ``float | None``...)."""
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None:
+        if "None" in options:
+            return None
+        raise ConfigError(f"{owner}.{key} must not be empty (expected {annotation})")
+    for option in options:
+        allowed = _SCALARS.get(option)
+        if allowed is None:
+            # Containers and nested types: accept as given (validated by the class's __post_init__).
+            if option != "None":
+                return value
+            continue
+        if option in ("int", "float") and isinstance(value, bool):
+            continue
+        if isinstance(value, allowed):
+            return float(value) if option == "float" else value
+    raise ConfigError(
+        f"{owner}.{key} = {value!r} has type {type(value).__name__}; expected {annotation}"
+    )
+
+
+def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None) -> T:
+    """Build dataclass ``cls`` from ``mapping``.
+
+    Raises:
+        ConfigError: an unknown key (with the list of known ones), a wrong type, or a value the
+            class's own ``__post_init__`` rejects.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    mapping = dict(mapping or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} parameter(s) {unknown}; known: {sorted(known)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in mapping.items():
+        annotation = hints.get(key)
+        text = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        text = text.replace("NoneType", "None")
+        kwargs[key] = _check_value(cls.__name__, key, text, value)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc

@@ -1,0 +1,1 @@
+"""TensorRT acceleration: ONNX export, engine build/cache/manifest, runtime. Imported lazily."""
