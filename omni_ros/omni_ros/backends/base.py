@@ -14,6 +14,18 @@ Backends are NOT thread-safe: the Omni-Flow runner calls them from its single wo
 ``interrupt()``, which must be safe to call from another thread (it sets a flag that the next
 prefill/generate honours). Third-party errors are converted to ``BackendError`` subtypes at this
 boundary.
+
+Rules every backend follows (checked by the shared contract suite, test/unit/backends/contract.py):
+
+- Misuse raises ``StateError`` and changes nothing: ``prefill()``/``generate()`` before ``prepare()``
+  (or after ``reset()``), ``generate()`` with no ``prefill()`` since the last ``generate()``.
+  (The real MiniCPM-o API silently returns a listen there; adapters check for it themselves.)
+- A unit whose ``sample_rate`` is not ``input_sample_rate`` or whose length is not exactly the unit
+  length (``first_unit_ns`` for the first unit after ``prepare()``, else ``unit_ns``) raises a
+  ``ConfigError`` (an ``OmniError`` and a ``ValueError``) before any state changes.
+- A listen result has ``text == ""`` and ``audio is None`` (never an array of zeros).
+- After ``interrupt()`` the next ``generate()`` returns a listen result and the interrupted turn's
+  queued speech is gone.
 """
 
 from __future__ import annotations

@@ -39,8 +39,10 @@ def _check_value(owner: str, key: str, annotation: str, value: Any) -> Any:
             continue
         if option in ("int", "float") and isinstance(value, bool):
             continue
+        if option == "float" and isinstance(value, int | float):
+            return float(value)
         if isinstance(value, allowed):
-            return float(value) if option == "float" else value
+            return value
     raise ConfigError(
         f"{owner}.{key} = {value!r} has type {type(value).__name__}; expected {annotation}"
     )

@@ -225,4 +225,18 @@ class StateOut:
     turn_id: int = 0
 
 
-OutputEvent = SpeechOut | TextOut | ProactiveEvent | StateOut
+@dataclass(frozen=True)
+class SpeechFlush:
+    """Barge-in: speech scheduled in ``[dropped_from_ns, dropped_until_ns)`` must not play.
+
+    The player stops and drops everything queued from ``dropped_from_ns`` on; ``stamp_ns`` is when the
+    user's speech that caused it started. An empty span (from == until) still ends the turn.
+    """
+
+    stamp_ns: int
+    turn_id: int
+    dropped_from_ns: int
+    dropped_until_ns: int
+
+
+OutputEvent = SpeechOut | TextOut | ProactiveEvent | StateOut | SpeechFlush

@@ -1,0 +1,162 @@
+"""Launch omni_flow_node (a lifecycle node) and, optionally, mic_node and speaker_node.
+
+Examples::
+
+    ros2 launch omni_ros omni_flow.launch.py                                   # reference backend, tiny, CPU
+    ros2 launch omni_ros omni_flow.launch.py backend:=minicpmo model:=/models/MiniCPM-o-4_5
+    ros2 launch omni_ros omni_flow.launch.py backend:=llamacpp_omni with_mic:=true with_speaker:=true
+    ros2 launch omni_ros omni_flow.launch.py namespace:=robot1 engine_dir:=/data/engines
+
+Arguments:
+    backend: reference | minicpmo | llamacpp_omni | vllm_omni. Picks the default params file
+        ``share/omni_ros/config/<backend>.yaml``.
+    model: optional; sets the backend's model parameter: ``minicpmo.model``, ``vllm_omni.model``,
+        ``llamacpp_omni.model_dir`` or ``reference.size`` (tiny | full).
+    params_file: a parameters YAML used instead of ``config/<backend>.yaml``.
+    namespace: namespace of every node (topics become ``/<namespace>/audio/mic`` ...).
+    use_sim_time: true when time comes from /clock (bag replay).
+    with_mic, with_speaker: also start mic_node / speaker_node (``config/mic.yaml``,
+        ``config/speaker.yaml``).
+    engine_dir: a TensorRT engine cache folder; non-empty turns ``tensorrt.enabled`` on.
+    log_level: debug | info | warn | error.
+
+The params file's ``omni_flow_node:`` (or ``/**:``) section is read here and handed to the node as
+a parameter dictionary, which launch_ros writes under ``/**``: a plain ``omni_flow_node:`` key in a
+file would not match the node once it runs in a namespace.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchContext, LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import LifecycleNode, Node
+
+PACKAGE = "omni_ros"
+
+#: backend -> the parameter that the `model` argument sets.
+MODEL_PARAMETER = {
+    "reference": "size",
+    "minicpmo": "model",
+    "llamacpp_omni": "model_dir",
+    "vllm_omni": "model",
+}
+
+ARGUMENTS = (
+    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni"),
+    ("model", "", "model folder / id (reference: tiny | full); empty: the params file's value"),
+    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml"),
+    ("namespace", "", "namespace of every node"),
+    ("use_sim_time", "false", "use /clock (bag replay)"),
+    ("with_mic", "false", "also start mic_node (config/mic.yaml)"),
+    ("with_speaker", "false", "also start speaker_node (config/speaker.yaml)"),
+    ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT"),
+    ("log_level", "info", "debug | info | warn | error"),
+)
+
+
+def node_section(path: str, node_name: str) -> dict[str, Any]:
+    """The flat ``ros__parameters`` of ``node_name`` in a ROS 2 params file (``/**`` merged first)."""
+    with open(path, encoding="utf-8") as stream:
+        doc = yaml.safe_load(stream) or {}
+    flat: dict[str, Any] = {}
+
+    def flatten(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                flatten(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            flat[prefix] = value
+
+    for key in ("/**", node_name, f"/{node_name}"):
+        section = doc.get(key)
+        if isinstance(section, dict):
+            flatten("", section.get("ros__parameters", {}))
+    if not flat:
+        raise RuntimeError(f"{path} has no '{node_name}: ros__parameters:' section")
+    return flat
+
+
+def _is_true(text: str) -> bool:
+    return text.strip().lower() in ("true", "1", "yes", "on")
+
+
+def _omni_flow(context: LaunchContext) -> list[Any]:
+    def arg(name: str) -> str:
+        return LaunchConfiguration(name).perform(context)
+
+    backend = arg("backend")
+    if backend not in MODEL_PARAMETER:
+        raise RuntimeError(f"backend:={backend} unknown; choose one of {sorted(MODEL_PARAMETER)}")
+    config_dir = os.path.join(get_package_share_directory(PACKAGE), "config")
+    params_file = arg("params_file") or os.path.join(config_dir, f"{backend}.yaml")
+    params = node_section(params_file, "omni_flow_node")
+    params["backend"] = backend
+    params["use_sim_time"] = _is_true(arg("use_sim_time"))
+    if arg("model"):
+        params[f"{backend}.{MODEL_PARAMETER[backend]}"] = arg("model")
+    if arg("engine_dir"):
+        params["tensorrt.enabled"] = True
+        params["tensorrt.engine_dir"] = arg("engine_dir")
+    ros_args = ["--ros-args", "--log-level", arg("log_level")]
+    return [
+        LifecycleNode(
+            package=PACKAGE,
+            executable="omni_flow_node",
+            name="omni_flow_node",
+            namespace=arg("namespace"),
+            parameters=[params],
+            arguments=ros_args,
+            output="screen",
+        )
+    ]
+
+
+def _audio_nodes(context: LaunchContext) -> list[Any]:
+    config_dir = os.path.join(get_package_share_directory(PACKAGE), "config")
+    sim_time = _is_true(LaunchConfiguration("use_sim_time").perform(context))
+    common = {
+        "namespace": LaunchConfiguration("namespace").perform(context),
+        "arguments": [
+            "--ros-args",
+            "--log-level",
+            LaunchConfiguration("log_level").perform(context),
+        ],
+        "output": "screen",
+    }
+    mic_params = node_section(os.path.join(config_dir, "mic.yaml"), "mic_node")
+    speaker_params = node_section(os.path.join(config_dir, "speaker.yaml"), "speaker_node")
+    return [
+        Node(
+            package=PACKAGE,
+            executable="mic_node",
+            name="mic_node",
+            parameters=[{**mic_params, "use_sim_time": sim_time}],
+            condition=IfCondition(LaunchConfiguration("with_mic")),
+            **common,
+        ),
+        Node(
+            package=PACKAGE,
+            executable="speaker_node",
+            name="speaker_node",
+            parameters=[{**speaker_params, "use_sim_time": sim_time}],
+            condition=IfCondition(LaunchConfiguration("with_speaker")),
+            **common,
+        ),
+    ]
+
+
+def generate_launch_description() -> LaunchDescription:
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(name, default_value=default, description=text)
+            for name, default, text in ARGUMENTS
+        ]
+        + [OpaqueFunction(function=_omni_flow), OpaqueFunction(function=_audio_nodes)]
+    )

@@ -1,0 +1,62 @@
+"""Launch omni_flow_node for bag replay: sim time from /clock, no microphone, no speaker.
+
+The bag itself is played by another process, either
+
+- ``omni-ros replay BAG --out DIR --mode graph`` (works without a ROS install: reads the bag with
+  rosbags, publishes /clock and the camera / mic topics at bag rate, records every output topic
+  into ``DIR/outputs``; it starts its own omni_flow_node, so use this launch file only when you
+  want to run the node yourself), or
+- ``ros2 bag play BAG --clock`` (a ROS install; ``--clock`` publishes /clock so the node's
+  outputs are stamped on the bag's time axis).
+
+Examples::
+
+    ros2 launch omni_ros replay.launch.py backend:=reference
+    ros2 bag play demo_bag --clock --remap /robot/mic:=/audio/mic
+
+Arguments: backend, model, params_file, namespace, log_level, as in omni_flow.launch.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription
+from launch.launch_description_sources import PythonLaunchDescriptionSource
+from launch.substitutions import LaunchConfiguration
+
+PACKAGE = "omni_ros"
+
+ARGUMENTS = (
+    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni"),
+    ("model", "", "model folder / id (reference: tiny | full)"),
+    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml"),
+    ("namespace", "", "namespace of the node"),
+    ("log_level", "info", "debug | info | warn | error"),
+)
+
+
+def generate_launch_description() -> LaunchDescription:
+    main_launch = os.path.join(
+        get_package_share_directory(PACKAGE), "launch", "omni_flow.launch.py"
+    )
+    forwarded = {name: LaunchConfiguration(name) for name, _default, _text in ARGUMENTS}
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument(name, default_value=default, description=text)
+            for name, default, text in ARGUMENTS
+        ]
+        + [
+            IncludeLaunchDescription(
+                PythonLaunchDescriptionSource(main_launch),
+                launch_arguments={
+                    **forwarded,
+                    "use_sim_time": "true",
+                    "with_mic": "false",
+                    "with_speaker": "false",
+                }.items(),
+            )
+        ]
+    )

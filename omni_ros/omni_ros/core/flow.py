@@ -1,0 +1,724 @@
+"""The Omni-Flow runner: inputs in, one worker thread, the backend at 1 Hz, stamped events out.
+
+:class:`OmniFlow` ties the core together::
+
+    push_audio(RawAudio) ─ decode ─ resample to the mic rate ─ AEC ─┬─ timeline ─ poll(clock) ─ units
+                                                                    └─ VAD ─ barge-in (immediately)
+    push_image(RawImage) ─────────────────────────────────────────── timeline (decoded lazily)
+    units ─ overrun policy ─ backend.prefill/generate (helper thread, deadline) ─ session ─ emit()
+
+Threading: the input methods (``push_audio``, ``push_image``, ``set_robot_speaking``, ``interrupt``,
+``inject_text``, ``set_prompt``, ``reset``, ``pause``, ``resume``) only append to bounded queues or
+store a value under a lock, so they are safe and cheap to call from ROS callbacks. Everything else
+runs on one worker thread (:meth:`OmniFlow.start`), or on the caller's thread through the
+deterministic :meth:`OmniFlow.step_once` / :meth:`OmniFlow.run_until_idle` used by tests and replay.
+
+Backend calls run on a helper thread so that the worker can (a) keep ingesting microphone audio
+while the model computes, which keeps barge-in live mid-unit, and (b) give up on a call after
+``backend_deadline_ms``: a hang becomes a counted ``BackendTimeout``. Until a hung call returns,
+units are dropped (``units_dropped_overrun``); when it does, the backend is reset and prepared
+again, because its state is unknown.
+
+Overrun: unlike the official demo, which queues every unit and drifts without bound when compute
+exceeds real time, the ``drop_oldest`` policy keeps at most ``max_queued_units`` closed units
+waiting; older ones are dropped and counted in ``units_dropped_overrun``.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
+from omni_ros.core.audio import StreamResampler, decode_audio
+from omni_ros.core.clock import Clock
+from omni_ros.core.config import from_mapping
+from omni_ros.core.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendTimeout,
+    ConfigError,
+    OmniError,
+)
+from omni_ros.core.proactive import ProactiveClassifier
+from omni_ros.core.session import DuplexSession, SessionConfig
+from omni_ros.core.timeline import Timeline, TimelineConfig
+from omni_ros.core.types import (
+    AudioBlock,
+    Counters,
+    FloatArray,
+    Mode,
+    OutputEvent,
+    RawAudio,
+    RawImage,
+    SpeechFlush,
+    SpeechOut,
+    StateOut,
+    Unit,
+    UnitResult,
+)
+from omni_ros.core.vad import VadConfig, VoiceActivityDetector
+
+_LOG = logging.getLogger(__name__)
+NS_PER_S = 1_000_000_000
+OVERRUN_POLICIES = ("drop_oldest",)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Everything the runner needs besides the backend, clock and emit callback.
+
+    Attributes:
+        timeline: unit cutting; ``unit_ns``, ``first_unit_ns`` and ``sample_rate`` are taken from
+            the backend (it dictates them), the rest from here.
+        session: duplex session settings.
+        vad: voice activity detector settings.
+        aec: echo canceller and ``robot_speaking`` gate settings (``aec.sample_rate`` is also the
+            rate the VAD runs at).
+        vad_enabled: run the VAD (without it there is no barge-in and no proactive detection).
+        system_prompt: prompt given to ``backend.prepare``.
+        backend_deadline_ms: longest a prefill + generate may take before it counts as a hang.
+        prepare_deadline_ms: the same for ``prepare`` (model warm-up can be slow).
+        prepare_retry_ms: a failed ``prepare`` is retried after this much clock time.
+        overrun_policy: ``drop_oldest`` (see the module docstring).
+        max_queued_units: closed units allowed to wait for the backend.
+        max_queued_audio: raw audio messages buffered between worker runs; beyond it the oldest
+            is dropped and counted (``dropped_audio_samples``).
+        max_queued_images: raw images buffered between worker runs (oldest dropped, counted).
+        idle_wait_ms: how long the worker sleeps when there is nothing to do (inputs wake it).
+        log_interval_s: at most one log line per kind of recurring problem per interval.
+    """
+
+    timeline: TimelineConfig = field(default_factory=TimelineConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    aec: AecConfig = field(default_factory=AecConfig)
+    vad_enabled: bool = True
+    system_prompt: str = "Streaming Omni Conversation."
+    backend_deadline_ms: int = 5_000
+    prepare_deadline_ms: int = 120_000
+    prepare_retry_ms: int = 1_000
+    overrun_policy: str = "drop_oldest"
+    max_queued_units: int = 2
+    max_queued_audio: int = 500
+    max_queued_images: int = 8
+    idle_wait_ms: int = 10
+    log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.overrun_policy not in OVERRUN_POLICIES:
+            raise ConfigError(
+                f"FlowConfig.overrun_policy = {self.overrun_policy!r}; use one of {OVERRUN_POLICIES}"
+            )
+        for name in (
+            "backend_deadline_ms",
+            "prepare_deadline_ms",
+            "prepare_retry_ms",
+            "max_queued_units",
+            "max_queued_audio",
+            "max_queued_images",
+            "idle_wait_ms",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FlowConfig.{name} must be >= 1")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> FlowConfig:
+        """Build from a nested mapping: ``timeline``/``session``/``vad``/``aec`` are sub-mappings."""
+        data = dict(mapping or {})
+        nested: dict[str, Any] = {}
+        for key, sub in (
+            ("timeline", TimelineConfig),
+            ("session", SessionConfig),
+            ("vad", VadConfig),
+            ("aec", AecConfig),
+        ):
+            if key in data:
+                value = data.pop(key)
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"FlowConfig.{key} must be a mapping, got {value!r}")
+                nested[key] = sub.from_mapping(dict(value))
+        base = from_mapping(cls, data)
+        return dataclasses.replace(base, **nested)
+
+
+class _CallRunner:
+    """Runs callables one at a time on a daemon thread (a hung backend never blocks exit)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None
+        ]
+        self._jobs = queue.SimpleQueue()
+        self._current: concurrent.futures.Future[Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="omni-backend", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None and not self._current.done()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        current = self._current
+        if current is None:
+            return True
+        done, _ = concurrent.futures.wait([current], timeout=timeout_s)
+        return bool(done)
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._current = future
+        self._jobs.put((fn, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+class _RateLimitedLog:
+    """Logs a recurring problem at most once per interval, with how many were suppressed."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_ns = int(interval_s * NS_PER_S)
+        self._last: dict[str, int] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def warning(self, kind: str, message: str) -> None:
+        now = time.monotonic_ns()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval_ns:
+            self._suppressed[kind] += 1
+            return
+        extra = self._suppressed.pop(kind, 0)
+        self._last[kind] = now
+        suffix = f" ({extra} more since the last report)" if extra else ""
+        _LOG.warning("%s%s", message, suffix)
+
+
+class OmniFlow:
+    """The Omni-Flow runner (see the module docstring).
+
+    Args:
+        config: runner settings.
+        backend: a :class:`~omni_ros.backends.base.Backend` (not yet prepared).
+        clock: the clock that closes units (ROS time, sim time, or a ManualClock in tests).
+        emit: called with every output event, in order, from the worker thread.
+        classifier: proactive-turn classifier (default: the tag classifier).
+    """
+
+    def __init__(
+        self,
+        config: FlowConfig,
+        backend: Any,
+        clock: Clock,
+        emit: Callable[[OutputEvent], None],
+        classifier: ProactiveClassifier | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.clock = clock
+        self._emit_cb = emit
+        self.counters = Counters()
+        timeline_config = dataclasses.replace(
+            config.timeline,
+            unit_ns=int(backend.unit_ns),
+            first_unit_ns=int(backend.first_unit_ns),
+            sample_rate=int(backend.input_sample_rate),
+        )
+        self.timeline = Timeline(timeline_config, self.counters)
+        self.session = DuplexSession(
+            config.session, int(backend.output_sample_rate), self.counters, classifier
+        )
+        self.vad = VoiceActivityDetector(config.vad) if config.vad_enabled else None
+        self.aec = EchoCanceller(config.aec) if config.aec.enabled else None
+        self.gate = RobotSpeakingGate(config.aec)
+        self.mic_rate = config.aec.sample_rate
+        self.backend_name = str(getattr(backend, "name", type(backend).__name__))
+        # ---- inputs (any thread) ----
+        self._lock = threading.Lock()
+        self._audio_in: collections.deque[RawAudio] = collections.deque()
+        self._images_in: collections.deque[RawImage] = collections.deque()
+        self._texts_in: list[str] = []
+        self._controls: collections.deque[tuple[str, Any]] = collections.deque()
+        self._robot_speaking = False
+        self._dropped_in_audio = 0
+        self._dropped_in_frames = 0
+        self._wake = threading.Event()
+        # ---- worker state ----
+        self._runner = _CallRunner()
+        self._hung: concurrent.futures.Future[Any] | None = None
+        self._pending: collections.deque[Unit] = collections.deque()
+        self._needs_prepare = True
+        self._prepared_once = False
+        self._last_prepare_ns: int | None = None
+        self._prepare_retry_ns = config.prepare_retry_ms * 1_000_000
+        self._fed_since_prepare = 0
+        self._prompt = config.system_prompt
+        self._ref_voice: FloatArray | None = None
+        self._texts: list[str] = []
+        self._mic_rs: StreamResampler | None = None
+        self._mic_rs_anchor_ns = 0
+        self._mic_rs_out = 0
+        self._mic_rs_next_in_ns: int | None = None
+        self._barged_run_start: int | None = None
+        self._paused = False
+        self._log = _RateLimitedLog(config.log_interval_s)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ============================================================ input methods (any thread, cheap)
+    def push_audio(self, raw: RawAudio) -> None:
+        """Queue a microphone chunk (decoded on the worker)."""
+        with self._lock:
+            if len(self._audio_in) >= self.config.max_queued_audio:
+                old = self._audio_in.popleft()
+                self._dropped_in_audio += len(old.data) // max(1, 2 * old.channels)
+            self._audio_in.append(raw)
+        self._wake.set()
+
+    def push_image(self, raw: RawImage) -> None:
+        """Queue a camera image (decoded lazily by the timeline, only if its unit chooses it)."""
+        with self._lock:
+            if len(self._images_in) >= self.config.max_queued_images:
+                self._images_in.popleft()
+                self._dropped_in_frames += 1
+            self._images_in.append(raw)
+        self._wake.set()
+
+    def set_robot_speaking(self, speaking: bool) -> None:
+        """The robot's other speech output (not ours) is active: barge-in needs the gate's evidence."""
+        with self._lock:
+            self._robot_speaking = bool(speaking)
+
+    def interrupt(self) -> None:
+        """Stop speaking now (service call). The backend is told at once; the session on the worker."""
+        self.backend.interrupt()  # thread-safe by the Backend contract: stops an in-flight turn early
+        self._control("interrupt")
+
+    def inject_text(self, text: str) -> None:
+        """Add text to the conversation with the next unit (e.g. an Ask goal)."""
+        with self._lock:
+            self._texts_in.append(str(text))
+        self._wake.set()
+
+    def set_prompt(self, text: str, ref_voice: FloatArray | None = None) -> None:
+        """Restart the conversation with a new system prompt (and reference voice)."""
+        self._control("prompt", (str(text), ref_voice))
+
+    def reset(self) -> None:
+        """Forget the conversation: timeline, session, VAD/AEC state; the backend is prepared again."""
+        self._control("reset")
+
+    def pause(self) -> None:
+        """Stop running the backend (units are consumed and dropped, state is kept)."""
+        self._control("pause")
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+        self._control("resume")
+
+    def _control(self, kind: str, arg: Any = None) -> None:
+        with self._lock:
+            self._controls.append((kind, arg))
+        self._wake.set()
+
+    # ================================================================================ worker side
+    def start(self) -> None:
+        """Run the worker thread (driven by ``clock``)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="omni-flow", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker thread (a hung backend call is abandoned, not joined)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        self._runner.close()
+
+    def wait_backend_idle(self, timeout_s: float) -> bool:
+        """Wait until no backend call is in flight (e.g. a hung call finally returned).
+
+        Returns:
+            False if one is still running after ``timeout_s``.
+        """
+        return self._runner.wait_idle(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.step_once(self.clock.now_ns())
+            except Exception:  # the worker must survive anything; this is a bug if it happens
+                _LOG.exception("omni_flow worker step failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.config.idle_wait_ms / 1000)
+                self._wake.clear()
+
+    def run_until_idle(self, now_ns: int, max_steps: int = 10_000) -> int:
+        """Call :meth:`step_once` until it has nothing left to do; returns the number of steps."""
+        for steps in range(max_steps):
+            if not self.step_once(now_ns):
+                return steps
+        return max_steps
+
+    def step_once(self, now_ns: int) -> bool:
+        """One worker iteration at clock time ``now_ns``: controls, inputs, poll, at most one unit.
+
+        Returns:
+            Whether a unit was processed or dropped (more work may be waiting).
+        """
+        self._apply_controls(now_ns)
+        if not self._ensure_prepared(now_ns):
+            self._ingest_inputs()
+            return False
+        self._ingest_inputs()
+        units = self.timeline.poll(now_ns)
+        if self.timeline.last_poll_jumped:
+            self._on_clock_jump()
+            return True
+        self._pending.extend(units)
+        self._apply_overrun_policy()
+        if not self._pending:
+            return False
+        self._process_unit(self._pending.popleft())
+        return True
+
+    # -------------------------------------------------------------------------------- controls
+    def _apply_controls(self, now_ns: int) -> None:
+        with self._lock:
+            controls = list(self._controls)
+            self._controls.clear()
+        for kind, arg in controls:
+            if kind == "interrupt":
+                self._emit_all(self.session.interrupt(now_ns))
+            elif kind == "pause":
+                self._paused = True
+                self._emit_all(self.session.pause(now_ns))
+            elif kind == "resume":
+                self._paused = False
+                self.session.resume()
+            elif kind == "prompt":
+                self._prompt, self._ref_voice = arg
+                self._restart_conversation()
+            elif kind == "reset":
+                self._restart_conversation()
+
+    def _restart_conversation(self) -> None:
+        self.session.reset()
+        if self.vad is not None:
+            self.vad.reset()
+        if self.aec is not None:
+            self.aec.reset()
+        self._pending.clear()
+        self._barged_run_start = None
+        self._needs_prepare = True
+        self._last_prepare_ns = None
+        if self._paused:
+            self.session.pause(0)
+
+    def _on_clock_jump(self) -> None:
+        """The timeline found the clock went backwards (a looping bag) and reset itself."""
+        self._log.warning("clock_jump", "clock jumped backwards: resetting session and backend")
+        self._mic_rs = None
+        self._restart_conversation()
+
+    def _ensure_prepared(self, now_ns: int) -> bool:
+        if self._hung is not None:
+            if not self._hung.done():
+                return True  # units are dropped in _process_unit until it returns
+            self._hung = None
+            self._needs_prepare = True
+        if not self._needs_prepare:
+            return True
+        if self._last_prepare_ns is not None and (
+            self._last_prepare_ns <= now_ns < self._last_prepare_ns + self._prepare_retry_ns
+        ):
+            return False  # a failed prepare is retried every prepare_retry_ms of clock time
+        self._last_prepare_ns = now_ns
+        prompt, ref = self._prompt, self._ref_voice
+        was_prepared = self._prepared_once
+        backend = self.backend
+
+        def prepare() -> None:
+            if was_prepared:
+                backend.reset()
+            backend.prepare(prompt, ref)
+
+        # The first unit after prepare() has the backend's first-unit length: start a new origin
+        # now, so that audio arriving while the backend prepares is kept for that first unit.
+        self.timeline.reset()
+        self._pending.clear()
+        try:
+            self._call(prepare, self.config.prepare_deadline_ms)
+        except Exception as exc:
+            self._log.warning("prepare", f"backend prepare failed: {exc!r}")
+            self._emit_all(self.session.on_error(None, _as_backend_error(exc)))
+            return False
+        self._prepared_once = True
+        self._needs_prepare = False
+        self._last_prepare_ns = None
+        self._fed_since_prepare = 0
+        return True
+
+    # ---------------------------------------------------------------------------------- inputs
+    def _ingest_inputs(self) -> None:
+        with self._lock:
+            audio = list(self._audio_in)
+            self._audio_in.clear()
+            images = list(self._images_in)
+            self._images_in.clear()
+            self._texts.extend(self._texts_in)
+            self._texts_in.clear()
+            self.gate.robot_speaking = self._robot_speaking
+            self.counters.dropped_audio_samples += self._dropped_in_audio
+            self.counters.dropped_frames += self._dropped_in_frames
+            self._dropped_in_audio = self._dropped_in_frames = 0
+        for raw in audio:
+            self._ingest_audio(raw)
+        for image in images:
+            try:
+                self.timeline.push_frame(image)
+            except OmniError as exc:
+                self.counters.dropped_frames += 1
+                self._log.warning("image", f"dropped an image: {exc}")
+
+    def _ingest_audio(self, raw: RawAudio) -> None:
+        try:
+            block = decode_audio(raw, self.counters)
+        except OmniError as exc:
+            self.counters.decode_errors += 1
+            self._log.warning("decode_audio", f"dropped an undecodable audio chunk: {exc}")
+            return
+        if len(block.samples) == 0:
+            return
+        mic = self._to_mic_rate(block)
+        if self.aec is not None:
+            if len(mic.samples):
+                mic = self.aec.process(mic)
+            if len(mic.samples):
+                self._push_timeline(mic)
+        else:
+            self._push_timeline(block)
+        if self.vad is not None and len(mic.samples):
+            self.vad.process(mic)
+            self._check_barge_in()
+
+    def _push_timeline(self, block: AudioBlock) -> None:
+        try:
+            self.timeline.push_audio(block)
+        except OmniError as exc:
+            self.counters.dropped_audio_samples += len(block.samples)
+            self._log.warning("timeline", f"audio not placed on the timeline: {exc}")
+
+    def _to_mic_rate(self, block: AudioBlock) -> AudioBlock:
+        """Resample to the AEC/VAD rate as one stream while stamps continue each other."""
+        if block.sample_rate == self.mic_rate:
+            return block
+        continues = (
+            self._mic_rs is not None
+            and self._mic_rs.in_rate == block.sample_rate
+            and self._mic_rs_next_in_ns is not None
+            and abs(block.stamp_ns - self._mic_rs_next_in_ns) <= NS_PER_S // block.sample_rate
+        )
+        if not continues:
+            self._mic_rs = StreamResampler(block.sample_rate, self.mic_rate)
+            self._mic_rs_anchor_ns = block.stamp_ns
+            self._mic_rs_out = 0
+        assert self._mic_rs is not None
+        out = self._mic_rs.process(block.samples)
+        self._mic_rs_next_in_ns = block.stamp_ns + block.duration_ns
+        stamp = self._mic_rs_anchor_ns + round(self._mic_rs_out * NS_PER_S / self.mic_rate)
+        self._mic_rs_out += len(out)
+        return AudioBlock(stamp, self.mic_rate, out)
+
+    def _check_barge_in(self) -> None:
+        """Barge in as soon as the VAD has heard enough of the user, not at the unit's end.
+
+        Only speech heard while our own speech is scheduled to play counts: a run that began before
+        playback (the user was still finishing, or the VAD's hangover) is measured from the
+        playback start, so the robot's reply is not flushed by the question it answers.
+        """
+        assert self.vad is not None
+        run = self.vad.active_run()
+        span = self.session.speech_span()
+        if run is None or span is None or run[0] == self._barged_run_start:
+            return
+        run_start_ns, run_ns = run
+        run_end_ns = run_start_ns + run_ns
+        start_ns = max(run_start_ns, span[0])
+        if run_end_ns <= start_ns or span[1] <= start_ns:
+            return  # the user's speech and ours do not overlap
+        base_ns = self.config.vad.min_speech_ms * 1_000_000
+        need_ns: int | None = base_ns
+        if self.aec is not None and self.aec.reference_active(start_ns, run_end_ns):
+            # Our own speech is echoing: trust the cleaned signal only once the filter converged,
+            # and even then ask for more than residual-echo blips.
+            need_ns = (
+                max(base_ns, self.config.aec.echo_min_speech_ms * 1_000_000)
+                if self.aec.converged
+                else None
+            )
+        elif self.aec is None:
+            self.gate.robot_speaking = True  # no canceller: our own voice is "the robot speaking"
+        if need_ns is not None:
+            need_ns = self.gate.required_speech_ns(need_ns)
+        if need_ns is None or run_end_ns - start_ns < need_ns:
+            return
+        self._barged_run_start = run_start_ns
+        was_in_turn = self.session.mode is Mode.SPEAKING
+        events = self.session.on_user_speech(start_ns)
+        if was_in_turn and self.session.mode is Mode.INTERRUPTED:
+            self.backend.interrupt()
+        self._emit_all(events)
+
+    # ----------------------------------------------------------------------------------- units
+    def _apply_overrun_policy(self) -> None:
+        limit = self.config.max_queued_units
+        while len(self._pending) > limit:
+            oldest = self._pending[0]
+            if oldest.index == 0 and self._fed_since_prepare == 0 and len(self._pending) > 1:
+                # The backend needs unit 0 (the longer first unit) first: drop the next one.
+                del self._pending[1]
+            else:
+                self._pending.popleft()
+            self.counters.units_dropped_overrun += 1
+
+    def _process_unit(self, unit: Unit) -> None:
+        user_speech = (
+            self.vad.speech_in(unit.start_ns, unit.end_ns) if self.vad is not None else None
+        )
+        texts, self._texts = tuple(self._texts), []
+        unit = dataclasses.replace(unit, user_speech=user_speech, texts=unit.texts + texts)
+        compute_ns = 0
+        if self._paused:
+            pass
+        elif self._hung is not None:
+            self.counters.units_dropped_overrun += 1  # the backend is still stuck in a call
+        else:
+            backend = self.backend
+
+            def run() -> UnitResult:
+                backend.prefill(unit)
+                return _check_result(backend.generate())
+
+            t0 = time.monotonic_ns()
+            try:
+                result = self._call(run, self.config.backend_deadline_ms)
+            except Exception as exc:
+                compute_ns = time.monotonic_ns() - t0
+                error = _as_backend_error(exc)
+                self._log.warning("backend", f"backend failed on unit {unit.index}: {exc!r}")
+                self._emit_all(self.session.on_error(unit, error))
+                if not isinstance(exc, BackendError) or isinstance(exc, BackendTimeout):
+                    # Unknown backend state (a hang, a bug, misuse): start it over.
+                    self._needs_prepare = True
+            else:
+                compute_ns = time.monotonic_ns() - t0
+                self._fed_since_prepare += 1
+                self._emit_all(self.session.step(unit, result))
+        self._emit(
+            StateOut(
+                stamp_ns=unit.end_ns,
+                mode=self.session.mode,
+                unit_index=unit.index,
+                unit_compute_ms=compute_ns / 1e6,
+                real_time_factor=compute_ns / max(1, unit.duration_ns),
+                counters=self.counters.snapshot(),
+                backend=self.backend_name,
+                turn_id=self.session.turn_id,
+            )
+        )
+
+    def _call(self, fn: Callable[[], T], deadline_ms: int) -> T:
+        """Run ``fn`` on the backend thread; keep ingesting mic audio while waiting.
+
+        Raises:
+            BackendTimeout: ``fn`` did not finish within ``deadline_ms`` (it keeps running; the
+                runner is marked hung until it returns).
+        """
+        future = self._runner.submit(fn)
+        deadline = time.monotonic_ns() + deadline_ms * 1_000_000
+        wait_s = self.config.idle_wait_ms / 1000
+        while True:
+            remaining_s = (deadline - time.monotonic_ns()) / NS_PER_S
+            if remaining_s <= 0:
+                self._hung = future
+                self.backend.interrupt()
+                raise BackendTimeout(f"backend call exceeded its {deadline_ms} ms deadline")
+            try:
+                return future.result(timeout=min(wait_s, remaining_s))
+            except concurrent.futures.TimeoutError:
+                self._ingest_inputs()  # barge-in stays live while the model computes
+
+    # ----------------------------------------------------------------------------------- output
+    def _emit_all(self, events: list[OutputEvent]) -> None:
+        for event in events:
+            self._emit(event)
+
+    def _emit(self, event: OutputEvent) -> None:
+        if self.aec is not None:
+            if isinstance(event, SpeechOut):
+                self.aec.push_reference(event.stamp_ns, event.samples, event.sample_rate)
+            elif isinstance(event, SpeechFlush):
+                self.aec.drop_reference_after(event.dropped_from_ns)
+        try:
+            self._emit_cb(event)
+        except Exception:
+            _LOG.exception("omni_flow emit callback failed for %s", type(event).__name__)
+
+
+def _as_backend_error(exc: BaseException) -> BackendError:
+    if isinstance(exc, BackendError):
+        return exc
+    return BackendError(f"{type(exc).__name__}: {exc}")
+
+
+def _check_result(result: object) -> UnitResult:
+    """Reject malformed backend output at the boundary (BackendProtocolError)."""
+    if not isinstance(result, UnitResult):
+        raise BackendProtocolError(f"generate() returned {type(result).__name__}, not UnitResult")
+    if not isinstance(result.text, str):
+        raise BackendProtocolError(f"UnitResult.text is {type(result.text).__name__}, not str")
+    audio = result.audio
+    if audio is None:
+        return result
+    try:
+        array = np.asarray(audio, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise BackendProtocolError(f"UnitResult.audio is not numeric: {exc}") from exc
+    if array.ndim != 1:
+        raise BackendProtocolError(f"UnitResult.audio must be 1-D, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise BackendProtocolError("UnitResult.audio contains NaN or inf")
+    if array is audio:
+        return result
+    return dataclasses.replace(result, audio=array)

@@ -1,0 +1,357 @@
+"""The duplex session: turns, modes, barge-in, output stamps and proactive turns.
+
+:class:`DuplexSession` consumes one ``(Unit, UnitResult)`` pair per step and turns it into output
+events on the input clock:
+
+* **Speech stamps.** Speech produced for the unit ``[start, end)`` can only exist after ``end``;
+  it is scheduled to play at ``end + output_latency`` or, if earlier speech is still scheduled then,
+  right after it. Output stamps are therefore monotonic and never overlap, and a player that
+  honours them plays speech exactly on the axis the microphone was stamped on.
+* **Text** is stamped at the start of the unit that produced it.
+* **Turns.** A turn starts with the first speaking unit and ends with ``end_of_turn``, a listening
+  unit (the model stopped without saying so), a barge-in, an interrupt, a backend error or a pause.
+  Turn ids increase by one per turn and never repeat, not even across :meth:`DuplexSession.reset`.
+* **Proactive turns.** A turn that starts after the user has been silent (VAD, ``Unit.user_speech``)
+  for ``proactive_silence_units`` units, counting the unit the model answered in, is proactive: a
+  :class:`~omni_ros.core.types.ProactiveEvent` at its start (``completed=False``) and a completed
+  one at its end with the classifier's kind and confidence and the text without its leading tag.
+* **Barge-in.** :meth:`DuplexSession.on_user_speech` while speech is playing or queued drops the
+  scheduled speech from the user's first word on (a :class:`~omni_ros.core.types.SpeechFlush`
+  reports the span), ends the turn, counts ``barge_ins`` and, if the model was mid-turn, moves to
+  INTERRUPTED; the caller then interrupts the backend. Speaking results that still arrive for the
+  interrupted turn (a unit already in flight) are dropped until the model listens again.
+* **Errors.** :meth:`DuplexSession.on_error` moves to ERROR and counts it; the next good result
+  recovers.
+
+Not thread-safe: the Omni-Flow worker owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omni_ros.core.config import from_mapping
+from omni_ros.core.errors import BackendTimeout, ConfigError, StateError
+from omni_ros.core.proactive import ProactiveClassifier, TagClassifier, split_leading_tag
+from omni_ros.core.types import (
+    Counters,
+    Mode,
+    OutputEvent,
+    ProactiveEvent,
+    SpeechFlush,
+    SpeechOut,
+    TextOut,
+    Unit,
+    UnitResult,
+)
+
+NS_PER_S = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Duplex session settings.
+
+    Attributes:
+        output_latency_ms: speech for unit ``[start, end)`` is scheduled to play at
+            ``end + output_latency_ms`` at the earliest (covers publishing and player buffering).
+        proactive_silence_units: a turn started after this many consecutive units without user
+            speech (including the unit the model answered) is proactive.
+        proactive_enabled: emit proactive events at all.
+        strip_tags: remove a leading ``[kind]`` tag from the first text of every turn.
+        max_interrupted_units: after a barge-in, speaking results are dropped as leftovers of the
+            interrupted turn for at most this many units; after that a speaking result starts a new
+            turn even if the model never listened in between.
+    """
+
+    output_latency_ms: int = 200
+    proactive_silence_units: int = 3
+    proactive_enabled: bool = True
+    strip_tags: bool = True
+    max_interrupted_units: int = 2
+
+    def __post_init__(self) -> None:
+        if self.output_latency_ms < 0:
+            raise ConfigError("SessionConfig.output_latency_ms must be >= 0")
+        if self.proactive_silence_units < 1:
+            raise ConfigError("SessionConfig.proactive_silence_units must be >= 1")
+        if self.max_interrupted_units < 0:
+            raise ConfigError("SessionConfig.max_interrupted_units must be >= 0")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
+        """Build from a plain mapping (YAML / ROS parameters); unknown keys raise ConfigError."""
+        return from_mapping(cls, mapping)
+
+
+@dataclass
+class SessionState:
+    """Explicit state of :class:`DuplexSession`."""
+
+    mode: Mode = Mode.LISTENING
+    mode_before_pause: Mode = Mode.LISTENING
+    turn_id: int = 0  # id of the current or last turn; survives reset() so ids never repeat
+    in_turn: bool = False
+    turn_proactive: bool = False
+    turn_trigger_ns: int = 0
+    turn_raw_text: list[str] = field(default_factory=list)
+    turn_text: list[str] = field(default_factory=list)
+    turn_speech_start_ns: int | None = None
+    scheduled_end_ns: int | None = None  # end of the last speech sample scheduled to play
+    playback_start_ns: int | None = None  # start of the contiguous speech ending at scheduled_end
+    silent_units: int = 0
+    interrupted_units: int = 0
+    last_unit_index: int | None = None
+
+    def reset(self) -> None:
+        """Back to a fresh conversation (keeps ``turn_id`` so later turns get new ids)."""
+        fresh = SessionState(turn_id=self.turn_id)
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
+
+
+class DuplexSession:
+    """Turns backend results into stamped output events; decides barge-in and proactive turns.
+
+    Args:
+        config: session settings.
+        output_sample_rate: rate of ``UnitResult.audio`` (the backend's output rate).
+        counters: shared counters (``barge_ins``, ``backend_errors``, ``backend_timeouts``).
+        classifier: names proactive turns; default :class:`~omni_ros.core.proactive.TagClassifier`.
+    """
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        output_sample_rate: int,
+        counters: Counters,
+        classifier: ProactiveClassifier | None = None,
+    ) -> None:
+        if output_sample_rate <= 0:
+            raise ConfigError(f"output_sample_rate = {output_sample_rate}; must be > 0")
+        self.config = config
+        self.output_sample_rate = output_sample_rate
+        self.counters = counters
+        self.classifier: ProactiveClassifier = classifier or TagClassifier()
+        self.state = SessionState()
+
+    # ------------------------------------------------------------------------------------ queries
+    @property
+    def mode(self) -> Mode:
+        """Current mode."""
+        return self.state.mode
+
+    @property
+    def turn_id(self) -> int:
+        """Id of the current (or last) turn; 0 before the first."""
+        return self.state.turn_id
+
+    def speech_span(self) -> tuple[int, int] | None:
+        """``(start_ns, end_ns)`` of the latest contiguous block of scheduled speech, or None."""
+        st = self.state
+        if st.playback_start_ns is None or st.scheduled_end_ns is None:
+            return None
+        return st.playback_start_ns, st.scheduled_end_ns
+
+    def speech_playing(self, stamp_ns: int) -> bool:
+        """Whether speech is scheduled to play at or after ``stamp_ns``."""
+        end = self.state.scheduled_end_ns
+        return end is not None and end > stamp_ns
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def reset(self) -> None:
+        """Forget the conversation (clock jump, new prompt); pending speech is not reported."""
+        self.state.reset()
+
+    def pause(self, stamp_ns: int) -> list[OutputEvent]:
+        """Stop taking part: an open turn ends and its queued speech is flushed (not a barge-in)."""
+        st = self.state
+        if st.mode is Mode.PAUSED:
+            return []
+        events = self._cut_turn(stamp_ns)
+        st.mode_before_pause = Mode.LISTENING if st.mode is Mode.INTERRUPTED else st.mode
+        st.mode = Mode.PAUSED
+        return events
+
+    def resume(self) -> None:
+        """Leave PAUSED (to LISTENING, or ERROR if the backend had failed before the pause)."""
+        st = self.state
+        if st.mode is Mode.PAUSED:
+            st.mode = Mode.ERROR if st.mode_before_pause is Mode.ERROR else Mode.LISTENING
+
+    # ------------------------------------------------------------------------------------ barge-in
+    def on_user_speech(self, stamp_ns: int) -> list[OutputEvent]:
+        """The VAD heard the user start talking at ``stamp_ns``.
+
+        Returns:
+            A :class:`SpeechFlush` (+ the turn's closing events) if our speech was playing or
+            queued at ``stamp_ns``; nothing otherwise. After a flush of a turn still in progress
+            :attr:`mode` is INTERRUPTED and the caller must interrupt the backend.
+        """
+        st = self.state
+        st.silent_units = 0
+        if st.mode is Mode.PAUSED:
+            return []
+        if not (st.in_turn or self.speech_playing(stamp_ns)):
+            return []
+        self.counters.barge_ins += 1
+        return self.interrupt(stamp_ns)
+
+    def interrupt(self, stamp_ns: int) -> list[OutputEvent]:
+        """Stop speaking now (barge-in or an explicit interrupt request); see :meth:`on_user_speech`."""
+        st = self.state
+        if st.mode is Mode.PAUSED:
+            return []
+        was_in_turn = st.in_turn
+        events = self._cut_turn(stamp_ns)
+        if was_in_turn:
+            st.mode = Mode.INTERRUPTED
+            st.interrupted_units = 0
+        return events
+
+    def _cut_turn(self, stamp_ns: int) -> list[OutputEvent]:
+        """Flush speech scheduled from ``stamp_ns`` on and close an open turn."""
+        st = self.state
+        events: list[OutputEvent] = []
+        if st.in_turn or self.speech_playing(stamp_ns):
+            start = st.turn_speech_start_ns if st.in_turn else None
+            dropped_from = max(stamp_ns, start if start is not None else stamp_ns)
+            dropped_until = max(st.scheduled_end_ns or dropped_from, dropped_from)
+            events.append(SpeechFlush(stamp_ns, st.turn_id, dropped_from, dropped_until))
+            if st.scheduled_end_ns is not None:
+                st.scheduled_end_ns = min(st.scheduled_end_ns, dropped_from)
+        if st.in_turn:
+            # The closing text belongs to the last unit the turn spoke in (unit indices are >= 0).
+            events.append(self._text(stamp_ns, st.last_unit_index or 0, "", end_of_turn=True))
+            events += self._close_turn(stamp_ns)
+        return events
+
+    # -------------------------------------------------------------------------------------- units
+    def step(self, unit: Unit, result: UnitResult) -> list[OutputEvent]:
+        """Consume the backend's result for ``unit``; return the events to publish, in order.
+
+        Raises:
+            StateError: called while PAUSED (the caller must not run the backend then).
+        """
+        st = self.state
+        if st.mode is Mode.PAUSED:
+            raise StateError("DuplexSession.step() while PAUSED: call resume() first")
+        st.last_unit_index = unit.index
+        if unit.user_speech is True:
+            st.silent_units = 0
+        elif unit.user_speech is False:
+            st.silent_units += 1
+        if st.mode is Mode.ERROR:
+            st.mode = Mode.LISTENING  # a good result: the backend recovered
+        if st.mode is Mode.INTERRUPTED:
+            if result.is_listen:
+                st.mode = Mode.LISTENING
+                return []
+            st.interrupted_units += 1
+            if st.interrupted_units <= self.config.max_interrupted_units:
+                return []  # leftovers of the interrupted turn
+            st.mode = Mode.LISTENING
+        if result.is_listen:
+            events: list[OutputEvent] = []
+            if st.in_turn:  # the model went quiet without end_of_turn: the turn is over
+                events.append(self._text(unit.start_ns, unit.index, "", end_of_turn=True))
+                events += self._close_turn(unit.end_ns)
+            st.mode = Mode.LISTENING
+            return events
+        return self._speak(unit, result)
+
+    def on_error(self, unit: Unit | None, error: Exception) -> list[OutputEvent]:
+        """The backend failed for ``unit``: count it, end an open turn, go to ERROR."""
+        st = self.state
+        if isinstance(error, BackendTimeout):
+            self.counters.backend_timeouts += 1
+        else:
+            self.counters.backend_errors += 1
+        events: list[OutputEvent] = []
+        stamp = unit.start_ns if unit is not None else (st.scheduled_end_ns or 0)
+        if st.in_turn:
+            index = unit.index if unit is not None else (st.last_unit_index or 0)
+            events.append(self._text(stamp, index, "", end_of_turn=True))
+            events += self._close_turn(unit.end_ns if unit is not None else stamp)
+        if st.mode is not Mode.PAUSED:
+            st.mode = Mode.ERROR
+        return events
+
+    def _speak(self, unit: Unit, result: UnitResult) -> list[OutputEvent]:
+        st = self.state
+        cfg = self.config
+        events: list[OutputEvent] = []
+        if not st.in_turn:
+            st.turn_id += 1
+            st.in_turn = True
+            st.turn_proactive = (
+                cfg.proactive_enabled and st.silent_units >= cfg.proactive_silence_units
+            )
+            st.turn_trigger_ns = unit.start_ns
+            st.turn_raw_text = []
+            st.turn_text = []
+            st.turn_speech_start_ns = None
+            if st.turn_proactive:
+                events.append(
+                    ProactiveEvent(
+                        stamp_ns=unit.start_ns,
+                        turn_id=st.turn_id,
+                        trigger_stamp_ns=unit.start_ns,
+                        kind="",
+                        text="",
+                        confidence=0.0,
+                        completed=False,
+                    )
+                )
+        st.mode = Mode.SPEAKING
+        text = result.text
+        if text:
+            first = not st.turn_raw_text
+            st.turn_raw_text.append(text)
+            if first and cfg.strip_tags:
+                _, text = split_leading_tag(text)
+            st.turn_text.append(text)
+        if text or result.end_of_turn:
+            events.append(self._text(unit.start_ns, unit.index, text, result.end_of_turn))
+        audio = result.audio
+        if audio is not None and len(audio):
+            stamp = unit.end_ns + cfg.output_latency_ms * 1_000_000
+            if st.scheduled_end_ns is None or stamp > st.scheduled_end_ns:
+                st.playback_start_ns = stamp  # a gap: a new contiguous block of speech begins
+            else:
+                stamp = st.scheduled_end_ns
+            if st.turn_speech_start_ns is None:
+                st.turn_speech_start_ns = stamp
+            st.scheduled_end_ns = stamp + round(len(audio) * NS_PER_S / self.output_sample_rate)
+            events.append(SpeechOut(stamp, st.turn_id, unit.index, self.output_sample_rate, audio))
+        if result.end_of_turn:
+            events += self._close_turn(unit.end_ns)
+            st.mode = Mode.LISTENING
+        return events
+
+    def _text(self, stamp_ns: int, unit_index: int, text: str, end_of_turn: bool) -> TextOut:
+        st = self.state
+        return TextOut(stamp_ns, st.turn_id, unit_index, text, end_of_turn, st.turn_proactive)
+
+    def _close_turn(self, stamp_ns: int) -> list[OutputEvent]:
+        st = self.state
+        events: list[OutputEvent] = []
+        if st.turn_proactive:
+            kind, confidence = self.classifier.classify("".join(st.turn_raw_text))
+            events.append(
+                ProactiveEvent(
+                    stamp_ns=stamp_ns,
+                    turn_id=st.turn_id,
+                    trigger_stamp_ns=st.turn_trigger_ns,
+                    kind=kind,
+                    text="".join(st.turn_text).strip(),
+                    confidence=float(confidence),
+                    completed=True,
+                )
+            )
+        st.in_turn = False
+        st.turn_proactive = False
+        st.turn_speech_start_ns = None
+        return events

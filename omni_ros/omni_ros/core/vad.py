@@ -1,0 +1,283 @@
+"""Streaming voice activity detection on the (echo-cancelled) microphone stream.
+
+The detector wraps WebRTC's GMM VAD (``webrtcvad`` from the ``webrtcvad-wheels`` package), which
+classifies fixed 10/20/30 ms int16 frames at 8/16/32/48 kHz. :class:`VoiceActivityDetector` accepts
+float32 :class:`~omni_ros.core.types.AudioBlock` s of any length, keeps the samples that do not fill a
+frame for the next block, and turns per-frame decisions into speech *runs* with two debounce rules:
+
+* an onset is reported only after ``min_speech_ms`` of consecutive speech frames (clicks, door slams
+  and single noisy frames do not count), stamped at the first speech frame of the run;
+* a run ends only after ``hangover_ms`` of consecutive non-speech frames (short pauses between words
+  stay one run), stamped at the end of the last speech frame.
+
+Every stamp is sample-exact: frame ``j`` of a contiguous stream starts at
+``anchor_ns + round(j * frame_len * 1e9 / rate)`` where ``anchor_ns`` is the stamp of the sample that
+started the stream, so rounding never accumulates. A block whose stamp does not continue the stream
+(a gap, an overlap, a clock jump) restarts it.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from omni_ros.core.config import from_mapping
+from omni_ros.core.errors import ConfigError, DecodeError
+from omni_ros.core.types import AudioBlock, FloatArray
+
+NS_PER_S = 1_000_000_000
+_VAD_RATES = (8_000, 16_000, 32_000, 48_000)
+_VAD_FRAME_MS = (10, 20, 30)
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    """Voice activity detector settings.
+
+    Attributes:
+        aggressiveness: WebRTC VAD mode 0 (least aggressive about filtering out non-speech) to 3.
+        frame_ms: analysis frame, 10, 20 or 30 ms.
+        min_speech_ms: consecutive speech needed before an onset is reported. WebRTC's VAD adds
+            its own ~4-frame hangover after any voiced burst and flags the first frames of a new
+            stream while it learns the noise floor, so anything below ~150 ms lets clicks through.
+        hangover_ms: consecutive non-speech needed before a speech run ends.
+        history_s: how long finished speech runs are remembered for :meth:`speech_in` queries.
+        contiguity_tolerance_ns: a block whose stamp is within this of the expected next stamp
+            continues the stream; otherwise the stream restarts (default: a quarter millisecond).
+    """
+
+    aggressiveness: int = 2
+    frame_ms: int = 30
+    min_speech_ms: int = 180
+    hangover_ms: int = 300
+    history_s: float = 30.0
+    contiguity_tolerance_ns: int = 250_000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.aggressiveness <= 3:
+            raise ConfigError(f"VadConfig.aggressiveness = {self.aggressiveness}; use 0..3")
+        if self.frame_ms not in _VAD_FRAME_MS:
+            raise ConfigError(f"VadConfig.frame_ms = {self.frame_ms}; use one of {_VAD_FRAME_MS}")
+        if self.min_speech_ms < 0 or self.hangover_ms < 0:
+            raise ConfigError("VadConfig.min_speech_ms and hangover_ms must be >= 0")
+        if self.history_s <= 0:
+            raise ConfigError(f"VadConfig.history_s = {self.history_s}; must be > 0")
+        if self.contiguity_tolerance_ns < 0:
+            raise ConfigError("VadConfig.contiguity_tolerance_ns must be >= 0")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> VadConfig:
+        """Build from a plain mapping (YAML / ROS parameters); unknown keys raise ConfigError."""
+        return from_mapping(cls, mapping)
+
+
+class VadEventKind(enum.Enum):
+    """What a :class:`VadEvent` reports."""
+
+    ONSET = "onset"
+    OFFSET = "offset"
+
+
+@dataclass(frozen=True)
+class VadEvent:
+    """A debounced speech boundary.
+
+    Attributes:
+        kind: onset (speech run confirmed) or offset (run ended after the hangover).
+        stamp_ns: onset: capture time of the run's first speech frame; offset: end of its last
+            speech frame.
+        detected_ns: capture time of the end of the frame that made the decision (the earliest
+            moment a causal system could know).
+    """
+
+    kind: VadEventKind
+    stamp_ns: int
+    detected_ns: int
+
+
+@dataclass
+class VadState:
+    """Explicit streaming state of :class:`VoiceActivityDetector` (see :meth:`reset`)."""
+
+    sample_rate: int = 0
+    anchor_ns: int = 0  # stamp of the stream's first sample
+    frames_done: int = 0  # frames classified since the anchor
+    remainder: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    speech_frames: int = 0  # consecutive speech frames (candidate or confirmed run)
+    silence_frames: int = 0  # consecutive non-speech frames inside a confirmed run
+    run_start_ns: int | None = None  # first frame of the current candidate/confirmed run
+    last_speech_end_ns: int = 0
+    in_speech: bool = False  # a confirmed run is active
+    runs: collections.deque[tuple[int, int]] = field(default_factory=collections.deque)
+
+    def reset(self) -> None:
+        """Forget everything (a new stream)."""
+        self.sample_rate = 0
+        self.anchor_ns = 0
+        self.frames_done = 0
+        self.remainder = np.zeros(0, dtype=np.float32)
+        self.speech_frames = 0
+        self.silence_frames = 0
+        self.run_start_ns = None
+        self.last_speech_end_ns = 0
+        self.in_speech = False
+        self.runs.clear()
+
+
+class VoiceActivityDetector:
+    """Streaming, debounced WebRTC VAD over float32 audio blocks of any size.
+
+    Args:
+        config: detector settings.
+
+    Raises:
+        ConfigError: ``webrtcvad`` is not installed.
+    """
+
+    def __init__(self, config: VadConfig | None = None) -> None:
+        self.config = config or VadConfig()
+        try:
+            import webrtcvad
+        except ImportError as exc:  # pragma: no cover - the dependency is in requirements/base.txt
+            raise ConfigError(
+                "the VAD needs webrtcvad: pip install webrtcvad-wheels (see requirements/base.txt)"
+            ) from exc
+        self._vad = webrtcvad.Vad(self.config.aggressiveness)
+        self.state = VadState()
+
+    # ------------------------------------------------------------------------------------ queries
+    @property
+    def in_speech(self) -> bool:
+        """Whether a confirmed speech run is active right now."""
+        return self.state.in_speech
+
+    def active_run(self) -> tuple[int, int] | None:
+        """The ongoing speech run as ``(start_ns, duration_ns)``, or None.
+
+        The run counts from its first speech frame, also before it is confirmed, so a caller can
+        require more evidence than ``min_speech_ms`` (the ``robot_speaking`` gate does).
+        """
+        st = self.state
+        if st.run_start_ns is None or st.speech_frames == 0:
+            return None
+        return st.run_start_ns, st.last_speech_end_ns - st.run_start_ns
+
+    def speech_in(self, start_ns: int, end_ns: int) -> bool:
+        """Whether a confirmed speech run overlapped ``[start_ns, end_ns)``."""
+        st = self.state
+        for run_start, run_end in st.runs:
+            if run_start < end_ns and run_end > start_ns:
+                return True
+        return bool(st.in_speech and st.run_start_ns is not None and st.run_start_ns < end_ns)
+
+    # ---------------------------------------------------------------------------------- streaming
+    def reset(self) -> None:
+        """Start over (after a clock jump or a session reset)."""
+        self.state.reset()
+
+    def process(self, block: AudioBlock) -> list[VadEvent]:
+        """Classify ``block`` (continuing the stream if its stamp says so) and return new events.
+
+        Raises:
+            DecodeError: the block's sample rate is not one WebRTC VAD supports.
+        """
+        if block.sample_rate not in _VAD_RATES:
+            raise DecodeError(
+                f"VAD needs audio at one of {_VAD_RATES} Hz, got {block.sample_rate} Hz; "
+                "resample the microphone stream first (omni_ros.core.audio)"
+            )
+        st = self.state
+        if len(block.samples) == 0:
+            return []
+        if st.sample_rate != block.sample_rate or not self._continues(block):
+            self._restart(block)
+        samples = block.samples
+        if len(st.remainder):
+            samples = np.concatenate([st.remainder, samples])
+        frame_len = block.sample_rate * self.config.frame_ms // 1000
+        n_frames = len(samples) // frame_len
+        used = n_frames * frame_len
+        st.remainder = samples[used:].astype(np.float32, copy=True)
+        if n_frames == 0:
+            return []
+        pcm = (np.clip(samples[:used], -1.0, 1.0) * 32767.0).astype("<i2")
+        raw = pcm.tobytes()
+        step = frame_len * 2
+        events: list[VadEvent] = []
+        for j in range(n_frames):
+            is_speech = self._vad.is_speech(raw[j * step : (j + 1) * step], block.sample_rate)
+            self._on_frame(bool(is_speech), events)
+        self._trim_history()
+        return events
+
+    def _frame_stamp(self, frame_index: int) -> int:
+        st = self.state
+        frame_len = st.sample_rate * self.config.frame_ms // 1000
+        return st.anchor_ns + round(frame_index * frame_len * NS_PER_S / st.sample_rate)
+
+    def _expected_next_ns(self) -> int:
+        st = self.state
+        frame_len = st.sample_rate * self.config.frame_ms // 1000
+        n = st.frames_done * frame_len + len(st.remainder)
+        return st.anchor_ns + round(n * NS_PER_S / st.sample_rate)
+
+    def _continues(self, block: AudioBlock) -> bool:
+        if self.state.sample_rate == 0:
+            return False
+        return abs(block.stamp_ns - self._expected_next_ns()) <= self.config.contiguity_tolerance_ns
+
+    def _restart(self, block: AudioBlock) -> None:
+        """Begin a new contiguous stream at ``block``; a confirmed run is closed where data ended."""
+        st = self.state
+        if st.in_speech and st.run_start_ns is not None:
+            st.runs.append((st.run_start_ns, st.last_speech_end_ns))
+        keep = st.runs
+        st.reset()
+        st.runs = keep
+        st.sample_rate = block.sample_rate
+        st.anchor_ns = block.stamp_ns
+
+    def _on_frame(self, is_speech: bool, events: list[VadEvent]) -> None:
+        st = self.state
+        cfg = self.config
+        start_ns = self._frame_stamp(st.frames_done)
+        end_ns = self._frame_stamp(st.frames_done + 1)
+        st.frames_done += 1
+        min_frames = -(-cfg.min_speech_ms // cfg.frame_ms)  # ceil
+        hang_frames = -(-cfg.hangover_ms // cfg.frame_ms)
+        if is_speech:
+            if st.speech_frames == 0 and not st.in_speech:
+                st.run_start_ns = start_ns
+            st.speech_frames += 1
+            st.silence_frames = 0
+            st.last_speech_end_ns = end_ns
+            if not st.in_speech and st.speech_frames >= max(1, min_frames):
+                st.in_speech = True
+                assert st.run_start_ns is not None
+                events.append(VadEvent(VadEventKind.ONSET, st.run_start_ns, end_ns))
+            return
+        if not st.in_speech:
+            # An unconfirmed candidate run needs *consecutive* speech frames.
+            st.speech_frames = 0
+            st.run_start_ns = None
+            return
+        st.silence_frames += 1
+        if st.silence_frames >= max(1, hang_frames):
+            assert st.run_start_ns is not None
+            st.runs.append((st.run_start_ns, st.last_speech_end_ns))
+            events.append(VadEvent(VadEventKind.OFFSET, st.last_speech_end_ns, end_ns))
+            st.in_speech = False
+            st.speech_frames = 0
+            st.silence_frames = 0
+            st.run_start_ns = None
+
+    def _trim_history(self) -> None:
+        st = self.state
+        horizon = self._frame_stamp(st.frames_done) - int(self.config.history_s * NS_PER_S)
+        while st.runs and st.runs[0][1] < horizon:
+            st.runs.popleft()

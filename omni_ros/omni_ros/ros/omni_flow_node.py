@@ -1,0 +1,434 @@
+"""``omni_flow_node``: the Omni-Flow loop as a ROS 2 lifecycle (managed) node.
+
+The node only translates: messages -> :mod:`omni_ros.ros.conversions` -> :class:`OmniFlow` (which
+owns the worker thread that runs the backend), and output events -> messages. No callback ever
+runs inference: input callbacks and services only queue work for OmniFlow, and the worker
+publishes the outputs itself (rclpy publishing is thread-safe).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import Bool
+from std_srvs.srv import Trigger
+
+from omni_ros.backends.base import BACKENDS, create_backend
+from omni_ros.core.audio import ENCODINGS, decode_audio, resample
+from omni_ros.core.errors import ConfigError, OmniError
+from omni_ros.core.flow import FlowConfig, OmniFlow
+from omni_ros.core.types import (
+    FloatArray,
+    OutputEvent,
+    ProactiveEvent,
+    RawAudio,
+    SpeechOut,
+    StateOut,
+    TextOut,
+)
+from omni_ros.ros import conversions as conv
+from omni_ros.ros._ask import AskTracker
+from omni_ros.ros._params import ParamSpec, build_config, config_params, ros_value
+from omni_ros_msgs.action import Ask
+from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
+from omni_ros_msgs.srv import SetPrompt
+
+CONFIG_NAMESPACES = ("timeline", "session", "vad", "aec", "flow")
+RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+#: Sensor-data QoS (best effort, volatile) with a deeper queue for the microphone: at 10 ms chunks
+#: the default depth of 5 is 50 ms, so one executor stall would turn audio into gaps.
+MIC_QOS = QoSProfile(
+    depth=100,
+    reliability=qos_profile_sensor_data.reliability,
+    durability=qos_profile_sensor_data.durability,
+    history=qos_profile_sensor_data.history,
+)
+LATCHED = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+
+#: The node's own parameters: name -> (default, description). FlowConfig's are derived.
+NODE_PARAMS: dict[str, tuple[Any, str]] = {
+    "autostart": (True, "configure + activate at startup (no lifecycle manager needed)"),
+    "backend": ("reference", "backend name: reference | minicpmo | llamacpp_omni | vllm_omni"),
+    "system_prompt": (FlowConfig().system_prompt, "system prompt given to the backend"),
+    "ref_voice_path": ("", "WAV file with the reference voice; empty = none"),
+    "camera.compressed": (False, "subscribe camera/image_raw/compressed (CompressedImage)"),
+    "speech.chunk_ms": (100, "omni/speech chunk length [ms]"),
+    "speech.encoding": ("S16LE", "omni/speech encoding: S16LE | F32LE"),
+    "diagnostics.period_s": (1.0, "/diagnostics period [s] (read at startup)"),
+    "ask.default_timeout_s": (30.0, "omni/ask timeout when the goal's timeout_s is 0 [s]"),
+    "tensorrt.enabled": (False, "swap backend components for verified TensorRT engines"),
+    "tensorrt.engine_dir": ("", "engine cache folder; empty = the package's tensorrt_engines/"),
+    "tensorrt.components": ("vision,audio,vocoder", "components to accelerate, comma separated"),
+}
+
+
+class RosClock:
+    """The node's ROS clock as a core ``Clock`` (sim time under ``use_sim_time``)."""
+
+    def __init__(self, node: LifecycleNode) -> None:
+        self._omni_clock = node.get_clock()
+
+    def now_ns(self) -> int:
+        return int(self._omni_clock.now().nanoseconds)
+
+
+class OmniFlowNode(LifecycleNode):
+    """Runs MiniCPM-o style full-duplex Omni-Flow on ROS topics (a lifecycle node).
+
+    Lifecycle: configure validates the parameters, creates the backend (loading its weights) and
+    the OmniFlow runner; activate starts the loop; deactivate stops it; cleanup / shutdown close
+    the backend (releasing the GPU). With ``autostart`` the node configures and activates itself.
+
+    Parameters (read at configure; change them, then cleanup + configure to apply):
+        autostart (bool, true): configure + activate at startup, for use without a lifecycle
+            manager. Set false to drive the transitions from a lifecycle manager.
+        backend (string, "reference"): reference | minicpmo | llamacpp_omni | vllm_omni.
+        <backend>.* (any): that backend's config fields, e.g. ``reference.size: tiny``
+            (validated by the backend's config class; an unknown key fails configure).
+        system_prompt (string, "Streaming Omni Conversation."): the backend's system prompt.
+        ref_voice_path (string, ""): WAV file with the reference voice; empty = none.
+        camera.compressed (bool, false): subscribe ``camera/image_raw/compressed`` instead.
+        speech.chunk_ms (int, 100): length of each ``omni/speech`` chunk [ms].
+        speech.encoding (string, "S16LE"): S16LE | F32LE.
+        diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] (read at startup).
+        ask.default_timeout_s (double, 30.0): ``omni/ask`` timeout when the goal gives 0 [s].
+        tensorrt.enabled (bool, false): swap backend components for verified TensorRT engines,
+            with a per-component torch fallback reported in ``/diagnostics``.
+        tensorrt.engine_dir (string, ""): engine cache; empty = the package's tensorrt_engines/.
+        tensorrt.components (string, "vision,audio,vocoder"): components to accelerate.
+        timeline.*, session.*, vad.*, aec.*, flow.*: every field of ``FlowConfig`` (``flow.*``) and
+            of its nested configs, same names, types and defaults (``OmniFlowNode.param_specs``);
+            ``flow.system_prompt`` is ``system_prompt`` above, and ``timeline.unit_ns``,
+            ``first_unit_ns`` and ``sample_rate`` are dictated by the backend.
+
+    Subscribes (relative names; sensor-data QoS, depth 100 for the mic; robot_speaking reliable):
+        camera/image_raw (sensor_msgs/Image) or camera/image_raw/compressed
+        (sensor_msgs/CompressedImage), audio/mic (omni_ros_msgs/AudioChunk),
+        robot_speaking (std_msgs/Bool).
+    Publishes:
+        omni/speech (omni_ros_msgs/AudioChunk, 24 kHz, reliable), omni/text (OmniText, reliable),
+        omni/proactive (ProactiveAction, reliable, when a proactive turn completes), omni/state
+        (OmniState, reliable + transient-local, every unit), /diagnostics (DiagnosticArray).
+    Services: omni/interrupt (std_srvs/Trigger), omni/set_prompt (omni_ros_msgs/SetPrompt),
+        omni/reset (std_srvs/Trigger). Action: omni/ask (omni_ros_msgs/Ask).
+    """
+
+    param_specs: ClassVar[list[ParamSpec]] = [
+        s for s in config_params(FlowConfig) if s.name != "flow.system_prompt"
+    ]
+
+    def __init__(self, node_name: str = "omni_flow_node", **kwargs: Any) -> None:
+        # Overrides are declared automatically so that ``<backend>.*`` (whose fields depend on the
+        # backend) arrive as given, and a typo inside a known namespace fails configure loudly.
+        super().__init__(node_name, automatically_declare_parameters_from_overrides=True, **kwargs)
+        for name, (default, text) in NODE_PARAMS.items():
+            self._declare(name, default, text)
+        for spec in self.param_specs:
+            self._declare(
+                spec.name, ros_value(spec.default), f"{spec.type_name}: {spec.description}"
+            )
+        self._group = ReentrantCallbackGroup()
+        self._omni_clock = RosClock(self)
+        self._flow: OmniFlow | None = None
+        self._backend: Any = None
+        self._entities: list[Any] = []
+        self._publishers_lc: list[Any] = []
+        self._active = False
+        self._ask = AskTracker()
+        self._state: StateOut | None = None
+        self._latency_ms: float | None = None
+        self._reported: Any = None
+        self._trt: list[Any] = []
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        period_s = float(self.get_parameter("diagnostics.period_s").value)
+        self.create_timer(max(period_s, 0.05), self._publish_diagnostics)
+
+    def _declare(self, name: str, default: Any, text: str) -> None:
+        if self.has_parameter(name):  # given as an override, declared already
+            return
+        descriptor = ParameterDescriptor(description=text, dynamic_typing=default is None)
+        self.declare_parameter(name, default, descriptor)
+
+    def _param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except (OmniError, ImportError, OSError, ValueError, TypeError) as exc:
+            self.get_logger().error(f"configure failed: {exc}")
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        return TransitionCallbackReturn.SUCCESS
+
+    def _configure(self) -> None:
+        name = str(self._param("backend"))
+        if name not in BACKENDS:
+            raise ConfigError(f"backend {name!r} unknown; choose one of {sorted(BACKENDS)}")
+        if int(self._param("speech.chunk_ms")) <= 0:
+            raise ConfigError("speech.chunk_ms must be > 0")
+        if str(self._param("speech.encoding")).upper() not in ENCODINGS:
+            raise ConfigError(f"speech.encoding must be one of {ENCODINGS}")
+        values = {s.name: self._param(s.name) for s in self.param_specs}
+        for param_name in self._parameters:  # overrides in a known namespace, typos included
+            if param_name.split(".")[0] in CONFIG_NAMESPACES:
+                values.setdefault(param_name, self._param(param_name))
+        values["flow.system_prompt"] = str(self._param("system_prompt"))
+        config = build_config(FlowConfig, values)
+        params = {k: p.value for k, p in self.get_parameters_by_prefix(name).items()}
+        params = {k: v for k, v in params.items() if v is not None}
+        self.get_logger().info(f"loading backend {name!r} {params} ...")
+        started = time.monotonic()
+        self._backend = create_backend(name, params)
+        # Backends that build their networks lazily (reference) expose them as ``model``:
+        # touching it loads the weights now, in configure, not in the first unit.
+        getattr(self._backend, "model", None)
+        if self._param("tensorrt.enabled"):
+            self._accelerate()
+        voice = self._load_voice(str(self._param("ref_voice_path")))
+        self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
+        if voice is not None:
+            self._flow.set_prompt(config.system_prompt, voice)
+        self.get_logger().info(f"backend {name!r} ready in {time.monotonic() - started:.1f} s")
+        self._create_entities()
+
+    def _accelerate(self) -> None:
+        from omni_ros.tensorrt.cache import DEFAULT_ENGINE_ROOT
+        from omni_ros.tensorrt.runtime import accelerate_backend
+        from omni_ros.tensorrt.specs import parse_components
+
+        engine_dir = str(self._param("tensorrt.engine_dir")) or str(DEFAULT_ENGINE_ROOT)
+        device = getattr(getattr(self._backend, "config", None), "device", "cuda")
+        components = parse_components(str(self._param("tensorrt.components")))
+        self._trt = accelerate_backend(self._backend, engine_dir, components, device=device)
+
+    def _load_voice(self, path: str) -> FloatArray | None:
+        if not path:
+            return None
+        from omni_ros.ros.audio_io import read_wav
+
+        data, fmt = read_wav(path)
+        block = decode_audio(RawAudio(0, fmt.sample_rate, fmt.channels, fmt.encoding, data))
+        return resample(block.samples, fmt.sample_rate, int(self._backend.input_sample_rate))
+
+    def _create_entities(self) -> None:
+        lc_pub, sub, group = self.create_lifecycle_publisher, self.create_subscription, self._group
+        self._speech_pub = lc_pub(AudioChunk, "omni/speech", RELIABLE)
+        self._text_pub = lc_pub(OmniText, "omni/text", RELIABLE)
+        self._proactive_pub = lc_pub(ProactiveAction, "omni/proactive", RELIABLE)
+        self._state_pub = lc_pub(OmniState, "omni/state", LATCHED)
+        self._publishers_lc = [
+            self._speech_pub,
+            self._text_pub,
+            self._proactive_pub,
+            self._state_pub,
+        ]
+        if self._param("camera.compressed"):
+            cam = (CompressedImage, "camera/image_raw/compressed", conv.compressed_to_raw)
+        else:
+            cam = (Image, "camera/image_raw", conv.image_to_raw)
+        sensor = qos_profile_sensor_data
+        self._entities = [
+            sub(cam[0], cam[1], lambda m: self._push("push_image", cam[2](m)), sensor),
+            sub(AudioChunk, "audio/mic", self._on_mic, MIC_QOS),
+            sub(Bool, "robot_speaking", self._on_robot_speaking, 10),
+            self.create_service(
+                Trigger, "omni/interrupt", self._on_interrupt, callback_group=group
+            ),
+            self.create_service(Trigger, "omni/reset", self._on_reset, callback_group=group),
+            self.create_service(
+                SetPrompt, "omni/set_prompt", self._on_prompt, callback_group=group
+            ),
+        ]
+        self._ask_server = ActionServer(
+            self, Ask, "omni/ask", self._execute_ask, callback_group=group,
+            goal_callback=lambda _goal: GoalResponse.ACCEPT if self._active else GoalResponse.REJECT,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+        )  # fmt: skip
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers first
+        if self._flow is None:
+            return TransitionCallbackReturn.FAILURE
+        self._flow.start()
+        self._active = True
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        if self._flow is not None:
+            self._flow.stop()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.close()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.close()  # back to unconfigured, holding nothing
+        return TransitionCallbackReturn.SUCCESS
+
+    def close(self) -> None:
+        """Stop the loop and release the backend without a transition (used at process exit)."""
+        self._active = False
+        if self._flow is not None:
+            self._flow.stop()
+        self._release()
+
+    def _release(self) -> None:
+        """Destroy the configure-time entities and close the backend (frees the GPU)."""
+        for entity in self._entities:
+            destroy = (
+                self.destroy_service if hasattr(entity, "srv_type") else self.destroy_subscription
+            )
+            destroy(entity)
+        for publisher in self._publishers_lc:
+            self.destroy_lifecycle_publisher(publisher)
+        if self._entities:
+            self._ask_server.destroy()
+        self._entities, self._publishers_lc = [], []
+        if self._backend is not None:
+            self._backend.close()
+        self._backend, self._flow, self._state, self._trt = None, None, None, []
+
+    # ------------------------------------------------------------------------------------ inputs
+    def _push(self, method: str, raw: Any) -> None:
+        if self._flow is not None and self._active:
+            getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
+
+    def _on_mic(self, msg: AudioChunk) -> None:
+        self._push("push_audio", conv.audio_chunk_to_raw(msg))
+
+    def _on_robot_speaking(self, msg: Bool) -> None:
+        self._push("set_robot_speaking", bool(msg.data))
+
+    def _on_interrupt(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        resp.success, resp.message = self._call("interrupt")
+        return resp
+
+    def _on_reset(self, _req: Trigger.Request, resp: Trigger.Response) -> Trigger.Response:
+        resp.success, resp.message = self._call("reset")
+        return resp
+
+    def _on_prompt(self, req: SetPrompt.Request, resp: SetPrompt.Response) -> SetPrompt.Response:
+        try:
+            voice = self._load_voice(req.ref_voice_path) if self._backend is not None else None
+        except OmniError as exc:
+            resp.success, resp.message = False, str(exc)
+            return resp
+        resp.success, resp.message = self._call("set_prompt", req.system_prompt, voice)
+        return resp
+
+    def _call(self, method: str, *args: Any) -> tuple[bool, str]:
+        flow = self._flow
+        if flow is None or not self._active:
+            return False, "omni_flow_node is not active (lifecycle): activate it first"
+        getattr(flow, method)(*args)  # queues a control for the worker; returns at once
+        return True, f"{method} accepted"
+
+    def _execute_ask(self, goal_handle: Any) -> Ask.Result:
+        request = goal_handle.request
+        timeout_s = request.timeout_s or float(self._param("ask.default_timeout_s"))
+        waiter = self._ask.open()  # before injecting, so no reply can be missed
+        ok, message = self._call("inject_text", request.text)
+        deadline, sent = time.monotonic() + timeout_s, ""
+        with self._ask.condition:
+            while ok and not waiter.done and time.monotonic() < deadline:
+                if goal_handle.is_cancel_requested or not self._active:
+                    break
+                if waiter.text != sent:
+                    sent = waiter.text
+                    goal_handle.publish_feedback(Ask.Feedback(partial_text=sent))
+                self._ask.condition.wait(0.05)
+            reply, spoken, done = waiter.text, waiter.spoken, waiter.done
+        self._ask.close(waiter)
+        if goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        elif done:
+            goal_handle.succeed()
+        else:
+            self.get_logger().warning(f"omni/ask gave up: {message if not ok else 'timeout'}")
+            goal_handle.abort()
+        return Ask.Result(reply=reply, spoken=spoken)
+
+    # ----------------------------------------------------------------------------------- outputs
+    def _emit(self, event: OutputEvent) -> None:
+        """Called on the OmniFlow worker thread, in order."""
+        if isinstance(event, SpeechOut):
+            chunk = max(1, int(self._param("speech.chunk_ms")) * event.sample_rate // 1000)
+            for msg in conv.speech_to_chunks(event, chunk, str(self._param("speech.encoding"))):
+                self._speech_pub.publish(msg)
+            self._ask.on_speech(event)
+        elif isinstance(event, TextOut):
+            self._text_pub.publish(conv.text_to_msg(event))
+            self._ask.on_text(event)
+        elif isinstance(event, ProactiveEvent):
+            if event.completed:  # ProactiveAction is defined as "published when the turn completes"
+                self._proactive_pub.publish(conv.proactive_to_msg(event))
+        elif isinstance(event, StateOut):
+            self._state_pub.publish(conv.state_to_msg(event))
+            # OmniFlow stamps a state with its unit's END: this is unit end -> outputs published.
+            self._latency_ms = (self._omni_clock.now_ns() - event.stamp_ns) / 1e6
+            self._state = event
+        # SpeechFlush has no message of its own: players see mode INTERRUPTED in omni/state.
+
+    def _publish_diagnostics(self) -> None:
+        state, lifecycle = self._state, self._state_machine.current_state[1]
+        status = conv.diagnostic_status(
+            state,
+            self._reported,
+            name=f"{self.get_name()}: Omni-Flow",
+            hardware_id=str(self._param("backend")),
+            latency_ms=self._latency_ms,
+            extra={"lifecycle": lifecycle},
+            inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
+        )
+        self._reported = state.counters.snapshot() if state is not None else None
+        statuses = [status] + [
+            conv.component_diagnostic(s, f"{self.get_name()}: tensorrt {s.component}")
+            for s in self._trt
+        ]
+        header = conv.header(self._omni_clock.now_ns())
+        self._diag_pub.publish(DiagnosticArray(header=header, status=statuses))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the node; with ``autostart`` (default) it configures and activates itself."""
+    rclpy.init(args=args)
+    node: OmniFlowNode | None = None
+    try:
+        node = OmniFlowNode()
+        autostart = bool(node.get_parameter("autostart").value)
+        if autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            node.trigger_activate()
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""``speaker_node``: ``omni/speech`` (AudioChunk) -> a speaker, on schedule; publishes ``robot_speaking``.
+
+Run: ``ros2 run omni_ros speaker_node --ros-args -p device:=USB`` (or
+``ros2 launch omni_ros omni_flow.launch.py with_speaker:=true``).
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import Bool
+from std_srvs.srv import Trigger
+
+from omni_ros.core.audio import decode_audio, encode_audio, resample
+from omni_ros.core.errors import ConfigError, DecodeError
+from omni_ros.ros import conversions as conv
+from omni_ros.ros.audio_io import (
+    NS_PER_S,
+    AudioFormat,
+    AudioSink,
+    NullSink,
+    PyAudioSink,
+    WavFileSink,
+)
+from omni_ros_msgs.msg import AudioChunk, OmniState
+
+#: name -> (default, description). The node declares exactly these; tests read this table.
+PARAMETERS: dict[str, tuple[Any, str]] = {
+    "sink": ("pyaudio", "pyaudio (a sound card), wav (write to wav_path), null (discard)"),
+    "device": ("", "PortAudio output: index, unique part of its name, or '' for the default"),
+    "sample_rate": (24000, "playback rate [Hz]; chunks at other rates are resampled"),
+    "channels": (1, "playback channels; mono speech is copied to every channel"),
+    "block_ms": (20, "write granularity [ms]: a flush stops playback within one block"),
+    "late_tolerance_ms": (30.0, "a chunk starting later than this after its stamp counts as late"),
+    "max_ahead_s": (5.0, "stamps further ahead than this are a clock mismatch: play now"),
+    "release_ms": (150.0, "robot_speaking goes false after the queue stayed empty this long"),
+    "wav_path": ("", "output file for sink=wav"),
+}
+
+SPEAKING_QOS = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+SPEECH_QOS = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+# Volatile on purpose: a transient-local subscription would not match a volatile publisher, and a
+# latched INTERRUPTED from before we started must not flush anything.
+STATE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@dataclass(frozen=True)
+class _Queued:
+    stamp_ns: int
+    pcm: bytes
+    generation: int
+
+
+def chunk_to_pcm(msg: AudioChunk, fmt: AudioFormat) -> bytes:
+    """Decode an AudioChunk (any rate, channels, encoding) into ``fmt``'s PCM.
+
+    Raises:
+        DecodeError: unknown encoding, truncated data, bad rate or channel count.
+    """
+    block = decode_audio(conv.audio_chunk_to_raw(msg))
+    samples = resample(block.samples, block.sample_rate, fmt.sample_rate)
+    mono = encode_audio(samples, fmt.encoding)
+    if fmt.channels == 1:
+        return mono
+    width = len(mono) // max(1, len(samples))
+    frames = np.frombuffer(mono, dtype=np.uint8).reshape(-1, width)
+    return np.repeat(frames, fmt.channels, axis=0).tobytes()
+
+
+class SpeakerNode(Node):
+    """Plays speech chunks at their stamps; one playback thread owns the sink.
+
+    Parameters: see :data:`PARAMETERS` (``sink``, ``device``, ``sample_rate``, ``channels``,
+    ``block_ms``, ``late_tolerance_ms``, ``max_ahead_s``, ``release_ms``, ``wav_path``).
+
+    Topics in:
+        ``omni/speech`` (omni_ros_msgs/AudioChunk, reliable): ``header.stamp`` is the time the
+        first sample should be heard (ROS clock; sim time works). A chunk is written
+        ``sink.latency_ns`` before its stamp; a late chunk plays at once and is counted
+        (``late_chunks``); a zero stamp means "now".
+        ``omni/state`` (omni_ros_msgs/OmniState): when ``mode`` becomes INTERRUPTED the queue is
+        flushed (barge-in or the interrupt service cut the model's speech).
+    Topics out:
+        ``robot_speaking`` (std_msgs/Bool, reliable, transient-local): true while audio plays,
+        false once the queue stayed empty for ``release_ms`` or right after a flush.
+    Services:
+        ``speaker/flush`` (std_srvs/Trigger): drop everything queued and stop playing.
+
+    Tests and machines without a sound card use ``sink:=wav``/``null`` or pass ``sink=`` (any
+    :class:`~omni_ros.ros.audio_io.AudioSink`) to the constructor.
+    """
+
+    def __init__(self, *, sink: AudioSink | None = None, **kwargs: Any) -> None:
+        super().__init__("speaker_node", **kwargs)
+        # Set before anything can raise: rclpy destroys half-built nodes at shutdown.
+        self._cond = threading.Condition()
+        self._stop = False
+        self._closable: AudioSink | None = None  # closed by destroy_node once it exists
+        self._thread: threading.Thread | None = None
+        for name, (default, _doc) in PARAMETERS.items():
+            self.declare_parameter(name, default)
+        p = {name: self.get_parameter(name).value for name in PARAMETERS}
+        fmt = AudioFormat(int(p["sample_rate"]), int(p["channels"]), "S16LE")
+        self._block_frames = max(1, fmt.sample_rate * int(p["block_ms"]) // 1000)
+        self._sink = sink if sink is not None else self._open_sink(str(p["sink"]), p, fmt)
+        self._closable = self._sink
+        self._late_ns = int(float(p["late_tolerance_ms"]) * 1e6)
+        self._max_ahead_ns = int(float(p["max_ahead_s"]) * NS_PER_S)
+        self._release_s = float(p["release_ms"]) / 1000.0
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._generation = 0
+        self._speaking: bool | None = None
+        self._last_mode: int | None = None
+        self.late_chunks = 0
+        self.clock_mismatches = 0
+        self.decode_errors = 0
+        self.flushes = 0
+        self._speaking_pub = self.create_publisher(Bool, "robot_speaking", SPEAKING_QOS)
+        self._set_speaking(False)
+        self.create_subscription(AudioChunk, "omni/speech", self._on_speech, SPEECH_QOS)
+        self.create_subscription(OmniState, "omni/state", self._on_state, STATE_QOS)
+        self.create_service(Trigger, "speaker/flush", self._on_flush)
+        self._thread = threading.Thread(target=self._playback, name="speaker_playback", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open_sink(kind: str, p: dict[str, Any], fmt: AudioFormat) -> AudioSink:
+        if kind == "wav":
+            if not p["wav_path"]:
+                raise ConfigError("sink=wav needs the wav_path parameter")
+            return WavFileSink(str(p["wav_path"]), fmt)
+        if kind == "null":
+            return NullSink(fmt)
+        if kind == "pyaudio":
+            return PyAudioSink(str(p["device"]), fmt, max(1, fmt.sample_rate // 50))
+        raise ConfigError(f"sink={kind!r} unknown; use pyaudio, wav or null")
+
+    # ------------------------------------------------------------------ callbacks: only store
+    def _on_speech(self, msg: AudioChunk) -> None:
+        try:
+            pcm = chunk_to_pcm(msg, self._sink.format)
+        except (DecodeError, ConfigError) as exc:
+            self.decode_errors += 1
+            self.get_logger().warning(f"dropped a speech chunk: {exc}", throttle_duration_sec=5.0)
+            return
+        stamp_ns = conv.stamp_to_ns(msg.header.stamp)
+        with self._cond:
+            self._queue.append(_Queued(stamp_ns, pcm, self._generation))
+            self._cond.notify_all()
+
+    def _on_state(self, msg: OmniState) -> None:
+        if msg.mode == OmniState.INTERRUPTED and self._last_mode != OmniState.INTERRUPTED:
+            self.flush()
+        self._last_mode = int(msg.mode)
+
+    def _on_flush(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
+        dropped = self.flush()
+        res.success = True
+        res.message = f"dropped {dropped} queued chunk(s)"
+        return res
+
+    def flush(self) -> int:
+        """Drop every queued chunk and stop the one playing; returns how many were dropped."""
+        with self._cond:
+            dropped = len(self._queue)
+            self._queue.clear()
+            self._generation += 1
+            self.flushes += 1
+            self._cond.notify_all()
+        self._sink.flush()
+        return dropped
+
+    # --------------------------------------------------------------------- playback thread
+    def _set_speaking(self, speaking: bool) -> None:
+        if speaking != self._speaking:
+            self._speaking = speaking
+            self._speaking_pub.publish(Bool(data=speaking))
+
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _playback(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue and not self._stop:
+                    self._cond.wait(self._release_s if self._speaking else None)
+                if self._stop:
+                    return
+                item = self._queue.popleft() if self._queue else None
+                current = self._generation
+            if item is None:  # idle for release_ms: whatever was written has been heard
+                self._sink.drain()
+                self._set_speaking(False)
+                continue
+            if item.generation != current:
+                continue
+            if not self._wait_until_due(item, current):
+                self._set_speaking(False)
+                continue
+            self._set_speaking(True)
+            if not self._play(item.pcm, current):
+                self._set_speaking(False)
+
+    def _wait_until_due(self, item: _Queued, generation: int) -> bool:
+        """Wait for the chunk's write time; False if flushed or stopping meanwhile."""
+        if item.stamp_ns <= 0:
+            return True
+        due_ns = item.stamp_ns - self._sink.latency_ns
+        now = self._now_ns()
+        if due_ns - now > self._max_ahead_ns:
+            self.clock_mismatches += 1
+            self.get_logger().warning(
+                f"speech stamped {(due_ns - now) / 1e9:.1f} s ahead (clock mismatch?): playing now",
+                throttle_duration_sec=5.0,
+            )
+            return True
+        if now - due_ns > self._late_ns:
+            self.late_chunks += 1
+            return True
+        if due_ns - now > self._release_s * NS_PER_S:
+            self._set_speaking(False)  # a real pause in the speech, not a gap between chunks
+        while now < due_ns:
+            with self._cond:
+                # Poll: under sim time the ROS clock does not follow the wall clock.
+                self._cond.wait(min((due_ns - now) / NS_PER_S, 0.01))
+                if self._stop or self._generation != generation:
+                    return False
+            now = self._now_ns()
+        return True
+
+    def _play(self, pcm: bytes, generation: int) -> bool:
+        step = self._block_frames * self._sink.format.bytes_per_frame
+        for offset in range(0, len(pcm), step):
+            if self._stop or self._generation != generation:
+                return False
+            self._sink.write(pcm[offset : offset + step])
+        return True
+
+    def destroy_node(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        if self._closable is not None:
+            self._closable.close()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = SpeakerNode()
+    except ConfigError as exc:  # AudioDeviceError included: its message lists the devices
+        print(f"speaker_node: {exc}", file=sys.stderr)
+        rclpy.try_shutdown()
+        sys.exit(2)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""``omni-ros replay``: run a recorded rosbag2 through omni_ros and write what came out.
+
+Two modes, one output format:
+
+* ``graph``: the real thing. An ``omni_flow_node`` process is started with ``use_sim_time``; this
+  process publishes the bag's camera/mic topics as raw CDR plus ``/clock`` over DDS at bag rate and
+  records every output topic. What you get is what a robot running the node would have published.
+* ``direct``: the same core (:class:`~omni_ros.core.flow.OmniFlow`) and backend in this process,
+  driven by a manual clock set to each message's bag time: as fast as possible and deterministic.
+  Outputs are converted with the node's own :mod:`omni_ros.ros.conversions`.
+
+Both write ``DIR/outputs/`` (a rosbag2 folder, mcap storage), ``DIR/summary.json`` and
+``DIR/timeline.png`` (see :mod:`omni_ros.tools.report`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from omni_ros.core.errors import ConfigError
+from omni_ros.tools.bagio import NS, InputBag, OutputBag
+from omni_ros.tools.report import plot_timeline, summarize, write_summary
+
+OUTPUT_TOPICS: dict[str, str] = {
+    "/omni/speech": "omni_ros_msgs/msg/AudioChunk",
+    "/omni/text": "omni_ros_msgs/msg/OmniText",
+    "/omni/proactive": "omni_ros_msgs/msg/ProactiveAction",
+    "/omni/state": "omni_ros_msgs/msg/OmniState",
+    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+}
+FLOW_NAMESPACES = ("timeline", "session", "vad", "aec", "flow")
+
+
+# ------------------------------------------------------------------------------------------ params
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+def load_params_file(path: Path | None, node_name: str = "omni_flow_node") -> dict[str, Any]:
+    """A ROS 2 parameters YAML (``node: {ros__parameters: {...}}``) as flat dotted names."""
+    if path is None:
+        return {}
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key in ("/**", node_name, f"/{node_name}", "**"):
+        section = doc.get(key)
+        if isinstance(section, Mapping) and "ros__parameters" in section:
+            _flatten("", section["ros__parameters"], flat)
+    if not flat and doc:
+        raise ConfigError(
+            f"{path} has no '{node_name}: ros__parameters:' (or '/**:') section; see config/*.yaml"
+        )
+    return flat
+
+
+def flow_setup(flat: Mapping[str, Any], backend: str | None) -> tuple[str, dict[str, Any], Any, str]:
+    """Flat node parameters -> (backend name, backend params, FlowConfig, system prompt), exactly as
+    ``omni_flow_node`` derives them (same namespaces, same builder)."""
+    from omni_ros.core.flow import FlowConfig
+    from omni_ros.ros._params import build_config
+
+    name = backend or str(flat.get("backend", "reference"))
+    values = {k: v for k, v in flat.items() if k.split(".")[0] in FLOW_NAMESPACES}
+    config = build_config(FlowConfig, values)
+    backend_params = {
+        k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(name + ".") and v is not None
+    }
+    return name, backend_params, config, str(flat.get("system_prompt", "") or "")
+
+
+# ------------------------------------------------------------------------------------------ direct
+def replay_direct(
+    bag: InputBag,
+    outputs: Path,
+    flat: Mapping[str, Any],
+    backend: str | None = None,
+    progress: bool = True,
+    flush_s: float = 3.0,
+    loops: int = 1,
+) -> dict[str, Any]:
+    """Feed ``bag`` through OmniFlow + backend in this process; write the output bag.
+
+    With ``loops > 1`` the bag is played again from its start, so the clock jumps backwards exactly
+    as under ``ros2 bag play --loop``; the core must notice, reset, and carry on.
+    """
+    from rclpy.serialization import serialize_message
+
+    from omni_ros.backends.base import create_backend
+    from omni_ros.core.clock import ManualClock
+    from omni_ros.core.flow import OmniFlow
+    from omni_ros.core.types import ProactiveEvent, SpeechOut, StateOut, TextOut
+    from omni_ros.ros import conversions as conv
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    name, backend_params, config, prompt = flow_setup(flat, backend)
+    chunk_ms = int(flat.get("speech.chunk_ms", 100))
+    encoding = str(flat.get("speech.encoding", "S16LE"))
+    model = create_backend(name, backend_params)
+    clock = ManualClock(bag.start_ns)
+    out = OutputBag(outputs)
+    last_diag_ns = [0]
+    previous = [None]
+
+    def emit(event: Any) -> None:
+        now = clock.now_ns()
+        if isinstance(event, SpeechOut):
+            chunk = max(1, event.sample_rate * chunk_ms // 1000)
+            for msg in conv.speech_to_chunks(event, chunk, encoding):
+                out.write_raw("/omni/speech", OUTPUT_TOPICS["/omni/speech"], now, serialize_message(msg))
+        elif isinstance(event, TextOut):
+            out.write_raw("/omni/text", OUTPUT_TOPICS["/omni/text"], now, serialize_message(conv.text_to_msg(event)))
+        elif isinstance(event, ProactiveEvent) and event.completed:
+            out.write_raw("/omni/proactive", OUTPUT_TOPICS["/omni/proactive"], now, serialize_message(conv.proactive_to_msg(event)))
+        elif isinstance(event, StateOut):
+            out.write_raw("/omni/state", OUTPUT_TOPICS["/omni/state"], now, serialize_message(conv.state_to_msg(event)))
+            if now - last_diag_ns[0] >= NS:  # /diagnostics at 1 Hz of bag time, like the node
+                diag = DiagnosticArray(header=conv.header(now), status=[conv.diagnostic_status(event, previous[0])])
+                out.write_raw("/diagnostics", OUTPUT_TOPICS["/diagnostics"], now, serialize_message(diag))
+                last_diag_ns[0], previous[0] = now, event.counters
+    flow = OmniFlow(config, model, clock, emit)
+    if prompt:
+        flow.set_prompt(prompt, None)
+    started = time.monotonic()
+    try:
+        bar = tqdm(total=bag.message_count * loops, unit="msg", desc="replay (direct)", disable=not progress)
+        for message in (m for _ in range(loops) for m in bag):
+            clock.set_ns(message.log_ns)
+            flow.run_until_idle(message.log_ns)
+            data = message.to_core()
+            if message.role == "mic":
+                flow.push_audio(data)  # type: ignore[arg-type]
+            elif message.role in ("camera", "camera_compressed"):
+                flow.push_image(data)  # type: ignore[arg-type]
+            else:
+                flow.set_robot_speaking(bool(data))
+            bar.update()
+        bar.close()
+        end = bag.end_ns + int(flush_s * NS)
+        t = bag.end_ns
+        while t < end:  # let the last units close (watermark) and their outputs come out
+            t = min(end, t + NS // 10)
+            clock.set_ns(t)
+            flow.run_until_idle(t)
+    finally:
+        flow.stop()
+        model.close()
+        out.close()
+    return {"mode": "direct", "wall_s": round(time.monotonic() - started, 3), "backend_params": dict(backend_params)}
+
+
+# ------------------------------------------------------------------------------------------- graph
+def _node_executable() -> str:
+    from ament_index_python.packages import PackageNotFoundError, get_package_prefix
+
+    try:
+        exe = Path(get_package_prefix("omni_ros")) / "lib" / "omni_ros" / "omni_flow_node"
+    except PackageNotFoundError as exc:
+        raise ConfigError("omni_ros is not installed: run `make build` and `source install/setup.sh`") from exc
+    if not exe.exists():
+        raise ConfigError(f"{exe} is missing: run `make build`")
+    return str(exe)
+
+
+def replay_graph(
+    bag: InputBag,
+    outputs: Path,
+    params_file: Path | None,
+    flat: Mapping[str, Any],
+    backend: str | None = None,
+    progress: bool = True,
+    rate: float = 1.0,
+    flush_s: float = 3.0,
+    ready_timeout_s: float = 180.0,
+    log_path: Path | None = None,
+    loops: int = 1,
+) -> dict[str, Any]:
+    """Publish ``bag`` with /clock into a real omni_flow_node process and record its outputs."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import CompressedImage, Image
+    from std_msgs.msg import Bool
+
+    from omni_ros_msgs.msg import AudioChunk
+
+    if rate <= 0:
+        raise ConfigError(f"--rate must be > 0, got {rate}")
+    cmd = [_node_executable(), "--ros-args", "-p", "use_sim_time:=true", "-p", "autostart:=true"]
+    if params_file is not None:
+        cmd += ["--params-file", str(params_file)]
+    if backend:
+        cmd += ["-p", f"backend:={backend}"]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    node_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node(
+        "omni_ros_replay", context=context, parameter_overrides=[Parameter("use_sim_time", value=True)]
+    )
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinning = threading.Event()
+    spinning.set()
+
+    def spin() -> None:
+        while spinning.is_set() and context.ok():
+            executor.spin_once(timeout_sec=0.05)
+
+    out = OutputBag(outputs)
+    lock = threading.Lock()
+    counts: dict[str, int] = dict.fromkeys(OUTPUT_TOPICS, 0)
+    reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from omni_ros_msgs.msg import OmniState, OmniText, ProactiveAction
+
+    classes = {"/omni/speech": AudioChunk, "/omni/text": OmniText, "/omni/proactive": ProactiveAction,
+               "/omni/state": OmniState, "/diagnostics": DiagnosticArray}
+
+    def recorder(topic: str) -> Any:
+        def callback(raw: bytes) -> None:
+            with lock:
+                out.write_raw(topic, OUTPUT_TOPICS[topic], node.get_clock().now().nanoseconds, raw)
+                counts[topic] += 1
+        return callback
+
+    subs = [
+        node.create_subscription(classes[t], t, recorder(t), latched if t == "/omni/state" else reliable, raw=True)
+        for t in OUTPUT_TOPICS
+    ]
+    in_classes = {"mic": AudioChunk, "camera": Image, "camera_compressed": CompressedImage, "robot_speaking": Bool}
+    from omni_ros.tools.bagio import INPUT_TOPICS
+
+    pubs = {
+        role: node.create_publisher(in_classes[role], INPUT_TOPICS[role][0], qos_profile_sensor_data if role != "robot_speaking" else reliable)
+        for role in set(bag.roles.values())
+    }
+    clock_pub = node.create_publisher(Clock, "/clock", 10)
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    started = time.monotonic()
+
+    def publish_clock(ns: int) -> None:
+        msg = Clock()
+        msg.clock.sec, msg.clock.nanosec = ns // NS, ns % NS
+        clock_pub.publish(msg)
+
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:  # the node creates its subscriptions once the backend is loaded (configure)
+            if node_proc.poll() is not None:
+                raise ConfigError(f"omni_flow_node exited with {node_proc.returncode} before it was ready"
+                                  + (f"; see {log_path}" if log_path else ""))
+            if all(p.get_subscription_count() > 0 for p in pubs.values()) and subs[3].get_publisher_count() > 0:
+                break
+            if time.monotonic() > deadline:
+                raise ConfigError(f"omni_flow_node not ready after {ready_timeout_s:.0f} s")
+            publish_clock(bag.start_ns)
+            time.sleep(0.1)
+        time.sleep(0.5)  # let discovery settle for every publisher/subscriber pair
+        wall0 = time.monotonic()
+        bar = tqdm(total=bag.message_count * loops, unit="msg", desc="replay (graph)", disable=not progress)
+        last_clock = 0.0
+        loop_span_s = bag.duration_ns / NS / rate + 0.05
+        for loop, message in ((k, m) for k in range(loops) for m in bag):
+            target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS / rate
+            while (now := time.monotonic()) < target:
+                if now - last_clock >= 0.02:
+                    publish_clock(bag.start_ns + int((now - wall0 - loop * loop_span_s) * rate * NS))
+                    last_clock = now
+                time.sleep(min(0.005, target - now))
+            publish_clock(message.log_ns)
+            pubs[message.role].publish(message.raw)
+            bar.update()
+        bar.close()
+        end_wall = time.monotonic() + flush_s / rate
+        while (now := time.monotonic()) < end_wall:
+            publish_clock(bag.end_ns + int((now - (end_wall - flush_s / rate)) * rate * NS))
+            time.sleep(0.02)
+        time.sleep(0.5)  # the last outputs in flight
+    finally:
+        spinning.clear()
+        thread.join(5)
+        node_proc.send_signal(signal.SIGINT)
+        try:
+            node_proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            node_proc.kill()
+            node_proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+        with lock:
+            out.close()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+    return {"mode": "graph", "wall_s": round(time.monotonic() - started, 3), "rate": rate, "node_exit_code": node_proc.returncode}
+
+
+# ---------------------------------------------------------------------------------------- frontend
+def replay(
+    bag_path: Path,
+    out_dir: Path,
+    mode: str = "direct",
+    backend: str | None = None,
+    params_file: Path | None = None,
+    remaps: dict[str, str] | None = None,
+    progress: bool = True,
+    rate: float = 1.0,
+    plot: bool = True,
+    loops: int = 1,
+) -> dict[str, Any]:
+    """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``."""
+    if loops < 1:
+        raise ConfigError(f"--loop must be >= 1, got {loops}")
+    if mode not in ("graph", "direct"):
+        raise ConfigError(f"--mode must be graph or direct, got {mode!r}")
+    bag = InputBag(bag_path, remaps)
+    flat = load_params_file(params_file)
+    if backend is None and "backend" not in flat:
+        backend = "reference"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outputs = out_dir / "outputs"
+    if outputs.exists():
+        shutil.rmtree(outputs)
+    if mode == "direct":
+        extra = replay_direct(bag, outputs, flat, backend, progress, loops=loops)
+    else:
+        extra = replay_graph(bag, outputs, params_file, flat, backend, progress, rate,
+                             log_path=out_dir / "node.log", loops=loops)
+    summary = summarize(bag, outputs, {"replay": extra})
+    write_summary(summary, out_dir / "summary.json")
+    if plot:
+        plot_timeline(bag, outputs, out_dir / "timeline.png")
+    return summary
+
+
+def main_replay(args: Any) -> int:
+    from omni_ros.tools.bagio import parse_remaps
+
+    summary = replay(
+        Path(args.bag), Path(args.out), args.mode, args.backend,
+        Path(args.params) if args.params else None, parse_remaps(args.remap or []),
+        progress=not args.quiet and sys.stderr.isatty() or args.progress, rate=args.rate,
+        loops=args.loop,
+    )
+    print_summary(summary, Path(args.out))
+    return 0
+
+
+def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
+    c = summary["unit_compute_ms"]
+    print(f"backend {summary['backend']}: {summary['units']} units, {summary['turns']} turns, "
+          f"{summary['proactive_events']} proactive, {summary['speech_seconds']:.1f} s of speech")
+    print(f"unit compute median {c['median']} ms, p95 {c['p95']} ms, max {c['max']} ms; "
+          f"RTF median {summary['real_time_factor']['median']}")
+    nonzero = {k: v for k, v in summary["counters"].items() if v}
+    print(f"counters: {nonzero or 'all zero'}")
+    for turn in summary["turn_texts"][:8]:
+        tag = " (proactive)" if turn["proactive"] else ""
+        print(f"  turn {turn['turn_id']} at {turn['start_s']} s{tag}: {turn['text'][:70]!r}")
+    print(f"outputs: {out_dir / 'outputs'} (rosbag2, mcap)  summary: {out_dir / 'summary.json'}  "
+          f"plot: {out_dir / 'timeline.png'}")

@@ -1,0 +1,293 @@
+"""Test harness for the real ``omni_flow_node`` over DDS: the node in a child process, a probe node
+in the test process, and a sim-time driver that plays a bag-like stream (``/clock`` + stamped mic
+chunks + camera frames) on a time axis far from wall time.
+
+Everything waits on conditions with a timeout (never a fixed sleep as a proof); the pacing sleep of
+the driver only sets how fast sim time runs.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NS_PER_S = 1_000_000_000
+REPO = Path(__file__).resolve().parents[3]
+INSTALLED_NODE = REPO / "install" / "omni_ros" / "lib" / "omni_ros" / "omni_flow_node"
+RUNNER = Path(__file__).parent / "peers" / "flow_node_runner.py"
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, proc: Any = None) -> None:
+    """Poll ``condition`` until true; fail with ``what`` (and the node's log) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"omni_flow_node exited ({proc.returncode}) while waiting for {what}\n{proc.log()}")
+        if time.monotonic() > deadline:
+            log = proc.log() if proc is not None else ""
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{log}")
+        time.sleep(0.01)
+
+
+_next_domain = [0]
+
+
+def fresh_domain_id() -> int:
+    """A ROS domain for one node + probe pair, so that concurrent nodes never see each other's
+    ``/clock``, ``/diagnostics`` or outputs (walks on from the session's random domain)."""
+    base = int(os.environ.get("ROS_DOMAIN_ID", "1"))
+    _next_domain[0] += 1
+    return (base + _next_domain[0] * 7) % 101 + 1
+
+
+class NodeProcess:
+    """The node in a child process on its own ROS domain; its output goes to a log file that is
+    shown when a test fails."""
+
+    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self.domain_id = fresh_domain_id()
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        child_env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(self.domain_id)}
+        self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=child_env)
+
+    @classmethod
+    def installed(cls, params: dict[str, Any], log_path: Path, extra: Sequence[str] = ()) -> NodeProcess:
+        return cls([str(INSTALLED_NODE), "--ros-args", *ros_params(params), *extra], log_path)
+
+    @classmethod
+    def with_doubles(
+        cls, params: dict[str, Any], log_path: Path, extra: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> NodeProcess:
+        argv = [sys.executable, str(RUNNER), "--ros-args", *ros_params(params), *extra]
+        return cls(argv, log_path, env)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def log(self) -> str:
+        self._log.flush()
+        return "--- omni_flow_node log ---\n" + self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+def ros_params(params: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in params.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        out += ["-p", f"{key}:={text}"]
+    return out
+
+
+class Probe:
+    """A test-side node in its own context, spun by a background thread; collects every output."""
+
+    def __init__(self, domain_id: int, namespace: str = "") -> None:
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import Image
+        from std_srvs.srv import Trigger
+
+        from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
+        from omni_ros_msgs.srv import SetPrompt
+
+        ns = namespace.rstrip("/")
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node("flow_probe", context=self.context)
+        self.lock = threading.Lock()
+        self.received: dict[str, list[Any]] = {k: [] for k in ("state", "text", "speech", "proactive", "diag")}
+        reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(
+            depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        for key, msg_type, topic, qos in (
+            ("state", OmniState, f"{ns}/omni/state", latched),
+            ("text", OmniText, f"{ns}/omni/text", reliable),
+            ("speech", AudioChunk, f"{ns}/omni/speech", reliable),
+            ("proactive", ProactiveAction, f"{ns}/omni/proactive", reliable),
+            ("diag", DiagnosticArray, "/diagnostics", reliable),
+        ):
+            self.node.create_subscription(msg_type, topic, self._collector(key), qos)
+        self.clock_pub = self.node.create_publisher(Clock, "/clock", reliable)
+        self.mic_pub = self.node.create_publisher(AudioChunk, f"{ns}/audio/mic", qos_profile_sensor_data)
+        self.cam_pub = self.node.create_publisher(Image, f"{ns}/camera/image_raw", qos_profile_sensor_data)
+        self.interrupt = self.node.create_client(Trigger, f"{ns}/omni/interrupt")
+        self.reset = self.node.create_client(Trigger, f"{ns}/omni/reset")
+        self.set_prompt = self.node.create_client(SetPrompt, f"{ns}/omni/set_prompt")
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
+        try:
+            self.executor.spin()
+        except ExternalShutdownException:
+            pass
+
+    def _collector(self, key: str) -> Callable[[Any], None]:
+        def collect(msg: Any) -> None:
+            with self.lock:
+                self.received[key].append(msg)
+
+        return collect
+
+    def snapshot(self, key: str) -> list[Any]:
+        with self.lock:
+            return list(self.received[key])
+
+    def count(self, key: str) -> int:
+        with self.lock:
+            return len(self.received[key])
+
+    def call(self, client: Any, request: Any, proc: NodeProcess, timeout_s: float = 15.0) -> Any:
+        wait_for(client.service_is_ready, timeout_s, f"service {client.srv_name}", proc)
+        future = client.call_async(request)
+        wait_for(future.done, timeout_s, f"a response from {client.srv_name}", proc)
+        return future.result()
+
+    def close(self) -> None:
+        import rclpy
+
+        self.executor.shutdown(timeout_sec=2)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+        self._thread.join(timeout=5)
+
+
+def stamp(stamp_ns: int) -> Any:
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=stamp_ns // NS_PER_S, nanosec=stamp_ns % NS_PER_S)
+
+
+def to_ns(time_msg: Any) -> int:
+    return int(time_msg.sec) * NS_PER_S + int(time_msg.nanosec)
+
+
+def mic_chunk(
+    start_ns: int,
+    duration_ns: int,
+    rate: int = 16_000,
+    channels: int = 1,
+    encoding: str = "S16LE",
+    amplitude: float = 0.001,
+    seed: int = 0,
+) -> Any:
+    """A chunk of faint noise (no speech: the VAD must not barge in) captured from ``start_ns``."""
+    from std_msgs.msg import Header
+
+    from omni_ros_msgs.msg import AudioChunk
+
+    n = duration_ns * rate // NS_PER_S
+    noise = np.random.default_rng(seed).normal(0, amplitude, (n, channels)).astype(np.float32)
+    data = (noise * 32767).astype("<i2").tobytes() if encoding == "S16LE" else noise.astype("<f4").tobytes()
+    msg = AudioChunk(header=Header(stamp=stamp(start_ns), frame_id="test_mic"), sample_rate=rate,
+                     channels=channels, encoding=encoding)  # fmt: skip
+    msg.data = array.array("B", data)
+    return msg
+
+
+def image(stamp_ns: int, width: int = 32, height: int = 24, encoding: str = "rgb8",
+          step: int | None = None, data: bytes | None = None) -> Any:  # fmt: skip
+    """A camera frame; ``step`` / ``data`` / ``encoding`` can be made inconsistent on purpose."""
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+
+    step = width * 3 if step is None else step
+    if data is None:
+        data = bytes((np.arange(step * height) * 7 % 251).astype(np.uint8))
+    msg = Image(header=Header(stamp=stamp(stamp_ns), frame_id="cam"), width=width, height=height,
+                encoding=encoding, step=step, is_bigendian=0)  # fmt: skip
+    msg.data = array.array("B", data)
+    return msg
+
+
+class SimDriver:
+    """Plays a bag-like stream in sim time: each step publishes ``/clock`` = t and the mic chunk
+    captured during the step (stamped at its first sample); a camera frame every ``frame_every``
+    steps. ``pace_s`` of wall time per step sets the replay rate."""
+
+    def __init__(self, probe: Probe, start_ns: int, step_ns: int = 100_000_000,
+                 pace_s: float = 0.025, frame_every: int = 2) -> None:  # fmt: skip
+        self.probe = probe
+        self.now_ns = start_ns
+        self.step_ns = step_ns
+        self.pace_s = pace_s
+        self.frame_every = frame_every
+        self.steps = 0
+        self.send_mic = True
+
+    def publish_clock(self, now_ns: int) -> None:
+        from rosgraph_msgs.msg import Clock
+
+        self.probe.clock_pub.publish(Clock(clock=stamp(now_ns)))
+
+    def step(self, n: int = 1, proc: NodeProcess | None = None) -> None:
+        for _ in range(n):
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"omni_flow_node exited ({proc.returncode})\n{proc.log()}")
+            start = self.now_ns
+            self.now_ns += self.step_ns
+            if self.send_mic:
+                self.probe.mic_pub.publish(mic_chunk(start, self.step_ns, seed=self.steps))
+            if self.frame_every and self.steps % self.frame_every == 0:
+                self.probe.cam_pub.publish(image(start))
+            self.publish_clock(self.now_ns)
+            self.steps += 1
+            time.sleep(self.pace_s)
+
+    def run_until(self, condition: Callable[[], bool], timeout_s: float, what: str, proc: NodeProcess) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{proc.log()}")
+            self.step(1, proc)
+
+
+@contextmanager
+def running(proc: NodeProcess, probe_namespace: str = "") -> Iterator[Probe]:
+    """Yield a probe for a started node; always stop both."""
+    probe = Probe(proc.domain_id, probe_namespace)
+    try:
+        yield probe
+    finally:
+        probe.close()
+        proc.stop()
+
+
+def diag_values(array_msg: Any, suffix: str = ": Omni-Flow") -> dict[str, str] | None:
+    """Key/values of the Omni-Flow status in one DiagnosticArray (None if absent)."""
+    for status in array_msg.status:
+        if status.name.endswith(suffix):
+            return {kv.key: kv.value for kv in status.values}
+    return None

@@ -1,0 +1,166 @@
+"""Scripted test doubles of a model backend, for driving the real omni_flow_node in tests.
+
+They are NOT models: their outputs are scripted so that a test over DDS can prove one property of
+the node at a time. Registered into ``omni_ros.backends.base.BACKENDS`` at runtime by
+``flow_node_runner.py`` (never by the package itself).
+
+- :class:`SpeakUntilInterruptedBackendDouble` (``speak_until_interrupted_double``): speaks one
+  unit of 24 kHz audio plus a word of text in every unit, never ending its turn, until
+  ``interrupt()``; from then on it listens until the next ``prepare()``. A test of the interrupt
+  service can then check that no speech is stamped later than one unit after the interrupt.
+- :class:`BlockingBackendDouble` (``blocking_double``): in the ``block_unit``-th ``generate()``
+  it creates ``<control_dir>/blocked`` and waits until the test creates ``<control_dir>/release``
+  (a signal across processes), then creates ``<control_dir>/released``. A test can therefore
+  prove that something happened while the unit was provably still computing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from omni_ros.core.config import from_mapping
+from omni_ros.core.errors import BackendTimeout, ConfigError, StateError
+from omni_ros.core.types import FloatArray, Unit, UnitResult
+
+NS_PER_S = 1_000_000_000
+
+
+class _ScriptedBase:
+    """Shared bookkeeping: the base.py call-order rules (misuse raises StateError)."""
+
+    name: ClassVar[str] = "double"
+    input_sample_rate = 16_000
+    output_sample_rate = 24_000
+
+    def __init__(self, unit_ms: int) -> None:
+        self.unit_ns = int(unit_ms) * 1_000_000
+        self.first_unit_ns = self.unit_ns
+        self._prepared = False
+        self._prefilled: Unit | None = None
+        self._units = 0
+        self._interrupted = threading.Event()
+
+    def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
+        self._prepared = True
+        self._units = 0
+        self._prefilled = None
+        self._interrupted.clear()
+
+    def prefill(self, unit: Unit) -> None:
+        if not self._prepared:
+            raise StateError("prefill() before prepare(): call prepare() first")
+        expected = round(self.unit_ns * self.input_sample_rate / NS_PER_S)
+        if unit.sample_rate != self.input_sample_rate or len(unit.audio) != expected:
+            raise ConfigError(
+                f"unit has {len(unit.audio)} samples at {unit.sample_rate} Hz; expected "
+                f"{expected} at {self.input_sample_rate} Hz"
+            )
+        self._prefilled = unit
+
+    def _take(self) -> Unit:
+        if self._prefilled is None:
+            raise StateError("generate() without prefill(): prefill one unit first")
+        unit, self._prefilled = self._prefilled, None
+        self._units += 1
+        return unit
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def reset(self) -> None:
+        self._prepared = False
+        self._prefilled = None
+
+    def close(self) -> None:
+        self._prepared = False
+
+
+@dataclass(frozen=True)
+class SpeakerDoubleConfig:
+    """Attributes:
+    unit_ms: unit length (every unit, the first included).
+    word: text emitted per speaking unit.
+    """
+
+    unit_ms: int = 1000
+    word: str = "la "
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None) -> SpeakerDoubleConfig:
+        return from_mapping(cls, mapping)
+
+
+class SpeakUntilInterruptedBackendDouble(_ScriptedBase):
+    """Speaks every unit (a 440 Hz tone, one unit long) until interrupted; then listens."""
+
+    name: ClassVar[str] = "speak_until_interrupted_double"
+    config_class = SpeakerDoubleConfig
+
+    def __init__(self, config: SpeakerDoubleConfig) -> None:
+        super().__init__(config.unit_ms)
+        self.config = config
+
+    def generate(self) -> UnitResult:
+        self._take()
+        if self._interrupted.is_set():
+            return UnitResult(is_listen=True)
+        n = round(self.unit_ns * self.output_sample_rate / NS_PER_S)
+        tone = 0.3 * np.sin(2 * np.pi * 440.0 * np.arange(n) / self.output_sample_rate)
+        return UnitResult(is_listen=False, text=self.config.word, audio=tone.astype(np.float32))
+
+
+@dataclass(frozen=True)
+class BlockingDoubleConfig:
+    """Attributes:
+    control_dir: folder for the ``blocked`` / ``release`` / ``released`` files.
+    block_unit: which ``generate()`` call since prepare() blocks (1 = the first).
+    unit_ms: unit length.
+    max_block_s: give up (BackendTimeout) if never released, so a broken test cannot hang.
+    """
+
+    control_dir: str = ""
+    block_unit: int = 1
+    unit_ms: int = 1000
+    max_block_s: float = 60.0
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None) -> BlockingDoubleConfig:
+        config = from_mapping(cls, mapping)
+        if not config.control_dir:
+            raise ConfigError("blocking_double.control_dir must name a folder")
+        return config
+
+
+class BlockingBackendDouble(_ScriptedBase):
+    """Blocks one ``generate()`` until the test releases it through a file; always listens."""
+
+    name: ClassVar[str] = "blocking_double"
+    config_class = BlockingDoubleConfig
+
+    def __init__(self, config: BlockingDoubleConfig) -> None:
+        super().__init__(config.unit_ms)
+        self.config = config
+
+    def generate(self) -> UnitResult:
+        self._take()
+        if self._units == self.config.block_unit:
+            directory = self.config.control_dir
+            _touch(os.path.join(directory, "blocked"))
+            deadline = time.monotonic() + self.config.max_block_s
+            release = os.path.join(directory, "release")
+            while not os.path.exists(release):
+                if time.monotonic() > deadline:
+                    raise BackendTimeout("blocking_double was never released")
+                time.sleep(0.01)
+            _touch(os.path.join(directory, "released"))
+        return UnitResult(is_listen=True)
+
+
+def _touch(path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(str(os.getpid()))

@@ -1,0 +1,41 @@
+"""Run the real ``omni_flow_node`` with the test backend doubles registered (a test peer process).
+
+Usage: ``python flow_node_runner.py --ros-args -p backend:=blocking_double ...``. The doubles are
+added to ``BACKENDS`` at runtime (the package never lists them); everything else is the installed
+node's ``main()``, unchanged.
+
+With ``OMNI_TEST_SPY_DIR`` set, every microphone chunk that the node hands to
+``OmniFlow.push_audio`` also creates ``<dir>/audio_<stamp_ns>``: a test can then see, across
+processes, that the node's subscription callback ran (e.g. while the backend is still blocked).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from omni_ros.backends import base
+from omni_ros.core import flow
+from omni_ros.ros import omni_flow_node
+
+base.BACKENDS["speak_until_interrupted_double"] = (
+    "backend_doubles:SpeakUntilInterruptedBackendDouble"
+)
+base.BACKENDS["blocking_double"] = "backend_doubles:BlockingBackendDouble"
+
+SPY_DIR = os.environ.get("OMNI_TEST_SPY_DIR", "")
+if SPY_DIR:
+    _push_audio = flow.OmniFlow.push_audio
+
+    def _spied_push_audio(self: flow.OmniFlow, raw: object) -> None:
+        _push_audio(self, raw)  # type: ignore[arg-type]
+        path = os.path.join(SPY_DIR, f"audio_{raw.stamp_ns}")  # type: ignore[attr-defined]
+        with open(path, "w", encoding="utf-8"):
+            pass
+
+    flow.OmniFlow.push_audio = _spied_push_audio  # type: ignore[method-assign]
+
+if __name__ == "__main__":
+    omni_flow_node.main()

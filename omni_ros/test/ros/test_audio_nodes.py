@@ -1,0 +1,286 @@
+"""mic_node and speaker_node as separate processes over real DDS, with WAV files instead of devices.
+
+mic_node runs with ``source:=wav`` (a WAV file captured at real-time pace, the documented way to run
+it without a sound card); speaker_node with ``sink:=wav`` (played audio is written to a WAV file at
+real-time pace). The audio is a counting sequence (frame i holds i % 32000), so every received
+frame says where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from omni_ros.ros.audio_io import AudioFormat, pcm_sequence  # noqa: E402
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+MIC_RATE = 16_000
+CHUNK_MS = 50
+SPEECH_RATE = 24_000
+
+
+def _spawn(module: str, namespace: str, params: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")])
+    args = [sys.executable, "-m", module, "--ros-args", "-r", f"__ns:={namespace}"]
+    for key, value in params.items():
+        args += ["-p", f"{key}:={value}"]
+    return subprocess.Popen(args, env=env)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _write_wav(path: Path, pcm: bytes, rate: int) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm)
+
+
+def _wav_frames(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+def _wait_for(
+    done: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the node under test exited"
+        time.sleep(0.01)
+    assert done(), "timed out waiting for the node under test"
+
+
+@dataclass
+class Peer:
+    """The test's own ROS node, spun in a background thread; received messages land in lists."""
+
+    node: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now_ns(self) -> int:
+        return int(self.node.get_clock().now().nanoseconds)
+
+
+@pytest.fixture(scope="module")
+def peer() -> Iterator[Peer]:
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("audio_nodes_test", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    yield Peer(node)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+    thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------ mic
+def test_mic_chunks_are_stamped_with_the_capture_time_of_their_first_sample(
+    peer: Peer, tmp_path: Path
+) -> None:
+    from rclpy.qos import qos_profile_sensor_data
+
+    from omni_ros_msgs.msg import AudioChunk
+
+    fmt = AudioFormat(MIC_RATE, 1, "S16LE")
+    wav_path = tmp_path / "counting.wav"
+    _write_wav(wav_path, pcm_sequence(MIC_RATE * 2, fmt), MIC_RATE)
+    received: list[tuple[Any, int]] = []
+
+    def on_chunk(msg: Any) -> None:
+        with peer.lock:
+            received.append((msg, peer.now_ns()))
+
+    sub = peer.node.create_subscription(
+        AudioChunk, "/mic_test/audio/mic", on_chunk, qos_profile_sensor_data
+    )
+    proc = _spawn(
+        "omni_ros.ros.mic_node",
+        "/mic_test",
+        {
+            "source": "wav",
+            "wav_path": str(wav_path),
+            "chunk_ms": str(CHUNK_MS),
+            "frame_id": "test_mic",
+        },
+    )
+    try:
+        _wait_for(lambda: len(received) >= 12, proc)
+    finally:
+        _stop(proc)
+        peer.node.destroy_subscription(sub)
+    chunk_frames = MIC_RATE * CHUNK_MS // 1000
+    chunk_ns = CHUNK_MS * 1_000_000
+    with peer.lock:
+        got = list(received)
+    first_msg = got[0][0]
+    first_stamp = first_msg.header.stamp.sec * 1_000_000_000 + first_msg.header.stamp.nanosec
+    first_frame = int(np.frombuffer(bytes(first_msg.data), dtype="<i2")[0])
+    for msg, received_ns in got:
+        assert msg.header.frame_id == "test_mic"
+        assert (msg.sample_rate, msg.channels, msg.encoding) == (MIC_RATE, 1, "S16LE")
+        frames = np.frombuffer(bytes(msg.data), dtype="<i2")
+        assert len(frames) == chunk_frames
+        # Frames are consecutive inside the chunk: nothing lost or reordered.
+        assert np.array_equal(np.diff(frames.astype(np.int64)), np.ones(chunk_frames - 1))
+        stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+        offset = int(frames[0]) - first_frame
+        # The stamp follows the sample count exactly: sample i at stamp0 + i / rate.
+        assert stamp - first_stamp == offset * 1_000_000_000 // MIC_RATE
+        # The first sample was captured a whole chunk before the chunk could exist.
+        assert received_ns - stamp >= chunk_ns
+        assert received_ns - stamp < 5_000_000_000, "stamp is not on the ROS clock"
+
+
+def test_mic_node_with_a_missing_device_exits_with_a_message_listing_devices() -> None:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_ros.ros.mic_node", "--ros-args", "-p", "device:=no such mic"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    stderr = result.stderr.decode(errors="replace")
+    assert "no such mic" in stderr
+    assert "input devices" in stderr
+
+
+# -------------------------------------------------------------------------------------- speaker
+@pytest.fixture(scope="module")
+def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import Bool
+
+    from omni_ros_msgs.msg import AudioChunk, OmniState
+
+    out = tmp_path_factory.mktemp("speaker") / "played.wav"
+    speaking: list[bool] = []
+    latched = QoSProfile(
+        depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+    )
+    sub = peer.node.create_subscription(
+        Bool, "/spk_test/robot_speaking", lambda m: speaking.append(bool(m.data)), latched
+    )
+    reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    speech = peer.node.create_publisher(AudioChunk, "/spk_test/omni/speech", reliable)
+    state = peer.node.create_publisher(OmniState, "/spk_test/omni/state", reliable)
+    proc = _spawn(
+        "omni_ros.ros.speaker_node",
+        "/spk_test",
+        {"sink": "wav", "wav_path": str(out), "release_ms": "100.0"},
+    )
+    try:
+        _wait_for(
+            lambda: (
+                bool(speaking)
+                and speech.get_subscription_count() > 0
+                and state.get_subscription_count() > 0
+            ),
+            proc,
+        )
+        yield {"proc": proc, "speaking": speaking, "speech": speech, "state": state, "out": out}
+    finally:
+        _stop(proc)
+        peer.node.destroy_subscription(sub)
+
+
+def _speech_chunks(
+    start_ns: int, n_chunks: int, chunk_ms: int = 100, first_frame: int = 0
+) -> list[Any]:
+    from omni_ros_msgs.msg import AudioChunk
+
+    fmt = AudioFormat(SPEECH_RATE, 1, "S16LE")
+    frames = SPEECH_RATE * chunk_ms // 1000
+    chunks = []
+    for k in range(n_chunks):
+        msg = AudioChunk(sample_rate=SPEECH_RATE, channels=1, encoding="S16LE")
+        stamp = start_ns + k * chunk_ms * 1_000_000
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        msg.header.frame_id = "omni"
+        msg.data = pcm_sequence(frames, fmt, start=first_frame + k * frames)
+        chunks.append(msg)
+    return chunks
+
+
+def test_speaker_plays_every_chunk_in_order_and_reports_robot_speaking(
+    peer: Peer, speaker: dict[str, Any]
+) -> None:
+    speaking: list[bool] = speaker["speaking"]
+    assert speaking[0] is False, "robot_speaking is latched false before any speech"
+    before = len(_wav_frames(speaker["out"]))
+    n_seen = len(speaking)
+    start_ns = peer.now_ns() + 300_000_000
+    for msg in _speech_chunks(start_ns, 5, first_frame=1000):
+        speaker["speech"].publish(msg)
+    _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    played = _wav_frames(speaker["out"])[before:]
+    expected = np.frombuffer(pcm_sequence(5 * 2400, AudioFormat(SPEECH_RATE), start=1000), "<i2")
+    assert np.array_equal(played, expected)
+
+
+def test_interrupted_state_flushes_the_queue_and_stops_playback(
+    peer: Peer, speaker: dict[str, Any]
+) -> None:
+    from omni_ros_msgs.msg import OmniState
+
+    speaking: list[bool] = speaker["speaking"]
+    before = len(_wav_frames(speaker["out"]))
+    n_seen = len(speaking)
+    sent = _speech_chunks(peer.now_ns() + 100_000_000, 50)  # 5 s of speech
+    for msg in sent:
+        speaker["speech"].publish(msg)
+    _wait_for(lambda: speaking[n_seen:] == [True], speaker["proc"])
+    speaker["state"].publish(OmniState(mode=OmniState.SPEAKING, backend="test"))
+    speaker["state"].publish(OmniState(mode=OmniState.INTERRUPTED, backend="test"))
+    _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    played = len(_wav_frames(speaker["out"])) - before
+    assert 0 < played < 50 * 2400
+
+
+def test_flush_service_drops_queued_speech(peer: Peer, speaker: dict[str, Any]) -> None:
+    from std_srvs.srv import Trigger
+
+    speaking: list[bool] = speaker["speaking"]
+    n_seen = len(speaking)
+    client = peer.node.create_client(Trigger, "/spk_test/speaker/flush")
+    _wait_for(client.service_is_ready, speaker["proc"])
+    for msg in _speech_chunks(peer.now_ns() + 100_000_000, 50):
+        speaker["speech"].publish(msg)
+    _wait_for(lambda: speaking[n_seen:] == [True], speaker["proc"])
+    future = client.call_async(Trigger.Request())
+    _wait_for(future.done, speaker["proc"])
+    response = future.result()
+    assert response.success
+    assert int(response.message.split()[1]) > 0, response.message
+    _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    peer.node.destroy_client(client)

@@ -1,0 +1,236 @@
+"""The real omni_flow_node in its own process, driven over real DDS.
+
+Every test starts the node (the installed executable, or the test runner that registers scripted
+backend doubles and then calls the same ``main()``), plays a bag-like stream under sim time
+(``/clock`` from 1000 s, far from wall time), and checks what comes back. Children are always
+stopped; every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy")
+
+from flow_harness import (
+    NS_PER_S,
+    NodeProcess,
+    Probe,
+    SimDriver,
+    diag_values,
+    image,
+    mic_chunk,
+    running,
+    to_ns,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.ros, pytest.mark.timeout(120)]
+
+BAG_START_NS = 1000 * NS_PER_S
+UNIT_NS = NS_PER_S
+#: Generous late-arrival slack: messages cross processes on a loaded 2-core machine.
+SIM = {"use_sim_time": True, "timeline.watermark_ns": 500_000_000}
+
+
+def _modes(probe: Probe) -> list[int]:
+    return [m.mode for m in probe.snapshot("state")]
+
+
+# ------------------------------------------------------------------------------- (a) + (e): reference
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Probe, NodeProcess, SimDriver]]:
+    log = tmp_path_factory.mktemp("reference") / "node.log"
+    params = {
+        **SIM,
+        "backend": "reference",
+        "reference.size": "tiny",
+        "reference.num_threads": 1,
+        "reference.speak_schedule": "LSSE",  # forced, so text and speech surely come out
+    }
+    proc = NodeProcess.installed(params, log)
+    with running(proc) as probe:
+        driver = SimDriver(probe, BAG_START_NS)
+        driver.publish_clock(BAG_START_NS)
+        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 60, "the node's mic subscription", proc)
+        wait_for(probe.reset.service_is_ready, 60, "the node to configure (model build)", proc)
+        driver.run_until(lambda: probe.count("state") >= 8 and probe.count("speech") > 0, 60, "8 units", proc)
+        yield probe, proc, driver
+
+
+def test_reference_backend_publishes_omni_state_for_every_unit(reference_run) -> None:
+    probe, proc, _ = reference_run
+    states = probe.snapshot("state")
+    indices = [s.unit_index for s in states]
+    assert indices == list(range(indices[0], indices[0] + len(indices))), indices
+    assert {s.backend for s in states} == {"reference"}
+    assert all(s.real_time_factor >= 0 for s in states)
+    assert proc.poll() is None
+
+
+def test_outputs_are_stamped_on_the_bag_time_axis_under_sim_time(reference_run) -> None:
+    probe, _, driver = reference_run
+    lo, hi = BAG_START_NS, driver.now_ns + 3 * UNIT_NS  # speech is scheduled after its unit
+    states, texts, speech = probe.snapshot("state"), probe.snapshot("text"), probe.snapshot("speech")
+    assert texts, "the forced speak schedule must produce text"
+    assert speech, "the forced speak schedule must produce speech"
+    for msg in (*states, *texts, *speech):
+        assert lo <= to_ns(msg.header.stamp) <= hi, (type(msg).__name__, to_ns(msg.header.stamp))
+    # Unit boundaries follow the bag: every state stamp is the origin plus whole units.
+    stamps = [to_ns(s.header.stamp) for s in states]
+    assert all((b - a) == UNIT_NS for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    # Speech chunks: 24 kHz S16LE, 100 ms each except a turn's last, never overlapping.
+    assert {(c.sample_rate, c.channels, c.encoding) for c in speech} == {(24_000, 1, "S16LE")}
+    starts = sorted(to_ns(c.header.stamp) for c in speech)
+    assert starts == [to_ns(c.header.stamp) for c in speech]  # published in play order
+    for chunk, nxt in zip(speech, speech[1:], strict=False):
+        end = to_ns(chunk.header.stamp) + len(chunk.data) // 2 * NS_PER_S // 24_000
+        assert end <= to_ns(nxt.header.stamp) + 1
+
+
+def test_diagnostics_report_backend_latency_and_every_counter(reference_run) -> None:
+    probe, proc, driver = reference_run
+    driver.run_until(lambda: any("backend" in (diag_values(d) or {}) for d in probe.snapshot("diag")), 20, "diagnostics", proc)  # fmt: skip
+    values = [v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v][-1]
+    assert values["backend"] == "reference"
+    assert values["lifecycle"] == "active"
+    for key in ("real_time_factor", "unit_compute_ms", "latency_ms", "dropped_frames", "decode_errors", "clock_jumps"):
+        assert key in values
+
+
+# ---------------------------------------------------------------------------------- (b) interrupt
+def test_interrupt_service_stops_speech_within_one_unit(tmp_path: Path) -> None:
+    params = {**SIM, "backend": "speak_until_interrupted_double"}
+    # In a namespace: every relative topic and service must follow it.
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log", extra=["-r", "__ns:=/robot1"])
+    with running(proc, "/robot1") as probe:
+        driver = SimDriver(probe, BAG_START_NS)
+        driver.publish_clock(BAG_START_NS)
+        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        driver.run_until(lambda: probe.count("speech") >= 25, 40, "two units of speech", proc)
+        assert 1 in _modes(probe)  # SPEAKING
+        # The clock stands still at T while the service is called: T is the interrupt's stamp.
+        interrupt_ns = driver.now_ns
+        response = probe.call(probe.interrupt, _trigger(), proc)
+        assert response.success, response.message
+        states_before = probe.count("state")
+        driver.run_until(lambda: probe.count("state") >= states_before + 3, 30, "three more units", proc)
+        late = [to_ns(c.header.stamp) for c in probe.snapshot("speech") if to_ns(c.header.stamp) >= interrupt_ns + UNIT_NS]
+        assert late == [], f"speech stamped more than one unit after the interrupt at {interrupt_ns}"
+        after = [s.mode for s in probe.snapshot("state")[states_before:]]
+        assert after and set(after) <= {0, 2}, after  # LISTENING / INTERRUPTED only
+        assert 2 in _modes(probe) or after[-1] == 0
+
+
+def _trigger():
+    from std_srvs.srv import Trigger
+
+    return Trigger.Request()
+
+
+# ---------------------------------------------------------------------- (c) served while computing
+def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(tmp_path: Path) -> None:
+    from omni_ros_msgs.srv import SetPrompt
+
+    control, spy = tmp_path / "control", tmp_path / "spy"
+    control.mkdir()
+    spy.mkdir()
+    params = {
+        **SIM,
+        "backend": "blocking_double",
+        "blocking_double.control_dir": str(control),
+        "blocking_double.block_unit": 2,
+        "flow.backend_deadline_ms": 120_000,  # the block must not count as a hang
+    }
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log", env={"OMNI_TEST_SPY_DIR": str(spy)})
+    with running(proc) as probe:
+        driver = SimDriver(probe, BAG_START_NS)
+        driver.publish_clock(BAG_START_NS)
+        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        driver.run_until(lambda: (control / "blocked").exists(), 30, "the backend to block", proc)
+        # From here on the backend cannot return: only the test creates `release`.
+        states_while_blocked = probe.count("state")
+        reset = probe.call(probe.reset, _trigger(), proc)
+        prompt = probe.call(probe.set_prompt, SetPrompt.Request(system_prompt="Be brief."), proc)
+        marker_ns = driver.now_ns + 7  # a stamp no other chunk has
+        probe.mic_pub.publish(mic_chunk(marker_ns, 100_000_000))
+        wait_for((spy / f"audio_{marker_ns}").exists, 15, "the mic callback to hand the chunk to OmniFlow", proc)
+        assert not (control / "released").exists()  # all of the above happened while blocked
+        assert reset.success, reset.message
+        assert prompt.success, prompt.message
+        assert probe.count("state") == states_while_blocked
+        (control / "release").touch()
+        wait_for((control / "released").exists, 15, "the backend to return", proc)
+        driver.run_until(lambda: probe.count("state") > states_while_blocked, 30, "units after the release", proc)
+        assert proc.poll() is None
+
+
+# -------------------------------------------------------------------------------- (d) bad input
+def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_running(tmp_path: Path) -> None:
+    params = {**SIM, "backend": "speak_until_interrupted_double", "diagnostics.period_s": 0.2}
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    with running(proc) as probe:
+        driver = SimDriver(probe, BAG_START_NS, frame_every=0)
+        driver.publish_clock(BAG_START_NS)
+        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        driver.run_until(lambda: probe.count("state") >= 2, 30, "two units", proc)
+        base = probe.snapshot("state")[-1]
+        t = driver.now_ns
+        # Malformed images: step too small, truncated data, unknown encoding. Each is alone in its
+        # unit, so the frame policy picks it and decoding fails.
+        probe.cam_pub.publish(image(t + 100_000_000, step=10))
+        driver.step(10, proc)
+        probe.cam_pub.publish(image(driver.now_ns, data=b"\x00" * 100))
+        driver.step(10, proc)
+        probe.cam_pub.publish(image(driver.now_ns, encoding="weird16"))
+        driver.step(10, proc)
+        # Microphone: unknown encoding (its span becomes a gap), 48 kHz stereo (must just work),
+        # out of order within the watermark, and a chunk for a unit that closed long ago.
+        driver.send_mic = False
+        t = driver.now_ns
+        chunks = [mic_chunk(t, 100_000_000, encoding="MP3")]
+        chunks += [mic_chunk(t + (i + 1) * 100_000_000, 100_000_000, rate=48_000, channels=2, seed=i) for i in range(10)]
+        chunks.append(mic_chunk(t + 1_200_000_000, 100_000_000))
+        chunks.append(mic_chunk(t + 1_100_000_000, 100_000_000))
+        chunks.append(mic_chunk(BAG_START_NS + 100_000_000, 100_000_000))  # long closed
+        for chunk in chunks:  # paced like a device: sensor-data QoS keeps only the last 5
+            probe.mic_pub.publish(chunk)
+            time.sleep(driver.pace_s)
+        driver.send_mic = True
+        driver.now_ns = t + 1_300_000_000
+        driver.step(12, proc)
+        # A looping bag: the clock jumps back to the start.
+        driver.now_ns = BAG_START_NS
+        driver.step(1, proc)
+        jumps_seen = lambda: any(  # noqa: E731
+            (v := diag_values(d)) and int(v.get("clock_jumps", "0") or 0) >= 1 for d in probe.snapshot("diag")
+        )
+        driver.run_until(jumps_seen, 30, "the clock jump in /diagnostics", proc)
+        states_after_jump = probe.count("state")
+        driver.run_until(lambda: probe.count("state") >= states_after_jump + 2, 30, "units after the jump", proc)
+        last = probe.snapshot("state")[-1]
+        values = [v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v][-1]
+        assert last.late_messages > base.late_messages
+        assert last.gap_samples_filled > base.gap_samples_filled  # the undecodable MP3 chunk's span
+        assert last.dropped_audio_samples > base.dropped_audio_samples
+        assert int(values["decode_errors"]) >= 4  # 3 images + 1 audio chunk
+        assert int(values["late_messages"]) >= 1
+        assert int(values["clock_jumps"]) >= 1
+        assert proc.poll() is None
+        assert to_ns(last.header.stamp) < BAG_START_NS + 10 * UNIT_NS  # back on the looped axis
+
+
+# ------------------------------------------------------------------------------------ lifecycle
+def test_invalid_parameters_fail_configure_with_a_clear_error_and_no_crash(tmp_path: Path) -> None:
+    params = {"backend": "speak_until_interrupted_double", "timeline.no_such_key": 3}
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    try:
+        wait_for(lambda: "configure failed" in proc.log_path.read_text(errors="replace"), 30, "the configure error", proc)
+        assert "no_such_key" in proc.log_path.read_text()
+        assert proc.poll() is None  # still up, unconfigured, waiting for a lifecycle manager
+    finally:
+        proc.stop()

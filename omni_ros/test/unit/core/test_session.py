@@ -1,0 +1,207 @@
+"""Tests for the duplex session: turns, stamps, barge-in, proactive turns, errors, pause."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omni_ros.core.errors import BackendError, BackendTimeout, ConfigError, StateError
+from omni_ros.core.session import DuplexSession, SessionConfig
+from omni_ros.core.types import (
+    Counters,
+    Mode,
+    ProactiveEvent,
+    SpeechFlush,
+    SpeechOut,
+    TextOut,
+    Unit,
+    UnitResult,
+)
+
+S = 1_000_000_000
+OUT = 24_000
+
+
+def unit(k: int, user_speech: bool | None = False) -> Unit:
+    return Unit(
+        k,
+        10 * S + k * S,
+        11 * S + k * S,
+        np.zeros(16_000, np.float32),
+        16_000,
+        user_speech=user_speech,
+    )
+
+
+def speak(text: str = "", seconds: float = 1.0, end: bool = False) -> UnitResult:
+    return UnitResult(False, text, np.full(int(seconds * OUT), 0.1, np.float32), end)
+
+
+LISTEN = UnitResult(True)
+
+
+def make(**kw: object) -> tuple[DuplexSession, Counters]:
+    counters = Counters()
+    return DuplexSession(SessionConfig.from_mapping(kw), OUT, counters), counters
+
+
+def test_speech_is_scheduled_after_the_unit_end_plus_latency_and_never_overlaps() -> None:
+    session, _ = make(output_latency_ms=200)
+    out1 = session.step(unit(0, True), speak("Hi", 1.5))
+    out2 = session.step(unit(1, True), speak(" there", 1.0))
+    s1 = next(e for e in out1 if isinstance(e, SpeechOut))
+    s2 = next(e for e in out2 if isinstance(e, SpeechOut))
+    assert s1.stamp_ns == 11 * S + 200_000_000
+    # Unit 1 ends at 12 s; 12.2 s would overlap the 1.5 s of unit 0's speech, so it waits.
+    assert s2.stamp_ns == s1.stamp_ns + 1_500_000_000
+    text = [e for e in out1 + out2 if isinstance(e, TextOut)]
+    assert [(t.stamp_ns, t.text) for t in text] == [(10 * S, "Hi"), (11 * S, " there")]
+    assert session.mode is Mode.SPEAKING
+    assert session.turn_id == 1
+
+
+def test_end_of_turn_closes_the_turn_and_the_next_speech_is_a_new_turn() -> None:
+    session, _ = make()
+    session.step(unit(0, True), speak("One.", end=True))
+    assert session.mode is Mode.LISTENING
+    events = session.step(unit(1, True), speak("Two."))
+    assert session.turn_id == 2
+    assert all(e.turn_id == 2 for e in events if isinstance(e, TextOut | SpeechOut))
+
+
+def test_a_listen_result_mid_turn_ends_the_turn_with_an_end_of_turn_text() -> None:
+    session, _ = make()
+    session.step(unit(0, True), speak("Half"))
+    events = session.step(unit(1, True), LISTEN)
+    assert [(type(e), getattr(e, "end_of_turn", None)) for e in events] == [(TextOut, True)]
+    assert session.mode is Mode.LISTENING
+
+
+def test_barge_in_flushes_speech_from_the_users_first_word_and_interrupts() -> None:
+    session, counters = make(output_latency_ms=200)
+    session.step(unit(0, True), speak("A long answer", 1.0))
+    session.step(unit(1, False), speak(" goes on", 1.0))  # scheduled 11.2 s .. 13.2 s
+    events = session.on_user_speech(11_700_000_000)
+    flush = events[0]
+    assert isinstance(flush, SpeechFlush)
+    assert (flush.dropped_from_ns, flush.dropped_until_ns) == (11_700_000_000, 13_200_000_000)
+    assert isinstance(events[1], TextOut)
+    assert events[1].end_of_turn
+    assert session.mode is Mode.INTERRUPTED
+    assert counters.barge_ins == 1
+    # Leftover speech of the interrupted turn (a unit already in flight) is dropped...
+    assert session.step(unit(2, True), speak(" more")) == []
+    # ...until the model listens again.
+    assert session.step(unit(3, True), LISTEN) == []
+    assert session.mode is Mode.LISTENING
+    # The next turn is scheduled from its own unit, not behind the dropped speech.
+    out = session.step(unit(4, True), speak("Yes?"))
+    speech = next(e for e in out if isinstance(e, SpeechOut))
+    assert speech.stamp_ns == 15 * S + 200_000_000
+    assert speech.turn_id == 2
+
+
+def test_user_speech_while_listening_and_silent_is_not_a_barge_in() -> None:
+    session, counters = make()
+    assert session.on_user_speech(5 * S) == []
+    assert counters.barge_ins == 0
+
+
+def test_user_speech_over_the_tail_of_a_finished_turn_still_flushes_it() -> None:
+    session, counters = make(output_latency_ms=200)
+    session.step(unit(0, True), speak("Done.", 1.0, end=True))  # plays 11.2 .. 12.2 s
+    events = session.on_user_speech(11_500_000_000)
+    assert events == [SpeechFlush(11_500_000_000, 1, 11_500_000_000, 12_200_000_000)]
+    assert session.mode is Mode.LISTENING  # the backend already listens: nothing to interrupt
+    assert counters.barge_ins == 1
+
+
+def test_speaking_results_keep_being_dropped_only_for_max_interrupted_units() -> None:
+    session, _ = make(max_interrupted_units=1)
+    session.step(unit(0, True), speak("Talk"))
+    session.on_user_speech(11 * S)
+    assert session.step(unit(1, True), speak("x")) == []
+    events = session.step(unit(2, True), speak("New turn"))
+    assert session.turn_id == 2
+    assert any(isinstance(e, SpeechOut) for e in events)
+
+
+def test_a_turn_after_enough_silent_units_is_proactive_with_classified_kind() -> None:
+    session, _ = make(proactive_silence_units=2)
+    session.step(unit(0, False), LISTEN)
+    start = session.step(unit(1, False), speak("[reminder] Water"))
+    end = session.step(unit(2, False), speak(" the plants.", end=True))
+    begin = [e for e in start if isinstance(e, ProactiveEvent)]
+    assert begin == [ProactiveEvent(11 * S, 1, 11 * S, "", "", 0.0, False)]
+    texts = [e for e in start + end if isinstance(e, TextOut)]
+    assert [t.text for t in texts] == ["Water", " the plants."]
+    assert all(t.proactive for t in texts)
+    done = [e for e in end if isinstance(e, ProactiveEvent)]
+    assert done == [ProactiveEvent(13 * S, 1, 11 * S, "reminder", "Water the plants.", 1.0, True)]
+
+
+def test_a_reply_right_after_the_user_spoke_is_not_proactive() -> None:
+    session, _ = make(proactive_silence_units=2)
+    session.step(unit(0, False), LISTEN)
+    session.step(unit(1, False), LISTEN)
+    events = session.step(unit(2, True), speak("Sure.", end=True))
+    assert not any(isinstance(e, ProactiveEvent) for e in events)
+    assert not any(e.proactive for e in events if isinstance(e, TextOut))
+
+
+def test_unknown_user_speech_never_makes_a_turn_proactive() -> None:
+    session, _ = make(proactive_silence_units=1)
+    for k in range(5):
+        session.step(unit(k, None), LISTEN)
+    assert not any(isinstance(e, ProactiveEvent) for e in session.step(unit(5, None), speak("Hi")))
+
+
+def test_barge_in_on_a_proactive_turn_completes_it_with_the_text_so_far() -> None:
+    session, _ = make(proactive_silence_units=1)
+    session.step(unit(0, False), speak("[alert] The door"))
+    events = session.on_user_speech(11_500_000_000)
+    done = [e for e in events if isinstance(e, ProactiveEvent)]
+    assert len(done) == 1
+    assert done[0].completed
+    assert done[0].kind == "alert"
+    assert done[0].text == "The door"
+
+
+def test_backend_errors_move_to_error_and_the_next_good_result_recovers() -> None:
+    session, counters = make()
+    session.step(unit(0, True), speak("Hello"))
+    events = session.on_error(unit(1), BackendError("boom"))
+    assert session.mode is Mode.ERROR
+    assert any(isinstance(e, TextOut) and e.end_of_turn for e in events)
+    session.on_error(unit(2), BackendTimeout("slow"))
+    assert (counters.backend_errors, counters.backend_timeouts) == (1, 1)
+    session.step(unit(3, True), LISTEN)
+    assert session.mode is Mode.LISTENING
+
+
+def test_pause_flushes_the_open_turn_and_step_while_paused_is_refused() -> None:
+    session, counters = make()
+    session.step(unit(0, True), speak("Hello"))
+    events = session.pause(11 * S)
+    assert isinstance(events[0], SpeechFlush)
+    assert session.mode is Mode.PAUSED
+    assert counters.barge_ins == 0
+    with pytest.raises(StateError, match="resume"):
+        session.step(unit(1), LISTEN)
+    assert session.on_user_speech(12 * S) == []
+    session.resume()
+    assert session.mode is Mode.LISTENING
+
+
+def test_reset_keeps_turn_ids_increasing() -> None:
+    session, _ = make()
+    session.step(unit(0, True), speak("One", end=True))
+    session.reset()
+    session.step(unit(0, True), speak("Two", end=True))
+    assert session.turn_id == 2
+
+
+def test_bad_configuration_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="proactive_silence_units"):
+        SessionConfig(proactive_silence_units=0)
+    with pytest.raises(ConfigError, match="unknown"):
+        SessionConfig.from_mapping({"latency_ms": 3})

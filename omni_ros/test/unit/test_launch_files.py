@@ -1,0 +1,486 @@
+"""The launch files and YAML configs reference only things that exist.
+
+This machine has no ``launch`` / ``launch_ros`` (see docs), so the launch files are checked in two
+ways: statically with ``ast`` (executables, files, launch arguments), and by running their Python
+against a test double of the launch API that records the actions they would create.
+
+Parameter names come from the nodes' own tables: ``omni_flow_node.NODE_PARAMS`` + the specs derived
+from ``FlowConfig`` + ``<backend>.<field>`` for every field of each backend's config dataclass;
+``mic_node.PARAMETERS``; ``speaker_node.PARAMETERS``. Node modules import rclpy, so their tables
+and the backends' dataclasses (some import torch) are read with ``ast``, never imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from omni_ros.backends.base import BACKENDS
+
+PKG = Path(__file__).resolve().parents[2]
+SRC = PKG / "omni_ros"
+LAUNCH_FILES = sorted((PKG / "launch").glob("*.launch.py"))
+CONFIG_FILES = sorted((PKG / "config").glob("*.yaml"))
+NODE_KEYS = {
+    "/**": "omni_flow_node",
+    "omni_flow_node": "omni_flow_node",
+    "/omni_flow_node": "omni_flow_node",
+}
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _module_literal(path: Path, name: str) -> Any:
+    """The literal value of a module-level ``name = ...`` / ``name: T = ...`` in ``path``."""
+    for stmt in _tree(path).body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            value = stmt.value
+            assert value is not None
+            return ast.literal_eval(value)
+    raise AssertionError(f"{path.name} has no module-level literal {name}")
+
+
+def _parameter_table(path: Path, name: str) -> dict[str, str]:
+    """Parameter name -> type of its default, from a module-level ``{name: (default, doc)}``.
+
+    A default that is not a literal (e.g. ``FlowConfig().system_prompt``) gets type ``any``.
+    """
+    for stmt in _tree(path).body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            assert isinstance(stmt.value, ast.Dict), f"{path.name}: {name} is not a dict literal"
+            table: dict[str, str] = {}
+            for key, value in zip(stmt.value.keys, stmt.value.values, strict=True):
+                assert isinstance(key, ast.Constant), f"{path.name}: {name} keys must be literals"
+                assert isinstance(value, ast.Tuple), (
+                    f"{path.name}: {name}[{key.value!r}] is not a tuple"
+                )
+                try:
+                    table[key.value] = _type_of_default(ast.literal_eval(value.elts[0]))
+                except ValueError:
+                    table[key.value] = "any"
+            return table
+    raise AssertionError(f"{path.name} has no module-level table {name}")
+
+
+def _console_scripts() -> set[str]:
+    for node in ast.walk(_tree(PKG / "setup.py")):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value == "console_scripts":
+                    entries = ast.literal_eval(value)
+                    return {entry.split("=")[0].strip() for entry in entries}
+    raise AssertionError("setup.py declares no console_scripts")
+
+
+def _calls(tree: ast.AST, *names: str) -> Iterator[ast.Call]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name in names:
+                yield node
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr | None:
+    return next((kw.value for kw in call.keywords if kw.arg == name), None)
+
+
+def _dataclass_fields(path: Path, class_name: str) -> dict[str, str]:
+    """Field name -> annotation text of a dataclass defined in ``path``."""
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {
+                stmt.target.id: ast.unparse(stmt.annotation)
+                for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and not ast.unparse(stmt.annotation).startswith("ClassVar")
+            }
+    raise AssertionError(f"{path.name} defines no class {class_name}")
+
+
+def _backend_fields(backend: str) -> dict[str, str]:
+    module, _, class_name = BACKENDS[backend].partition(":")
+    path = SRC.parent / (module.replace(".", "/") + ".py")
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            for stmt in node.body:
+                target = stmt.target if isinstance(stmt, ast.AnnAssign) else None
+                if isinstance(target, ast.Name) and target.id == "config_class" and stmt.value:
+                    return _dataclass_fields(path, ast.unparse(stmt.value))
+    raise AssertionError(f"{class_name} in {path.name} has no config_class")
+
+
+def _type_of_default(value: Any) -> str:
+    if value is None:
+        return "None"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def declared_parameters(executable: str) -> dict[str, str]:
+    """Parameter name -> expected type text for the parameters ``executable`` declares."""
+    params = {"use_sim_time": "bool"}
+    if executable == "omni_flow_node":
+        from omni_ros.core.flow import FlowConfig
+        from omni_ros.ros._params import config_params
+
+        params |= _parameter_table(SRC / "ros" / "omni_flow_node.py", "NODE_PARAMS")
+        params |= {spec.name: spec.type_name for spec in config_params(FlowConfig)}
+        for backend in BACKENDS:
+            params |= {f"{backend}.{k}": t for k, t in _backend_fields(backend).items()}
+    else:
+        params |= _parameter_table(SRC / "ros" / f"{executable}.py", "PARAMETERS")
+    return params
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
+    else:
+        out[prefix] = value
+
+
+def _accepts(type_text: str, value: Any) -> bool:
+    """Would a parameter of ``type_text`` accept ``value`` from YAML (ROS is strict: 1 is not 1.0)."""
+    options = {t.strip() for t in type_text.replace("Optional[", "").rstrip("]").split("|")}
+    if "any" in options:
+        return True
+    if isinstance(value, bool):
+        return "bool" in options
+    if isinstance(value, int):
+        return "int" in options
+    if isinstance(value, float):
+        return "float" in options
+    if isinstance(value, str):
+        return "str" in options
+    if isinstance(value, list):
+        return any(t == "list" or t.startswith(("tuple", "list")) for t in options)
+    return False
+
+
+def _config_sections() -> Iterator[tuple[Path, str, dict[str, Any]]]:
+    for path in CONFIG_FILES:
+        doc = yaml.safe_load(path.read_text()) or {}
+        for key, section in doc.items():
+            executable = NODE_KEYS.get(key, key.lstrip("/"))
+            flat: dict[str, Any] = {}
+            _flatten("", section.get("ros__parameters", {}), flat)
+            yield path, executable, flat
+
+
+# ---------------------------------------------------------------------------- static checks
+def test_there_are_launch_files_and_configs_for_every_backend() -> None:
+    assert {p.name for p in LAUNCH_FILES} >= {"omni_flow.launch.py", "replay.launch.py"}
+    names = {p.name for p in CONFIG_FILES}
+    assert {f"{backend}.yaml" for backend in BACKENDS} <= names, "backend:=X loads config/X.yaml"
+    assert {"mic.yaml", "speaker.yaml"} <= names
+
+
+@pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
+def test_every_launched_executable_is_an_installed_console_script(launch_file: Path) -> None:
+    scripts = _console_scripts()
+    tree = _tree(launch_file)
+    for call in _calls(tree, "Node", "LifecycleNode"):
+        executable, package = _keyword(call, "executable"), _keyword(call, "package")
+        assert isinstance(executable, ast.Constant), "executable must be a literal"
+        assert executable.value in scripts, f"{executable.value} is not in setup.py console_scripts"
+        assert isinstance(package, ast.Name | ast.Constant)
+        package_name = (
+            package.value
+            if isinstance(package, ast.Constant)
+            else _module_literal(launch_file, package.id)
+        )
+        assert package_name == "omni_ros"
+
+
+@pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
+def test_every_file_a_launch_file_names_exists(launch_file: Path) -> None:
+    tree = _tree(launch_file)
+    literals = [
+        n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    ]
+    for text in literals:
+        if not re.fullmatch(r"[\w.-]+\.(yaml|launch\.py)", text):
+            continue  # descriptions and messages, not file names
+        if text.endswith(".yaml"):
+            assert (PKG / "config" / text).is_file(), f"config/{text} is missing"
+        if text.endswith(".launch.py"):
+            assert (PKG / "launch" / text).is_file(), f"launch/{text} is missing"
+    if launch_file.name == "omni_flow.launch.py":
+        backends = _module_literal(launch_file, "MODEL_PARAMETER")
+        assert set(backends) == set(BACKENDS), "every backend has a model parameter mapping"
+        for backend, param in backends.items():
+            assert param in _backend_fields(backend), f"{backend} has no config field {param}"
+            assert (PKG / "config" / f"{backend}.yaml").is_file()
+
+
+@pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
+def test_every_launch_argument_used_is_declared(launch_file: Path) -> None:
+    tree = _tree(launch_file)
+    declared = {name for name, _default, _text in _module_literal(launch_file, "ARGUMENTS")}
+    for call in _calls(tree, "DeclareLaunchArgument"):
+        if call.args and isinstance(call.args[0], ast.Constant):
+            declared.add(call.args[0].value)
+    used = {
+        call.args[0].value
+        for call in _calls(tree, "LaunchConfiguration", "arg")
+        if call.args and isinstance(call.args[0], ast.Constant)
+    }
+    assert used <= declared, f"used but not declared: {sorted(used - declared)}"
+
+
+def test_replay_forwards_only_arguments_that_the_main_launch_file_declares() -> None:
+    main = {
+        name
+        for name, _d, _t in _module_literal(PKG / "launch" / "omni_flow.launch.py", "ARGUMENTS")
+    }
+    replay_file = PKG / "launch" / "replay.launch.py"
+    forwarded = {name for name, _d, _t in _module_literal(replay_file, "ARGUMENTS")}
+    for call in _calls(_tree(replay_file), "IncludeLaunchDescription"):
+        arguments = _keyword(call, "launch_arguments")
+        assert arguments is not None
+        for node in ast.walk(arguments):
+            if isinstance(node, ast.Dict):
+                forwarded |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+    assert forwarded <= main, f"not declared by omni_flow.launch.py: {sorted(forwarded - main)}"
+
+
+@pytest.mark.parametrize(
+    ("path", "executable", "flat"),
+    list(_config_sections()),
+    ids=[f"{p.name}:{e}" for p, e, _ in _config_sections()],
+)
+def test_every_config_key_is_a_declared_parameter_of_the_right_type(
+    path: Path, executable: str, flat: dict[str, Any]
+) -> None:
+    assert executable in _console_scripts(), f"{path.name}: no node {executable}"
+    declared = declared_parameters(executable)
+    unknown = sorted(set(flat) - set(declared))
+    assert not unknown, f"{path.name}: {executable} declares no parameter(s) {unknown}"
+    wrong = {k: v for k, v in flat.items() if not _accepts(declared[k], v)}
+    assert not wrong, (
+        f"{path.name}: values of the wrong type {wrong} (expected {[declared[k] for k in wrong]})"
+    )
+    if executable == "omni_flow_node" and path.stem in BACKENDS:
+        assert flat.get("backend") == path.stem
+        namespaces = {k.split(".")[0] for k in flat if k.split(".")[0] in BACKENDS}
+        assert namespaces <= {path.stem}, f"{path.name} sets another backend's parameters"
+
+
+def test_the_parameter_check_rejects_what_ros_would_reject() -> None:
+    declared = declared_parameters("speaker_node")
+    assert _accepts(declared["max_ahead_s"], 5.0)
+    assert not _accepts(declared["max_ahead_s"], 5), "ROS refuses an integer for a double"
+    assert "minicpmo.trust_remote_code" in declared_parameters("omni_flow_node")
+    assert "minicpmo.no_such_field" not in declared_parameters("omni_flow_node")
+
+
+# ------------------------------------------------------------- running them on a launch double
+class LaunchApiDouble:
+    """A test double of the ``launch`` / ``launch_ros`` / ``ament_index_python`` APIs the launch
+    files use: every action records its arguments; OpaqueFunction runs on :meth:`run`."""
+
+    def __init__(self, share_dir: Path) -> None:
+        self.share_dir = share_dir
+        self.modules: dict[str, types.ModuleType] = {}
+        recorded = self
+
+        class Action:
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.args, self.kwargs = args, kwargs
+
+        class LaunchDescription(Action):
+            pass
+
+        class DeclareLaunchArgument(Action):
+            pass
+
+        class OpaqueFunction(Action):
+            pass
+
+        class IncludeLaunchDescription(Action):
+            pass
+
+        class PythonLaunchDescriptionSource(Action):
+            pass
+
+        class IfCondition(Action):
+            pass
+
+        class Node(Action):
+            pass
+
+        class LifecycleNode(Action):
+            pass
+
+        class LaunchConfiguration:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def perform(self, context: Any) -> str:
+                return str(context.launch_configurations[self.name])
+
+        def get_package_share_directory(package: str) -> str:
+            assert package == "omni_ros"
+            return str(recorded.share_dir)
+
+        spec = {
+            "launch": {"LaunchContext": object, "LaunchDescription": LaunchDescription},
+            "launch.actions": {
+                "DeclareLaunchArgument": DeclareLaunchArgument,
+                "OpaqueFunction": OpaqueFunction,
+                "IncludeLaunchDescription": IncludeLaunchDescription,
+            },
+            "launch.conditions": {"IfCondition": IfCondition},
+            "launch.substitutions": {"LaunchConfiguration": LaunchConfiguration},
+            "launch.launch_description_sources": {
+                "PythonLaunchDescriptionSource": PythonLaunchDescriptionSource
+            },
+            "launch_ros": {},
+            "launch_ros.actions": {"Node": Node, "LifecycleNode": LifecycleNode},
+            "ament_index_python": {},
+            "ament_index_python.packages": {
+                "get_package_share_directory": get_package_share_directory
+            },
+        }
+        for name, attrs in spec.items():
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            self.modules[name] = module
+
+    def run(self, launch_file: Path, **overrides: str) -> list[Any]:
+        """Load ``launch_file``, apply argument defaults + ``overrides``, run its OpaqueFunctions."""
+        spec = importlib.util.spec_from_file_location(
+            launch_file.stem.replace(".", "_"), launch_file
+        )
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        description = module.generate_launch_description()
+        actions = list(description.args[0])
+        values = {
+            a.args[0]: a.kwargs["default_value"]
+            for a in actions
+            if type(a).__name__ == "DeclareLaunchArgument"
+        }
+        unknown = set(overrides) - set(values)
+        assert not unknown, f"{launch_file.name} does not declare {unknown}"
+        values.update(overrides)
+        context = types.SimpleNamespace(launch_configurations=values)
+        created: list[Any] = []
+        for action in actions:
+            if type(action).__name__ == "OpaqueFunction":
+                created += action.kwargs["function"](context)
+            elif type(action).__name__ != "DeclareLaunchArgument":
+                created.append(action)
+        return created
+
+
+@pytest.fixture
+def launch_double(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LaunchApiDouble:
+    share = tmp_path / "share" / "omni_ros"
+    share.mkdir(parents=True)
+    (share / "config").symlink_to(PKG / "config")
+    (share / "launch").symlink_to(PKG / "launch")
+    double = LaunchApiDouble(share)
+    for name, module in double.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return double
+
+
+def _lifecycle(created: list[Any]) -> Any:
+    nodes = [a for a in created if type(a).__name__ == "LifecycleNode"]
+    assert len(nodes) == 1
+    return nodes[0]
+
+
+def test_the_default_launch_runs_the_reference_backend_from_its_config(
+    launch_double: LaunchApiDouble,
+) -> None:
+    created = launch_double.run(PKG / "launch" / "omni_flow.launch.py")
+    node = _lifecycle(created)
+    (params,) = node.kwargs["parameters"]
+    assert node.kwargs["executable"] == "omni_flow_node"
+    assert node.kwargs["namespace"] == ""
+    assert params["backend"] == "reference"
+    assert params["reference.size"] == "tiny"
+    assert params["use_sim_time"] is False
+    assert params["tensorrt.enabled"] is False
+    assert node.kwargs["arguments"] == ["--ros-args", "--log-level", "info"]
+    audio = {a.kwargs["executable"]: a for a in created if type(a).__name__ == "Node"}
+    assert set(audio) == {"mic_node", "speaker_node"}
+    assert audio["mic_node"].kwargs["condition"].args[0].name == "with_mic"
+    assert audio["speaker_node"].kwargs["parameters"][0]["sample_rate"] == 24000
+
+
+def test_launch_arguments_reach_the_node_parameters(launch_double: LaunchApiDouble) -> None:
+    created = launch_double.run(
+        PKG / "launch" / "omni_flow.launch.py",
+        backend="minicpmo",
+        model="/models/MiniCPM-o-4_5",
+        namespace="robot1",
+        use_sim_time="true",
+        engine_dir="/data/engines",
+        log_level="debug",
+    )
+    node = _lifecycle(created)
+    (params,) = node.kwargs["parameters"]
+    assert node.kwargs["namespace"] == "robot1"
+    assert params["backend"] == "minicpmo"
+    assert params["minicpmo.model"] == "/models/MiniCPM-o-4_5"
+    assert params["minicpmo.trust_remote_code"] is False, "remote code stays opt-in"
+    assert params["use_sim_time"] is True
+    assert params["tensorrt.enabled"] is True
+    assert params["tensorrt.engine_dir"] == "/data/engines"
+    for audio_node in (a for a in created if type(a).__name__ == "Node"):
+        assert audio_node.kwargs["namespace"] == "robot1"
+        assert audio_node.kwargs["parameters"][0]["use_sim_time"] is True
+
+
+def test_a_custom_params_file_replaces_the_backend_config(
+    launch_double: LaunchApiDouble, tmp_path: Path
+) -> None:
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("/**:\n  ros__parameters:\n    reference:\n      seed: 7\n")
+    node = _lifecycle(
+        launch_double.run(PKG / "launch" / "omni_flow.launch.py", params_file=str(custom))
+    )
+    (params,) = node.kwargs["parameters"]
+    assert params["reference.seed"] == 7
+    assert "reference.size" not in params
+
+
+def test_replay_launch_includes_the_main_launch_file_with_sim_time(
+    launch_double: LaunchApiDouble,
+) -> None:
+    (include,) = launch_double.run(PKG / "launch" / "replay.launch.py", backend="llamacpp_omni")
+    source = include.args[0]
+    assert Path(source.args[0]).name == "omni_flow.launch.py"
+    assert Path(source.args[0]).is_file()
+    forwarded = dict(include.kwargs["launch_arguments"])
+    assert forwarded["use_sim_time"] == "true"
+    assert forwarded["with_mic"] == "false"
+    assert forwarded["backend"].name == "backend"
+    node = _lifecycle(
+        launch_double.run(
+            PKG / "launch" / "omni_flow.launch.py", backend="llamacpp_omni", use_sim_time="true"
+        )
+    )
+    assert node.kwargs["parameters"][0]["use_sim_time"] is True
