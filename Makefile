@@ -23,7 +23,8 @@ build: setup
 
 lint: setup
 	$(VENV)/bin/ruff check omni_ros benchmarks scripts
-	$(VENV)/bin/mypy omni_ros/omni_ros/core
+	$(VENV)/bin/ruff format --check --quiet omni_ros benchmarks scripts
+	$(VENV)/bin/mypy omni_ros/omni_ros
 
 test: build lint
 	@$(IN_WS) export OMNI_ROS_REQUIRE_ROS=1; rc=0; python -m pytest $(PYTEST_ARGS) || rc=$$?; \

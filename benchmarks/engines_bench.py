@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torch {__import__('torch').__version__}, onnxruntime {__import__('onnxruntime').__version__}. "
             f"One run, {args.iters} timed calls after 5 warm-up calls. Tiny configurations "
             "(seeded random weights), so these numbers only show that the exported graphs run and how "
-            "per-call overhead compares; they say nothing about TensorRT speedups.\n\n"
+            "per-call overhead compares; they say nothing about TensorRT speedups. Other jobs shared the cores, so p95 is noisy.\n\n"
             + header.format("onnxruntime CPU")
             + "\n"
             + "\n".join(rows)

@@ -43,7 +43,9 @@ def pcm16_to_float(data: bytes) -> FloatArray:
         BackendProtocolError: an odd number of bytes (not whole samples).
     """
     if len(data) % 2:
-        raise BackendProtocolError(f"PCM16 payload has {len(data)} bytes, not a whole number of samples")
+        raise BackendProtocolError(
+            f"PCM16 payload has {len(data)} bytes, not a whole number of samples"
+        )
     return (np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0).astype(np.float32)
 
 
@@ -59,7 +61,9 @@ def f32le_to_float(data: bytes) -> FloatArray:
         BackendProtocolError: not a whole number of samples, or non-finite samples.
     """
     if len(data) % 4:
-        raise BackendProtocolError(f"float32 payload has {len(data)} bytes, not a whole number of samples")
+        raise BackendProtocolError(
+            f"float32 payload has {len(data)} bytes, not a whole number of samples"
+        )
     out = np.frombuffer(data, dtype="<f4").astype(np.float32)
     if not np.all(np.isfinite(out)):
         raise BackendProtocolError("float32 payload contains NaN or infinite samples")

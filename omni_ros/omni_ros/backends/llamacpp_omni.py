@@ -57,6 +57,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ _MAX_EVENTS_PER_UNIT = 100_000
 _START_HINT = (
     "start it with `llama-server --model <model_dir>/MiniCPM-o-4_5-Q4_K_M.gguf --ctx-size 8192 "
     "--n-gpu-layers 99 --port <port>` (HTTP transport) or `llama-omni-server ... --port <port>` "
-    "(WebSocket transport), one server per GPU, and wait for GET /health to answer {\"status\":\"ok\"}"
+    '(WebSocket transport), one server per GPU, and wait for GET /health to answer {"status":"ok"}'
 )
 
 
@@ -203,6 +204,7 @@ class _HttpSession:
     """One ``llama-server`` duplex conversation over HTTP + a shared folder."""
 
     def __init__(self, config: LlamaCppOmniConfig, work_dir: Path) -> None:
+        # Nothing touches the disk before open(): constructing a backend must not create folders.
         self._cfg = config
         self._base = config.http_base
         self._client = httpx.Client(
@@ -246,7 +248,9 @@ class _HttpSession:
             }
             if self._cfg.model_dir:
                 body["model_dir"] = self._cfg.model_dir
-                body["tts_bin_dir"] = self._cfg.tts_bin_dir or str(Path(self._cfg.model_dir) / "tts")
+                body["tts_bin_dir"] = self._cfg.tts_bin_dir or str(
+                    Path(self._cfg.model_dir) / "tts"
+                )
             elif self._cfg.tts_bin_dir:
                 body["tts_bin_dir"] = self._cfg.tts_bin_dir
             self._post("omni_init", body, timeout=self._cfg.init_timeout_s, idempotent=True)
@@ -256,7 +260,9 @@ class _HttpSession:
 
     def prefill(self, unit: Unit) -> None:
         if unit.texts and not self._warned_texts:
-            log.warning("llama-server's HTTP API cannot inject text; dropping Unit.texts %s", unit.texts)
+            log.warning(
+                "llama-server's HTTP API cannot inject text; dropping Unit.texts %s", unit.texts
+            )
             self._warned_texts = True
         audio_path = self._in_dir / f"unit_{self._cnt:07d}.wav"
         _wire.write_wav(audio_path, unit.audio, INPUT_SAMPLE_RATE)
@@ -305,7 +311,9 @@ class _HttpSession:
                     event = _json_object(payload, "decode SSE frame")
                     content = event.get("content", "")
                     if not isinstance(content, str):
-                        raise BackendProtocolError(f"decode SSE 'content' is not a string: {event!r}")
+                        raise BackendProtocolError(
+                            f"decode SSE 'content' is not a string: {event!r}"
+                        )
                     if event.get("is_listen") is True:
                         is_listen = True
                     elif content:
@@ -331,7 +339,9 @@ class _HttpSession:
                     break  # still being written: keep the order, take it later
                 samples, rate = read
                 if rate != OUTPUT_SAMPLE_RATE:
-                    raise BackendProtocolError(f"{path} is {rate} Hz; llama.cpp-omni writes {OUTPUT_SAMPLE_RATE} Hz")
+                    raise BackendProtocolError(
+                        f"{path} is {rate} Hz; llama.cpp-omni writes {OUTPUT_SAMPLE_RATE} Hz"
+                    )
                 chunks.append(samples)
                 if self._cfg.delete_consumed:
                     path.unlink(missing_ok=True)
@@ -358,7 +368,9 @@ class _HttpSession:
         return len(pending)
 
     def break_generation(self) -> None:
-        self._post("break", {"reason": "barge_in"}, timeout=self._cfg.read_timeout_s, idempotent=True)
+        self._post(
+            "break", {"reason": "barge_in"}, timeout=self._cfg.read_timeout_s, idempotent=True
+        )
         self.drop_audio()
 
     def reset(self) -> None:
@@ -405,13 +417,17 @@ class _HttpSession:
             f"{self._cfg.health_timeout_s} s ({last}); {_START_HINT}"
         )
 
-    def _post(self, endpoint: str, body: dict[str, Any], *, timeout: float, idempotent: bool) -> dict[str, Any]:
+    def _post(
+        self, endpoint: str, body: dict[str, Any], *, timeout: float, idempotent: bool
+    ) -> dict[str, Any]:
         url = f"{self._base}/v1/stream/{endpoint}"
         delays = iter(self._cfg.backoff.delays())
         while True:
             try:
                 resp = self._client.post(
-                    url, json=body, timeout=httpx.Timeout(timeout, connect=self._cfg.connect_timeout_s)
+                    url,
+                    json=body,
+                    timeout=httpx.Timeout(timeout, connect=self._cfg.connect_timeout_s),
                 )
             except httpx.HTTPError as exc:
                 # Repeat only what cannot double-apply: idempotent calls, or a request never sent.
@@ -427,7 +443,8 @@ class _HttpSession:
 
     def _raise_for_error(self, endpoint: str, resp: httpx.Response) -> None:
         body = _safe_json(resp)
-        err = body.get("error") if isinstance(body.get("error"), dict) else {}
+        raw_err = body.get("error")
+        err: dict[str, Any] = raw_err if isinstance(raw_err, dict) else {}
         message = str(err.get("message") or resp.text[:300])
         if resp.status_code == 400 and "omni context not initialized" in message:
             self._server_has_context = False
@@ -436,8 +453,12 @@ class _HttpSession:
                 "restarted or never initialised: call prepare() again"
             )
         if resp.status_code >= 500:
-            raise BackendError(f"llama.cpp-omni {endpoint} failed on the server: HTTP {resp.status_code} {message}")
-        raise BackendProtocolError(f"llama.cpp-omni rejected {endpoint}: HTTP {resp.status_code} {message}")
+            raise BackendError(
+                f"llama.cpp-omni {endpoint} failed on the server: HTTP {resp.status_code} {message}"
+            )
+        raise BackendProtocolError(
+            f"llama.cpp-omni rejected {endpoint}: HTTP {resp.status_code} {message}"
+        )
 
 
 class _ContextLost(BackendUnavailable):
@@ -458,7 +479,9 @@ def _json_object(text: str | bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BackendProtocolError(f"malformed JSON in {what}: {exc}: {str(text)[:200]!r}") from None
+        raise BackendProtocolError(
+            f"malformed JSON in {what}: {exc}: {str(text)[:200]!r}"
+        ) from None
     if not isinstance(value, dict):
         raise BackendProtocolError(f"{what} is not a JSON object: {str(text)[:200]!r}")
     return value
@@ -475,11 +498,17 @@ def _safe_json(resp: httpx.Response) -> dict[str, Any]:
 def _convert_httpx(exc: httpx.HTTPError, url: str, what: str) -> BackendError:
     """Map an httpx failure to the omni_ros family, naming the URL."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return BackendUnavailable(f"llama.cpp-omni server at {url} is not reachable ({exc}); {_START_HINT}")
+        return BackendUnavailable(
+            f"llama.cpp-omni server at {url} is not reachable ({exc}); {_START_HINT}"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return BackendTimeout(f"llama.cpp-omni {what} at {url} timed out ({type(exc).__name__})")
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | httpx.CloseError):
-        return BackendUnavailable(f"llama.cpp-omni server at {url} dropped the connection during {what} ({exc})")
+    if isinstance(
+        exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | httpx.CloseError
+    ):
+        return BackendUnavailable(
+            f"llama.cpp-omni server at {url} dropped the connection during {what} ({exc})"
+        )
     return BackendError(f"llama.cpp-omni {what} at {url} failed: {type(exc).__name__}: {exc}")
 
 
@@ -535,7 +564,11 @@ class _WsSession:
         raise BackendProtocolError("llama.cpp-omni sent no session.created after session.init")
 
     def prefill(self, unit: Unit, force_listen: bool) -> None:
-        frames = [_wire.b64encode(_wire.jpeg_bytes(unit.frames[-1].rgb, self._cfg.jpeg_quality))] if unit.frames else []
+        frames = (
+            [_wire.b64encode(_wire.jpeg_bytes(unit.frames[-1].rgb, self._cfg.jpeg_quality))]
+            if unit.frames
+            else []
+        )
         self._send(
             {
                 "type": "input.append",
@@ -568,13 +601,19 @@ class _WsSession:
                         raise BackendProtocolError(f"text delta is not a string: {event!r}")
                     texts.append(text)
                 elif delta_kind == "audio":
-                    audio.append(_wire.f32le_to_float(_wire.b64decode(event.get("audio", event.get("delta")), "audio delta")))
+                    audio.append(
+                        _wire.f32le_to_float(
+                            _wire.b64decode(event.get("audio", event.get("delta")), "audio delta")
+                        )
+                    )
                 else:
                     raise BackendProtocolError(f"unknown response.output.delta kind {delta_kind!r}")
             elif kind == "response.done":
                 timings.update(_metrics(event))
                 if not audio and event.get("audio"):
-                    audio.append(_wire.f32le_to_float(_wire.b64decode(event["audio"], "response.done audio")))
+                    audio.append(
+                        _wire.f32le_to_float(_wire.b64decode(event["audio"], "response.done audio"))
+                    )
                 if not texts and isinstance(event.get("text"), str):
                     texts.append(event["text"])
                 return False, "".join(texts), _cat(audio), timings
@@ -598,7 +637,9 @@ class _WsSession:
             self._conn.send(json.dumps(message))
         except (ConnectionClosed, OSError) as exc:
             self.close()
-            raise BackendUnavailable(f"llama.cpp-omni WebSocket {self._cfg.ws_url} closed ({exc})") from None
+            raise BackendUnavailable(
+                f"llama.cpp-omni WebSocket {self._cfg.ws_url} closed ({exc})"
+            ) from None
 
     def _recv(self, deadline: float, what: str) -> dict[str, Any]:
         from websockets.exceptions import ConnectionClosed
@@ -629,7 +670,9 @@ class _WsSession:
             raise BackendError(f"llama.cpp-omni error: {message or event!r}")
         if kind == "session.closed":
             self.close()
-            raise BackendUnavailable(f"llama.cpp-omni closed the session: {event.get('reason')!r} {event.get('diagnostic')!r}")
+            raise BackendUnavailable(
+                f"llama.cpp-omni closed the session: {event.get('reason')!r} {event.get('diagnostic')!r}"
+            )
 
 
 def _cat(chunks: list[FloatArray]) -> FloatArray | None:
@@ -665,7 +708,12 @@ class LlamaCppOmniBackend:
         self.config = config
         self._interrupt = threading.Event()
         self._own_work_dir = not config.work_dir
-        self._work_dir = Path(config.work_dir or tempfile.mkdtemp(prefix="omni_ros_llamacpp_"))
+        # A private folder is only named here; prepare() creates it and close() removes it, so a
+        # backend that is built but never used leaves nothing on disk.
+        self._work_dir = Path(
+            config.work_dir
+            or Path(tempfile.gettempdir()) / f"omni_ros_llamacpp_{uuid.uuid4().hex[:12]}"
+        )
         self._http: _HttpSession | None = None
         self._ws: _WsSession | None = None
         if config.transport == "http":
@@ -691,7 +739,9 @@ class LlamaCppOmniBackend:
         if ref_voice is not None:
             ref_voice = np.asarray(ref_voice, dtype=np.float32).reshape(-1)
             if ref_voice.size == 0:
-                raise ConfigError("ref_voice is empty; pass None to use voice_audio from the config")
+                raise ConfigError(
+                    "ref_voice is empty; pass None to use voice_audio from the config"
+                )
         self._prompt = system_prompt
         self._ref_voice = ref_voice
         self._open_session()
@@ -700,7 +750,9 @@ class LlamaCppOmniBackend:
         """Send one unit (16 kHz audio + newest frame)."""
         self._check_open()
         if not self._prepared and not self._needs_reopen:
-            raise StateError("prefill() before prepare(): call backend.prepare(system_prompt) first")
+            raise StateError(
+                "prefill() before prepare(): call backend.prepare(system_prompt) first"
+            )
         self._check_unit(unit)
         if self._needs_reopen:
             self._open_session()
@@ -742,7 +794,9 @@ class LlamaCppOmniBackend:
                     # generation stopped and queued speech deleted.
                     if late_interrupt:
                         self._http.break_generation()
-                    return UnitResult(is_listen=True, timings_ms={"total": (time.perf_counter() - t0) * 1e3})
+                    return UnitResult(
+                        is_listen=True, timings_ms={"total": (time.perf_counter() - t0) * 1e3}
+                    )
                 is_listen, text, timings = self._http.decode()
                 t1 = time.perf_counter()
                 if is_listen:
@@ -811,7 +865,9 @@ class LlamaCppOmniBackend:
     def _check_unit(self, unit: Unit) -> None:
         """Reject a unit of the wrong rate or length before any state changes."""
         if unit.sample_rate != INPUT_SAMPLE_RATE:
-            raise ConfigError(f"unit audio is {unit.sample_rate} Hz; llamacpp_omni wants {INPUT_SAMPLE_RATE} Hz")
+            raise ConfigError(
+                f"unit audio is {unit.sample_rate} Hz; llamacpp_omni wants {INPUT_SAMPLE_RATE} Hz"
+            )
         first_n = self.first_unit_ns * INPUT_SAMPLE_RATE // 1_000_000_000
         unit_n = self.unit_ns * INPUT_SAMPLE_RATE // 1_000_000_000
         if self._needs_reopen:
@@ -833,7 +889,11 @@ class LlamaCppOmniBackend:
         self._interrupt.clear()
         try:
             if self._http is not None:
-                if self._prompt.strip() and self._prompt.strip() != DEFAULT_SYSTEM_PROMPT and not self._warned_prompt:
+                if (
+                    self._prompt.strip()
+                    and self._prompt.strip() != DEFAULT_SYSTEM_PROMPT
+                    and not self._warned_prompt
+                ):
                     log.warning(
                         "llama-server's HTTP API builds the system prompt itself; the prompt text %r "
                         "is not sent (use transport: websocket to send it)",

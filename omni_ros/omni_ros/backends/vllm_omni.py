@@ -65,7 +65,9 @@ INPUT_SAMPLE_RATE = 16_000
 OUTPUT_SAMPLE_RATE = 24_000
 _MAX_EVENTS_PER_UNIT = 100_000
 _BUSY_CODES = frozenset({"duplex_session_busy", "resource_exhausted"})
-_SESSION_GONE = frozenset({"session.expired", "session.closed", "session.resync_required", "session.replaced"})
+_SESSION_GONE = frozenset(
+    {"session.expired", "session.closed", "session.resync_required", "session.replaced"}
+)
 _AUDIO_DELTA = ("response.output_audio.delta", "response.audio.delta")
 _TRANSCRIPT_DELTA = ("response.output_audio_transcript.delta", "response.audio_transcript.delta")
 
@@ -122,20 +124,32 @@ class VllmOmniConfig:
         urls: Any = self.urls
         if isinstance(urls, str):
             urls = [u for u in (part.strip() for part in urls.split(",")) if u]
-        if not isinstance(urls, list | tuple) or not urls or not all(isinstance(u, str) for u in urls):
-            raise ConfigError(f"VllmOmniConfig.urls = {self.urls!r}; expected a list of ws://host:port")
+        if (
+            not isinstance(urls, list | tuple)
+            or not urls
+            or not all(isinstance(u, str) for u in urls)
+        ):
+            raise ConfigError(
+                f"VllmOmniConfig.urls = {self.urls!r}; expected a list of ws://host:port"
+            )
         cleaned = tuple(u.rstrip("/") for u in urls)
         for url in cleaned:
             if not url.startswith(("ws://", "wss://")):
-                raise ConfigError(f"VllmOmniConfig.urls entry {url!r} must start with ws:// or wss://")
+                raise ConfigError(
+                    f"VllmOmniConfig.urls entry {url!r} must start with ws:// or wss://"
+                )
         object.__setattr__(self, "urls", cleaned)
         for key in ("connect_timeout_s", "handshake_timeout_s", "unit_timeout_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"VllmOmniConfig.{key} must be > 0, got {getattr(self, key)}")
         if self.first_unit_ms <= 0 or self.force_listen_count < 0:
-            raise ConfigError("VllmOmniConfig.first_unit_ms must be > 0 and force_listen_count >= 0")
+            raise ConfigError(
+                "VllmOmniConfig.first_unit_ms must be > 0 and force_listen_count >= 0"
+            )
         if self.playback_commit_policy not in ("ack_only", "commit_all_on_done"):
-            raise ConfigError("VllmOmniConfig.playback_commit_policy must be 'ack_only' or 'commit_all_on_done'")
+            raise ConfigError(
+                "VllmOmniConfig.playback_commit_policy must be 'ack_only' or 'commit_all_on_done'"
+            )
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError("VllmOmniConfig.jpeg_quality must be in 1..100")
         _wire.Backoff(self.retries, self.backoff_s, self.backoff_max_s)
@@ -149,11 +163,11 @@ class VllmOmniConfig:
         return _wire.Backoff(self.retries, self.backoff_s, self.backoff_max_s)
 
 
-class _Dropped(Exception):
+class _DroppedError(Exception):
     """The socket closed under us (internal; converted to a resume attempt or BackendUnavailable)."""
 
 
-class _Busy(Exception):
+class _BusyError(Exception):
     """A replica answered with a capacity error."""
 
 
@@ -201,17 +215,25 @@ class VllmOmniBackend:
         if ref_voice is not None:
             voice = np.asarray(ref_voice, dtype=np.float32).reshape(-1)
             if voice.size == 0:
-                raise ConfigError("ref_voice is empty; pass None to use ref_audio_path from the config")
-            self._ref_audio_uri = "data:audio/wav;base64," + _wire.b64encode(_wire.wav_bytes(voice, INPUT_SAMPLE_RATE))
+                raise ConfigError(
+                    "ref_voice is empty; pass None to use ref_audio_path from the config"
+                )
+            self._ref_audio_uri = "data:audio/wav;base64," + _wire.b64encode(
+                _wire.wav_bytes(voice, INPUT_SAMPLE_RATE)
+            )
         elif self.config.ref_audio_path:
             try:
                 data = Path(self.config.ref_audio_path).read_bytes()
             except OSError as exc:
-                raise ConfigError(f"vllm_omni.ref_audio_path {self.config.ref_audio_path!r}: {exc}") from None
+                raise ConfigError(
+                    f"vllm_omni.ref_audio_path {self.config.ref_audio_path!r}: {exc}"
+                ) from None
             _wire.parse_wav(data, what=self.config.ref_audio_path)  # fail here, not on the server
             self._ref_audio_uri = "data:audio/wav;base64," + _wire.b64encode(data)
         else:
-            self._ref_audio_uri = None  # the server will say ref_audio_required; we make that a ConfigError
+            self._ref_audio_uri = (
+                None  # the server will say ref_audio_required; we make that a ConfigError
+            )
         self._end_session()
         self._open_new_session()
 
@@ -219,22 +241,30 @@ class VllmOmniBackend:
         """Append one unit of 16 kHz audio (+ its newest frame) to the session."""
         self._check_open()
         if not self._prepared and not self._needs_new_session:
-            raise StateError("prefill() before prepare(): call backend.prepare(system_prompt) first")
+            raise StateError(
+                "prefill() before prepare(): call backend.prepare(system_prompt) first"
+            )
         if unit.sample_rate != INPUT_SAMPLE_RATE:
-            raise ConfigError(f"unit audio is {unit.sample_rate} Hz; vllm_omni wants {INPUT_SAMPLE_RATE} Hz")
+            raise ConfigError(
+                f"unit audio is {unit.sample_rate} Hz; vllm_omni wants {INPUT_SAMPLE_RATE} Hz"
+            )
         first = self._audio_end_ms == 0
-        expected = (self.first_unit_ns if first else self.unit_ns) * INPUT_SAMPLE_RATE // 1_000_000_000
+        expected = (
+            (self.first_unit_ns if first else self.unit_ns) * INPUT_SAMPLE_RATE // 1_000_000_000
+        )
         if len(unit.audio) != expected:
             # The server cuts its own 1 s units from the stream: a short append would shift every
             # later camera frame off its unit boundary.
             which = "the first unit of a session" if first else "a unit"
-            raise ConfigError(f"{which} must hold exactly {expected} samples at {INPUT_SAMPLE_RATE} Hz, got {len(unit.audio)}")
+            raise ConfigError(
+                f"{which} must hold exactly {expected} samples at {INPUT_SAMPLE_RATE} Hz, got {len(unit.audio)}"
+            )
         if self._needs_new_session:
             self._open_new_session()
         forced = self._interrupt.is_set()
         if forced:
             self._send_barge_in()  # clears the flag
-        duration_ms = int(round(len(unit.audio) * 1000 / INPUT_SAMPLE_RATE))
+        duration_ms = round(len(unit.audio) * 1000 / INPUT_SAMPLE_RATE)
         message: dict[str, Any] = {
             "type": "input_audio_buffer.append",
             "event_id": self._next_event_id(),
@@ -247,7 +277,9 @@ class VllmOmniBackend:
         if unit.user_speech is not None:
             message["is_speech"] = bool(unit.user_speech)
         if unit.frames:
-            message["video_frames"] = [_wire.b64encode(_wire.jpeg_bytes(unit.frames[-1].rgb, self.config.jpeg_quality))]
+            message["video_frames"] = [
+                _wire.b64encode(_wire.jpeg_bytes(unit.frames[-1].rgb, self.config.jpeg_quality))
+            ]
         self._send_with_resume(message)
         self._audio_end_ms += duration_ms
         self._force_listen = forced
@@ -284,7 +316,7 @@ class VllmOmniBackend:
                 self._delivered_ms = 0
             elif kind in _AUDIO_DELTA and self._spelling("audio", kind):
                 chunks.append(self._audio_from(event))
-                meta = event.get("metadata") if isinstance(event.get("metadata"), dict) else {}
+                meta = _dict(event.get("metadata"))
                 end_of_turn = end_of_turn or bool(meta.get("end_of_turn", False))
                 self._response_id = _str_or_none(event.get("response_id")) or self._response_id
                 waiting_transcript = True
@@ -316,7 +348,7 @@ class VllmOmniBackend:
                 self._send_barge_in()
             return UnitResult(is_listen=True, timings_ms={"unit": (time.perf_counter() - t0) * 1e3})
         if audio is not None and self.config.send_playback_ack and self._response_id:
-            self._delivered_ms += int(round(len(audio) * 1000 / OUTPUT_SAMPLE_RATE))
+            self._delivered_ms += round(len(audio) * 1000 / OUTPUT_SAMPLE_RATE)
             self._send_quiet(
                 {
                     "type": "playback.ack",
@@ -380,7 +412,10 @@ class VllmOmniBackend:
             "turn_detection": None,  # the model owns listen/speak (native duplex lane)
             "overlap_policy": self.config.overlap_policy,
             "playback_commit_policy": self.config.playback_commit_policy,
-            "extra_body": {"native_duplex": True, "force_listen_count": self.config.force_listen_count},
+            "extra_body": {
+                "native_duplex": True,
+                "force_listen_count": self.config.force_listen_count,
+            },
         }
         if self._ref_audio_uri is not None:
             session["ref_audio"] = self._ref_audio_uri
@@ -399,11 +434,11 @@ class VllmOmniBackend:
             for url in order:
                 try:
                     self._handshake_new(url)
-                except _Busy as exc:
+                except _BusyError as exc:
                     busy_seen = True
                     failures.append(f"{url}: busy ({exc})")
                     continue
-                except (BackendUnavailable, BackendTimeout, _Dropped) as exc:
+                except (BackendUnavailable, BackendTimeout, _DroppedError) as exc:
                     self._close_socket()
                     failures.append(f"{url}: {type(exc).__name__}: {exc}")
                     continue
@@ -417,13 +452,25 @@ class VllmOmniBackend:
             time.sleep(delay)
         self._needs_new_session = True
         self._prepared = False
-        what = "every replica is full (duplex_session_busy)" if busy_seen else "no replica is reachable"
+        what = (
+            "every replica is full (duplex_session_busy)"
+            if busy_seen
+            else "no replica is reachable"
+        )
         hint = "add replicas or raise duplex_session.max_sessions" if busy_seen else _START_HINT
-        raise BackendUnavailable(f"vllm-omni: {what} after {len(failures)} attempts; {hint}. Tried: {failures[-len(order):]}")
+        raise BackendUnavailable(
+            f"vllm-omni: {what} after {len(failures)} attempts; {hint}. Tried: {failures[-len(order) :]}"
+        )
 
     def _handshake_new(self, url: str) -> None:
         self._connect(url)
-        self._send({"type": "session.update", "event_id": self._next_event_id(), "session": self._session_object()})
+        self._send(
+            {
+                "type": "session.update",
+                "event_id": self._next_event_id(),
+                "session": self._session_object(),
+            }
+        )
         deadline = time.monotonic() + self.config.handshake_timeout_s
         for _ in range(_MAX_EVENTS_PER_UNIT):
             event = self._recv(deadline, "session.update")
@@ -432,15 +479,17 @@ class VllmOmniBackend:
                 code = _error_code(event)
                 self._close_socket()
                 if code in _BUSY_CODES:
-                    raise _Busy(_error_message(event))
+                    raise _BusyError(_error_message(event))
                 if code == "ref_audio_required":
                     raise ConfigError(
                         "vllm-omni (MiniCPM-o) requires a reference voice: pass prepare(..., "
                         "ref_voice=<16 kHz float32>) or set vllm_omni.ref_audio_path to a WAV file"
                     )
-                raise BackendError(f"vllm-omni at {url} refused the session: {code} {_error_message(event)}")
+                raise BackendError(
+                    f"vllm-omni at {url} refused the session: {code} {_error_message(event)}"
+                )
             if kind == "session.created":
-                session = event.get("session") if isinstance(event.get("session"), dict) else {}
+                session = _dict(event.get("session"))
                 caps = session.get("capabilities")
                 if not isinstance(caps, dict):
                     self._end_session()
@@ -462,7 +511,11 @@ class VllmOmniBackend:
 
     def _resume(self) -> bool:
         """Re-attach the session on a new socket to the same replica; False if it cannot be."""
-        if not self._session_id or not self._resume_token or not self._capabilities.get("supports_session_resume", False):
+        if (
+            not self._session_id
+            or not self._resume_token
+            or not self._capabilities.get("supports_session_resume", False)
+        ):
             return False
         for delay in [0.0, *self.config.backoff.delays()]:
             time.sleep(delay)
@@ -487,7 +540,7 @@ class VllmOmniBackend:
                     if kind == "error" or kind in _SESSION_GONE:
                         self._close_socket()
                         return False  # expired / unknown: a new session is needed
-            except (_Dropped, BackendUnavailable, BackendTimeout):
+            except (_DroppedError, BackendUnavailable, BackendTimeout):
                 self._close_socket()
                 continue
         return False
@@ -505,7 +558,7 @@ class VllmOmniBackend:
         if self._conn is not None:
             self._send_quiet({"type": "session.close"})
             deadline = time.monotonic() + min(1.0, self.config.handshake_timeout_s)
-            with contextlib.suppress(_Dropped, BackendTimeout, BackendProtocolError):
+            with contextlib.suppress(_DroppedError, BackendTimeout, BackendProtocolError):
                 for _ in range(1000):
                     if self._recv(deadline, "session.close").get("type") == "session.closed":
                         break
@@ -523,7 +576,9 @@ class VllmOmniBackend:
         try:
             self._conn = _wire.open_websocket(target, self.config.connect_timeout_s)
         except (OSError, TimeoutError, InvalidHandshake, WebSocketException) as exc:
-            raise BackendUnavailable(f"vllm-omni replica {target} is not reachable ({type(exc).__name__}: {exc}); {_START_HINT}") from None
+            raise BackendUnavailable(
+                f"vllm-omni replica {target} is not reachable ({type(exc).__name__}: {exc}); {_START_HINT}"
+            ) from None
 
     def _close_socket(self) -> None:
         if self._conn is not None:
@@ -535,60 +590,70 @@ class VllmOmniBackend:
         from websockets.exceptions import ConnectionClosed
 
         if self._conn is None:
-            raise _Dropped("no socket")
+            raise _DroppedError("no socket")
         try:
             self._conn.send(json.dumps(message))
         except (ConnectionClosed, OSError) as exc:
             self._close_socket()
-            raise _Dropped(str(exc)) from None
+            raise _DroppedError(str(exc)) from None
 
     def _send_quiet(self, message: dict[str, Any]) -> None:
         """Best-effort send (acks, close): a failure here surfaces at the next real call."""
-        with contextlib.suppress(_Dropped):
+        with contextlib.suppress(_DroppedError):
             self._send(message)
 
     def _recv(self, deadline: float, what: str) -> dict[str, Any]:
         from websockets.exceptions import ConnectionClosed
 
         if self._conn is None:
-            raise _Dropped("no socket")
+            raise _DroppedError("no socket")
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
             raw = self._conn.recv(timeout=remaining)
         except TimeoutError:
-            raise BackendTimeout(f"vllm-omni {what} at {self._url} did not answer within its deadline") from None
+            raise BackendTimeout(
+                f"vllm-omni {what} at {self._url} did not answer within its deadline"
+            ) from None
         except (ConnectionClosed, OSError) as exc:
             self._close_socket()
-            raise _Dropped(str(exc)) from None
+            raise _DroppedError(str(exc)) from None
         try:
             event = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
-            raise BackendProtocolError(f"vllm-omni sent malformed JSON during {what}: {exc}: {str(raw)[:200]!r}") from None
+            raise BackendProtocolError(
+                f"vllm-omni sent malformed JSON during {what}: {exc}: {str(raw)[:200]!r}"
+            ) from None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-            raise BackendProtocolError(f"vllm-omni event without a type during {what}: {str(raw)[:200]!r}")
+            raise BackendProtocolError(
+                f"vllm-omni event without a type during {what}: {str(raw)[:200]!r}"
+            )
         return event
 
     def _send_with_resume(self, message: dict[str, Any]) -> None:
         try:
             self._send(message)
             return
-        except _Dropped:
+        except _DroppedError:
             pass
         if not self._resume():
             self._lose_session()
-            raise BackendUnavailable(f"vllm-omni replica {self._url} dropped the connection and the session could not be resumed; the next prefill opens a new session")
+            raise BackendUnavailable(
+                f"vllm-omni replica {self._url} dropped the connection and the session could not be resumed; the next prefill opens a new session"
+            )
         try:
             self._send(message)
-        except _Dropped:
+        except _DroppedError:
             self._lose_session()
-            raise BackendUnavailable(f"vllm-omni replica {self._url} dropped the connection again") from None
+            raise BackendUnavailable(
+                f"vllm-omni replica {self._url} dropped the connection again"
+            ) from None
 
     def _recv_with_resume(self, deadline: float) -> dict[str, Any] | None:
         try:
             event = self._recv(deadline, "unit")
-        except _Dropped:
+        except _DroppedError:
             if not self._resume():
                 self._lose_session()
                 raise BackendUnavailable(
@@ -619,10 +684,12 @@ class VllmOmniBackend:
             self._send_with_resume({"type": "response.cancel", "response_id": self._response_id})
 
     def _on_response_done(self, event: Mapping[str, Any]) -> None:
-        response = event.get("response") if isinstance(event.get("response"), dict) else {}
+        response = _dict(event.get("response"))
         status = response.get("status", event.get("status"))
         if status == "failed":
-            raise BackendError(f"vllm-omni response {event.get('response_id')!r} failed: {response.get('status_details')!r}")
+            raise BackendError(
+                f"vllm-omni response {event.get('response_id')!r} failed: {response.get('status_details')!r}"
+            )
         if status not in ("completed", "cancelled", "failed"):
             raise BackendProtocolError(f"response.done with unknown status {status!r}")
         self._response_id = None
@@ -650,10 +717,14 @@ class VllmOmniBackend:
     def _audio_from(self, event: Mapping[str, Any]) -> FloatArray:
         rate = event.get("sample_rate_hz", OUTPUT_SAMPLE_RATE)
         if rate != OUTPUT_SAMPLE_RATE:
-            raise BackendProtocolError(f"vllm-omni audio delta is {rate} Hz; expected {OUTPUT_SAMPLE_RATE}")
+            raise BackendProtocolError(
+                f"vllm-omni audio delta is {rate} Hz; expected {OUTPUT_SAMPLE_RATE}"
+            )
         fmt = event.get("format", "pcm16")
         if fmt not in ("pcm16", "pcm"):
-            raise BackendProtocolError(f"vllm-omni audio delta format {fmt!r}; session asked for pcm16")
+            raise BackendProtocolError(
+                f"vllm-omni audio delta format {fmt!r}; session asked for pcm16"
+            )
         return _wire.pcm16_to_float(_wire.b64decode(event.get("delta"), "audio delta"))
 
     def _next_event_id(self) -> str:
@@ -663,6 +734,11 @@ class VllmOmniBackend:
     def _check_open(self) -> None:
         if self._closed:
             raise StateError("backend is closed; create a new one")
+
+
+def _dict(value: object) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (optional event fields)."""
+    return value if isinstance(value, dict) else {}
 
 
 def _seq(event: Mapping[str, Any], default: Any) -> Any:

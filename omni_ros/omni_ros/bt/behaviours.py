@@ -240,10 +240,12 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         # Preempted while the goal runs: cancel it so the model stops working on it.
         if new_status != Status.INVALID:
             return
-        if self._result_future is not None and not self._result_future.done():
-            self._handle.cancel_goal_async()
-            self.feedback_message = "canceled"
-        elif self._goal_future is not None and not self._goal_future.done():
+        if self._result_future is not None:
+            if not self._result_future.done():
+                self._handle.cancel_goal_async()
+                self.feedback_message = "canceled"
+        elif self._goal_future is not None:
+            # Sent but not yet seen accepted by update(): cancel as soon as it is.
             self._goal_future.add_done_callback(_cancel_when_accepted)
             self.feedback_message = "canceled"
 

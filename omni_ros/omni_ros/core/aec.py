@@ -66,7 +66,8 @@ class AecConfig:
         echo_suppress_active_db: residual echo attenuation while the near end talks (negative dB).
         denoise: let the preprocessor also suppress stationary noise. Speex applies its residual
             echo suppression only through the denoiser's gains, so ``residual_suppression``
-            does nothing unless this is on (measured: 14 dB vs 24 dB ERLE, benchmarks/aec_bench.py).
+            does nothing unless this is on (measured: 16-20 dB without it, 33-38 dB with it, median
+            ERLE over the benchmark scenes; docs/BENCHMARKS.md).
         estimate_delay: estimate the playback-to-capture delay by GCC-PHAT.
         initial_delay_ms: delay assumed before the first estimate.
         max_delay_ms: largest delay searched for.
@@ -81,11 +82,13 @@ class AecConfig:
             ``[align, align + filter_ms - delay_headroom_ms]`` (the headroom keeps room for the
             reverberation tail), because every move makes Speex re-converge.
         reference_gain: scale applied to the published speech before it becomes the reference.
-        warmup_ms: active reference the filter must have processed after a reset before it counts
-            as converged (measured: 2-3 s of speech); until then echo is not cancelled well and the
-            flow suppresses barge-in while our own speech plays.
+        warmup_ms: active reference the filter must have processed after a reset (or after the
+            delay estimate moved the alignment) before it counts as converged (measured: 2-3 s of
+            speech to reach > 25 dB); until then the flow suppresses barge-in while our own speech
+            can echo.
         echo_min_speech_ms: speech run needed for barge-in while our own (cancelled) speech plays:
-            residual echo still makes the VAD fire in runs of 100-200 ms.
+            residual echo can still make the VAD fire in runs of 150-300 ms (seen with 10 ms frames
+            and while the filter re-converges).
         gate_mode: what ``robot_speaking`` does to barge-in: ``off`` (nothing), ``stricter`` (needs
             ``gate_min_speech_ms`` of speech), ``suppress`` (no barge-in while it is set).
         gate_min_speech_ms: speech run needed for barge-in while the gate is ``stricter``.

@@ -19,6 +19,11 @@ while the model computes, which keeps barge-in live mid-unit, and (b) give up on
 units are dropped (``units_dropped_overrun``); when it does, the backend is reset and prepared
 again, because its state is unknown.
 
+Outputs: every processed (or paused / hung-dropped) unit ends with a ``StateOut`` stamped at the
+unit's end; a barge-in, interrupt or pause that flushes speech emits the ``SpeechFlush`` and, right
+after it, an extra ``StateOut`` stamped at the flush (mode INTERRUPTED or PAUSED), so that a player
+can stop at once. Units dropped by the overrun policy have no ``StateOut``; they are counted.
+
 Overrun: unlike the official demo, which queues every unit and drifts without bound when compute
 exceeds real time, the ``drop_oldest`` policy keeps at most ``max_queued_units`` closed units
 waiting; older ones are dropped and counted in ``units_dropped_overrun``.
@@ -49,6 +54,7 @@ from omni_ros.core.errors import (
     BackendTimeout,
     ConfigError,
     OmniError,
+    StateError,
 )
 from omni_ros.core.proactive import ProactiveClassifier
 from omni_ros.core.session import DuplexSession, SessionConfig
@@ -151,6 +157,10 @@ class FlowConfig:
                 nested[key] = sub.from_mapping(dict(value))
         base = from_mapping(cls, data)
         return dataclasses.replace(base, **nested)
+
+
+class _StoppedError(Exception):
+    """Internal: stop() was called while the worker waited for the backend."""
 
 
 class _CallRunner:
@@ -270,6 +280,9 @@ class OmniFlow:
         self._wake = threading.Event()
         # ---- worker state ----
         self._runner = _CallRunner()
+        self._runner_closed = False
+        self._worker_ident: int | None = None
+        self._last_state: StateOut | None = None
         self._hung: concurrent.futures.Future[Any] | None = None
         self._pending: collections.deque[Unit] = collections.deque()
         self._needs_prepare = True
@@ -348,21 +361,37 @@ class OmniFlow:
 
     # ================================================================================ worker side
     def start(self) -> None:
-        """Run the worker thread (driven by ``clock``)."""
+        """Run the worker thread (driven by ``clock``). Can be called again after :meth:`stop`."""
         if self._thread is not None:
             return
+        if self._runner_closed:
+            self._runner = _CallRunner()
+            self._runner_closed = False
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="omni-flow", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the worker thread (a hung backend call is abandoned, not joined)."""
+        """Stop the worker thread. A backend call in flight is not waited for: it finishes on its
+        helper thread, and the backend is prepared again before its next use (state unknown).
+
+        Raises:
+            StateError: the worker did not exit within ``timeout_s`` (a bug: it never blocks).
+        """
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-        self._runner.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                raise StateError(f"omni_flow worker did not stop within {timeout_s} s")
+
+    def close(self) -> None:
+        """Stop the worker and release the backend helper thread. Does not close the backend."""
+        self.stop()
+        if not self._runner_closed:
+            self._runner.close()
+            self._runner_closed = True
 
     def wait_backend_idle(self, timeout_s: float) -> bool:
         """Wait until no backend call is in flight (e.g. a hung call finally returned).
@@ -373,9 +402,12 @@ class OmniFlow:
         return self._runner.wait_idle(timeout_s)
 
     def _loop(self) -> None:
+        self._worker_ident = threading.get_ident()
         while not self._stop.is_set():
             try:
                 busy = self.step_once(self.clock.now_ns())
+            except _StoppedError:
+                return
             except Exception:  # the worker must survive anything; this is a bug if it happens
                 _LOG.exception("omni_flow worker step failed")
                 busy = False
@@ -403,7 +435,7 @@ class OmniFlow:
         self._ingest_inputs()
         units = self.timeline.poll(now_ns)
         if self.timeline.last_poll_jumped:
-            self._on_clock_jump()
+            self._on_clock_jump(now_ns)
             return True
         self._pending.extend(units)
         self._apply_overrun_policy()
@@ -428,28 +460,36 @@ class OmniFlow:
                 self.session.resume()
             elif kind == "prompt":
                 self._prompt, self._ref_voice = arg
-                self._restart_conversation()
+                self._restart_conversation(now_ns)
             elif kind == "reset":
-                self._restart_conversation()
+                self._restart_conversation(now_ns)
 
-    def _restart_conversation(self) -> None:
+    def _restart_conversation(self, now_ns: int, new_time_base: bool = False) -> None:
+        """Forget the conversation; the backend is prepared again before the next unit.
+
+        Speech still scheduled is flushed first (the player must not finish a forgotten turn).
+        The echo canceller keeps its adapted filter (the room did not change) unless the time
+        base changed (a clock jump), which invalidates every stamp it holds.
+        """
+        self._emit_all(self.session.interrupt(now_ns))
         self.session.reset()
         if self.vad is not None:
             self.vad.reset()
-        if self.aec is not None:
-            self.aec.reset()
+        if new_time_base:
+            self._mic_rs = None
+            if self.aec is not None:
+                self.aec.reset()
         self._pending.clear()
         self._barged_run_start = None
         self._needs_prepare = True
         self._last_prepare_ns = None
         if self._paused:
-            self.session.pause(0)
+            self.session.pause(now_ns)
 
-    def _on_clock_jump(self) -> None:
+    def _on_clock_jump(self, now_ns: int) -> None:
         """The timeline found the clock went backwards (a looping bag) and reset itself."""
         self._log.warning("clock_jump", "clock jumped backwards: resetting session and backend")
-        self._mic_rs = None
-        self._restart_conversation()
+        self._restart_conversation(now_ns, new_time_base=True)
 
     def _ensure_prepared(self, now_ns: int) -> bool:
         if self._hung is not None:
@@ -479,6 +519,8 @@ class OmniFlow:
         self._pending.clear()
         try:
             self._call(prepare, self.config.prepare_deadline_ms)
+        except _StoppedError:
+            raise
         except Exception as exc:
             self._log.warning("prepare", f"backend prepare failed: {exc!r}")
             self._emit_all(self.session.on_error(None, _as_backend_error(exc)))
@@ -633,6 +675,8 @@ class OmniFlow:
             t0 = time.monotonic_ns()
             try:
                 result = self._call(run, self.config.backend_deadline_ms)
+            except _StoppedError:
+                raise
             except Exception as exc:
                 compute_ns = time.monotonic_ns() - t0
                 error = _as_backend_error(exc)
@@ -645,18 +689,17 @@ class OmniFlow:
                 compute_ns = time.monotonic_ns() - t0
                 self._fed_since_prepare += 1
                 self._emit_all(self.session.step(unit, result))
-        self._emit(
-            StateOut(
-                stamp_ns=unit.end_ns,
-                mode=self.session.mode,
-                unit_index=unit.index,
-                unit_compute_ms=compute_ns / 1e6,
-                real_time_factor=compute_ns / max(1, unit.duration_ns),
-                counters=self.counters.snapshot(),
-                backend=self.backend_name,
-                turn_id=self.session.turn_id,
-            )
+        self._last_state = StateOut(
+            stamp_ns=unit.end_ns,
+            mode=self.session.mode,
+            unit_index=unit.index,
+            unit_compute_ms=compute_ns / 1e6,
+            real_time_factor=compute_ns / max(1, unit.duration_ns),
+            counters=self.counters.snapshot(),
+            backend=self.backend_name,
+            turn_id=self.session.turn_id,
         )
+        self._emit(self._last_state)
 
     def _call(self, fn: Callable[[], T], deadline_ms: int) -> T:
         """Run ``fn`` on the backend thread; keep ingesting mic audio while waiting.
@@ -677,12 +720,34 @@ class OmniFlow:
             try:
                 return future.result(timeout=min(wait_s, remaining_s))
             except concurrent.futures.TimeoutError:
+                if self._stop.is_set() and threading.get_ident() == self._worker_ident:
+                    self._hung = future  # finishes on its own; prepared again before reuse
+                    raise _StoppedError from None
                 self._ingest_inputs()  # barge-in stays live while the model computes
 
     # ----------------------------------------------------------------------------------- output
     def _emit_all(self, events: list[OutputEvent]) -> None:
+        flush: SpeechFlush | None = None
         for event in events:
             self._emit(event)
+            if isinstance(event, SpeechFlush):
+                flush = event
+        if flush is not None:
+            # A flush must reach players now, not at the next unit's state: publish the mode
+            # change (INTERRUPTED / PAUSED) at once, repeating the last unit's compute figures.
+            last = self._last_state
+            self._emit(
+                StateOut(
+                    stamp_ns=flush.stamp_ns,
+                    mode=self.session.mode,
+                    unit_index=last.unit_index if last is not None else -1,
+                    unit_compute_ms=last.unit_compute_ms if last is not None else 0.0,
+                    real_time_factor=last.real_time_factor if last is not None else 0.0,
+                    counters=self.counters.snapshot(),
+                    backend=self.backend_name,
+                    turn_id=self.session.turn_id,
+                )
+            )
 
     def _emit(self, event: OutputEvent) -> None:
         if self.aec is not None:

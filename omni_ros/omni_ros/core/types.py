@@ -50,7 +50,7 @@ class AudioBlock:
 
     @property
     def duration_ns(self) -> int:
-        return int(round(len(self.samples) * 1_000_000_000 / self.sample_rate))
+        return round(len(self.samples) * 1_000_000_000 / self.sample_rate)
 
 
 @dataclass(frozen=True)

@@ -268,10 +268,19 @@ class OmniFlowNode(LifecycleNode):
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
-        if self._flow is not None:
-            self._flow.stop()
+        if not self._stop_flow():
+            return TransitionCallbackReturn.ERROR
         return super().on_deactivate(state)
+
+    def _stop_flow(self) -> bool:
+        self._active = False
+        try:
+            if self._flow is not None:
+                self._flow.stop()
+        except OmniError as exc:
+            self.get_logger().error(f"stopping the Omni-Flow loop failed: {exc}")
+            return False
+        return True
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release()
@@ -287,9 +296,7 @@ class OmniFlowNode(LifecycleNode):
 
     def close(self) -> None:
         """Stop the loop and release the backend without a transition (used at process exit)."""
-        self._active = False
-        if self._flow is not None:
-            self._flow.stop()
+        self._stop_flow()
         self._release()
 
     def _release(self) -> None:

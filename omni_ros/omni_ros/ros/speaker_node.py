@@ -71,7 +71,7 @@ def chunk_to_pcm(msg: AudioChunk, fmt: AudioFormat) -> bytes:
     block = decode_audio(conv.audio_chunk_to_raw(msg))
     samples = resample(block.samples, block.sample_rate, fmt.sample_rate)
     mono = encode_audio(samples, fmt.encoding)
-    if fmt.channels == 1:
+    if fmt.channels == 1 or not samples.size:
         return mono
     width = len(mono) // max(1, len(samples))
     frames = np.frombuffer(mono, dtype=np.uint8).reshape(-1, width)
@@ -95,7 +95,8 @@ class SpeakerNode(Node):
         ``robot_speaking`` (std_msgs/Bool, reliable, transient-local): true while audio plays,
         false once the queue stayed empty for ``release_ms`` or right after a flush.
     Services:
-        ``speaker/flush`` (std_srvs/Trigger): drop everything queued and stop playing.
+        ``speaker/flush`` (std_srvs/Trigger): drop everything queued and stop playing; the
+        response message also reports the late / clock-mismatch / decode-error counts.
 
     Tests and machines without a sound card use ``sink:=wav``/``null`` or pass ``sink=`` (any
     :class:`~omni_ros.ros.audio_io.AudioSink`) to the constructor.
@@ -167,7 +168,10 @@ class SpeakerNode(Node):
     def _on_flush(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
         dropped = self.flush()
         res.success = True
-        res.message = f"dropped {dropped} queued chunk(s)"
+        res.message = (
+            f"dropped {dropped} queued chunk(s); so far: late_chunks={self.late_chunks} "
+            f"clock_mismatches={self.clock_mismatches} decode_errors={self.decode_errors}"
+        )
         return res
 
     def flush(self) -> int:

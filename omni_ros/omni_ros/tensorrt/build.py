@@ -52,18 +52,23 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 
 
+_NOT_INSTALLED = (
+    "TensorRT is not installed (the PyPI 'tensorrt' wheels fetch the libraries from NVIDIA's "
+    "index; install it from there or use an NGC container)"
+)
+
+
 def import_tensorrt() -> Any:
     """Import the real ``tensorrt`` module, or raise :class:`EngineError` saying how to get it."""
     try:
         import tensorrt
     except ImportError as exc:
-        raise EngineError(
-            "TensorRT is not installed (the PyPI 'tensorrt' wheels fetch the libraries from "
-            "NVIDIA's index; install it from there or use an NGC container): " + str(exc)
-        ) from exc
+        raise EngineError(f"{_NOT_INSTALLED}: {exc}") from exc
     if not hasattr(tensorrt, "__version__") or not hasattr(tensorrt, "Builder"):
-        # A directory named "tensorrt" on sys.path imports as an empty namespace package.
-        raise EngineError(f"'tensorrt' at {getattr(tensorrt, '__path__', '?')} is not TensorRT")
+        # Any directory named "tensorrt" on sys.path (a test folder of that name when
+        # pytest puts its parent there) imports as an empty namespace package: that is not TensorRT.
+        where = list(getattr(tensorrt, "__path__", []))
+        raise EngineError(f"{_NOT_INSTALLED}: 'import tensorrt' found only the directory {where}")
     return tensorrt
 
 

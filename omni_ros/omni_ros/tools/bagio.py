@@ -37,7 +37,9 @@ def parse_remaps(rules: Sequence[str]) -> dict[str, str]:
         src, sep, dst = rule.partition(":=")
         if not sep or not src or not dst:
             raise ConfigError(f"bad remap {rule!r}: expected FROM:=TO, e.g. /mic:=/audio/mic")
-        remaps[src if src.startswith("/") else "/" + src] = dst if dst.startswith("/") else "/" + dst
+        remaps[src if src.startswith("/") else "/" + src] = (
+            dst if dst.startswith("/") else "/" + dst
+        )
     return remaps
 
 
@@ -70,7 +72,9 @@ def to_raw_image(msg: Any) -> RawImage:
 
 
 def to_raw_compressed(msg: Any) -> RawImage:
-    return RawImage(stamp_ns=stamp_ns(msg), encoding=str(msg.format), data=bytes(msg.data), compressed=True)
+    return RawImage(
+        stamp_ns=stamp_ns(msg), encoding=str(msg.format), data=bytes(msg.data), compressed=True
+    )
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,9 @@ class InputBag:
             for conn, log_ns, raw in reader.messages(connections=conns):
                 role = self.roles[conn.topic]
                 msg = self.store.deserialize_cdr(raw, conn.msgtype)
-                yield BagMessage(role, int(log_ns), INPUT_TOPICS[role][0], conn.msgtype, bytes(raw), msg)
+                yield BagMessage(
+                    role, int(log_ns), INPUT_TOPICS[role][0], conn.msgtype, bytes(raw), msg
+                )
 
 
 class OutputBag:

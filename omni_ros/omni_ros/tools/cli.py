@@ -1,11 +1,11 @@
 """``omni-ros``: replay bags, synthesise input bags, run the demo, manage TensorRT engines.
 
-    omni-ros replay BAG --out DIR [--mode graph|direct] [--backend NAME] [--params FILE]
-                        [--remap FROM:=TO ...] [--rate R] [--loop N]
-    omni-ros synth OUT_BAG [--messy] [--duration S] [--storage mcap|sqlite3]
-    omni-ros demo [--out demo_out] [--mode graph|direct]
-    omni-ros engines build|list|verify ...
-    omni-ros backends
+omni-ros replay BAG --out DIR [--mode graph|direct] [--backend NAME] [--params FILE]
+                    [--remap FROM:=TO ...] [--rate R] [--loop N]
+omni-ros synth OUT_BAG [--messy] [--duration S] [--storage mcap|sqlite3]
+omni-ros demo [--out demo_out] [--mode graph|direct]
+omni-ros engines build|list|verify ...
+omni-ros backends
 """
 
 from __future__ import annotations
@@ -22,16 +22,31 @@ from omni_ros.core.errors import OmniError
 def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("replay", help="replay a rosbag2 through omni_ros and record the outputs")
     p.add_argument("bag", help="rosbag2 folder (mcap or sqlite3)")
-    p.add_argument("--out", required=True, help="output folder: outputs/, summary.json, timeline.png")
-    p.add_argument("--mode", choices=("graph", "direct"), default="graph",
-                   help="graph: a real omni_flow_node over DDS at bag rate; direct: in process, fast")
+    p.add_argument(
+        "--out", required=True, help="output folder: outputs/, summary.json, timeline.png"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("graph", "direct"),
+        default="graph",
+        help="graph: a real omni_flow_node over DDS at bag rate; direct: in process, fast",
+    )
     p.add_argument("--backend", help="backend name (default: the params file's, else reference)")
     p.add_argument("--params", help="ROS 2 params YAML for omni_flow_node (see config/*.yaml)")
-    p.add_argument("--remap", action="append", metavar="FROM:=TO",
-                   help="bag topic -> expected topic, e.g. /mic:=/audio/mic (repeatable)")
+    p.add_argument(
+        "--remap",
+        action="append",
+        metavar="FROM:=TO",
+        help="bag topic -> expected topic, e.g. /mic:=/audio/mic (repeatable)",
+    )
     p.add_argument("--rate", type=float, default=1.0, help="graph mode playback rate")
-    p.add_argument("--loop", type=int, default=1, metavar="N",
-                   help="play the bag N times; the clock jumps back each time, like ros2 bag play --loop")
+    p.add_argument(
+        "--loop",
+        type=int,
+        default=1,
+        metavar="N",
+        help="play the bag N times; the clock jumps back each time, like ros2 bag play --loop",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--progress", action="store_true", help="progress bar even without a terminal")
 
@@ -44,18 +59,25 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("synth", help="write a synthetic input bag (espeak-ng speech, camera frames)")
+    p = sub.add_parser(
+        "synth", help="write a synthetic input bag (espeak-ng speech, camera frames)"
+    )
     p.add_argument("out", help="rosbag2 folder to create")
-    p.add_argument("--messy", action="store_true",
-                   help="48 kHz stereo mic, mixed encodings, padded rows, dropouts, out-of-order")
+    p.add_argument(
+        "--messy",
+        action="store_true",
+        help="48 kHz stereo mic, mixed encodings, padded rows, dropouts, out-of-order",
+    )
     p.add_argument("--duration", type=float, default=24.0, help="seconds")
     p.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap")
 
     def run(args: argparse.Namespace) -> int:
         from omni_ros.tools.synth import SynthConfig, write_bag
 
-        path = write_bag(Path(args.out), SynthConfig(duration_s=args.duration, messy=args.messy,
-                                                     storage=args.storage))
+        path = write_bag(
+            Path(args.out),
+            SynthConfig(duration_s=args.duration, messy=args.messy, storage=args.storage),
+        )
         print(f"wrote {path}")
         return 0
 
@@ -113,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except OmniError as exc:

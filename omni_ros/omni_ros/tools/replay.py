@@ -72,7 +72,9 @@ def load_params_file(path: Path | None, node_name: str = "omni_flow_node") -> di
     return flat
 
 
-def flow_setup(flat: Mapping[str, Any], backend: str | None) -> tuple[str, dict[str, Any], Any, str]:
+def flow_setup(
+    flat: Mapping[str, Any], backend: str | None
+) -> tuple[str, dict[str, Any], Any, str]:
     """Flat node parameters -> (backend name, backend params, FlowConfig, system prompt), exactly as
     ``omni_flow_node`` derives them (same namespaces, same builder)."""
     from omni_ros.core.flow import FlowConfig
@@ -102,6 +104,7 @@ def replay_direct(
     With ``loops > 1`` the bag is played again from its start, so the clock jumps backwards exactly
     as under ``ros2 bag play --loop``; the core must notice, reset, and carry on.
     """
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.serialization import serialize_message
 
     from omni_ros.backends.base import create_backend
@@ -109,7 +112,6 @@ def replay_direct(
     from omni_ros.core.flow import OmniFlow
     from omni_ros.core.types import ProactiveEvent, SpeechOut, StateOut, TextOut
     from omni_ros.ros import conversions as conv
-    from diagnostic_msgs.msg import DiagnosticArray
 
     name, backend_params, config, prompt = flow_setup(flat, backend)
     chunk_ms = int(flat.get("speech.chunk_ms", 100))
@@ -118,30 +120,57 @@ def replay_direct(
     clock = ManualClock(bag.start_ns)
     out = OutputBag(outputs)
     last_diag_ns = [0]
-    previous = [None]
+    previous: list[Any] = [None]
 
     def emit(event: Any) -> None:
         now = clock.now_ns()
         if isinstance(event, SpeechOut):
             chunk = max(1, event.sample_rate * chunk_ms // 1000)
             for msg in conv.speech_to_chunks(event, chunk, encoding):
-                out.write_raw("/omni/speech", OUTPUT_TOPICS["/omni/speech"], now, serialize_message(msg))
+                out.write_raw(
+                    "/omni/speech", OUTPUT_TOPICS["/omni/speech"], now, serialize_message(msg)
+                )
         elif isinstance(event, TextOut):
-            out.write_raw("/omni/text", OUTPUT_TOPICS["/omni/text"], now, serialize_message(conv.text_to_msg(event)))
+            out.write_raw(
+                "/omni/text",
+                OUTPUT_TOPICS["/omni/text"],
+                now,
+                serialize_message(conv.text_to_msg(event)),
+            )
         elif isinstance(event, ProactiveEvent) and event.completed:
-            out.write_raw("/omni/proactive", OUTPUT_TOPICS["/omni/proactive"], now, serialize_message(conv.proactive_to_msg(event)))
+            out.write_raw(
+                "/omni/proactive",
+                OUTPUT_TOPICS["/omni/proactive"],
+                now,
+                serialize_message(conv.proactive_to_msg(event)),
+            )
         elif isinstance(event, StateOut):
-            out.write_raw("/omni/state", OUTPUT_TOPICS["/omni/state"], now, serialize_message(conv.state_to_msg(event)))
+            out.write_raw(
+                "/omni/state",
+                OUTPUT_TOPICS["/omni/state"],
+                now,
+                serialize_message(conv.state_to_msg(event)),
+            )
             if now - last_diag_ns[0] >= NS:  # /diagnostics at 1 Hz of bag time, like the node
-                diag = DiagnosticArray(header=conv.header(now), status=[conv.diagnostic_status(event, previous[0])])
-                out.write_raw("/diagnostics", OUTPUT_TOPICS["/diagnostics"], now, serialize_message(diag))
+                diag = DiagnosticArray(
+                    header=conv.header(now), status=[conv.diagnostic_status(event, previous[0])]
+                )
+                out.write_raw(
+                    "/diagnostics", OUTPUT_TOPICS["/diagnostics"], now, serialize_message(diag)
+                )
                 last_diag_ns[0], previous[0] = now, event.counters
+
     flow = OmniFlow(config, model, clock, emit)
     if prompt:
         flow.set_prompt(prompt, None)
     started = time.monotonic()
     try:
-        bar = tqdm(total=bag.message_count * loops, unit="msg", desc="replay (direct)", disable=not progress)
+        bar = tqdm(
+            total=bag.message_count * loops,
+            unit="msg",
+            desc="replay (direct)",
+            disable=not progress,
+        )
         for message in (m for _ in range(loops) for m in bag):
             clock.set_ns(message.log_ns)
             flow.run_until_idle(message.log_ns)
@@ -164,7 +193,11 @@ def replay_direct(
         flow.stop()
         model.close()
         out.close()
-    return {"mode": "direct", "wall_s": round(time.monotonic() - started, 3), "backend_params": dict(backend_params)}
+    return {
+        "mode": "direct",
+        "wall_s": round(time.monotonic() - started, 3),
+        "backend_params": dict(backend_params),
+    }
 
 
 # ------------------------------------------------------------------------------------------- graph
@@ -174,7 +207,9 @@ def _node_executable() -> str:
     try:
         exe = Path(get_package_prefix("omni_ros")) / "lib" / "omni_ros" / "omni_flow_node"
     except PackageNotFoundError as exc:
-        raise ConfigError("omni_ros is not installed: run `make build` and `source install/setup.sh`") from exc
+        raise ConfigError(
+            "omni_ros is not installed: run `make build` and `source install/setup.sh`"
+        ) from exc
     if not exe.exists():
         raise ConfigError(f"{exe} is missing: run `make build`")
     return str(exe)
@@ -211,12 +246,14 @@ def replay_graph(
         cmd += ["--params-file", str(params_file)]
     if backend:
         cmd += ["-p", f"backend:={backend}"]
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    log: Any = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     node_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node(
-        "omni_ros_replay", context=context, parameter_overrides=[Parameter("use_sim_time", value=True)]
+        "omni_ros_replay",
+        context=context,
+        parameter_overrides=[Parameter("use_sim_time", value=True)],
     )
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
@@ -231,30 +268,51 @@ def replay_graph(
     lock = threading.Lock()
     counts: dict[str, int] = dict.fromkeys(OUTPUT_TOPICS, 0)
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-    latched = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    latched = QoSProfile(
+        depth=10,
+        reliability=ReliabilityPolicy.RELIABLE,
+        durability=DurabilityPolicy.TRANSIENT_LOCAL,
+    )
     from diagnostic_msgs.msg import DiagnosticArray
 
     from omni_ros_msgs.msg import OmniState, OmniText, ProactiveAction
 
-    classes = {"/omni/speech": AudioChunk, "/omni/text": OmniText, "/omni/proactive": ProactiveAction,
-               "/omni/state": OmniState, "/diagnostics": DiagnosticArray}
+    classes = {
+        "/omni/speech": AudioChunk,
+        "/omni/text": OmniText,
+        "/omni/proactive": ProactiveAction,
+        "/omni/state": OmniState,
+        "/diagnostics": DiagnosticArray,
+    }
 
     def recorder(topic: str) -> Any:
         def callback(raw: bytes) -> None:
             with lock:
                 out.write_raw(topic, OUTPUT_TOPICS[topic], node.get_clock().now().nanoseconds, raw)
                 counts[topic] += 1
+
         return callback
 
     subs = [
-        node.create_subscription(classes[t], t, recorder(t), latched if t == "/omni/state" else reliable, raw=True)
+        node.create_subscription(
+            classes[t], t, recorder(t), latched if t == "/omni/state" else reliable, raw=True
+        )
         for t in OUTPUT_TOPICS
     ]
-    in_classes = {"mic": AudioChunk, "camera": Image, "camera_compressed": CompressedImage, "robot_speaking": Bool}
+    in_classes = {
+        "mic": AudioChunk,
+        "camera": Image,
+        "camera_compressed": CompressedImage,
+        "robot_speaking": Bool,
+    }
     from omni_ros.tools.bagio import INPUT_TOPICS
 
     pubs = {
-        role: node.create_publisher(in_classes[role], INPUT_TOPICS[role][0], qos_profile_sensor_data if role != "robot_speaking" else reliable)
+        role: node.create_publisher(
+            in_classes[role],
+            INPUT_TOPICS[role][0],
+            qos_profile_sensor_data if role != "robot_speaking" else reliable,
+        )
         for role in set(bag.roles.values())
     }
     clock_pub = node.create_publisher(Clock, "/clock", 10)
@@ -271,9 +329,14 @@ def replay_graph(
         deadline = time.monotonic() + ready_timeout_s
         while True:  # the node creates its subscriptions once the backend is loaded (configure)
             if node_proc.poll() is not None:
-                raise ConfigError(f"omni_flow_node exited with {node_proc.returncode} before it was ready"
-                                  + (f"; see {log_path}" if log_path else ""))
-            if all(p.get_subscription_count() > 0 for p in pubs.values()) and subs[3].get_publisher_count() > 0:
+                raise ConfigError(
+                    f"omni_flow_node exited with {node_proc.returncode} before it was ready"
+                    + (f"; see {log_path}" if log_path else "")
+                )
+            if (
+                all(p.get_subscription_count() > 0 for p in pubs.values())
+                and subs[3].get_publisher_count() > 0
+            ):
                 break
             if time.monotonic() > deadline:
                 raise ConfigError(f"omni_flow_node not ready after {ready_timeout_s:.0f} s")
@@ -281,14 +344,18 @@ def replay_graph(
             time.sleep(0.1)
         time.sleep(0.5)  # let discovery settle for every publisher/subscriber pair
         wall0 = time.monotonic()
-        bar = tqdm(total=bag.message_count * loops, unit="msg", desc="replay (graph)", disable=not progress)
+        bar = tqdm(
+            total=bag.message_count * loops, unit="msg", desc="replay (graph)", disable=not progress
+        )
         last_clock = 0.0
         loop_span_s = bag.duration_ns / NS / rate + 0.05
         for loop, message in ((k, m) for k in range(loops) for m in bag):
             target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS / rate
             while (now := time.monotonic()) < target:
                 if now - last_clock >= 0.02:
-                    publish_clock(bag.start_ns + int((now - wall0 - loop * loop_span_s) * rate * NS))
+                    publish_clock(
+                        bag.start_ns + int((now - wall0 - loop * loop_span_s) * rate * NS)
+                    )
                     last_clock = now
                 time.sleep(min(0.005, target - now))
             publish_clock(message.log_ns)
@@ -315,7 +382,12 @@ def replay_graph(
             out.close()
         node.destroy_node()
         rclpy.shutdown(context=context)
-    return {"mode": "graph", "wall_s": round(time.monotonic() - started, 3), "rate": rate, "node_exit_code": node_proc.returncode}
+    return {
+        "mode": "graph",
+        "wall_s": round(time.monotonic() - started, 3),
+        "rate": rate,
+        "node_exit_code": node_proc.returncode,
+    }
 
 
 # ---------------------------------------------------------------------------------------- frontend
@@ -347,8 +419,17 @@ def replay(
     if mode == "direct":
         extra = replay_direct(bag, outputs, flat, backend, progress, loops=loops)
     else:
-        extra = replay_graph(bag, outputs, params_file, flat, backend, progress, rate,
-                             log_path=out_dir / "node.log", loops=loops)
+        extra = replay_graph(
+            bag,
+            outputs,
+            params_file,
+            flat,
+            backend,
+            progress,
+            rate,
+            log_path=out_dir / "node.log",
+            loops=loops,
+        )
     summary = summarize(bag, outputs, {"replay": extra})
     write_summary(summary, out_dir / "summary.json")
     if plot:
@@ -360,9 +441,14 @@ def main_replay(args: Any) -> int:
     from omni_ros.tools.bagio import parse_remaps
 
     summary = replay(
-        Path(args.bag), Path(args.out), args.mode, args.backend,
-        Path(args.params) if args.params else None, parse_remaps(args.remap or []),
-        progress=not args.quiet and sys.stderr.isatty() or args.progress, rate=args.rate,
+        Path(args.bag),
+        Path(args.out),
+        args.mode,
+        args.backend,
+        Path(args.params) if args.params else None,
+        parse_remaps(args.remap or []),
+        progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
+        rate=args.rate,
         loops=args.loop,
     )
     print_summary(summary, Path(args.out))
@@ -371,14 +457,20 @@ def main_replay(args: Any) -> int:
 
 def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     c = summary["unit_compute_ms"]
-    print(f"backend {summary['backend']}: {summary['units']} units, {summary['turns']} turns, "
-          f"{summary['proactive_events']} proactive, {summary['speech_seconds']:.1f} s of speech")
-    print(f"unit compute median {c['median']} ms, p95 {c['p95']} ms, max {c['max']} ms; "
-          f"RTF median {summary['real_time_factor']['median']}")
+    print(
+        f"backend {summary['backend']}: {summary['units']} units, {summary['turns']} turns, "
+        f"{summary['proactive_events']} proactive, {summary['speech_seconds']:.1f} s of speech"
+    )
+    print(
+        f"unit compute median {c['median']} ms, p95 {c['p95']} ms, max {c['max']} ms; "
+        f"RTF median {summary['real_time_factor']['median']}"
+    )
     nonzero = {k: v for k, v in summary["counters"].items() if v}
     print(f"counters: {nonzero or 'all zero'}")
     for turn in summary["turn_texts"][:8]:
         tag = " (proactive)" if turn["proactive"] else ""
         print(f"  turn {turn['turn_id']} at {turn['start_s']} s{tag}: {turn['text'][:70]!r}")
-    print(f"outputs: {out_dir / 'outputs'} (rosbag2, mcap)  summary: {out_dir / 'summary.json'}  "
-          f"plot: {out_dir / 'timeline.png'}")
+    print(
+        f"outputs: {out_dir / 'outputs'} (rosbag2, mcap)  summary: {out_dir / 'summary.json'}  "
+        f"plot: {out_dir / 'timeline.png'}"
+    )

@@ -16,7 +16,7 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from omni_ros.core.types import Counters
-from omni_ros.tools.bagio import NS, InputBag, stamp_ns
+from omni_ros.tools.bagio import NS, InputBag, stamp_ns, to_raw_audio
 from omni_ros.tools.typestore import omni_typestore
 
 MODE_NAMES = {0: "LISTENING", 1: "SPEAKING", 2: "INTERRUPTED", 3: "PAUSED", 4: "ERROR"}
@@ -27,22 +27,29 @@ def _read_outputs(path: Path) -> dict[str, list[tuple[int, Any]]]:
     out: dict[str, list[tuple[int, Any]]] = defaultdict(list)
     with Reader(path) as reader:
         for conn, log_ns, raw in reader.messages():
-            out[conn.topic.rsplit("/", 1)[-1] if conn.topic != "/diagnostics" else "diagnostics"].append(
-                (int(log_ns), store.deserialize_cdr(raw, conn.msgtype))
-            )
+            out[
+                conn.topic.rsplit("/", 1)[-1] if conn.topic != "/diagnostics" else "diagnostics"
+            ].append((int(log_ns), store.deserialize_cdr(raw, conn.msgtype)))
     return out
 
 
-def _decode_speech(msg: Any) -> np.ndarray:
-    data = bytes(msg.data)
-    if msg.encoding == "F32LE":
-        pcm = np.frombuffer(data, dtype="<f4")
+def _decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
+    """Interleaved PCM bytes -> mono float32 (for plots: malformed tails are trimmed, not raised)."""
+    if encoding == "F32LE":
+        pcm = np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4").astype(np.float32)
     else:
-        pcm = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
-    return pcm.reshape(-1, max(1, int(msg.channels))).mean(axis=1)
+        pcm = np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+    channels = max(1, int(channels))
+    return pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
 
 
-def summarize(input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _decode_speech(msg: Any) -> np.ndarray:
+    return _decode_pcm(bytes(msg.data), str(msg.encoding), int(msg.channels))
+
+
+def summarize(
+    input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything a robotics team wants to know about one replay, as plain JSON-able data."""
     out = _read_outputs(outputs_path)
     states = [m for _, m in out.get("state", [])]
@@ -53,7 +60,12 @@ def summarize(input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | N
     counters: dict[str, int] = {}
     if states:
         last = states[-1]
-        for key in ("dropped_frames", "dropped_audio_samples", "late_messages", "gap_samples_filled"):
+        for key in (
+            "dropped_frames",
+            "dropped_audio_samples",
+            "late_messages",
+            "gap_samples_filled",
+        ):
             counters[key] = int(getattr(last, key))
     names = set(Counters().as_dict())
     for _, diag in out.get("diagnostics", [])[-1:]:
@@ -63,14 +75,24 @@ def summarize(input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | N
                     counters[kv.key] = max(counters.get(kv.key, 0), int(kv.value))
     turns: dict[int, dict[str, Any]] = {}
     for t in texts:
-        turn = turns.setdefault(int(t.turn_id), {"turn_id": int(t.turn_id), "text": "", "proactive": bool(t.proactive), "start_s": None})
+        turn = turns.setdefault(
+            int(t.turn_id),
+            {
+                "turn_id": int(t.turn_id),
+                "text": "",
+                "proactive": bool(t.proactive),
+                "start_s": None,
+            },
+        )
         turn["text"] += t.text
         if turn["start_s"] is None:
             turn["start_s"] = round((stamp_ns(t) - input_bag.start_ns) / NS, 3)
     speech_s = sum(len(_decode_speech(m)) / m.sample_rate for m in speech)
     unit_s = 1.0
     if len(states) >= 2:
-        unit_s = max(1e-3, (stamp_ns(states[-1]) - stamp_ns(states[0])) / NS / max(1, len(states) - 1))
+        unit_s = max(
+            1e-3, (stamp_ns(states[-1]) - stamp_ns(states[0])) / NS / max(1, len(states) - 1)
+        )
     modes: dict[str, int] = defaultdict(int)
     for s in states:
         modes[MODE_NAMES.get(int(s.mode), str(s.mode))] += 1
@@ -88,8 +110,16 @@ def summarize(input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | N
         "turn_texts": sorted(turns.values(), key=lambda t: t["turn_id"]),
         "proactive_events": len(proactive),
         "proactive": [
-            {"turn_id": int(p.turn_id), "kind": p.kind, "text": p.text, "confidence": round(float(p.confidence), 3),
-             "trigger_s": round((p.trigger_stamp.sec * NS + p.trigger_stamp.nanosec - input_bag.start_ns) / NS, 3)}
+            {
+                "turn_id": int(p.turn_id),
+                "kind": p.kind,
+                "text": p.text,
+                "confidence": round(float(p.confidence), 3),
+                "trigger_s": round(
+                    (p.trigger_stamp.sec * NS + p.trigger_stamp.nanosec - input_bag.start_ns) / NS,
+                    3,
+                ),
+            }
             for p in proactive
         ],
         "speech_seconds": round(speech_s, 3),
@@ -101,7 +131,9 @@ def summarize(input_bag: InputBag, outputs_path: Path, extra: dict[str, Any] | N
             "max": round(float(compute.max()), 3) if compute.size else None,
         },
         "real_time_factor": {
-            "median": round(float(np.median(compute)) / (unit_s * 1000), 4) if compute.size else None,
+            "median": round(float(np.median(compute)) / (unit_s * 1000), 4)
+            if compute.size
+            else None,
             "max": round(float(compute.max()) / (unit_s * 1000), 4) if compute.size else None,
         },
         "outputs": {topic: len(msgs) for topic, msgs in sorted(out.items())},
@@ -128,24 +160,30 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
     frame_t: list[float] = []
     for m in input_bag:
         if m.role == "mic":
-            raw = m.to_core()
-            dtype = "<f4" if raw.encoding == "F32LE" else "<i2"  # type: ignore[union-attr]
-            pcm = np.frombuffer(raw.data, dtype=dtype).astype(np.float32)  # type: ignore[union-attr]
-            if dtype == "<i2":
-                pcm /= 32768.0
-            pcm = pcm[: len(pcm) - len(pcm) % max(1, raw.channels)].reshape(-1, max(1, raw.channels)).mean(axis=1)  # type: ignore[union-attr]
-            step = max(1, raw.sample_rate // 200)  # type: ignore[union-attr]
-            env = np.abs(pcm[: len(pcm) // step * step]).reshape(-1, step).max(axis=1) if len(pcm) >= step else np.abs(pcm[:1])
-            audio_t.append((raw.stamp_ns - t0) / NS + np.arange(len(env)) * step / raw.sample_rate)  # type: ignore[union-attr]
+            raw = to_raw_audio(m.msg)
+            pcm = _decode_pcm(raw.data, raw.encoding, raw.channels)
+            step = max(1, raw.sample_rate // 200)
+            if len(pcm) < step:
+                continue
+            env = np.abs(pcm[: len(pcm) // step * step]).reshape(-1, step).max(axis=1)
+            audio_t.append((raw.stamp_ns - t0) / NS + np.arange(len(env)) * step / raw.sample_rate)
             audio_v.append(env)
         elif m.role in ("camera", "camera_compressed"):
             frame_t.append((stamp_ns(m.msg) - t0) / NS)
     out = _read_outputs(outputs_path)
-    fig, axes = plt.subplots(6, 1, figsize=(14, 10), sharex=True, gridspec_kw={"height_ratios": [2, 0.6, 0.8, 2, 0.6, 1.4]})
+    fig, axes = plt.subplots(
+        6,
+        1,
+        figsize=(14, 10),
+        sharex=True,
+        gridspec_kw={"height_ratios": [2, 0.6, 0.8, 2, 0.6, 1.4]},
+    )
     ax_in, ax_fr, ax_mode, ax_out, ax_pro, ax_lat = axes
     if audio_t:
         order = np.argsort(np.concatenate(audio_t))
-        ax_in.plot(np.concatenate(audio_t)[order], np.concatenate(audio_v)[order], lw=0.6, color="tab:blue")
+        ax_in.plot(
+            np.concatenate(audio_t)[order], np.concatenate(audio_v)[order], lw=0.6, color="tab:blue"
+        )
     ax_in.set_ylabel("mic |x|")
     ax_fr.vlines(frame_t, 0, 1, color="tab:gray", lw=0.6)
     ax_fr.set_yticks([])
@@ -168,7 +206,12 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
         step = max(1, m.sample_rate // 200)
         if len(pcm) >= step:
             env = np.abs(pcm[: len(pcm) // step * step]).reshape(-1, step).max(axis=1)
-            ax_out.plot((stamp_ns(m) - t0) / NS + np.arange(len(env)) * step / m.sample_rate, env, lw=0.6, color="tab:red")
+            ax_out.plot(
+                (stamp_ns(m) - t0) / NS + np.arange(len(env)) * step / m.sample_rate,
+                env,
+                lw=0.6,
+                color="tab:red",
+            )
     ax_out.set_ylabel("speech |y|")
     for m in (msg for _, msg in out.get("proactive", [])):
         trig = (m.trigger_stamp.sec * NS + m.trigger_stamp.nanosec - t0) / NS
@@ -177,7 +220,12 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
     ax_pro.set_yticks([])
     ax_pro.set_ylabel("proactive")
     if states:
-        ax_lat.plot([(stamp_ns(s) - t0) / NS for s in states], [s.unit_compute_ms for s in states], marker=".", lw=0.8)
+        ax_lat.plot(
+            [(stamp_ns(s) - t0) / NS for s in states],
+            [s.unit_compute_ms for s in states],
+            marker=".",
+            lw=0.8,
+        )
     ax_lat.set_ylabel("unit compute\n[ms]")
     ax_lat.set_xlabel("bag time [s]")
     backend = states[-1].backend if states else "?"

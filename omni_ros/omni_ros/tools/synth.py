@@ -14,6 +14,7 @@ import wave
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soxr
@@ -63,7 +64,9 @@ def speak(text: str, rate: int) -> np.ndarray:
     """Speech for ``text`` from espeak-ng as mono float32 at ``rate``."""
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise ConfigError("espeak-ng is not installed (apt-get install espeak-ng; `make setup` does)")
+        raise ConfigError(
+            "espeak-ng is not installed (apt-get install espeak-ng; `make setup` does)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speech.wav"
         subprocess.run([exe, "-s", "150", "-w", str(path), text], check=True, capture_output=True)
@@ -135,22 +138,25 @@ def write_bag(path: Path, config: SynthConfig | None = None) -> Path:
     """Write the input bag to ``path`` (a rosbag2 folder). Returns the path."""
     config = config or SynthConfig()
     store = omni_typestore()
-    T = store.types
+    types = store.types
     storage = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[config.storage]
     rate = 48_000 if config.messy else config.mic_rate
     channels = 2 if config.messy else config.mic_channels
     with Writer(path, version=9, storage_plugin=storage) as writer:
         mic = writer.add_connection(MIC_TOPIC, "omni_ros_msgs/msg/AudioChunk", typestore=store)
         cam = writer.add_connection(CAMERA_TOPIC, "sensor_msgs/msg/Image", typestore=store)
-        records: list[tuple[int, object, bytes]] = []
+        records: list[tuple[int, Any, Any]] = []
         for stamp_ns, log_ns, frames in _audio_messages(config):
             sec, nsec = _stamp(stamp_ns)
-            header = T["std_msgs/msg/Header"](
-                stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec), frame_id="mic"
+            header = types["std_msgs/msg/Header"](
+                stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec), frame_id="mic"
             )
             pcm = (np.clip(frames, -1, 1) * 32767).round().astype("<i2").tobytes()
-            msg = T["omni_ros_msgs/msg/AudioChunk"](
-                header=header, sample_rate=rate, channels=channels, encoding="S16LE",
+            msg = types["omni_ros_msgs/msg/AudioChunk"](
+                header=header,
+                sample_rate=rate,
+                channels=channels,
+                encoding="S16LE",
                 data=np.frombuffer(pcm, dtype=np.uint8),
             )
             records.append((log_ns, mic, store.serialize_cdr(msg, "omni_ros_msgs/msg/AudioChunk")))
@@ -172,15 +178,22 @@ def write_bag(path: Path, config: SynthConfig | None = None) -> Path:
                 padded[:, : config.width * bpp] = data.reshape(config.height, -1)
                 data = padded
             sec, nsec = _stamp(stamp_ns)
-            header = T["std_msgs/msg/Header"](
-                stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec), frame_id="camera"
+            header = types["std_msgs/msg/Header"](
+                stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nsec), frame_id="camera"
             )
-            msg = T["sensor_msgs/msg/Image"](
-                header=header, height=config.height, width=config.width, encoding=encoding,
-                is_bigendian=0, step=step, data=np.ascontiguousarray(data).reshape(-1),
+            msg = types["sensor_msgs/msg/Image"](
+                header=header,
+                height=config.height,
+                width=config.width,
+                encoding=encoding,
+                is_bigendian=0,
+                step=step,
+                data=np.ascontiguousarray(data).reshape(-1),
             )
-            records.append((stamp_ns + 30_000_000, cam, store.serialize_cdr(msg, "sensor_msgs/msg/Image")))
+            records.append(
+                (stamp_ns + 30_000_000, cam, store.serialize_cdr(msg, "sensor_msgs/msg/Image"))
+            )
         records.sort(key=lambda r: r[0])
         for log_ns, conn, raw in records:
-            writer.write(conn, log_ns, raw)  # type: ignore[arg-type]
+            writer.write(conn, log_ns, raw)
     return path

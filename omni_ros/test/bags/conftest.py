@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from bag_samples import short_config
 from omni_ros.tools.synth import write_bag
 
@@ -35,7 +34,9 @@ def messy_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sqlite_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bag(tmp_path_factory.mktemp("bags") / "clean_sqlite", short_config(storage="sqlite3"))
+    return write_bag(
+        tmp_path_factory.mktemp("bags") / "clean_sqlite", short_config(storage="sqlite3")
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rosbags.rosbag2 import Reader
-
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.bagio import NS, InputBag, parse_remaps
 from omni_ros.tools.replay import load_params_file, replay
 from omni_ros.tools.typestore import omni_typestore
+from rosbags.rosbag2 import Reader
 
 pytest.importorskip("rclpy")  # direct mode converts outputs with the node's own conversions
 
@@ -35,7 +34,9 @@ def _stamp(msg: Any) -> int:
 def test_direct_replay_writes_an_output_bag_a_summary_and_a_timeline_plot(
     clean_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
-    summary = replay(clean_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False)
+    summary = replay(
+        clean_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False
+    )
     outputs = _outputs(tmp_path)
     assert set(outputs) >= {"/omni/state", "/omni/text", "/omni/speech", "/diagnostics"}
     # 7 s of input: the 1.035 s first unit and then 1 s units, all closed by the flush.
@@ -46,65 +47,120 @@ def test_direct_replay_writes_an_output_bag_a_summary_and_a_timeline_plot(
     assert on_disk["units"] == summary["units"]
     assert set(on_disk["unit_compute_ms"]) == {"median", "p95", "max"}
     png = (tmp_path / "timeline.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 10_000
 
 
-def test_outputs_are_stamped_on_the_bags_time_axis(clean_bag: Path, schedule_params: Path, tmp_path: Path) -> None:
-    replay(clean_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False, plot=False)
+def test_outputs_are_stamped_on_the_bags_time_axis(
+    clean_bag: Path, schedule_params: Path, tmp_path: Path
+) -> None:
+    replay(
+        clean_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False, plot=False
+    )
     bag = InputBag(clean_bag)
     outputs = _outputs(tmp_path)
-    stamps = [_stamp(m) for topic in ("/omni/state", "/omni/text", "/omni/speech") for m in outputs[topic]]
+    stamps = [
+        _stamp(m) for topic in ("/omni/state", "/omni/text", "/omni/speech") for m in outputs[topic]
+    ]
     assert min(stamps) >= bag.start_ns - NS
     assert max(stamps) <= bag.end_ns + 5 * NS
     speech = [_stamp(m) for m in outputs["/omni/speech"]]
     assert speech == sorted(speech)
 
 
-def test_direct_replay_is_deterministic(clean_bag: Path, schedule_params: Path, tmp_path: Path) -> None:
+def test_direct_replay_is_deterministic(
+    clean_bag: Path, schedule_params: Path, tmp_path: Path
+) -> None:
     texts = []
     for run in ("a", "b"):
-        replay(clean_bag, tmp_path / run, mode="direct", params_file=schedule_params, progress=False, plot=False)
+        replay(
+            clean_bag,
+            tmp_path / run,
+            mode="direct",
+            params_file=schedule_params,
+            progress=False,
+            plot=False,
+        )
         out = _outputs(tmp_path / run)
-        texts.append(([m.text for m in out["/omni/text"]], [bytes(m.data) for m in out["/omni/speech"]]))
+        texts.append(
+            ([m.text for m in out["/omni/text"]], [bytes(m.data) for m in out["/omni/speech"]])
+        )
     assert texts[0] == texts[1]
 
 
 def test_a_sqlite3_bag_replays_exactly_like_the_same_mcap_bag(
     clean_bag: Path, sqlite_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
-    a = replay(clean_bag, tmp_path / "mcap", mode="direct", params_file=schedule_params, progress=False, plot=False)
-    b = replay(sqlite_bag, tmp_path / "sqlite", mode="direct", params_file=schedule_params, progress=False, plot=False)
-    assert (a["units"], a["turn_texts"], a["speech_seconds"]) == (b["units"], b["turn_texts"], b["speech_seconds"])
+    a = replay(
+        clean_bag,
+        tmp_path / "mcap",
+        mode="direct",
+        params_file=schedule_params,
+        progress=False,
+        plot=False,
+    )
+    b = replay(
+        sqlite_bag,
+        tmp_path / "sqlite",
+        mode="direct",
+        params_file=schedule_params,
+        progress=False,
+        plot=False,
+    )
+    assert (a["units"], a["turn_texts"], a["speech_seconds"]) == (
+        b["units"],
+        b["turn_texts"],
+        b["speech_seconds"],
+    )
 
 
 def test_a_messy_bag_replays_with_gaps_filled_and_counted_and_nothing_undecodable(
     messy_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
-    summary = replay(messy_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False, plot=False)
+    summary = replay(
+        messy_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False, plot=False
+    )
     counters = summary["counters"]
     assert summary["units"] >= 6
     assert counters["gap_samples_filled"] > 0  # the dropped chunks
-    assert counters.get("decode_errors", 0) == 0  # 48 kHz stereo, bgr8/mono8 with padded rows all decode
+    assert (
+        counters.get("decode_errors", 0) == 0
+    )  # 48 kHz stereo, bgr8/mono8 with padded rows all decode
     assert counters.get("late_messages", 0) == 0  # swapped neighbours arrive within the watermark
 
 
 def test_a_looping_bag_is_detected_as_a_clock_jump_and_replay_carries_on(
     clean_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
-    once = replay(clean_bag, tmp_path / "once", mode="direct", params_file=schedule_params, progress=False, plot=False)
-    twice = replay(clean_bag, tmp_path / "twice", mode="direct", params_file=schedule_params, progress=False,
-                   plot=False, loops=2)
+    once = replay(
+        clean_bag,
+        tmp_path / "once",
+        mode="direct",
+        params_file=schedule_params,
+        progress=False,
+        plot=False,
+    )
+    twice = replay(
+        clean_bag,
+        tmp_path / "twice",
+        mode="direct",
+        params_file=schedule_params,
+        progress=False,
+        plot=False,
+        loops=2,
+    )
     assert twice["counters"]["clock_jumps"] == 1
     # The first pass closes the units that ended before the jump (7 s of bag: at least 5); the ones
     # still open at the jump are dropped with the old timeline; the second pass is a full replay.
     assert twice["units"] >= once["units"] + 5
 
 
-def test_remaps_let_a_bag_with_other_topic_names_replay(tmp_path: Path, schedule_params: Path) -> None:
-    from rosbags.rosbag2 import Writer
-
-    from omni_ros.tools.synth import write_bag
+def test_remaps_let_a_bag_with_other_topic_names_replay(
+    tmp_path: Path, schedule_params: Path
+) -> None:
     from bag_samples import short_config
+    from omni_ros.tools.synth import write_bag
+    from rosbags.rosbag2 import Writer
 
     src = write_bag(tmp_path / "src", short_config(duration_s=3.0))
     renamed = tmp_path / "renamed"
@@ -118,8 +174,15 @@ def test_remaps_let_a_bag_with_other_topic_names_replay(tmp_path: Path, schedule
             writer.write(conns[topic], t, raw)
     with pytest.raises(ConfigError, match="--remap"):
         InputBag(renamed)
-    summary = replay(renamed, tmp_path / "out", mode="direct", params_file=schedule_params,
-                     remaps=parse_remaps(["/robot/mic0:=/audio/mic"]), progress=False, plot=False)
+    summary = replay(
+        renamed,
+        tmp_path / "out",
+        mode="direct",
+        params_file=schedule_params,
+        remaps=parse_remaps(["/robot/mic0:=/audio/mic"]),
+        progress=False,
+        plot=False,
+    )
     assert summary["units"] >= 2
 
 
@@ -137,15 +200,20 @@ def test_the_cli_synthesises_a_bag_and_reports_its_version(tmp_path: Path) -> No
 
     assert main(["synth", str(tmp_path / "b"), "--duration", "2"]) == 0
     assert InputBag(tmp_path / "b").duration_ns > NS
-    out = subprocess.run([sys.executable, "-m", "omni_ros.tools.cli", "--version"], capture_output=True, text=True)
-    assert out.returncode == 0 and "omni-ros" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "omni_ros.tools.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert "omni-ros" in out.stdout
 
 
 @pytest.mark.ros
 def test_graph_replay_drives_a_real_node_under_sim_time_and_records_its_outputs(
     clean_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
-    summary = replay(clean_bag, tmp_path, mode="graph", params_file=schedule_params, progress=False, plot=False)
+    summary = replay(
+        clean_bag, tmp_path, mode="graph", params_file=schedule_params, progress=False, plot=False
+    )
     bag = InputBag(clean_bag)
     outputs = _outputs(tmp_path)
     states = outputs["/omni/state"]

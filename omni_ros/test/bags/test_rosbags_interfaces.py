@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rosbags.rosbag2 import Reader, StoragePlugin, Writer
-
 from interface_samples import SAMPLES, build_rclpy
 from omni_ros.tools.typestore import omni_typestore
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 
 def _rosbags_msg(type_name: str) -> Any:
@@ -61,7 +59,9 @@ def test_every_project_message_type_is_registered_in_the_typestore() -> None:
 
 
 @pytest.mark.parametrize("storage", [StoragePlugin.MCAP, StoragePlugin.SQLITE3])
-def test_a_written_bag_reads_back_every_field_of_every_message(tmp_path: Path, storage: Any) -> None:
+def test_a_written_bag_reads_back_every_field_of_every_message(
+    tmp_path: Path, storage: Any
+) -> None:
     store = omni_typestore()
     bag = tmp_path / f"bag_{storage.name.lower()}"
     sent = {name: _rosbags_msg(name) for name in SAMPLES}

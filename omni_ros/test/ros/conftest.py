@@ -11,8 +11,9 @@ import pytest
 
 def _ros_available() -> str | None:
     try:
-        import omni_ros_msgs.msg  # noqa: F401
         import rclpy  # noqa: F401
+
+        import omni_ros_msgs.msg  # noqa: F401
     except Exception as exc:  # ImportError or rosidl's UnsupportedTypeSupport
         return f"the built workspace is not sourced (source install/setup.sh): {exc}"
     return None

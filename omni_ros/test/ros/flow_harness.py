@@ -32,7 +32,9 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, proc: A
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"omni_flow_node exited ({proc.returncode}) while waiting for {what}\n{proc.log()}")
+            raise AssertionError(
+                f"omni_flow_node exited ({proc.returncode}) while waiting for {what}\n{proc.log()}"
+            )
         if time.monotonic() > deadline:
             log = proc.log() if proc is not None else ""
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{log}")
@@ -54,20 +56,30 @@ class NodeProcess:
     """The node in a child process on its own ROS domain; its output goes to a log file that is
     shown when a test fails."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.log_path = log_path
         self.domain_id = fresh_domain_id()
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         child_env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(self.domain_id)}
-        self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=child_env)
+        self.proc = subprocess.Popen(
+            list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=child_env
+        )
 
     @classmethod
-    def installed(cls, params: dict[str, Any], log_path: Path, extra: Sequence[str] = ()) -> NodeProcess:
+    def installed(
+        cls, params: dict[str, Any], log_path: Path, extra: Sequence[str] = ()
+    ) -> NodeProcess:
         return cls([str(INSTALLED_NODE), "--ros-args", *ros_params(params), *extra], log_path)
 
     @classmethod
     def with_doubles(
-        cls, params: dict[str, Any], log_path: Path, extra: Sequence[str] = (), env: dict[str, str] | None = None
+        cls,
+        params: dict[str, Any],
+        log_path: Path,
+        extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> NodeProcess:
         argv = [sys.executable, str(RUNNER), "--ros-args", *ros_params(params), *extra]
         return cls(argv, log_path, env)
@@ -108,12 +120,19 @@ class Probe:
     def __init__(self, domain_id: int, namespace: str = "") -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
+        from rclpy.action import ActionClient
         from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+        from rclpy.qos import (
+            DurabilityPolicy,
+            QoSProfile,
+            ReliabilityPolicy,
+            qos_profile_sensor_data,
+        )
         from rosgraph_msgs.msg import Clock
         from sensor_msgs.msg import Image
         from std_srvs.srv import Trigger
 
+        from omni_ros_msgs.action import Ask
         from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
         from omni_ros_msgs.srv import SetPrompt
 
@@ -122,10 +141,14 @@ class Probe:
         rclpy.init(context=self.context, domain_id=domain_id)
         self.node = rclpy.create_node("flow_probe", context=self.context)
         self.lock = threading.Lock()
-        self.received: dict[str, list[Any]] = {k: [] for k in ("state", "text", "speech", "proactive", "diag")}
+        self.received: dict[str, list[Any]] = {
+            k: [] for k in ("state", "text", "speech", "proactive", "diag")
+        }
         reliable = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
         latched = QoSProfile(
-            depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+            depth=10,
+            reliability=ReliabilityPolicy.RELIABLE,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
         for key, msg_type, topic, qos in (
             ("state", OmniState, f"{ns}/omni/state", latched),
@@ -136,11 +159,16 @@ class Probe:
         ):
             self.node.create_subscription(msg_type, topic, self._collector(key), qos)
         self.clock_pub = self.node.create_publisher(Clock, "/clock", reliable)
-        self.mic_pub = self.node.create_publisher(AudioChunk, f"{ns}/audio/mic", qos_profile_sensor_data)
-        self.cam_pub = self.node.create_publisher(Image, f"{ns}/camera/image_raw", qos_profile_sensor_data)
+        self.mic_pub = self.node.create_publisher(
+            AudioChunk, f"{ns}/audio/mic", qos_profile_sensor_data
+        )
+        self.cam_pub = self.node.create_publisher(
+            Image, f"{ns}/camera/image_raw", qos_profile_sensor_data
+        )
         self.interrupt = self.node.create_client(Trigger, f"{ns}/omni/interrupt")
         self.reset = self.node.create_client(Trigger, f"{ns}/omni/reset")
         self.set_prompt = self.node.create_client(SetPrompt, f"{ns}/omni/set_prompt")
+        self.ask = ActionClient(self.node, Ask, f"{ns}/omni/ask")
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self._spin, daemon=True)
@@ -210,7 +238,11 @@ def mic_chunk(
 
     n = duration_ns * rate // NS_PER_S
     noise = np.random.default_rng(seed).normal(0, amplitude, (n, channels)).astype(np.float32)
-    data = (noise * 32767).astype("<i2").tobytes() if encoding == "S16LE" else noise.astype("<f4").tobytes()
+    data = (
+        (noise * 32767).astype("<i2").tobytes()
+        if encoding == "S16LE"
+        else noise.astype("<f4").tobytes()
+    )
     msg = AudioChunk(header=Header(stamp=stamp(start_ns), frame_id="test_mic"), sample_rate=rate,
                      channels=channels, encoding=encoding)  # fmt: skip
     msg.data = array.array("B", data)
@@ -266,11 +298,15 @@ class SimDriver:
             self.steps += 1
             time.sleep(self.pace_s)
 
-    def run_until(self, condition: Callable[[], bool], timeout_s: float, what: str, proc: NodeProcess) -> None:
+    def run_until(
+        self, condition: Callable[[], bool], timeout_s: float, what: str, proc: NodeProcess
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{proc.log()}")
+                raise AssertionError(
+                    f"timed out after {timeout_s} s waiting for {what}\n{proc.log()}"
+                )
             self.step(1, proc)
 
 

@@ -176,6 +176,24 @@ def test_mic_node_with_a_missing_device_exits_with_a_message_listing_devices() -
 
 
 # -------------------------------------------------------------------------------------- speaker
+def test_speech_in_any_format_is_converted_to_the_sink_format() -> None:
+    from omni_ros.ros.speaker_node import chunk_to_pcm
+
+    from omni_ros_msgs.msg import AudioChunk
+
+    # 100 ms of a 440 Hz tone at 48 kHz, stereo F32LE (left = right).
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(4800) / 48_000)).astype("<f4")
+    msg = AudioChunk(sample_rate=48_000, channels=2, encoding="F32LE")
+    msg.data = np.repeat(tone, 2).tobytes()
+    mono = np.frombuffer(chunk_to_pcm(msg, AudioFormat(24_000, 1, "S16LE")), "<i2")
+    assert len(mono) == 2400
+    expected = 0.5 * np.sin(2 * np.pi * 440 * np.arange(2400) / 24_000) * 32768
+    assert np.max(np.abs(mono[100:-100] - expected[100:-100])) < 0.01 * 32768
+    stereo = np.frombuffer(chunk_to_pcm(msg, AudioFormat(24_000, 2, "S16LE")), "<i2")
+    assert np.array_equal(stereo.reshape(-1, 2)[:, 0], mono)
+    assert np.array_equal(stereo.reshape(-1, 2)[:, 1], mono)
+
+
 @pytest.fixture(scope="module")
 def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
@@ -185,12 +203,16 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
 
     out = tmp_path_factory.mktemp("speaker") / "played.wav"
     speaking: list[bool] = []
+    speaking_at: list[int] = []  # when each robot_speaking message arrived (ROS time)
+
+    def on_speaking(msg: Any) -> None:
+        speaking_at.append(peer.now_ns())
+        speaking.append(bool(msg.data))
+
     latched = QoSProfile(
         depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
     )
-    sub = peer.node.create_subscription(
-        Bool, "/spk_test/robot_speaking", lambda m: speaking.append(bool(m.data)), latched
-    )
+    sub = peer.node.create_subscription(Bool, "/spk_test/robot_speaking", on_speaking, latched)
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
     speech = peer.node.create_publisher(AudioChunk, "/spk_test/omni/speech", reliable)
     state = peer.node.create_publisher(OmniState, "/spk_test/omni/state", reliable)
@@ -208,7 +230,14 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             ),
             proc,
         )
-        yield {"proc": proc, "speaking": speaking, "speech": speech, "state": state, "out": out}
+        yield {
+            "proc": proc,
+            "speaking": speaking,
+            "speaking_at": speaking_at,
+            "speech": speech,
+            "state": state,
+            "out": out,
+        }
     finally:
         _stop(proc)
         peer.node.destroy_subscription(sub)
@@ -243,6 +272,8 @@ def test_speaker_plays_every_chunk_in_order_and_reports_robot_speaking(
     for msg in _speech_chunks(start_ns, 5, first_frame=1000):
         speaker["speech"].publish(msg)
     _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    # Played on schedule: the speaker started no earlier than the first chunk's stamp.
+    assert speaker["speaking_at"][n_seen] >= start_ns
     played = _wav_frames(speaker["out"])[before:]
     expected = np.frombuffer(pcm_sequence(5 * 2400, AudioFormat(SPEECH_RATE), start=1000), "<i2")
     assert np.array_equal(played, expected)
@@ -283,4 +314,31 @@ def test_flush_service_drops_queued_speech(peer: Peer, speaker: dict[str, Any]) 
     assert response.success
     assert int(response.message.split()[1]) > 0, response.message
     _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    peer.node.destroy_client(client)
+
+
+def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str, Any]) -> None:
+    from std_srvs.srv import Trigger
+
+    def late_count() -> int:
+        future = client.call_async(Trigger.Request())
+        _wait_for(future.done, speaker["proc"])
+        return int(future.result().message.split("late_chunks=")[1].split()[0])
+
+    speaking: list[bool] = speaker["speaking"]
+    client = peer.node.create_client(Trigger, "/spk_test/speaker/flush")
+    _wait_for(client.service_is_ready, speaker["proc"])
+    before_late = late_count()
+    before = len(_wav_frames(speaker["out"]))
+    n_seen = len(speaking)
+    # Stamped a second ago: it is late on arrival.
+    for msg in _speech_chunks(peer.now_ns() - 1_000_000_000, 2, first_frame=5000):
+        speaker["speech"].publish(msg)
+    _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
+    played = _wav_frames(speaker["out"])[before:]
+    assert np.array_equal(
+        played, np.frombuffer(pcm_sequence(2 * 2400, AudioFormat(SPEECH_RATE), start=5000), "<i2")
+    )
+    # Both are played at once and counted: even the second is still ~0.9 s behind its stamp.
+    assert late_count() - before_late == 2
     peer.node.destroy_client(client)

@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("rclpy")
 
+import itertools
+
 from flow_harness import (
     NS_PER_S,
     NodeProcess,
@@ -43,7 +45,9 @@ def _modes(probe: Probe) -> list[int]:
 
 # ------------------------------------------------------------------------------- (a) + (e): reference
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Probe, NodeProcess, SimDriver]]:
+def reference_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Probe, NodeProcess, SimDriver]]:
     log = tmp_path_factory.mktemp("reference") / "node.log"
     params = {
         **SIM,
@@ -56,9 +60,16 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS)
         driver.publish_clock(BAG_START_NS)
-        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 60, "the node's mic subscription", proc)
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            60,
+            "the node's mic subscription",
+            proc,
+        )
         wait_for(probe.reset.service_is_ready, 60, "the node to configure (model build)", proc)
-        driver.run_until(lambda: probe.count("state") >= 8 and probe.count("speech") > 0, 60, "8 units", proc)
+        driver.run_until(
+            lambda: probe.count("state") >= 8 and probe.count("speech") > 0, 60, "8 units", proc
+        )
         yield probe, proc, driver
 
 
@@ -75,19 +86,23 @@ def test_reference_backend_publishes_omni_state_for_every_unit(reference_run) ->
 def test_outputs_are_stamped_on_the_bag_time_axis_under_sim_time(reference_run) -> None:
     probe, _, driver = reference_run
     lo, hi = BAG_START_NS, driver.now_ns + 3 * UNIT_NS  # speech is scheduled after its unit
-    states, texts, speech = probe.snapshot("state"), probe.snapshot("text"), probe.snapshot("speech")
+    states, texts, speech = (
+        probe.snapshot("state"),
+        probe.snapshot("text"),
+        probe.snapshot("speech"),
+    )
     assert texts, "the forced speak schedule must produce text"
     assert speech, "the forced speak schedule must produce speech"
     for msg in (*states, *texts, *speech):
         assert lo <= to_ns(msg.header.stamp) <= hi, (type(msg).__name__, to_ns(msg.header.stamp))
     # Unit boundaries follow the bag: every state stamp is the origin plus whole units.
     stamps = [to_ns(s.header.stamp) for s in states]
-    assert all((b - a) == UNIT_NS for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    assert all((b - a) == UNIT_NS for a, b in itertools.pairwise(stamps))
     # Speech chunks: 24 kHz S16LE, 100 ms each except a turn's last, never overlapping.
     assert {(c.sample_rate, c.channels, c.encoding) for c in speech} == {(24_000, 1, "S16LE")}
     starts = sorted(to_ns(c.header.stamp) for c in speech)
     assert starts == [to_ns(c.header.stamp) for c in speech]  # published in play order
-    for chunk, nxt in zip(speech, speech[1:], strict=False):
+    for chunk, nxt in itertools.pairwise(speech):
         end = to_ns(chunk.header.stamp) + len(chunk.data) // 2 * NS_PER_S // 24_000
         assert end <= to_ns(nxt.header.stamp) + 1
 
@@ -95,11 +110,52 @@ def test_outputs_are_stamped_on_the_bag_time_axis_under_sim_time(reference_run) 
 def test_diagnostics_report_backend_latency_and_every_counter(reference_run) -> None:
     probe, proc, driver = reference_run
     driver.run_until(lambda: any("backend" in (diag_values(d) or {}) for d in probe.snapshot("diag")), 20, "diagnostics", proc)  # fmt: skip
-    values = [v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v][-1]
+    values = [v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v][
+        -1
+    ]
     assert values["backend"] == "reference"
     assert values["lifecycle"] == "active"
-    for key in ("real_time_factor", "unit_compute_ms", "latency_ms", "dropped_frames", "decode_errors", "clock_jumps"):
+    for key in (
+        "real_time_factor",
+        "unit_compute_ms",
+        "latency_ms",
+        "dropped_frames",
+        "decode_errors",
+        "clock_jumps",
+    ):
         assert key in values
+
+
+def test_ask_action_streams_the_next_turn_as_feedback_and_returns_it(reference_run) -> None:
+    from omni_ros_msgs.action import Ask
+
+    probe, proc, driver = reference_run
+    wait_for(probe.ask.server_is_ready, 15, "the omni/ask action server", proc)
+    turn_before = max((t.turn_id for t in probe.snapshot("text")), default=0)
+    feedback: list[str] = []
+    goal = probe.ask.send_goal_async(
+        Ask.Goal(text="What do you see?", timeout_s=60.0),
+        feedback_callback=lambda fb: feedback.append(fb.feedback.partial_text),
+    )
+    driver.run_until(goal.done, 20, "the goal to be accepted", proc)
+    handle = goal.result()
+    assert handle.accepted
+    result = handle.get_result_async()
+    driver.run_until(result.done, 40, "the reply turn to end", proc)
+    reply = result.result().result
+    turns: dict[int, str] = {}
+    for text in probe.snapshot("text"):
+        turns[text.turn_id] = turns.get(text.turn_id, "") + text.text
+    # The reply is one whole turn that started after the goal was sent (the first new one, or
+    # the second if a turn began between our snapshot and the node opening the goal).
+    assert reply.reply
+    assert reply.reply in {turns.get(turn_before + 1), turns.get(turn_before + 2)}, (
+        reply.reply,
+        turns,
+    )
+    assert reply.spoken  # the reference backend speaks every unit it has text in
+    assert feedback
+    assert all(reply.reply.startswith(partial) for partial in feedback)
 
 
 # ---------------------------------------------------------------------------------- (b) interrupt
@@ -110,7 +166,12 @@ def test_interrupt_service_stops_speech_within_one_unit(tmp_path: Path) -> None:
     with running(proc, "/robot1") as probe:
         driver = SimDriver(probe, BAG_START_NS)
         driver.publish_clock(BAG_START_NS)
-        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            30,
+            "the node's mic subscription",
+            proc,
+        )
         driver.run_until(lambda: probe.count("speech") >= 25, 40, "two units of speech", proc)
         assert 1 in _modes(probe)  # SPEAKING
         # The clock stands still at T while the service is called: T is the interrupt's stamp.
@@ -118,11 +179,20 @@ def test_interrupt_service_stops_speech_within_one_unit(tmp_path: Path) -> None:
         response = probe.call(probe.interrupt, _trigger(), proc)
         assert response.success, response.message
         states_before = probe.count("state")
-        driver.run_until(lambda: probe.count("state") >= states_before + 3, 30, "three more units", proc)
-        late = [to_ns(c.header.stamp) for c in probe.snapshot("speech") if to_ns(c.header.stamp) >= interrupt_ns + UNIT_NS]
-        assert late == [], f"speech stamped more than one unit after the interrupt at {interrupt_ns}"
+        driver.run_until(
+            lambda: probe.count("state") >= states_before + 3, 30, "three more units", proc
+        )
+        late = [
+            to_ns(c.header.stamp)
+            for c in probe.snapshot("speech")
+            if to_ns(c.header.stamp) >= interrupt_ns + UNIT_NS
+        ]
+        assert late == [], (
+            f"speech stamped more than one unit after the interrupt at {interrupt_ns}"
+        )
         after = [s.mode for s in probe.snapshot("state")[states_before:]]
-        assert after and set(after) <= {0, 2}, after  # LISTENING / INTERRUPTED only
+        assert after
+        assert set(after) <= {0, 2}, after  # LISTENING / INTERRUPTED only
         assert 2 in _modes(probe) or after[-1] == 0
 
 
@@ -133,7 +203,9 @@ def _trigger():
 
 
 # ---------------------------------------------------------------------- (c) served while computing
-def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(tmp_path: Path) -> None:
+def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(
+    tmp_path: Path,
+) -> None:
     from omni_ros_msgs.srv import SetPrompt
 
     control, spy = tmp_path / "control", tmp_path / "spy"
@@ -146,11 +218,18 @@ def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(t
         "blocking_double.block_unit": 2,
         "flow.backend_deadline_ms": 120_000,  # the block must not count as a hang
     }
-    proc = NodeProcess.with_doubles(params, tmp_path / "node.log", env={"OMNI_TEST_SPY_DIR": str(spy)})
+    proc = NodeProcess.with_doubles(
+        params, tmp_path / "node.log", env={"OMNI_TEST_SPY_DIR": str(spy)}
+    )
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS)
         driver.publish_clock(BAG_START_NS)
-        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            30,
+            "the node's mic subscription",
+            proc,
+        )
         driver.run_until(lambda: (control / "blocked").exists(), 30, "the backend to block", proc)
         # From here on the backend cannot return: only the test creates `release`.
         states_while_blocked = probe.count("state")
@@ -158,25 +237,39 @@ def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(t
         prompt = probe.call(probe.set_prompt, SetPrompt.Request(system_prompt="Be brief."), proc)
         marker_ns = driver.now_ns + 7  # a stamp no other chunk has
         probe.mic_pub.publish(mic_chunk(marker_ns, 100_000_000))
-        wait_for((spy / f"audio_{marker_ns}").exists, 15, "the mic callback to hand the chunk to OmniFlow", proc)
+        wait_for(
+            (spy / f"audio_{marker_ns}").exists,
+            15,
+            "the mic callback to hand the chunk to OmniFlow",
+            proc,
+        )
         assert not (control / "released").exists()  # all of the above happened while blocked
         assert reset.success, reset.message
         assert prompt.success, prompt.message
         assert probe.count("state") == states_while_blocked
         (control / "release").touch()
         wait_for((control / "released").exists, 15, "the backend to return", proc)
-        driver.run_until(lambda: probe.count("state") > states_while_blocked, 30, "units after the release", proc)
+        driver.run_until(
+            lambda: probe.count("state") > states_while_blocked, 30, "units after the release", proc
+        )
         assert proc.poll() is None
 
 
 # -------------------------------------------------------------------------------- (d) bad input
-def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_running(tmp_path: Path) -> None:
+def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_running(
+    tmp_path: Path,
+) -> None:
     params = {**SIM, "backend": "speak_until_interrupted_double", "diagnostics.period_s": 0.2}
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS, frame_every=0)
         driver.publish_clock(BAG_START_NS)
-        wait_for(lambda: probe.mic_pub.get_subscription_count() > 0, 30, "the node's mic subscription", proc)
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            30,
+            "the node's mic subscription",
+            proc,
+        )
         driver.run_until(lambda: probe.count("state") >= 2, 30, "two units", proc)
         base = probe.snapshot("state")[-1]
         t = driver.now_ns
@@ -193,7 +286,10 @@ def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_runnin
         driver.send_mic = False
         t = driver.now_ns
         chunks = [mic_chunk(t, 100_000_000, encoding="MP3")]
-        chunks += [mic_chunk(t + (i + 1) * 100_000_000, 100_000_000, rate=48_000, channels=2, seed=i) for i in range(10)]
+        chunks += [
+            mic_chunk(t + (i + 1) * 100_000_000, 100_000_000, rate=48_000, channels=2, seed=i)
+            for i in range(10)
+        ]
         chunks.append(mic_chunk(t + 1_200_000_000, 100_000_000))
         chunks.append(mic_chunk(t + 1_100_000_000, 100_000_000))
         chunks.append(mic_chunk(BAG_START_NS + 100_000_000, 100_000_000))  # long closed
@@ -207,13 +303,18 @@ def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_runnin
         driver.now_ns = BAG_START_NS
         driver.step(1, proc)
         jumps_seen = lambda: any(  # noqa: E731
-            (v := diag_values(d)) and int(v.get("clock_jumps", "0") or 0) >= 1 for d in probe.snapshot("diag")
+            (v := diag_values(d)) and int(v.get("clock_jumps", "0") or 0) >= 1
+            for d in probe.snapshot("diag")
         )
         driver.run_until(jumps_seen, 30, "the clock jump in /diagnostics", proc)
         states_after_jump = probe.count("state")
-        driver.run_until(lambda: probe.count("state") >= states_after_jump + 2, 30, "units after the jump", proc)
+        driver.run_until(
+            lambda: probe.count("state") >= states_after_jump + 2, 30, "units after the jump", proc
+        )
         last = probe.snapshot("state")[-1]
-        values = [v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v][-1]
+        values = [
+            v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v
+        ][-1]
         assert last.late_messages > base.late_messages
         assert last.gap_samples_filled > base.gap_samples_filled  # the undecodable MP3 chunk's span
         assert last.dropped_audio_samples > base.dropped_audio_samples
@@ -229,8 +330,63 @@ def test_invalid_parameters_fail_configure_with_a_clear_error_and_no_crash(tmp_p
     params = {"backend": "speak_until_interrupted_double", "timeline.no_such_key": 3}
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     try:
-        wait_for(lambda: "configure failed" in proc.log_path.read_text(errors="replace"), 30, "the configure error", proc)
+        wait_for(
+            lambda: "configure failed" in proc.log_path.read_text(errors="replace"),
+            30,
+            "the configure error",
+            proc,
+        )
         assert "no_such_key" in proc.log_path.read_text()
         assert proc.poll() is None  # still up, unconfigured, waiting for a lifecycle manager
     finally:
         proc.stop()
+
+
+def test_lifecycle_transitions_start_stop_and_release_the_loop(tmp_path: Path) -> None:
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    params = {**SIM, "backend": "speak_until_interrupted_double", "autostart": False}
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    with running(proc) as probe:
+        change = probe.node.create_client(ChangeState, "/omni_flow_node/change_state")
+        get = probe.node.create_client(GetState, "/omni_flow_node/get_state")
+
+        def transition(transition_id: int) -> None:
+            response = probe.call(
+                change, ChangeState.Request(transition=Transition(id=transition_id)), proc
+            )
+            assert response.success, transition_id
+
+        def state() -> str:
+            return probe.call(get, GetState.Request(), proc).current_state.label
+
+        driver = SimDriver(probe, BAG_START_NS)
+        assert state() == "unconfigured"
+        assert not probe.reset.service_is_ready()
+        transition(Transition.TRANSITION_CONFIGURE)
+        assert state() == "inactive"
+        transition(Transition.TRANSITION_ACTIVATE)
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            30,
+            "the node's mic subscription",
+            proc,
+        )
+        driver.run_until(lambda: probe.count("state") >= 2, 30, "units while active", proc)
+        transition(Transition.TRANSITION_DEACTIVATE)
+        stopped_at = probe.count("state")
+        driver.step(40, proc)  # four units of input: none is processed while inactive
+        assert probe.count("state") == stopped_at
+        transition(Transition.TRANSITION_ACTIVATE)
+        driver.run_until(
+            lambda: probe.count("state") >= stopped_at + 3, 30, "units after re-activation", proc
+        )
+        resumed = probe.snapshot("state")[stopped_at:]
+        assert 4 not in [s.mode for s in resumed]  # no ERROR: the backend really runs again
+        assert all(s.unit_compute_ms < 1000 for s in resumed)
+        transition(Transition.TRANSITION_DEACTIVATE)
+        transition(Transition.TRANSITION_CLEANUP)
+        assert state() == "unconfigured"
+        wait_for(lambda: not probe.reset.service_is_ready(), 10, "omni/reset to go away", proc)
+        assert proc.poll() is None

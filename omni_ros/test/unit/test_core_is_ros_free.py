@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "omni_ros" / "core"
-FORBIDDEN_PREFIXES = ("rclpy", "rosidl", "builtin_interfaces", "rosgraph_msgs", "ament_index_python")
+FORBIDDEN_PREFIXES = (
+    "rclpy",
+    "rosidl",
+    "builtin_interfaces",
+    "rosgraph_msgs",
+    "ament_index_python",
+)
 
 
 def _forbidden(module: str) -> bool:
@@ -44,7 +50,10 @@ def test_importing_every_core_module_loads_no_ros_module() -> None:
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=CORE.parents[1],
     )
     loaded = json.loads(out.stdout.strip().splitlines()[-1])

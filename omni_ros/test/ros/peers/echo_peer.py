@@ -11,13 +11,15 @@ import rclpy
 from rclpy.action import ActionServer
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy, DurabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
 from omni_ros_msgs.srv import SetPrompt
 
-QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+QOS = QoSProfile(
+    depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE
+)
 
 
 class EchoPeer(Node):
@@ -28,13 +30,17 @@ class EchoPeer(Node):
             name = msg_type.__name__
             pub = self.create_publisher(msg_type, f"/echo_out/{name}", QOS)
             self._keep.append(pub)
-            self._keep.append(self.create_subscription(msg_type, f"/echo_in/{name}", pub.publish, QOS))
+            self._keep.append(
+                self.create_subscription(msg_type, f"/echo_in/{name}", pub.publish, QOS)
+            )
         self.create_service(SetPrompt, "/echo/set_prompt", self._set_prompt)
         self._ask = ActionServer(self, Ask, "/echo/ask", self._execute)
         self.ready = self.create_publisher(OmniState, "/echo_ready", QOS)
         self.create_timer(0.1, lambda: self.ready.publish(OmniState(backend="echo")))
 
-    def _set_prompt(self, request: SetPrompt.Request, response: SetPrompt.Response) -> SetPrompt.Response:
+    def _set_prompt(
+        self, request: SetPrompt.Request, response: SetPrompt.Response
+    ) -> SetPrompt.Response:
         response.success = bool(request.system_prompt)
         response.message = f"{request.system_prompt}|{request.ref_voice_path}"
         return response

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from omni_ros.core.types import FloatArray
 
 OUTPUT_RATE = 24_000

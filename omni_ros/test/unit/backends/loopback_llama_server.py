@@ -45,11 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from PIL import Image
-
 from omni_ros.backends import _wire
-
+from PIL import Image
 from unit.backends.loopback_duplex_model import Decision, DuplexModelDouble
 
 _NOT_INIT = "omni context not initialized. call /v1/stream/omni_init first"
@@ -84,7 +81,7 @@ class LoopbackLlamaServer:
         self._timers: list[threading.Timer] = []
         self._release = threading.Event()
         self._port = port
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _TrackingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -107,7 +104,9 @@ class LoopbackLlamaServer:
         self._httpd = httpd
         self._port = httpd.server_address[1]
         self._release.clear()
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
         self._thread.start()
         return self
 
@@ -161,13 +160,19 @@ class LoopbackLlamaServer:
                 if isinstance(voice, str) and voice:
                     self._read_wav_or_500(voice, "stream_prefill(voice_audio) failed")
                     self.system_prompt_source = f"voice_audio:{voice}"
-                return {"success": True, "message": "Session config updated", "duplex_mode": body.get("duplex_mode")}
+                return {
+                    "success": True,
+                    "message": "Session config updated",
+                    "duplex_mode": body.get("duplex_mode"),
+                }
             raise _HttpError(404, f"unknown endpoint {endpoint}")
 
     def _omni_init(self, body: dict[str, Any]) -> dict[str, Any]:
         media_type = body.get("media_type", body.get("msg_type"))
         if not isinstance(media_type, int) or isinstance(media_type, bool):
-            raise _HttpError(400, '"msg_type" or "media_type" must be provided as integer (1=audio, 2=omni)')
+            raise _HttpError(
+                400, '"msg_type" or "media_type" must be provided as integer (1=audio, 2=omni)'
+            )
         self.init_body = dict(body)
         self.initialized = True
         self.system_prompt_source = None
@@ -179,7 +184,12 @@ class LoopbackLlamaServer:
         if isinstance(voice, str) and voice:
             self._read_wav_or_500(voice, "stream_prefill(voice_audio) failed")
             self.system_prompt_source = f"voice_audio:{voice}"
-        return {"success": True, "media_type": media_type, "use_tts": body.get("use_tts", True), "voice_audio_used": bool(voice)}
+        return {
+            "success": True,
+            "media_type": media_type,
+            "use_tts": body.get("use_tts", True),
+            "voice_audio_used": bool(voice),
+        }
 
     def _prefill(self, body: dict[str, Any]) -> dict[str, Any]:
         path = body.get("audio_path_prefix")
@@ -200,8 +210,13 @@ class LoopbackLlamaServer:
                     image_size = im.size
             except OSError:
                 raise _HttpError(500, "stream_prefill failed") from None
-        record = {"cnt": cnt, "samples": len(audio), "rate": rate, "image_size": image_size,
-                  "rms": float(np.sqrt(np.mean(np.square(audio)))) if len(audio) else 0.0}
+        record = {
+            "cnt": cnt,
+            "samples": len(audio),
+            "rate": rate,
+            "image_size": image_size,
+            "rms": float(np.sqrt(np.mean(np.square(audio)))) if len(audio) else 0.0,
+        }
         if cnt == 0 and self.system_prompt_source is None:
             # The cnt-0 rule: this audio becomes the voice reference inside the system prompt.
             self.system_prompt_source = f"cnt0_audio:{path}"
@@ -212,7 +227,13 @@ class LoopbackLlamaServer:
             record["became_voice_reference"] = False
             self._last_audio = audio
         self.prefills.append(record)
-        return {"success": True, "audio_path_prefix": path, "img_path_prefix": img, "img_posfix": "", "cnt": cnt}
+        return {
+            "success": True,
+            "audio_path_prefix": path,
+            "img_path_prefix": img,
+            "img_posfix": "",
+            "cnt": cnt,
+        }
 
     def decide(self) -> Decision:
         with self.lock:
@@ -274,6 +295,10 @@ class _TrackingHTTPServer(ThreadingHTTPServer):
             self._open.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hang up right after `data: [DONE]` (before the last chunk): not worth a traceback.
+        pass
+
     def cut_connections(self) -> None:
         with self._open_lock:
             socks, self._open = list(self._open), set()
@@ -288,7 +313,12 @@ class _Handler(BaseHTTPRequestHandler):
     owner: LoopbackLlamaServer
     protocol_version = "HTTP/1.1"  # cpp-httplib streams SSE with chunked transfer encoding
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def setup(self) -> None:
+        super().setup()
+        # Small SSE chunks + Nagle + delayed ACK would add ~40 ms per decode to every test.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -346,11 +376,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if decision.speak:
             words = decision.text.split(".")
-            self._event({"content": words[0] + ".", "stop": False, "is_listen": False, "end_of_turn": False})
+            self._event(
+                {"content": words[0] + ".", "stop": False, "is_listen": False, "end_of_turn": False}
+            )
             if owner.fault == "drop":
                 self._abort()
                 return
-            self._event({"content": ".".join(words[1:]), "stop": False, "is_listen": False, "end_of_turn": False})
+            self._event(
+                {
+                    "content": ".".join(words[1:]),
+                    "stop": False,
+                    "is_listen": False,
+                    "end_of_turn": False,
+                }
+            )
             owner.schedule_speech(decision)
             self._event({"content": "", "stop": True, "is_listen": False, "end_of_turn": True})
         else:
@@ -453,29 +492,81 @@ class LoopbackLlamaWsServer:
         try:
             first = json.loads(conn.recv(timeout=10))
             payload = first.get("payload") if isinstance(first, dict) else None
-            if not isinstance(first, dict) or first.get("type") != "session.init" or not isinstance(payload, dict):
-                conn.send(json.dumps({"type": "error", "error": {"code": "invalid_request", "message": "expected type=session.init"}}))
+            if (
+                not isinstance(first, dict)
+                or first.get("type") != "session.init"
+                or not isinstance(payload, dict)
+            ):
+                conn.send(
+                    json.dumps(
+                        {
+                            "type": "error",
+                            "error": {
+                                "code": "invalid_request",
+                                "message": "expected type=session.init",
+                            },
+                        }
+                    )
+                )
                 return
             mode = payload.get("mode", "full_duplex")
             if mode not in ("full_duplex", "turn_based"):
-                conn.send(json.dumps({"type": "error", "error": {"code": "invalid_request", "message": f"invalid mode: {mode}"}}))
+                conn.send(
+                    json.dumps(
+                        {
+                            "type": "error",
+                            "error": {
+                                "code": "invalid_request",
+                                "message": f"invalid mode: {mode}",
+                            },
+                        }
+                    )
+                )
                 return
             sid = uuid.uuid4().hex[:12]
             with self.lock:
                 self.sessions.append({"session_id": sid, **payload})
                 self.model.force_listen()
-            conn.send(json.dumps({"type": "session.created", "session_id": sid, "mode": mode, "server_send_ts": 0.0}))
+            conn.send(
+                json.dumps(
+                    {
+                        "type": "session.created",
+                        "session_id": sid,
+                        "mode": mode,
+                        "server_send_ts": 0.0,
+                    }
+                )
+            )
             rid_counter = 0
             for raw in conn:
                 msg = json.loads(raw)
                 if msg.get("type") != "input.append" or not isinstance(msg.get("input"), dict):
-                    conn.send(json.dumps({"type": "error", "error": {"code": "invalid_request", "message": "expected type=input.append"}}))
+                    conn.send(
+                        json.dumps(
+                            {
+                                "type": "error",
+                                "error": {
+                                    "code": "invalid_request",
+                                    "message": "expected type=input.append",
+                                },
+                            }
+                        )
+                    )
                     continue
                 inp = msg["input"]
                 audio = np.frombuffer(base64.b64decode(inp.get("audio_base64", "")), dtype="<f4")
-                frames = [Image.open(io.BytesIO(base64.b64decode(f))).size for f in inp.get("video_frames", [])]
+                frames = [
+                    Image.open(io.BytesIO(base64.b64decode(f))).size
+                    for f in inp.get("video_frames", [])
+                ]
                 with self.lock:
-                    self.appends.append({"samples": len(audio), "frames": frames, "force_listen": bool(inp.get("force_listen"))})
+                    self.appends.append(
+                        {
+                            "samples": len(audio),
+                            "frames": frames,
+                            "force_listen": bool(inp.get("force_listen")),
+                        }
+                    )
                 rid_counter += 1
                 rid = f"{sid}_resp_{rid_counter}"
                 if self.fault == "hang":
@@ -487,23 +578,73 @@ class LoopbackLlamaWsServer:
                 if inp.get("force_listen"):
                     with self.lock:
                         self.model.force_listen()
-                    conn.send(json.dumps({"type": "response.output.delta", "kind": "listen", "session_id": sid, "response_id": rid}))
+                    conn.send(
+                        json.dumps(
+                            {
+                                "type": "response.output.delta",
+                                "kind": "listen",
+                                "session_id": sid,
+                                "response_id": rid,
+                            }
+                        )
+                    )
                     continue
                 with self.lock:
                     decision = self.model.step(audio.astype(np.float32))
                 if not decision.speak:
-                    conn.send(json.dumps({"type": "response.output.delta", "kind": "listen", "session_id": sid, "response_id": rid,
-                                          "metrics": {"apm_ms": 3.0, "llm_prefill_ms": 5.0}}))
+                    conn.send(
+                        json.dumps(
+                            {
+                                "type": "response.output.delta",
+                                "kind": "listen",
+                                "session_id": sid,
+                                "response_id": rid,
+                                "metrics": {"apm_ms": 3.0, "llm_prefill_ms": 5.0},
+                            }
+                        )
+                    )
                     continue
-                conn.send(json.dumps({"type": "response.output.delta", "kind": "text", "session_id": sid, "response_id": rid, "text": decision.text}))
+                conn.send(
+                    json.dumps(
+                        {
+                            "type": "response.output.delta",
+                            "kind": "text",
+                            "session_id": sid,
+                            "response_id": rid,
+                            "text": decision.text,
+                        }
+                    )
+                )
                 if self.fault == "drop":
                     _kill(conn)
                     return
                 assert decision.audio is not None
-                conn.send(json.dumps({"type": "response.output.delta", "kind": "audio", "session_id": sid, "response_id": rid,
-                                      "audio": base64.b64encode(decision.audio.astype("<f4").tobytes()).decode()}))
-                conn.send(json.dumps({"type": "response.done", "session_id": sid, "response_id": rid, "text": decision.text,
-                                      "reason": "turn_end", "audio": None, "metrics": {"generate_ms": 7.0}}))
+                conn.send(
+                    json.dumps(
+                        {
+                            "type": "response.output.delta",
+                            "kind": "audio",
+                            "session_id": sid,
+                            "response_id": rid,
+                            "audio": base64.b64encode(
+                                decision.audio.astype("<f4").tobytes()
+                            ).decode(),
+                        }
+                    )
+                )
+                conn.send(
+                    json.dumps(
+                        {
+                            "type": "response.done",
+                            "session_id": sid,
+                            "response_id": rid,
+                            "text": decision.text,
+                            "reason": "turn_end",
+                            "audio": None,
+                            "metrics": {"generate_ms": 7.0},
+                        }
+                    )
+                )
         except (ConnectionClosed, OSError, TimeoutError, json.JSONDecodeError):
             return
         finally:

@@ -45,9 +45,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from omni_ros.backends import _wire
+from PIL import Image
 from unit.backends.loopback_duplex_model import DuplexModelDouble
 
 UNIT_SAMPLES = 16_000  # chunk_period_ms 1000 at 16 kHz
@@ -158,7 +157,17 @@ class LoopbackVllmServer:
                 try:
                     msg = json.loads(raw)
                 except json.JSONDecodeError:
-                    self._send_raw(conn, {"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_json", "message": "not JSON"}})
+                    self._send_raw(
+                        conn,
+                        {
+                            "type": "error",
+                            "error": {
+                                "type": "invalid_request_error",
+                                "code": "invalid_json",
+                                "message": "not JSON",
+                            },
+                        },
+                    )
                     continue
                 with self.lock:
                     self.received.append(msg)
@@ -185,39 +194,92 @@ class LoopbackVllmServer:
         if kind == "session.resume":
             return self._resume(conn, msg)
         if kind != "session.update" or not isinstance(msg.get("session"), dict):
-            self._send_raw(conn, {"type": "error", "error": "first event must be session.update or session.resume", "code": "invalid_handshake"})
+            self._send_raw(
+                conn,
+                {
+                    "type": "error",
+                    "error": "first event must be session.update or session.resume",
+                    "code": "invalid_handshake",
+                },
+            )
             conn.close()
             return None
         config = msg["session"]
         self._reap()
         if len([s for s in self.sessions.values() if not s.closed]) >= self.max_sessions:
             self.refused.append("duplex_session_busy")
-            self._send_raw(conn, {"type": "error", "error": {"type": "rate_limit_error", "code": "duplex_session_busy",
-                                                            "message": f"duplex_session_capacity_exhausted: limit={self.max_sessions}",
-                                                            "event_id": msg.get("event_id")}})
+            self._send_raw(
+                conn,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "rate_limit_error",
+                        "code": "duplex_session_busy",
+                        "message": f"duplex_session_capacity_exhausted: limit={self.max_sessions}",
+                        "event_id": msg.get("event_id"),
+                    },
+                },
+            )
             conn.close()
             return None
         ref = config.get("ref_audio")
         if not isinstance(ref, str) or not ref.startswith("data:audio/wav;base64,"):
             self.refused.append("ref_audio_required")
-            self._send_raw(conn, {"type": "error", "error": {"type": "invalid_request_error", "code": "ref_audio_required",
-                                                            "message": "MiniCPM-o duplex sessions require session.ref_audio (a WAV data URL)",
-                                                            "event_id": msg.get("event_id"), "param": "ref_audio"}})
+            self._send_raw(
+                conn,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "ref_audio_required",
+                        "message": "MiniCPM-o duplex sessions require session.ref_audio (a WAV data URL)",
+                        "event_id": msg.get("event_id"),
+                        "param": "ref_audio",
+                    },
+                },
+            )
             conn.close()
             return None
         _wire.parse_wav(base64.b64decode(ref.split(",", 1)[1]), "ref_audio")
-        session = _Session(id=f"duplex-{uuid.uuid4().hex}", resume_token=f"rt_{uuid.uuid4().hex}", config=config,
-                           model=self.model_factory(), conn=conn)
+        session = _Session(
+            id=f"duplex-{uuid.uuid4().hex}",
+            resume_token=f"rt_{uuid.uuid4().hex}",
+            config=config,
+            model=self.model_factory(),
+            conn=conn,
+        )
         self.sessions[session.id] = session
-        info: dict[str, Any] = {"object": "realtime.session", "type": "realtime", "id": session.id, "model": config.get("model"),
-                                "state": "open", "epoch": 0, "turn_id": 0, "instructions": config.get("instructions"),
-                                "input_audio_format": "pcm16", "output_audio_format": "pcm16",
-                                "playback": {"generated_ms": 0, "sent_ms": 0, "played_ms": 0, "committed_ms": 0}}
+        info: dict[str, Any] = {
+            "object": "realtime.session",
+            "type": "realtime",
+            "id": session.id,
+            "model": config.get("model"),
+            "state": "open",
+            "epoch": 0,
+            "turn_id": 0,
+            "instructions": config.get("instructions"),
+            "input_audio_format": "pcm16",
+            "output_audio_format": "pcm16",
+            "playback": {"generated_ms": 0, "sent_ms": 0, "played_ms": 0, "committed_ms": 0},
+        }
         if self.duplex:
-            info["capabilities"] = {"implementation_level": "model_native_duplex", "supports_input_append": True,
-                                    "supports_barge_in": True, "supports_session_resume": True, "chunk_period_ms": 1000,
-                                    "input_modes": ["append_audio_chunk"]}
-        self._emit(session, {"type": "session.created", "attachment_generation": 1, "resume_token": session.resume_token, "session": info})
+            info["capabilities"] = {
+                "implementation_level": "model_native_duplex",
+                "supports_input_append": True,
+                "supports_barge_in": True,
+                "supports_session_resume": True,
+                "chunk_period_ms": 1000,
+                "input_modes": ["append_audio_chunk"],
+            }
+        self._emit(
+            session,
+            {
+                "type": "session.created",
+                "attachment_generation": 1,
+                "resume_token": session.resume_token,
+                "session": info,
+            },
+        )
         self._emit(session, {"type": "session.updated", "session": info})
         return session
 
@@ -225,13 +287,26 @@ class LoopbackVllmServer:
         self._reap()
         session = self.sessions.get(str(msg.get("session_id")))
         if session is None or session.closed or msg.get("resume_token") != session.resume_token:
-            self._send_raw(conn, {"type": "error", "error": f"Unknown or expired duplex session: {msg.get('session_id')}",
-                                  "code": "session_resume_expired"})
+            self._send_raw(
+                conn,
+                {
+                    "type": "error",
+                    "error": f"Unknown or expired duplex session: {msg.get('session_id')}",
+                    "code": "session_resume_expired",
+                },
+            )
             conn.close()
             return None
         old = session.conn
         if old is not None and old is not conn:
-            self._send_raw(old, {"type": "session.replaced", "session_id": session.id, "attachment_generation": session.attachment_generation})
+            self._send_raw(
+                old,
+                {
+                    "type": "session.replaced",
+                    "session_id": session.id,
+                    "attachment_generation": session.attachment_generation,
+                },
+            )
             _kill(old)
         self.resumes += 1
         session.conn = conn
@@ -239,9 +314,17 @@ class LoopbackVllmServer:
         session.attachment_generation += 1
         session.resume_token = f"rt_{uuid.uuid4().hex}"
         last = msg.get("last_received_server_event_seq", -1)
-        self._emit(session, {"type": "session.resumed", "session_id": session.id, "attachment_generation": session.attachment_generation,
-                             "resume_token": session.resume_token, "session": {"id": session.id, "state": "open", "epoch": session.epoch}},
-                   journal=False)
+        self._emit(
+            session,
+            {
+                "type": "session.resumed",
+                "session_id": session.id,
+                "attachment_generation": session.attachment_generation,
+                "resume_token": session.resume_token,
+                "session": {"id": session.id, "state": "open", "epoch": session.epoch},
+            },
+            journal=False,
+        )
         for seq, text in list(session.journal):
             if isinstance(last, int) and seq > last:
                 self._send_text(conn, text)
@@ -260,14 +343,37 @@ class LoopbackVllmServer:
             s.epoch += 1
             if s.response_id is not None:
                 reason = "barge_in" if kind == "barge_in" else "client_cancelled"
-                self._emit(s, {"type": "response.done", "response_id": s.response_id,
-                               "response": {"id": s.response_id, "status": "cancelled", "status_details": {"type": "cancelled", "reason": reason}}})
+                self._emit(
+                    s,
+                    {
+                        "type": "response.done",
+                        "response_id": s.response_id,
+                        "response": {
+                            "id": s.response_id,
+                            "status": "cancelled",
+                            "status_details": {"type": "cancelled", "reason": reason},
+                        },
+                    },
+                )
                 s.response_id = None
         elif kind == "playback.ack":
             s.acks.append(msg)
-            self._emit(s, {"type": "playback.acknowledged", "event": {"type": "playback.acknowledged", "session_id": s.id,
-                                                                      "played_ms": msg.get("played_ms"), "committed_ms": msg.get("committed_ms"),
-                                                                      "playback": {"generated_ms": s.generated_ms, "played_ms": msg.get("played_ms")}}})
+            self._emit(
+                s,
+                {
+                    "type": "playback.acknowledged",
+                    "event": {
+                        "type": "playback.acknowledged",
+                        "session_id": s.id,
+                        "played_ms": msg.get("played_ms"),
+                        "committed_ms": msg.get("committed_ms"),
+                        "playback": {
+                            "generated_ms": s.generated_ms,
+                            "played_ms": msg.get("played_ms"),
+                        },
+                    },
+                },
+            )
         elif kind == "session.event_ack":
             upto = msg.get("server_event_seq", -1)
             s.journal = [(seq, text) for seq, text in s.journal if seq > upto]
@@ -282,13 +388,33 @@ class LoopbackVllmServer:
         elif kind == "session.update":
             self._emit(s, {"type": "session.updated", "session": {"id": s.id}})
         else:
-            self._emit(s, {"type": "error", "error": {"type": "invalid_request_error", "code": "unknown_event",
-                                                      "message": f"unknown event type {kind!r}", "event_id": msg.get("event_id")}})
+            self._emit(
+                s,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "unknown_event",
+                        "message": f"unknown event type {kind!r}",
+                        "event_id": msg.get("event_id"),
+                    },
+                },
+            )
         return True
 
     def _append(self, s: _Session, msg: dict[str, Any]) -> None:
         if msg.get("sample_rate_hz", 16000) != 16000:
-            self._emit(s, {"type": "error", "error": {"type": "invalid_request_error", "code": "unsupported_sample_rate", "message": "pcm16 input must be 16000 Hz"}})
+            self._emit(
+                s,
+                {
+                    "type": "error",
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "unsupported_sample_rate",
+                        "message": "pcm16 input must be 16000 Hz",
+                    },
+                },
+            )
             return
         pcm = _wire.pcm16_to_float(base64.b64decode(msg.get("audio", "")))
         for frame in msg.get("video_frames", []) or []:
@@ -306,24 +432,64 @@ class LoopbackVllmServer:
     def _unit(self, s: _Session, audio: np.ndarray) -> None:
         decision = s.model.step(audio)
         if not decision.speak:
-            self._emit(s, {"type": "response.listen", "session_id": s.id, "epoch": s.epoch,
-                           "response": {"object": "realtime.response", "status": "listening", "metadata": {"reason": "model_listen"}}})
+            self._emit(
+                s,
+                {
+                    "type": "response.listen",
+                    "session_id": s.id,
+                    "epoch": s.epoch,
+                    "response": {
+                        "object": "realtime.response",
+                        "status": "listening",
+                        "metadata": {"reason": "model_listen"},
+                    },
+                },
+            )
             return
         if s.response_id is None:
             s.response_count += 1
             s.response_id = f"resp_{s.response_count:02d}"
             s.generated_ms = 0
-            self._emit(s, {"type": "response.created", "response_id": s.response_id,
-                           "response": {"id": s.response_id, "object": "realtime.response", "status": "in_progress"}})
-            self._emit(s, {"type": "response.speak", "response_id": s.response_id, "item_id": f"item_{s.response_id}",
-                           "metadata": {"session_id": s.id, "epoch": s.epoch, "model_speak": True}})
+            self._emit(
+                s,
+                {
+                    "type": "response.created",
+                    "response_id": s.response_id,
+                    "response": {
+                        "id": s.response_id,
+                        "object": "realtime.response",
+                        "status": "in_progress",
+                    },
+                },
+            )
+            self._emit(
+                s,
+                {
+                    "type": "response.speak",
+                    "response_id": s.response_id,
+                    "item_id": f"item_{s.response_id}",
+                    "metadata": {"session_id": s.id, "epoch": s.epoch, "model_speak": True},
+                },
+            )
         assert decision.audio is not None
         duration_ms = len(decision.audio) * 1000 // 24000
         s.generated_ms += duration_ms
-        delta = {"response_id": s.response_id, "item_id": f"item_{s.response_id}", "output_index": 0, "content_index": 0,
-                 "delta": base64.b64encode(_wire.float_to_pcm16(decision.audio)).decode(), "format": "pcm16", "sample_rate_hz": 24000,
-                 "metadata": {"session_id": s.id, "epoch": s.epoch, "model_speak": True, "end_of_turn": decision.end_of_turn,
-                              "audio_duration_ms": s.generated_ms}}
+        delta = {
+            "response_id": s.response_id,
+            "item_id": f"item_{s.response_id}",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": base64.b64encode(_wire.float_to_pcm16(decision.audio)).decode(),
+            "format": "pcm16",
+            "sample_rate_hz": 24000,
+            "metadata": {
+                "session_id": s.id,
+                "epoch": s.epoch,
+                "model_speak": True,
+                "end_of_turn": decision.end_of_turn,
+                "audio_duration_ms": s.generated_ms,
+            },
+        }
         for name in self._names("audio"):
             self._emit(s, {"type": name, **delta})
         if self.fault == "drop_mid_turn":
@@ -331,20 +497,41 @@ class LoopbackVllmServer:
             _kill(s.conn)  # the transcript below is journaled while detached and replayed on resume
             s.conn = None
             s.detached_at = time.monotonic()
-        transcript = {"response_id": s.response_id, "item_id": f"item_{s.response_id}", "output_index": 0, "content_index": 0, "delta": decision.text}
+        transcript = {
+            "response_id": s.response_id,
+            "item_id": f"item_{s.response_id}",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": decision.text,
+        }
         for name in self._names("transcript"):
             self._emit(s, {"type": name, **transcript})
         if decision.end_of_turn:
             self._emit(s, {"type": "response.output_audio.done", "response_id": s.response_id})
-            self._emit(s, {"type": "response.done", "response_id": s.response_id,
-                           "response": {"id": s.response_id, "status": "completed", "status_details": None}})
+            self._emit(
+                s,
+                {
+                    "type": "response.done",
+                    "response_id": s.response_id,
+                    "response": {
+                        "id": s.response_id,
+                        "status": "completed",
+                        "status_details": None,
+                    },
+                },
+            )
             self._emit(s, {"type": "rate_limits.updated", "rate_limits": []})
             s.response_id = None
 
     # --------------------------------------------------------------------------------- helpers
     def _names(self, which: str) -> list[str]:
-        ga = {"audio": "response.output_audio.delta", "transcript": "response.output_audio_transcript.delta"}[which]
-        beta = {"audio": "response.audio.delta", "transcript": "response.audio_transcript.delta"}[which]
+        ga = {
+            "audio": "response.output_audio.delta",
+            "transcript": "response.output_audio_transcript.delta",
+        }[which]
+        beta = {"audio": "response.audio.delta", "transcript": "response.audio_transcript.delta"}[
+            which
+        ]
         return {"ga": [ga], "beta": [beta], "both": [ga, beta]}[self.spelling]
 
     def _emit(self, s: _Session, event: dict[str, Any], journal: bool = True) -> None:
@@ -374,7 +561,9 @@ class LoopbackVllmServer:
         """Expire sessions detached for longer than disconnect_grace_s (their slot is freed)."""
         now = time.monotonic()
         for sid, s in list(self.sessions.items()):
-            if s.closed or (s.detached_at is not None and now - s.detached_at > self.disconnect_grace_s):
+            if s.closed or (
+                s.detached_at is not None and now - s.detached_at > self.disconnect_grace_s
+            ):
                 self.sessions.pop(sid, None)
 
 

@@ -22,7 +22,6 @@ from omni_ros.core.errors import (
     BackendUnavailable,
     ConfigError,
 )
-
 from unit.backends.contract import BackendContract, check_result, make_unit
 from unit.backends.loopback_duplex_model import tone
 from unit.backends.loopback_llama_server import LoopbackLlamaServer, LoopbackLlamaWsServer
@@ -68,7 +67,13 @@ def http_backend(server: LoopbackLlamaServer, tmp_path: Path, **params: Any) -> 
 
 
 def ws_backend(server: LoopbackLlamaWsServer, **params: Any) -> LlamaCppOmniBackend:
-    settings = {"url": server.url, "transport": "websocket", "retries": 1, "backoff_s": 0.01, **params}
+    settings = {
+        "url": server.url,
+        "transport": "websocket",
+        "retries": 1,
+        "backoff_s": 0.01,
+        **params,
+    }
     return LlamaCppOmniBackend(LlamaCppOmniConfig.from_mapping(settings))
 
 
@@ -89,7 +94,9 @@ def run(backend: LlamaCppOmniBackend, index: int, **kwargs: Any) -> Any:
 
 class TestLlamaCppHttpContract(BackendContract):
     @pytest.fixture
-    def backend(self, llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> Iterator[LlamaCppOmniBackend]:
+    def backend(
+        self, llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+    ) -> Iterator[LlamaCppOmniBackend]:
         backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
         yield backend
         backend.close()
@@ -106,7 +113,9 @@ class TestLlamaCppWebSocketContract(BackendContract):
 # --------------------------------------------------------------------------------- HTTP specifics
 
 
-def test_omni_init_asks_for_duplex_omni_with_tts_and_the_voice(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_omni_init_asks_for_duplex_omni_with_tts_and_the_voice(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     body = llama_server.init_body
@@ -122,7 +131,9 @@ def test_omni_init_asks_for_duplex_omni_with_tts_and_the_voice(llama_server: Loo
     backend.close()
 
 
-def test_first_user_unit_is_cnt_1_so_it_never_becomes_the_voice_reference(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_first_user_unit_is_cnt_1_so_it_never_becomes_the_voice_reference(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     for index in range(3):
@@ -134,19 +145,29 @@ def test_first_user_unit_is_cnt_1_so_it_never_becomes_the_voice_reference(llama_
     backend.close()
 
 
-def test_the_loopback_server_turns_cnt0_audio_into_the_voice_reference(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_the_loopback_server_turns_cnt0_audio_into_the_voice_reference(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     # The trap the backend avoids, shown on the double: no voice at init, then a cnt-0 prefill.
     with httpx.Client(trust_env=False) as client:
-        init = client.post(f"{llama_server.url}/v1/stream/omni_init", json={"media_type": 2, "duplex_mode": True, "output_dir": str(tmp_path)})
+        init = client.post(
+            f"{llama_server.url}/v1/stream/omni_init",
+            json={"media_type": 2, "duplex_mode": True, "output_dir": str(tmp_path)},
+        )
         assert init.status_code == 200
         user_audio = tmp_path / "user.wav"
         _wire.write_wav(user_audio, np.zeros(16560, np.float32), 16000)
-        client.post(f"{llama_server.url}/v1/stream/prefill", json={"audio_path_prefix": str(user_audio), "cnt": 0})
+        client.post(
+            f"{llama_server.url}/v1/stream/prefill",
+            json={"audio_path_prefix": str(user_audio), "cnt": 0},
+        )
     assert llama_server.system_prompt_source == f"cnt0_audio:{user_audio}"
     assert llama_server.prefills[0]["became_voice_reference"] is True
 
 
-def test_calls_before_omni_init_get_the_documented_400_error_body(llama_server: LoopbackLlamaServer) -> None:
+def test_calls_before_omni_init_get_the_documented_400_error_body(
+    llama_server: LoopbackLlamaServer,
+) -> None:
     with httpx.Client(trust_env=False) as client:
         resp = client.post(f"{llama_server.url}/v1/stream/decode", json={"stream": True})
     assert resp.status_code == 400
@@ -156,7 +177,9 @@ def test_calls_before_omni_init_get_the_documented_400_error_body(llama_server: 
     assert error["message"].startswith("omni context not initialized")
 
 
-def test_ref_voice_given_to_prepare_reaches_the_server_as_a_16khz_wav(llama_server: LoopbackLlamaServer, tmp_path: Path) -> None:
+def test_ref_voice_given_to_prepare_reaches_the_server_as_a_16khz_wav(
+    llama_server: LoopbackLlamaServer, tmp_path: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path)
     voice = (0.2 * np.sin(np.arange(24000) / 11.0)).astype(np.float32)
     backend.prepare("Streaming Omni Conversation.", ref_voice=voice)
@@ -170,7 +193,9 @@ def test_ref_voice_given_to_prepare_reaches_the_server_as_a_16khz_wav(llama_serv
     backend.close()
 
 
-def test_prepare_without_any_voice_is_a_config_error_and_sends_nothing(llama_server: LoopbackLlamaServer, tmp_path: Path) -> None:
+def test_prepare_without_any_voice_is_a_config_error_and_sends_nothing(
+    llama_server: LoopbackLlamaServer, tmp_path: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path)
     with pytest.raises(ConfigError, match="reference voice"):
         backend.prepare("Streaming Omni Conversation.")
@@ -178,13 +203,16 @@ def test_prepare_without_any_voice_is_a_config_error_and_sends_nothing(llama_ser
     backend.close()
 
 
-def test_prefill_passes_file_paths_the_server_reads_and_cleans_them_up(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_prefill_passes_file_paths_the_server_reads_and_cleans_them_up(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     run(backend, 0, frames=2)
     run(backend, 1)
     first, second = llama_server.prefills
-    assert first["samples"] == 16560 and first["rate"] == 16000
+    assert first["samples"] == 16560
+    assert first["rate"] == 16000
     assert second["samples"] == 16000
     frame = make_unit(backend, 0, frames=2).frames[-1]
     assert first["image_size"] == (frame.rgb.shape[1], frame.rgb.shape[0])  # the newest frame
@@ -195,14 +223,19 @@ def test_prefill_passes_file_paths_the_server_reads_and_cleans_them_up(llama_ser
     backend.close()
 
 
-def test_speaking_units_return_the_servers_wavs_as_24khz_float32(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_speaking_units_return_the_servers_wavs_as_24khz_float32(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     first = run(backend, 0, speech=True)
     second = run(backend, 1)
     third = run(backend, 2)
-    assert not first.is_listen and not second.is_listen and third.is_listen
-    assert first.text == "turn1.unit0 " and second.text == "turn1.unit1 "
+    assert not first.is_listen
+    assert not second.is_listen
+    assert third.is_listen
+    assert first.text == "turn1.unit0 "
+    assert second.text == "turn1.unit1 "
     for result in (first, second):
         assert result.audio is not None
         np.testing.assert_allclose(result.audio, tone(1), atol=PCM16_TOLERANCE)
@@ -212,29 +245,39 @@ def test_speaking_units_return_the_servers_wavs_as_24khz_float32(llama_server: L
     backend.close()
 
 
-def test_speech_written_after_the_decode_returned_is_waited_for(tmp_path: Path, voice_wav: Path) -> None:
+def test_speech_written_after_the_decode_returned_is_waited_for(
+    tmp_path: Path, voice_wav: Path
+) -> None:
     server = LoopbackLlamaServer(tts_delay_s=0.3).start()  # token2wav slower than the SSE stream
     try:
         backend = http_backend(server, tmp_path, voice_audio=str(voice_wav))
         backend.prepare("Streaming Omni Conversation.")
         result = run(backend, 0, speech=True)
-        assert result.audio is not None and len(result.audio) == 24000
+        assert result.audio is not None
+        assert len(result.audio) == 24000
         backend.close()
     finally:
         server.stop()
 
 
-def test_interrupt_breaks_generation_forces_listen_and_drops_queued_speech(tmp_path: Path, voice_wav: Path) -> None:
-    server = LoopbackLlamaServer(tts_delay_s=0.3).start()
+def test_interrupt_breaks_generation_forces_listen_and_drops_queued_speech(
+    tmp_path: Path, voice_wav: Path
+) -> None:
+    server = LoopbackLlamaServer(tts_delay_s=5.0).start()  # speech still pending at the barge-in
     try:
         backend = http_backend(server, tmp_path, voice_audio=str(voice_wav), audio_wait_s=0.0)
         backend.prepare("Streaming Omni Conversation.")
         spoke = run(backend, 0, speech=True)  # its WAV is still being synthesised
-        assert not spoke.is_listen and spoke.audio is None
-        threading.Thread(target=backend.interrupt).start()
+        assert not spoke.is_listen
+        assert spoke.audio is None
+        thread = threading.Thread(target=backend.interrupt)
+        thread.start()
+        thread.join()
         decodes_before = server.decodes
         after = run(backend, 1, speech=True)
-        assert after.is_listen and after.audio is None and after.text == ""
+        assert after.is_listen
+        assert after.audio is None
+        assert after.text == ""
         assert server.breaks == 1
         assert server.decodes == decodes_before  # forced listen: no decode for that unit
         assert [name for name, _ in server.requests][-2:] == ["break", "prefill"]
@@ -243,7 +286,9 @@ def test_interrupt_breaks_generation_forces_listen_and_drops_queued_speech(tmp_p
         server.stop()
 
 
-def test_reset_clears_the_server_and_prepare_reuses_its_context(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_reset_clears_the_server_and_prepare_reuses_its_context(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     run(backend, 0)
@@ -258,7 +303,12 @@ def test_reset_clears_the_server_and_prepare_reuses_its_context(llama_server: Lo
     backend.close()
 
 
-def test_a_non_default_system_prompt_is_not_sent_over_http_and_warns(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_non_default_system_prompt_is_not_sent_over_http_and_warns(
+    llama_server: LoopbackLlamaServer,
+    tmp_path: Path,
+    voice_wav: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     with caplog.at_level("WARNING"):
         backend.prepare("You are a warehouse robot.")
@@ -267,7 +317,9 @@ def test_a_non_default_system_prompt_is_not_sent_over_http_and_warns(llama_serve
     backend.close()
 
 
-def test_health_503_while_loading_is_waited_for(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_health_503_while_loading_is_waited_for(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     llama_server.loading = True
     timer = threading.Timer(0.2, lambda: setattr(llama_server, "loading", False))
     timer.start()
@@ -281,10 +333,18 @@ def test_health_503_while_loading_is_waited_for(llama_server: LoopbackLlamaServe
 # ---------------------------------------------------------------------------------- HTTP faults
 
 
-def test_server_down_raises_unavailable_naming_the_url_and_how_to_start_it(tmp_path: Path, voice_wav: Path) -> None:
+def test_server_down_raises_unavailable_naming_the_url_and_how_to_start_it(
+    tmp_path: Path, voice_wav: Path
+) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     backend = LlamaCppOmniBackend(
-        LlamaCppOmniConfig(url=url, work_dir=str(tmp_path), voice_audio=str(voice_wav), health_timeout_s=0.2, retries=0)
+        LlamaCppOmniConfig(
+            url=url,
+            work_dir=str(tmp_path),
+            voice_audio=str(voice_wav),
+            health_timeout_s=0.2,
+            retries=0,
+        )
     )
     with pytest.raises(BackendUnavailable) as excinfo:
         backend.prepare("Streaming Omni Conversation.")
@@ -293,7 +353,9 @@ def test_server_down_raises_unavailable_naming_the_url_and_how_to_start_it(tmp_p
     backend.close()
 
 
-def test_decode_that_hangs_raises_backend_timeout_and_the_next_unit_recovers(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_decode_that_hangs_raises_backend_timeout_and_the_next_unit_recovers(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav), decode_timeout_s=0.3)
     backend.prepare("Streaming Omni Conversation.")
     llama_server.fault = "hang"
@@ -306,7 +368,9 @@ def test_decode_that_hangs_raises_backend_timeout_and_the_next_unit_recovers(lla
     backend.close()
 
 
-def test_malformed_sse_frame_raises_backend_protocol_error(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_malformed_sse_frame_raises_backend_protocol_error(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     llama_server.fault = "malformed"
@@ -316,7 +380,9 @@ def test_malformed_sse_frame_raises_backend_protocol_error(llama_server: Loopbac
     backend.close()
 
 
-def test_connection_cut_mid_decode_raises_backend_unavailable(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_connection_cut_mid_decode_raises_backend_unavailable(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     llama_server.fault = "drop"
@@ -326,7 +392,9 @@ def test_connection_cut_mid_decode_raises_backend_unavailable(llama_server: Loop
     backend.close()
 
 
-def test_server_error_500_on_prefill_is_a_backend_error(llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path) -> None:
+def test_server_error_500_on_prefill_is_a_backend_error(
+    llama_server: LoopbackLlamaServer, tmp_path: Path, voice_wav: Path
+) -> None:
     backend = http_backend(llama_server, tmp_path, voice_audio=str(voice_wav))
     backend.prepare("Streaming Omni Conversation.")
     llama_server.fault = "error500"
@@ -335,7 +403,9 @@ def test_server_error_500_on_prefill_is_a_backend_error(llama_server: LoopbackLl
     backend.close()
 
 
-def test_server_that_vanishes_mid_turn_is_reported_and_recovered_on_the_same_port(tmp_path: Path, voice_wav: Path) -> None:
+def test_server_that_vanishes_mid_turn_is_reported_and_recovered_on_the_same_port(
+    tmp_path: Path, voice_wav: Path
+) -> None:
     server = LoopbackLlamaServer(tts_delay_s=0.005).start()
     port = server.port
     backend = http_backend(server, tmp_path, voice_audio=str(voice_wav), health_timeout_s=0.3)
@@ -349,7 +419,9 @@ def test_server_that_vanishes_mid_turn_is_reported_and_recovered_on_the_same_por
         with pytest.raises(BackendUnavailable):  # still down: a clear error, not a hang
             backend.prefill(make_unit(backend, 0))
         server = LoopbackLlamaServer(port=port, tts_delay_s=0.005).start()
-        result = run(backend, 0, speech=True)  # re-opened: omni_init with the same voice, cnt from 1
+        result = run(
+            backend, 0, speech=True
+        )  # re-opened: omni_init with the same voice, cnt from 1
         assert not result.is_listen
         assert server.init_body["voice_audio"] == str(voice_wav)
         assert [p["cnt"] for p in server.prefills] == [1]
@@ -358,7 +430,9 @@ def test_server_that_vanishes_mid_turn_is_reported_and_recovered_on_the_same_por
         server.stop()
 
 
-def test_server_restarted_between_units_loses_its_context_and_the_backend_reinitialises(tmp_path: Path, voice_wav: Path) -> None:
+def test_server_restarted_between_units_loses_its_context_and_the_backend_reinitialises(
+    tmp_path: Path, voice_wav: Path
+) -> None:
     server = LoopbackLlamaServer(tts_delay_s=0.005).start()
     port = server.port
     backend = http_backend(server, tmp_path, voice_audio=str(voice_wav))
@@ -379,7 +453,9 @@ def test_server_restarted_between_units_loses_its_context_and_the_backend_reinit
 # ---------------------------------------------------------------------------- WebSocket specifics
 
 
-def test_ws_session_init_carries_mode_prompt_and_voice_as_float32(ws_server: LoopbackLlamaWsServer) -> None:
+def test_ws_session_init_carries_mode_prompt_and_voice_as_float32(
+    ws_server: LoopbackLlamaWsServer,
+) -> None:
     backend = ws_backend(ws_server)
     voice = (0.1 * np.cos(np.arange(8000) / 3.0)).astype(np.float32)
     backend.prepare("You are a warehouse robot.", ref_voice=voice)
@@ -391,27 +467,33 @@ def test_ws_session_init_carries_mode_prompt_and_voice_as_float32(ws_server: Loo
     backend.close()
 
 
-def test_ws_units_carry_float32_audio_and_the_newest_frame_and_return_speech(ws_server: LoopbackLlamaWsServer) -> None:
+def test_ws_units_carry_float32_audio_and_the_newest_frame_and_return_speech(
+    ws_server: LoopbackLlamaWsServer,
+) -> None:
     backend = ws_backend(ws_server)
     backend.prepare("Streaming Omni Conversation.")
     spoke = run(backend, 0, speech=True, frames=3)
     listened = run(backend, 1)
     assert ws_server.appends[0]["samples"] == 16560
     assert len(ws_server.appends[0]["frames"]) == 1
-    assert not spoke.is_listen and spoke.text == "turn1.unit0 "
+    assert not spoke.is_listen
+    assert spoke.text == "turn1.unit0 "
     assert spoke.audio is not None
     np.testing.assert_array_equal(spoke.audio, tone(1))  # float32 travels exactly
     assert not listened.is_listen  # the double's turns last two units
     backend.close()
 
 
-def test_ws_interrupt_sends_force_listen_and_the_unit_listens(ws_server: LoopbackLlamaWsServer) -> None:
+def test_ws_interrupt_sends_force_listen_and_the_unit_listens(
+    ws_server: LoopbackLlamaWsServer,
+) -> None:
     backend = ws_backend(ws_server)
     backend.prepare("Streaming Omni Conversation.")
     run(backend, 0, speech=True)
     backend.interrupt()
     after = run(backend, 1, speech=True)
-    assert after.is_listen and after.audio is None
+    assert after.is_listen
+    assert after.audio is None
     assert [a["force_listen"] for a in ws_server.appends] == [False, True]
     backend.close()
 
@@ -420,7 +502,9 @@ def test_ws_interrupt_sends_force_listen_and_the_unit_listens(ws_server: Loopbac
     ("fault", "error"),
     [("hang", BackendTimeout), ("malformed", BackendProtocolError), ("drop", BackendUnavailable)],
 )
-def test_ws_faults_raise_their_error_type_and_the_next_unit_recovers(ws_server: LoopbackLlamaWsServer, fault: str, error: type[Exception]) -> None:
+def test_ws_faults_raise_their_error_type_and_the_next_unit_recovers(
+    ws_server: LoopbackLlamaWsServer, fault: str, error: type[Exception]
+) -> None:
     backend = ws_backend(ws_server, decode_timeout_s=0.3)
     backend.prepare("Streaming Omni Conversation.")
     ws_server.fault = fault

@@ -20,7 +20,6 @@ from omni_ros.core.errors import (
     BackendUnavailable,
     ConfigError,
 )
-
 from unit.backends.contract import BackendContract, check_result, make_unit
 from unit.backends.loopback_duplex_model import tone
 from unit.backends.loopback_vllm_server import LoopbackVllmServer
@@ -44,7 +43,13 @@ def voice_wav(tmp_path: Path) -> Path:
 
 
 def make_backend(*urls: str, **params: Any) -> VllmOmniBackend:
-    settings: dict[str, Any] = {"urls": list(urls), "retries": 1, "backoff_s": 0.01, "unit_timeout_s": 5.0, **params}
+    settings: dict[str, Any] = {
+        "urls": list(urls),
+        "retries": 1,
+        "backoff_s": 0.01,
+        "unit_timeout_s": 5.0,
+        **params,
+    }
     backend = create_backend("vllm_omni", settings)
     assert isinstance(backend, VllmOmniBackend)
     return backend
@@ -76,7 +81,9 @@ def sent(server: LoopbackVllmServer, kind: str) -> list[dict[str, Any]]:
 
 class TestVllmOmniContract(BackendContract):
     @pytest.fixture
-    def backend(self, vllm_server: LoopbackVllmServer, voice_wav: Path) -> Iterator[VllmOmniBackend]:
+    def backend(
+        self, vllm_server: LoopbackVllmServer, voice_wav: Path
+    ) -> Iterator[VllmOmniBackend]:
         backend = make_backend(vllm_server.url, ref_audio_path=str(voice_wav))
         yield backend
         backend.close()
@@ -85,13 +92,16 @@ class TestVllmOmniContract(BackendContract):
 # ------------------------------------------------------------------------------------ the session
 
 
-def test_session_update_opens_a_native_duplex_session_with_the_voice(vllm_server: LoopbackVllmServer) -> None:
+def test_session_update_opens_a_native_duplex_session_with_the_voice(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     backend.prepare(PROMPT, ref_voice=voice())
     (update,) = sent(vllm_server, "session.update")
     session = update["session"]
     assert session["instructions"] == PROMPT
-    assert session["input_audio_format"] == "pcm16" and session["output_audio_format"] == "pcm16"
+    assert session["input_audio_format"] == "pcm16"
+    assert session["output_audio_format"] == "pcm16"
     assert session["turn_detection"] is None
     assert session["extra_body"]["native_duplex"] is True
     assert session["ref_audio"].startswith("data:audio/wav;base64,")
@@ -115,7 +125,9 @@ def test_a_server_that_fell_back_to_turn_based_is_refused_with_a_config_error() 
         server.stop()
 
 
-def test_a_session_without_reference_voice_is_a_config_error(vllm_server: LoopbackVllmServer) -> None:
+def test_a_session_without_reference_voice_is_a_config_error(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     with pytest.raises(ConfigError, match="reference voice"):
         backend.prepare(PROMPT)
@@ -123,7 +135,9 @@ def test_a_session_without_reference_voice_is_a_config_error(vllm_server: Loopba
     backend.close()
 
 
-def test_appends_carry_pcm16_at_16khz_with_the_frame_on_the_unit_closing_append(vllm_server: LoopbackVllmServer) -> None:
+def test_appends_carry_pcm16_at_16khz_with_the_frame_on_the_unit_closing_append(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     backend.prepare(PROMPT, ref_voice=voice())
     unit0 = make_unit(backend, 0, frames=2)
@@ -131,11 +145,15 @@ def test_appends_carry_pcm16_at_16khz_with_the_frame_on_the_unit_closing_append(
     backend.generate()
     run(backend, 1)
     first, second = sent(vllm_server, "input_audio_buffer.append")
-    assert first["sample_rate_hz"] == 16000 and first["input_audio_format"] == "pcm16"
+    assert first["sample_rate_hz"] == 16000
+    assert first["input_audio_format"] == "pcm16"
     assert (first["duration_ms"], first["audio_end_ms"]) == (1000, 1000)
     assert (second["duration_ms"], second["audio_end_ms"]) == (1000, 2000)
-    np.testing.assert_allclose(_wire.pcm16_to_float(base64.b64decode(first["audio"])), unit0.audio, atol=PCM16_TOLERANCE)
-    assert len(first["video_frames"]) == 1 and "video_frames" not in second
+    np.testing.assert_allclose(
+        _wire.pcm16_to_float(base64.b64decode(first["audio"])), unit0.audio, atol=PCM16_TOLERANCE
+    )
+    assert len(first["video_frames"]) == 1
+    assert "video_frames" not in second
     newest = unit0.frames[-1].rgb
     assert vllm_server.live_sessions()[0].frames == [(newest.shape[1], newest.shape[0])]
     backend.close()
@@ -149,23 +167,31 @@ def test_speaking_units_return_24khz_audio_text_and_the_turn_end(spelling: str) 
         backend.prepare(PROMPT, ref_voice=voice())
         first, second, third = (run(backend, i, speech=i == 0) for i in range(3))
         assert (first.is_listen, second.is_listen, third.is_listen) == (False, False, True)
-        assert first.text == "turn1.unit0 " and second.text == "turn1.unit1 "
+        assert first.text == "turn1.unit0 "
+        assert second.text == "turn1.unit1 "
         for result in (first, second):
             assert result.audio is not None
-            np.testing.assert_allclose(result.audio, tone(1), atol=PCM16_TOLERANCE)  # never counted twice
+            np.testing.assert_allclose(
+                result.audio, tone(1), atol=PCM16_TOLERANCE
+            )  # never counted twice
         assert (first.end_of_turn, second.end_of_turn) == (False, True)
         backend.close()
     finally:
         server.stop()
 
 
-def test_delivered_audio_is_acknowledged_with_playback_ack_and_events_with_event_ack(vllm_server: LoopbackVllmServer) -> None:
+def test_delivered_audio_is_acknowledged_with_playback_ack_and_events_with_event_ack(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     backend.prepare(PROMPT, ref_voice=voice())
     for index in range(4):
         run(backend, index, speech=index == 0)
     acks = sent(vllm_server, "playback.ack")
-    assert [(a["response_id"], a["played_ms"], a["committed_ms"]) for a in acks] == [("resp_01", 1000, 1000), ("resp_01", 2000, 2000)]
+    assert [(a["response_id"], a["played_ms"], a["committed_ms"]) for a in acks] == [
+        ("resp_01", 1000, 1000),
+        ("resp_01", 2000, 2000),
+    ]
     event_acks = sent(vllm_server, "session.event_ack")
     assert len(event_acks) >= 3  # the fourth may still be in flight
     # The server read the first three acks before the fourth append: its journal is trimmed to them.
@@ -175,7 +201,9 @@ def test_delivered_audio_is_acknowledged_with_playback_ack_and_events_with_event
     backend.close()
 
 
-def test_interrupt_sends_barge_in_and_cancel_and_the_next_unit_listens(vllm_server: LoopbackVllmServer) -> None:
+def test_interrupt_sends_barge_in_and_cancel_and_the_next_unit_listens(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     backend.prepare(PROMPT, ref_voice=voice())
     assert not run(backend, 0, speech=True).is_listen
@@ -183,7 +211,9 @@ def test_interrupt_sends_barge_in_and_cancel_and_the_next_unit_listens(vllm_serv
     thread.start()
     thread.join()
     after = run(backend, 1, speech=True)
-    assert after.is_listen and after.audio is None and after.text == ""
+    assert after.is_listen
+    assert after.audio is None
+    assert after.text == ""
     assert len(sent(vllm_server, "barge_in")) == 1
     assert [c["response_id"] for c in sent(vllm_server, "response.cancel")] == ["resp_01"]
     assert vllm_server.live_sessions()[0].barge_ins == 1
@@ -242,23 +272,30 @@ def test_when_every_replica_is_full_prepare_backs_off_then_raises_unavailable() 
         full.stop()
 
 
-def test_a_dropped_connection_mid_turn_resumes_the_same_session_transparently(vllm_server: LoopbackVllmServer) -> None:
+def test_a_dropped_connection_mid_turn_resumes_the_same_session_transparently(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url)
     backend.prepare(PROMPT, ref_voice=voice())
     session_id = backend.session_id
     vllm_server.fault = "drop_mid_turn"
     result = run(backend, 0, speech=True)
-    assert not result.is_listen and result.text == "turn1.unit0 "  # the transcript came by replay
-    assert result.audio is not None and len(result.audio) == 24000
+    assert not result.is_listen
+    assert result.text == "turn1.unit0 "
+    assert result.audio is not None
+    assert len(result.audio) == 24000
     resume = sent(vllm_server, "session.resume")
-    assert len(resume) == 1 and resume[0]["session_id"] == session_id
+    assert len(resume) == 1
+    assert resume[0]["session_id"] == session_id
     assert isinstance(resume[0]["last_received_server_event_seq"], int)
     assert backend.session_id == session_id
     assert not run(backend, 1).is_listen  # the turn goes on
     backend.close()
 
 
-def test_after_the_grace_period_a_drop_costs_the_session_and_the_next_unit_opens_a_new_one() -> None:
+def test_after_the_grace_period_a_drop_costs_the_session_and_the_next_unit_opens_a_new_one() -> (
+    None
+):
     server = LoopbackVllmServer(disconnect_grace_s=0.0).start()
     try:
         backend = make_backend(server.url)
@@ -270,7 +307,9 @@ def test_after_the_grace_period_a_drop_costs_the_session_and_the_next_unit_opens
             backend.generate()
         check_result(run(backend, 1))
         assert backend.session_id not in ("", old_id)
-        assert len(sent(server, "session.update")) == 2  # re-prepared with the same prompt and voice
+        assert (
+            len(sent(server, "session.update")) == 2
+        )  # re-prepared with the same prompt and voice
         assert sent(server, "session.update")[1]["session"]["instructions"] == PROMPT
         backend.close()
     finally:
@@ -298,7 +337,9 @@ def test_a_replica_that_dies_mid_turn_is_reported_and_recovered_on_the_same_port
         server.stop()
 
 
-def test_a_hanging_unit_raises_backend_timeout_and_the_next_unit_gets_a_fresh_session(vllm_server: LoopbackVllmServer) -> None:
+def test_a_hanging_unit_raises_backend_timeout_and_the_next_unit_gets_a_fresh_session(
+    vllm_server: LoopbackVllmServer,
+) -> None:
     backend = make_backend(vllm_server.url, unit_timeout_s=0.3)
     backend.prepare(PROMPT, ref_voice=voice())
     old_id = backend.session_id
@@ -327,7 +368,8 @@ def test_no_server_raises_unavailable_naming_the_url_and_how_to_start_it() -> No
     backend = make_backend(url, retries=0, connect_timeout_s=0.5)
     with pytest.raises(BackendUnavailable) as excinfo:
         backend.prepare(PROMPT, ref_voice=voice())
-    assert url in str(excinfo.value) and "vllm serve" in str(excinfo.value)
+    assert url in str(excinfo.value)
+    assert "vllm serve" in str(excinfo.value)
     backend.close()
 
 

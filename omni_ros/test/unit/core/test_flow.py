@@ -122,6 +122,10 @@ def test_barge_in_interrupts_the_backend_and_flushes_as_soon_as_the_user_is_hear
     assert flushes[0].dropped_until_ns == T0 + 3 * S + 200_000_000  # end of unit 1's speech
     assert T0 + 2 * S <= flushes[0].dropped_from_ns <= T0 + 2 * S + 500_000_000
     assert h.flow.session.mode is Mode.INTERRUPTED
+    # Players learn about it at once, not at the next unit's end.
+    state = h.events[-1]
+    assert isinstance(state, StateOut)
+    assert (state.mode, state.stamp_ns) == (Mode.INTERRUPTED, flushes[0].stamp_ns)
 
 
 def test_input_methods_return_immediately_while_the_backend_is_blocked(
@@ -228,6 +232,7 @@ def test_a_backwards_clock_jump_resets_session_and_backend(backend: ScriptedBack
     h.clock.set_ns(T0 - 60 * S)  # the bag looped
     h.flow.run_until_idle(T0 - 60 * S)
     assert h.flow.counters.clock_jumps == 1
+    assert len(h.of(SpeechFlush)) == 1  # speech scheduled on the old time base must not play
     assert len(backend.prepares) == 2
     assert h.flow.session.mode is Mode.LISTENING
     # Input on the new time base flows again from unit 0.
@@ -377,3 +382,77 @@ def test_with_echo_cancellation_the_robot_never_barges_in_on_itself_but_the_user
 def test_without_echo_cancellation_the_robot_barges_in_on_its_own_voice() -> None:
     _, _, user_ns, flushed_at_ns = _talk_over_the_robot(aec_enabled=False)
     assert 0 < flushed_at_ns < user_ns - 500_000_000
+
+
+def _stream(h: Harness, mic: np.ndarray, step: int = 320) -> list[tuple[int, int] | None]:
+    """Push ``mic`` in real time: one 20 ms chunk, then the clock moves to its end.
+
+    Returns the VAD's active run at the moment each SpeechOut was emitted.
+    """
+    runs_at_speech: list[tuple[int, int] | None] = []
+    for i in range(0, len(mic), step):
+        pcm = (np.clip(mic[i : i + step], -1, 1) * 32767).astype("<i2")
+        h.flow.push_audio(RawAudio(T0 + round(i * S / RATE), RATE, 1, "S16LE", pcm.tobytes()))
+        h.clock.set_ns(T0 + round((i + step) * S / RATE))
+        before = len(h.of(SpeechOut))
+        h.flow.run_until_idle(h.clock.now_ns())
+        if len(h.of(SpeechOut)) > before:
+            assert h.flow.vad is not None
+            runs_at_speech.append(h.flow.vad.active_run())
+    return runs_at_speech
+
+
+def test_the_reply_is_not_flushed_by_the_question_it_answers(backend: ScriptedBackendDouble) -> None:
+    backend.script = [LISTEN, speak("It is noon.", end=True)]
+    h = Harness(backend, session={"output_latency_ms": 200})
+    question = speech("What time is it?")
+    last_voiced = int(np.flatnonzero(np.abs(question) > 0.02)[-1])
+    start = 2 * RATE - last_voiced  # the voice stops at 2.0 s; the reply plays from 2.2 s
+    mic = np.zeros(4 * RATE, np.float32)
+    mic[start : start + len(question)] += question
+    runs_at_speech = _stream(h, mic)
+    # The reply was scheduled while the VAD still held the question's run open (its hangover):
+    # a barge-in measured from the run's start would flush it.
+    assert runs_at_speech
+    assert runs_at_speech[0] is not None
+    assert h.of(SpeechFlush) == []
+    assert h.flow.counters.barge_ins == 0
+
+
+def test_a_user_who_keeps_talking_over_the_reply_barges_in_from_the_replys_start(
+    backend: ScriptedBackendDouble,
+) -> None:
+    backend.script = [LISTEN, speak("Sure", seconds=2.0)]
+    h = Harness(backend, session={"output_latency_ms": 200})
+    talk = speech("Hello robot, let me tell you a very long story about my day at work today.")
+    mic = np.zeros(7 * RATE, np.float32)
+    mic[RATE // 2 : RATE // 2 + len(talk)] += talk
+    assert RATE // 2 + len(talk) > 3 * RATE
+    _stream(h, mic)
+    flushes = h.of(SpeechFlush)
+    assert len(flushes) == 1
+    reply_start = h.of(SpeechOut)[0].stamp_ns
+    assert flushes[0].stamp_ns == reply_start  # measured from playback, not from the question
+    assert flushes[0].dropped_from_ns == reply_start
+    assert backend.interrupts == 1
+
+
+def test_stop_returns_while_the_backend_is_blocked_and_the_backend_is_prepared_again_after(
+    backend: ScriptedBackendDouble,
+) -> None:
+    gate = backend.block = threading.Event()
+    h = Harness(backend, backend_deadline_ms=600_000)
+    h.silence(1.0)
+    h.clock.set_ns(T0 + S + WATERMARK)
+    h.flow.start()
+    assert backend.in_generate.wait(10)
+    h.flow.stop()  # returns although generate() is still blocked on the test's Event
+    assert backend.in_generate.is_set()
+    backend.block = None
+    gate.set()
+    assert h.flow.wait_backend_idle(10.0)
+    h.silence(1.0)
+    h.run_to(T0 + 2 * S + WATERMARK)
+    assert len(backend.prepares) == 2  # the abandoned call left the backend in an unknown state
+    assert backend.units[-1].index == 0
+    h.flow.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omni_ros.core.errors import BackendError, BackendTimeout, ConfigError, StateError
 from omni_ros.core.session import DuplexSession, SessionConfig
 from omni_ros.core.types import (
@@ -205,3 +207,41 @@ def test_bad_configuration_names_the_key() -> None:
         SessionConfig(proactive_silence_units=0)
     with pytest.raises(ConfigError, match="unknown"):
         SessionConfig.from_mapping({"latency_ms": 3})
+
+
+_STEP = st.one_of(
+    st.just(("listen", 0.0, False)),
+    st.tuples(st.just("speak"), st.floats(0.0, 2.5), st.booleans()),
+    st.tuples(st.just("barge"), st.floats(0.0, 1.0), st.just(False)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_STEP, max_size=30), st.integers(0, 500))
+def test_output_stamps_are_monotonic_and_never_overlap_within_a_turn(
+    steps: list[tuple[str, float, bool]], latency_ms: int
+) -> None:
+    session, _ = make(output_latency_ms=latency_ms)
+    events: list[object] = []
+    k = 0
+    for kind, amount, end in steps:
+        if kind == "barge":  # somewhere inside the current unit
+            events += session.on_user_speech(10 * S + k * S + int(amount * S))
+            continue
+        result = LISTEN if kind == "listen" else speak("w", amount, end)
+        events += session.step(unit(k, False), result)
+        k += 1
+    last_end: dict[int, int] = {}
+    flushed_at: dict[int, int] = {}
+    for event in events:
+        if isinstance(event, SpeechFlush):
+            flushed_at[event.turn_id] = event.dropped_from_ns
+            assert event.dropped_from_ns <= event.dropped_until_ns
+        if isinstance(event, SpeechOut):
+            assert event.turn_id not in flushed_at  # nothing of a flushed turn is published later
+            unit_end = 11 * S + event.unit_index * S
+            assert event.stamp_ns >= unit_end + latency_ms * 1_000_000
+            previous = last_end.get(event.turn_id)
+            if previous is not None:
+                assert event.stamp_ns >= previous  # monotonic, no overlap
+            last_end[event.turn_id] = event.stamp_ns + round(len(event.samples) * S / OUT)

@@ -310,3 +310,19 @@ def test_an_engine_whose_io_differs_from_its_manifest_is_an_engine_error(engines
     (entry / MANIFEST_FILE).write_text(wrong.to_json())
     with pytest.raises(EngineError, match="differs from its manifest"):
         _runner(entry)
+
+
+def test_a_directory_named_tensorrt_on_sys_path_counts_as_not_installed(
+    monkeypatch, tmp_path: Path
+):
+    from omni_ros.tensorrt.build import import_tensorrt
+    from omni_ros.tensorrt.cache import detect_environment
+
+    (tmp_path / "tensorrt").mkdir()
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EngineError, match="TensorRT is not installed"):
+        import_tensorrt()
+    assert detect_environment().tensorrt_version is None
+    _, status = load_component_or_fallback("audio", tmp_path)
+    assert status.reason.startswith("TensorRT is not installed")

@@ -76,7 +76,8 @@ def test_list_and_verify_of_an_empty_cache_succeed(tmp_path: Path, capsys):
     assert "no engines" in capsys.readouterr().out
 
 
-def test_build_without_tensorrt_exits_2_with_the_reason(tmp_path: Path, capsys):
+def test_build_without_tensorrt_exits_2_with_the_reason(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
     code = main(
         [
             "engines",
