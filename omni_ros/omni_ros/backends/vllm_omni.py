@@ -552,11 +552,12 @@ class VllmOmniBackend:
         self._prepared = False
         self._needs_new_session = True
 
-    def _end_session(self) -> None:
-        """Close the session politely: ``session.close``, then wait (briefly) for ``session.closed``
-        so the replica has freed the slot before we return."""
+    def _end_session(self, wait: bool = True) -> None:
+        """Close the session politely: ``session.close``, then wait (briefly, unless ``wait`` is
+        False) for ``session.closed`` so the replica has freed the slot before we return."""
         if self._conn is not None:
             self._send_quiet({"type": "session.close"})
+        if self._conn is not None and wait:
             deadline = time.monotonic() + min(1.0, self.config.handshake_timeout_s)
             with contextlib.suppress(_DroppedError, BackendTimeout, BackendProtocolError):
                 for _ in range(1000):
@@ -664,7 +665,7 @@ class VllmOmniBackend:
         except BackendTimeout:
             # Events carry no unit index, so a late answer would be taken for the next unit's. The
             # only safe way to stay aligned is a fresh session (history is lost, units stay honest).
-            self._end_session()
+            self._end_session(wait=False)  # a stuck replica will not answer session.close either
             self._prepared = False
             self._needs_new_session = True
             raise

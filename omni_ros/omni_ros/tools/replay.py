@@ -190,7 +190,7 @@ def replay_direct(
             clock.set_ns(t)
             flow.run_until_idle(t)
     finally:
-        flow.stop()
+        flow.close()
         model.close()
         out.close()
     return {

@@ -298,6 +298,24 @@ class SimDriver:
             self.steps += 1
             time.sleep(self.pace_s)
 
+    def start(self, proc: NodeProcess, timeout_s: float = 60.0) -> None:
+        """Wait until the node subscribes ``/clock`` and the mic (so nothing sent is lost to
+        discovery or judged against a zero clock), then publish the bag's first clock time."""
+        probe = self.probe
+        wait_for(
+            lambda: probe.clock_pub.get_subscription_count() > 0,
+            timeout_s,
+            "the node's /clock subscription",
+            proc,
+        )
+        wait_for(
+            lambda: probe.mic_pub.get_subscription_count() > 0,
+            timeout_s,
+            "the node's mic subscription",
+            proc,
+        )
+        self.publish_clock(self.now_ns)
+
     def run_until(
         self, condition: Callable[[], bool], timeout_s: float, what: str, proc: NodeProcess
     ) -> None:

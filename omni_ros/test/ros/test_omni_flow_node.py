@@ -59,13 +59,7 @@ def reference_run(
     proc = NodeProcess.installed(params, log)
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS)
-        driver.publish_clock(BAG_START_NS)
-        wait_for(
-            lambda: probe.mic_pub.get_subscription_count() > 0,
-            60,
-            "the node's mic subscription",
-            proc,
-        )
+        driver.start(proc)
         wait_for(probe.reset.service_is_ready, 60, "the node to configure (model build)", proc)
         driver.run_until(
             lambda: probe.count("state") >= 8 and probe.count("speech") > 0, 60, "8 units", proc
@@ -165,13 +159,7 @@ def test_interrupt_service_stops_speech_within_one_unit(tmp_path: Path) -> None:
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log", extra=["-r", "__ns:=/robot1"])
     with running(proc, "/robot1") as probe:
         driver = SimDriver(probe, BAG_START_NS)
-        driver.publish_clock(BAG_START_NS)
-        wait_for(
-            lambda: probe.mic_pub.get_subscription_count() > 0,
-            30,
-            "the node's mic subscription",
-            proc,
-        )
+        driver.start(proc)
         driver.run_until(lambda: probe.count("speech") >= 25, 40, "two units of speech", proc)
         assert 1 in _modes(probe)  # SPEAKING
         # The clock stands still at T while the service is called: T is the interrupt's stamp.
@@ -223,13 +211,7 @@ def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(
     )
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS)
-        driver.publish_clock(BAG_START_NS)
-        wait_for(
-            lambda: probe.mic_pub.get_subscription_count() > 0,
-            30,
-            "the node's mic subscription",
-            proc,
-        )
+        driver.start(proc)
         driver.run_until(lambda: (control / "blocked").exists(), 30, "the backend to block", proc)
         # From here on the backend cannot return: only the test creates `release`.
         states_while_blocked = probe.count("state")
@@ -263,13 +245,7 @@ def test_bad_input_is_counted_in_state_and_diagnostics_and_the_node_keeps_runnin
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS, frame_every=0)
-        driver.publish_clock(BAG_START_NS)
-        wait_for(
-            lambda: probe.mic_pub.get_subscription_count() > 0,
-            30,
-            "the node's mic subscription",
-            proc,
-        )
+        driver.start(proc)
         driver.run_until(lambda: probe.count("state") >= 2, 30, "two units", proc)
         base = probe.snapshot("state")[-1]
         t = driver.now_ns
@@ -367,12 +343,7 @@ def test_lifecycle_transitions_start_stop_and_release_the_loop(tmp_path: Path) -
         transition(Transition.TRANSITION_CONFIGURE)
         assert state() == "inactive"
         transition(Transition.TRANSITION_ACTIVATE)
-        wait_for(
-            lambda: probe.mic_pub.get_subscription_count() > 0,
-            30,
-            "the node's mic subscription",
-            proc,
-        )
+        driver.start(proc)
         driver.run_until(lambda: probe.count("state") >= 2, 30, "units while active", proc)
         transition(Transition.TRANSITION_DEACTIVATE)
         stopped_at = probe.count("state")
@@ -390,3 +361,59 @@ def test_lifecycle_transitions_start_stop_and_release_the_loop(tmp_path: Path) -
         assert state() == "unconfigured"
         wait_for(lambda: not probe.reset.service_is_ready(), 10, "omni/reset to go away", proc)
         assert proc.poll() is None
+
+
+def test_compressed_camera_parameter_switches_the_subscription_and_bad_jpegs_are_counted(
+    tmp_path: Path,
+) -> None:
+    import array
+
+    from flow_harness import stamp
+    from sensor_msgs.msg import CompressedImage
+    from std_msgs.msg import Header
+
+    params = {**SIM, "backend": "speak_until_interrupted_double", "camera.compressed": True}
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    with running(proc) as probe:
+        compressed = probe.node.create_publisher(
+            CompressedImage, "/camera/image_raw/compressed", 10
+        )
+        driver = SimDriver(probe, BAG_START_NS, frame_every=0)
+        driver.start(proc)
+        wait_for(
+            lambda: compressed.get_subscription_count() > 0, 30, "the compressed subscription", proc
+        )
+        assert probe.cam_pub.get_subscription_count() == 0  # camera/image_raw is not subscribed
+
+        def decode_errors() -> int:
+            values = [
+                v for v in (diag_values(d) for d in probe.snapshot("diag")) if v and "backend" in v
+            ]
+            return int(values[-1]["decode_errors"]) if values else 0
+
+        def corrupt_jpeg_then_step() -> None:
+            # Re-sent every step: the first ones may precede the node's side of discovery.
+            msg = CompressedImage(header=Header(stamp=stamp(driver.now_ns)), format="jpeg")
+            msg.data = array.array("B", b"\xff\xd8\xff\xe0 not really a jpeg")
+            compressed.publish(msg)
+            driver.step(1, proc)
+
+        deadline = time.monotonic() + 30
+        while decode_errors() < 1:
+            assert time.monotonic() < deadline, (
+                "the corrupt JPEG never showed in /diagnostics" + proc.log()
+            )
+            corrupt_jpeg_then_step()
+        assert proc.poll() is None
+
+
+def test_class_docstring_lists_every_node_parameter_for_the_launch_files() -> None:
+    from omni_ros.ros.omni_flow_node import NODE_PARAMS, OmniFlowNode
+
+    doc = OmniFlowNode.__doc__ or ""
+    for name in NODE_PARAMS:
+        assert f"{name} (" in doc, name
+    namespaces = {spec.name.split(".")[0] for spec in OmniFlowNode.param_specs}
+    assert namespaces == {"timeline", "session", "vad", "aec", "flow"}
+    for namespace in namespaces:
+        assert f"{namespace}.*" in doc

@@ -41,15 +41,23 @@ def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
+def _assignment(path: Path, name: str) -> ast.expr:
+    """The expression assigned to module-level ``name`` (``name = ...`` or ``name: T = ...``)."""
+    for stmt in _tree(path).body:
+        if isinstance(stmt, ast.Assign):
+            targets, value = stmt.targets, stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            targets, value = [stmt.target], stmt.value
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return value
+    raise AssertionError(f"{path.name} assigns no module-level {name}")
+
+
 def _module_literal(path: Path, name: str) -> Any:
     """The literal value of a module-level ``name = ...`` / ``name: T = ...`` in ``path``."""
-    for stmt in _tree(path).body:
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            value = stmt.value
-            assert value is not None
-            return ast.literal_eval(value)
-    raise AssertionError(f"{path.name} has no module-level literal {name}")
+    return ast.literal_eval(_assignment(path, name))
 
 
 def _parameter_table(path: Path, name: str) -> dict[str, str]:
@@ -57,22 +65,17 @@ def _parameter_table(path: Path, name: str) -> dict[str, str]:
 
     A default that is not a literal (e.g. ``FlowConfig().system_prompt``) gets type ``any``.
     """
-    for stmt in _tree(path).body:
-        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            assert isinstance(stmt.value, ast.Dict), f"{path.name}: {name} is not a dict literal"
-            table: dict[str, str] = {}
-            for key, value in zip(stmt.value.keys, stmt.value.values, strict=True):
-                assert isinstance(key, ast.Constant), f"{path.name}: {name} keys must be literals"
-                assert isinstance(value, ast.Tuple), (
-                    f"{path.name}: {name}[{key.value!r}] is not a tuple"
-                )
-                try:
-                    table[key.value] = _type_of_default(ast.literal_eval(value.elts[0]))
-                except ValueError:
-                    table[key.value] = "any"
-            return table
-    raise AssertionError(f"{path.name} has no module-level table {name}")
+    expr = _assignment(path, name)
+    assert isinstance(expr, ast.Dict), f"{path.name}: {name} is not a dict literal"
+    table: dict[str, str] = {}
+    for key, value in zip(expr.keys, expr.values, strict=True):
+        assert isinstance(key, ast.Constant), f"{path.name}: {name} keys must be literals"
+        assert isinstance(value, ast.Tuple), f"{path.name}: {name}[{key.value!r}] is not a tuple"
+        try:
+            table[str(key.value)] = _type_of_default(ast.literal_eval(value.elts[0]))
+        except ValueError:
+            table[str(key.value)] = "any"
+    return table
 
 
 def _console_scripts() -> set[str]:
@@ -118,8 +121,12 @@ def _backend_fields(backend: str) -> dict[str, str]:
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for stmt in node.body:
-                target = stmt.target if isinstance(stmt, ast.AnnAssign) else None
-                if isinstance(target, ast.Name) and target.id == "config_class" and stmt.value:
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and stmt.target.id == "config_class"
+                    and stmt.value is not None
+                ):
                     return _dataclass_fields(path, ast.unparse(stmt.value))
     raise AssertionError(f"{class_name} in {path.name} has no config_class")
 
@@ -199,7 +206,9 @@ def test_every_launched_executable_is_an_installed_console_script(launch_file: P
     for call in _calls(tree, "Node", "LifecycleNode"):
         executable, package = _keyword(call, "executable"), _keyword(call, "package")
         assert isinstance(executable, ast.Constant), "executable must be a literal"
-        assert executable.value in scripts, f"{executable.value} is not in setup.py console_scripts"
+        assert executable.value in scripts, (
+            f"{executable.value!r} is not in setup.py console_scripts"
+        )
         assert isinstance(package, ast.Name | ast.Constant)
         package_name = (
             package.value
@@ -238,7 +247,7 @@ def test_every_launch_argument_used_is_declared(launch_file: Path) -> None:
         if call.args and isinstance(call.args[0], ast.Constant):
             declared.add(call.args[0].value)
     used = {
-        call.args[0].value
+        str(call.args[0].value)
         for call in _calls(tree, "LaunchConfiguration", "arg")
         if call.args and isinstance(call.args[0], ast.Constant)
     }
@@ -340,7 +349,7 @@ class LaunchApiDouble:
             assert package == "omni_ros"
             return str(recorded.share_dir)
 
-        spec = {
+        spec: dict[str, dict[str, Any]] = {
             "launch": {"LaunchContext": object, "LaunchDescription": LaunchDescription},
             "launch.actions": {
                 "DeclareLaunchArgument": DeclareLaunchArgument,
@@ -361,7 +370,8 @@ class LaunchApiDouble:
         }
         for name, attrs in spec.items():
             module = types.ModuleType(name)
-            module.__dict__.update(attrs)
+            for attr, value in attrs.items():
+                setattr(module, attr, value)
             self.modules[name] = module
 
     def run(self, launch_file: Path, **overrides: str) -> list[Any]:

@@ -21,7 +21,7 @@ from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import OmniText
 
 
-class AskServerDouble(Node):
+class AskServerDouble(Node):  # type: ignore[misc]  # rclpy is untyped
     def __init__(self) -> None:
         super().__init__("ask_server_double")
         group = ReentrantCallbackGroup()

@@ -402,7 +402,9 @@ def _stream(h: Harness, mic: np.ndarray, step: int = 320) -> list[tuple[int, int
     return runs_at_speech
 
 
-def test_the_reply_is_not_flushed_by_the_question_it_answers(backend: ScriptedBackendDouble) -> None:
+def test_the_reply_is_not_flushed_by_the_question_it_answers(
+    backend: ScriptedBackendDouble,
+) -> None:
     backend.script = [LISTEN, speak("It is noon.", end=True)]
     h = Harness(backend, session={"output_latency_ms": 200})
     question = speech("What time is it?")

@@ -351,8 +351,11 @@ def test_recording_and_null_sinks_log_every_write() -> None:
 
 def test_every_source_and_sink_satisfies_its_protocol(tmp_path: Path) -> None:
     api = PyAudioApiDouble(DEVICES)
-    sources = [ArraySource(pcm_sequence(10, MIC), MIC), PyAudioSource(0, MIC, 800, api=api)]
-    sinks = [
+    sources: list[AudioSource] = [
+        ArraySource(pcm_sequence(10, MIC), MIC),
+        PyAudioSource(0, MIC, 800, api=api),
+    ]
+    sinks: list[AudioSink] = [
         RecordingSink(MIC),
         NullSink(MIC),
         WavFileSink(tmp_path / "s.wav", MIC),
@@ -360,8 +363,10 @@ def test_every_source_and_sink_satisfies_its_protocol(tmp_path: Path) -> None:
     ]
     assert all(isinstance(s, AudioSource) for s in sources)
     assert all(isinstance(s, AudioSink) for s in sinks)
-    for closable in [*sources, *sinks]:
-        closable.close()
+    for source in sources:
+        source.close()
+    for sink in sinks:
+        sink.close()
 
 
 def test_an_unknown_encoding_is_a_config_error() -> None:
