@@ -9,7 +9,9 @@ the Omni-Flow worker thread and read from action-server threads, hence the condi
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 
 from omni_ros.core.types import SpeechOut, TextOut
 
@@ -70,3 +72,28 @@ class AskTracker:
                 if waiter.turn_id == event.turn_id:
                     waiter.spoken = True
             self.condition.notify_all()
+
+    def wait(
+        self,
+        waiter: AskWaiter,
+        timeout_s: float,
+        should_stop: Callable[[], bool],
+        on_partial: Callable[[str], None],
+        poll_s: float = 0.05,
+    ) -> tuple[str, bool, bool]:
+        """Block until ``waiter``'s turn ends, ``timeout_s`` passes or ``should_stop()`` (a cancel);
+        ``on_partial(text)`` is called whenever the reply grew. Closes the waiter.
+
+        Returns:
+            ``(reply, spoken, done)``; ``done`` is False on timeout or stop.
+        """
+        deadline, sent = time.monotonic() + timeout_s, ""
+        with self.condition:
+            while not waiter.done and time.monotonic() < deadline and not should_stop():
+                if waiter.text != sent:
+                    sent = waiter.text
+                    on_partial(sent)
+                self.condition.wait(poll_s)
+            result = (waiter.text, waiter.spoken, waiter.done)
+        self.close(waiter)
+        return result

@@ -1,4 +1,5 @@
-"""ROS parameters <-> the core's frozen config dataclasses, derived from the dataclass fields.
+"""Configure-time helpers of omni_flow_node: ROS parameters <-> the core configs, and the values
+parameters point at (reference voice, TensorRT engines).
 
 The parameter list of ``omni_flow_node`` for ``timeline.*``, ``session.*``, ``vad.*``, ``aec.*`` and
 ``flow.*`` is never written by hand: :func:`config_params` walks ``FlowConfig`` (a nested field
@@ -140,3 +141,37 @@ def build_config(root: type, values: Mapping[str, Any]) -> Any:
         sub = groups[namespace]
         kwargs[namespace] = sub_builder(sub) if sub_builder else from_mapping(cls, sub)
     return from_mapping(root, kwargs)
+
+
+# ------------------------------------------------------------------- values parameters point at
+def load_ref_voice(path: str, sample_rate: int) -> Any:
+    """Read the ``ref_voice_path`` WAV as mono float32 at ``sample_rate`` (None for "").
+
+    Raises:
+        ConfigError: the file is missing or not a PCM / float WAV.
+    """
+    if not path:
+        return None
+    from omni_ros.core.audio import decode_audio, resample
+    from omni_ros.core.types import RawAudio
+    from omni_ros.ros.audio_io import read_wav
+
+    data, fmt = read_wav(path)
+    block = decode_audio(RawAudio(0, fmt.sample_rate, fmt.channels, fmt.encoding, data))
+    return resample(block.samples, fmt.sample_rate, sample_rate)
+
+
+def accelerate_with_tensorrt(backend: Any, engine_dir: str, components: str) -> list[Any]:
+    """Swap ``components`` of ``backend`` for verified TensorRT engines where they load.
+
+    Imports ``omni_ros.tensorrt`` only here (never for a node that does not ask for it); every
+    component that stays on torch says why in its status.
+    """
+    from omni_ros.tensorrt.cache import DEFAULT_ENGINE_ROOT
+    from omni_ros.tensorrt.runtime import accelerate_backend
+    from omni_ros.tensorrt.specs import parse_components
+
+    device = getattr(getattr(backend, "config", None), "device", "cuda")
+    return accelerate_backend(
+        backend, engine_dir or str(DEFAULT_ENGINE_ROOT), parse_components(components), device=device
+    )

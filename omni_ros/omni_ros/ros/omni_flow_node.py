@@ -16,6 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -24,21 +25,28 @@ from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from omni_ros.backends.base import BACKENDS, create_backend
-from omni_ros.core.audio import ENCODINGS, decode_audio, resample
+from omni_ros.core.audio import ENCODINGS
 from omni_ros.core.errors import ConfigError, OmniError
 from omni_ros.core.flow import FlowConfig, OmniFlow
 from omni_ros.core.types import (
     FloatArray,
     OutputEvent,
     ProactiveEvent,
-    RawAudio,
     SpeechOut,
     StateOut,
     TextOut,
 )
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._ask import AskTracker
-from omni_ros.ros._params import ParamSpec, build_config, config_params, ros_value
+from omni_ros.ros._diagnostics import DiagnosticsReporter
+from omni_ros.ros._params import (
+    ParamSpec,
+    accelerate_with_tensorrt,
+    build_config,
+    config_params,
+    load_ref_voice,
+    ros_value,
+)
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
 from omni_ros_msgs.srv import SetPrompt
@@ -78,10 +86,10 @@ class RosClock:
     """The node's ROS clock as a core ``Clock`` (sim time under ``use_sim_time``)."""
 
     def __init__(self, node: LifecycleNode) -> None:
-        self._omni_clock = node.get_clock()
+        self._ros_clock = node.get_clock()
 
     def now_ns(self) -> int:
-        return int(self._omni_clock.now().nanoseconds)
+        return int(self._ros_clock.now().nanoseconds)
 
 
 class OmniFlowNode(LifecycleNode):
@@ -102,7 +110,8 @@ class OmniFlowNode(LifecycleNode):
         camera.compressed (bool, false): subscribe ``camera/image_raw/compressed`` instead.
         speech.chunk_ms (int, 100): length of each ``omni/speech`` chunk [ms].
         speech.encoding (string, "S16LE"): S16LE | F32LE.
-        diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] (read at startup).
+        diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] of steady (wall) time,
+            so reports continue while a replayed bag is paused (read at startup).
         ask.default_timeout_s (double, 30.0): ``omni/ask`` timeout when the goal gives 0 [s].
         tensorrt.enabled (bool, false): swap backend components for verified TensorRT engines,
             with a per-component torch fallback reported in ``/diagnostics``.
@@ -147,13 +156,17 @@ class OmniFlowNode(LifecycleNode):
         self._publishers_lc: list[Any] = []
         self._active = False
         self._ask = AskTracker()
-        self._state: StateOut | None = None
-        self._latency_ms: float | None = None
-        self._reported: Any = None
-        self._trt: list[Any] = []
+        self._diag = DiagnosticsReporter()
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        period_s = float(self.get_parameter("diagnostics.period_s").value)
-        self.create_timer(max(period_s, 0.05), self._publish_diagnostics)
+        try:
+            period_s = max(float(self.get_parameter("diagnostics.period_s").value), 0.05)
+        except (TypeError, ValueError):
+            self.get_logger().error("diagnostics.period_s must be a number; using 1.0")
+            period_s = 1.0
+        # Steady time: diagnostics keep coming while a replayed bag (sim time) is paused.
+        self.create_timer(
+            period_s, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME)
+        )
 
     def _declare(self, name: str, default: Any, text: str) -> None:
         if self.has_parameter(name):  # given as an override, declared already
@@ -168,8 +181,9 @@ class OmniFlowNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
             self._configure()
-        except (OmniError, ImportError, OSError, ValueError, TypeError) as exc:
-            self.get_logger().error(f"configure failed: {exc}")
+        except Exception as exc:  # a backend's own error included: report it, never crash
+            kind = "" if isinstance(exc, OmniError) else f"{type(exc).__name__}: "
+            self.get_logger().error(f"configure failed: {kind}{exc}")
             self._release()
             return TransitionCallbackReturn.FAILURE
         return TransitionCallbackReturn.SUCCESS
@@ -197,7 +211,11 @@ class OmniFlowNode(LifecycleNode):
         # touching it loads the weights now, in configure, not in the first unit.
         getattr(self._backend, "model", None)
         if self._param("tensorrt.enabled"):
-            self._accelerate()
+            self._diag.components = accelerate_with_tensorrt(
+                self._backend,
+                str(self._param("tensorrt.engine_dir")),
+                str(self._param("tensorrt.components")),
+            )
         voice = self._load_voice(str(self._param("ref_voice_path")))
         self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
         if voice is not None:
@@ -205,24 +223,8 @@ class OmniFlowNode(LifecycleNode):
         self.get_logger().info(f"backend {name!r} ready in {time.monotonic() - started:.1f} s")
         self._create_entities()
 
-    def _accelerate(self) -> None:
-        from omni_ros.tensorrt.cache import DEFAULT_ENGINE_ROOT
-        from omni_ros.tensorrt.runtime import accelerate_backend
-        from omni_ros.tensorrt.specs import parse_components
-
-        engine_dir = str(self._param("tensorrt.engine_dir")) or str(DEFAULT_ENGINE_ROOT)
-        device = getattr(getattr(self._backend, "config", None), "device", "cuda")
-        components = parse_components(str(self._param("tensorrt.components")))
-        self._trt = accelerate_backend(self._backend, engine_dir, components, device=device)
-
     def _load_voice(self, path: str) -> FloatArray | None:
-        if not path:
-            return None
-        from omni_ros.ros.audio_io import read_wav
-
-        data, fmt = read_wav(path)
-        block = decode_audio(RawAudio(0, fmt.sample_rate, fmt.channels, fmt.encoding, data))
-        return resample(block.samples, fmt.sample_rate, int(self._backend.input_sample_rate))
+        return load_ref_voice(path, int(self._backend.input_sample_rate))
 
     def _create_entities(self) -> None:
         lc_pub, sub, group = self.create_lifecycle_publisher, self.create_subscription, self._group
@@ -313,7 +315,8 @@ class OmniFlowNode(LifecycleNode):
         self._entities, self._publishers_lc = [], []
         if self._backend is not None:
             self._backend.close()
-        self._backend, self._flow, self._state, self._trt = None, None, None, []
+        self._backend, self._flow = None, None
+        self._diag.clear()
 
     # ------------------------------------------------------------------------------------ inputs
     def _push(self, method: str, raw: Any) -> None:
@@ -352,26 +355,20 @@ class OmniFlowNode(LifecycleNode):
 
     def _execute_ask(self, goal_handle: Any) -> Ask.Result:
         request = goal_handle.request
-        timeout_s = request.timeout_s or float(self._param("ask.default_timeout_s"))
         waiter = self._ask.open()  # before injecting, so no reply can be missed
         ok, message = self._call("inject_text", request.text)
-        deadline, sent = time.monotonic() + timeout_s, ""
-        with self._ask.condition:
-            while ok and not waiter.done and time.monotonic() < deadline:
-                if goal_handle.is_cancel_requested or not self._active:
-                    break
-                if waiter.text != sent:
-                    sent = waiter.text
-                    goal_handle.publish_feedback(Ask.Feedback(partial_text=sent))
-                self._ask.condition.wait(0.05)
-            reply, spoken, done = waiter.text, waiter.spoken, waiter.done
-        self._ask.close(waiter)
+        reply, spoken, done = self._ask.wait(
+            waiter,
+            (request.timeout_s or float(self._param("ask.default_timeout_s"))) if ok else 0.0,
+            lambda: goal_handle.is_cancel_requested or not self._active,
+            lambda text: goal_handle.publish_feedback(Ask.Feedback(partial_text=text)),
+        )
         if goal_handle.is_cancel_requested:
             goal_handle.canceled()
         elif done:
             goal_handle.succeed()
         else:
-            self.get_logger().warning(f"omni/ask gave up: {message if not ok else 'timeout'}")
+            self.get_logger().warning(f"omni/ask gave up: {message if not ok else 'no reply'}")
             goal_handle.abort()
         return Ask.Result(reply=reply, spoken=spoken)
 
@@ -391,29 +388,13 @@ class OmniFlowNode(LifecycleNode):
                 self._proactive_pub.publish(conv.proactive_to_msg(event))
         elif isinstance(event, StateOut):
             self._state_pub.publish(conv.state_to_msg(event))
-            # OmniFlow stamps a state with its unit's END: this is unit end -> outputs published.
-            self._latency_ms = (self._omni_clock.now_ns() - event.stamp_ns) / 1e6
-            self._state = event
+            self._diag.on_state(event, self._omni_clock.now_ns())
         # SpeechFlush has no message of its own: players see mode INTERRUPTED in omni/state.
 
     def _publish_diagnostics(self) -> None:
-        state, lifecycle = self._state, self._state_machine.current_state[1]
-        status = conv.diagnostic_status(
-            state,
-            self._reported,
-            name=f"{self.get_name()}: Omni-Flow",
-            hardware_id=str(self._param("backend")),
-            latency_ms=self._latency_ms,
-            extra={"lifecycle": lifecycle},
-            inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
-        )
-        self._reported = state.counters.snapshot() if state is not None else None
-        statuses = [status] + [
-            conv.component_diagnostic(s, f"{self.get_name()}: tensorrt {s.component}")
-            for s in self._trt
-        ]
-        header = conv.header(self._omni_clock.now_ns())
-        self._diag_pub.publish(DiagnosticArray(header=header, status=statuses))
+        lifecycle = self._state_machine.current_state[1]
+        backend, now_ns = str(self._param("backend")), self._omni_clock.now_ns()
+        self._diag_pub.publish(self._diag.report(self.get_name(), backend, lifecycle, now_ns))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -41,6 +41,8 @@ OUTPUT_TOPICS: dict[str, str] = {
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
 FLOW_NAMESPACES = ("timeline", "session", "vad", "aec", "flow")
+# A terminal gets a lively bar; a log file (CI, `make demo | tee`) a line every few seconds.
+_BAR_INTERVAL_S = 0.2 if sys.stderr.isatty() else 5.0
 
 
 # ------------------------------------------------------------------------------------------ params

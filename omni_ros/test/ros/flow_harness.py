@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -61,6 +62,15 @@ class NodeProcess:
     ) -> None:
         self.log_path = log_path
         self.domain_id = fresh_domain_id()
+        # A namespace of its own, /clock and /diagnostics included: with the domain, this keeps
+        # concurrent test runs on this machine (other sessions, other suites) from mixing.
+        self.namespace = f"/omni_test_{os.getpid()}_{self.domain_id}"
+        argv = [
+            *argv,
+            *("-r", f"__ns:={self.namespace}"),
+            *("-r", f"/clock:={self.namespace}/clock"),
+            *("-r", f"/diagnostics:={self.namespace}/diagnostics"),
+        ]
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
         child_env = {**os.environ, **(env or {}), "ROS_DOMAIN_ID": str(self.domain_id)}
         self.proc = subprocess.Popen(
@@ -94,6 +104,11 @@ class NodeProcess:
     def log(self) -> str:
         self._log.flush()
         return "--- omni_flow_node log ---\n" + self.log_path.read_text(errors="replace")[-6000:]
+
+    def interrupt_and_wait(self, timeout_s: float = 15.0) -> int:
+        """Ctrl-C the node (SIGINT) and return its exit code."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout_s)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -155,10 +170,10 @@ class Probe:
             ("text", OmniText, f"{ns}/omni/text", reliable),
             ("speech", AudioChunk, f"{ns}/omni/speech", reliable),
             ("proactive", ProactiveAction, f"{ns}/omni/proactive", reliable),
-            ("diag", DiagnosticArray, "/diagnostics", reliable),
+            ("diag", DiagnosticArray, f"{ns}/diagnostics", reliable),
         ):
             self.node.create_subscription(msg_type, topic, self._collector(key), qos)
-        self.clock_pub = self.node.create_publisher(Clock, "/clock", reliable)
+        self.clock_pub = self.node.create_publisher(Clock, f"{ns}/clock", reliable)
         self.mic_pub = self.node.create_publisher(
             AudioChunk, f"{ns}/audio/mic", qos_profile_sensor_data
         )
@@ -267,17 +282,33 @@ def image(stamp_ns: int, width: int = 32, height: int = 24, encoding: str = "rgb
 class SimDriver:
     """Plays a bag-like stream in sim time: each step publishes ``/clock`` = t and the mic chunk
     captured during the step (stamped at its first sample); a camera frame every ``frame_every``
-    steps. ``pace_s`` of wall time per step sets the replay rate."""
+    steps. ``pace_s`` of wall time per step sets the replay rate.
+
+    With ``lockstep`` (default) sim time never runs more than ``2 * unit_ns + watermark_ns``
+    past the last OmniState's stamp: the node is never made to drop units because this machine
+    is slow (which would be correct behaviour, counted in ``units_dropped_overrun``, but not what
+    a test of "a state every unit" is about). It also makes tests independent of machine speed.
+    """
 
     def __init__(self, probe: Probe, start_ns: int, step_ns: int = 100_000_000,
-                 pace_s: float = 0.025, frame_every: int = 2) -> None:  # fmt: skip
+                 pace_s: float = 0.025, frame_every: int = 2, lockstep: bool = True,
+                 unit_ns: int = NS_PER_S, watermark_ns: int = 500_000_000) -> None:  # fmt: skip
         self.probe = probe
+        self.start_ns = start_ns
         self.now_ns = start_ns
         self.step_ns = step_ns
         self.pace_s = pace_s
         self.frame_every = frame_every
+        self.lockstep = lockstep
+        self.ahead_ns = 2 * unit_ns + watermark_ns
         self.steps = 0
         self.send_mic = True
+
+    def _limit_ns(self) -> int:
+        with self.probe.lock:
+            states = self.probe.received["state"]
+            last = to_ns(states[-1].header.stamp) if states else self.start_ns
+        return last + self.ahead_ns
 
     def publish_clock(self, now_ns: int) -> None:
         from rosgraph_msgs.msg import Clock
@@ -288,6 +319,9 @@ class SimDriver:
         for _ in range(n):
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"omni_flow_node exited ({proc.returncode})\n{proc.log()}")
+            if self.lockstep:
+                wait_for(lambda: self.now_ns + self.step_ns <= self._limit_ns(), 60,
+                         "the node to finish the previous unit (lockstep)", proc)  # fmt: skip
             start = self.now_ns
             self.now_ns += self.step_ns
             if self.send_mic:
@@ -314,7 +348,14 @@ class SimDriver:
             "the node's mic subscription",
             proc,
         )
-        self.publish_clock(self.now_ns)
+
+        # The node must hold the bag's time before any input arrives (else it judges the first
+        # chunks against a zero clock): its /diagnostics are stamped with its ROS clock.
+        def node_clock_set() -> bool:
+            self.publish_clock(self.now_ns)
+            return any(to_ns(d.header.stamp) >= self.start_ns for d in probe.snapshot("diag"))
+
+        wait_for(node_clock_set, timeout_s, "the node's clock to reach the bag's start", proc)
 
     def run_until(
         self, condition: Callable[[], bool], timeout_s: float, what: str, proc: NodeProcess
@@ -329,9 +370,9 @@ class SimDriver:
 
 
 @contextmanager
-def running(proc: NodeProcess, probe_namespace: str = "") -> Iterator[Probe]:
+def running(proc: NodeProcess) -> Iterator[Probe]:
     """Yield a probe for a started node; always stop both."""
-    probe = Probe(proc.domain_id, probe_namespace)
+    probe = Probe(proc.domain_id, proc.namespace)
     try:
         yield probe
     finally:

@@ -261,3 +261,35 @@ def test_diagnostics_without_a_unit_warn_with_the_reason() -> None:
     status = conv.diagnostic_status(None, inactive_reason="inactive (lifecycle: unconfigured)")
     assert status.level == DiagnosticStatus.WARN
     assert status.message == "inactive (lifecycle: unconfigured)"
+
+
+def test_diagnostics_reporter_compares_each_report_with_the_previous_one() -> None:
+    from omni_ros.ros._diagnostics import DiagnosticsReporter
+
+    reporter = DiagnosticsReporter()
+    idle = reporter.report("node", "reference", "inactive", STAMP_NS)
+    assert idle.status[0].level == DiagnosticStatus.WARN
+    assert "lifecycle: inactive" in idle.status[0].message
+    reporter.on_state(_state(late_messages=2), STAMP_NS + 40_000_000)
+    first = reporter.report("node", "reference", "active", STAMP_NS)
+    assert first.status[0].level == DiagnosticStatus.WARN  # 2 late messages since the start
+    assert _values(first.status[0])["latency_ms"] == "40.0"
+    second = reporter.report("node", "reference", "active", STAMP_NS)
+    assert second.status[0].level == DiagnosticStatus.OK  # nothing new since the last report
+    assert conv.stamp_to_ns(second.header.stamp) == STAMP_NS
+
+
+def test_tensorrt_component_statuses_become_their_own_diagnostics() -> None:
+    from omni_ros.ros._diagnostics import DiagnosticsReporter
+    from omni_ros.tensorrt.diagnostics import ComponentStatus
+
+    reporter = DiagnosticsReporter()
+    reporter.components = [
+        ComponentStatus("vision", "tensorrt", "engine vision-abc (TensorRT 10.9, fp16)", "/e"),
+        ComponentStatus("audio", "torch", "TensorRT is not installed"),
+    ]
+    statuses = reporter.report("node", "reference", "active", 0).status
+    assert [s.name for s in statuses[1:]] == ["node: tensorrt vision", "node: tensorrt audio"]
+    assert [s.level for s in statuses[1:]] == [DiagnosticStatus.OK, DiagnosticStatus.WARN]
+    assert _values(statuses[2])["using"] == "torch"
+    assert "not installed" in statuses[2].message

@@ -100,3 +100,31 @@ def test_ask_waiters_are_woken_from_another_thread() -> None:
         woke = tracker.condition.wait_for(lambda: waiter.done, timeout=10)
     feeder.join()
     assert woke
+
+
+def test_ask_wait_streams_partials_and_returns_the_finished_turn() -> None:
+    tracker = AskTracker()
+    waiter = tracker.open()
+    partials: list[str] = []
+
+    def feed() -> None:
+        tracker.on_text(_text(1, "Hel"))
+        tracker.on_text(_text(1, "lo", end=True))
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    reply = tracker.wait(waiter, 30.0, lambda: False, partials.append, poll_s=0.001)
+    feeder.join()
+    assert reply == ("Hello", False, True)
+    assert all("Hello".startswith(p) for p in partials)
+
+
+def test_ask_wait_gives_up_on_timeout_or_stop_with_the_partial_reply() -> None:
+    tracker = AskTracker()
+    waiter = tracker.open()
+    tracker.on_text(_text(1, "partial"))
+    assert tracker.wait(waiter, 0.0, lambda: False, lambda _t: None) == ("partial", False, False)
+    stopped = tracker.open()
+    assert tracker.wait(stopped, 30.0, lambda: True, lambda _t: None) == ("", False, False)
+    tracker.on_text(_text(2, "after close", end=True))
+    assert stopped.text == ""  # closed waiters are no longer fed

@@ -1,0 +1,52 @@
+"""What ``omni_flow_node`` reports on ``/diagnostics``: the loop's health and TensorRT per component.
+
+Fed from the OmniFlow worker thread (:meth:`DiagnosticsReporter.on_state`) and read by the
+diagnostics timer; attribute assignment is atomic in CPython, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diagnostic_msgs.msg import DiagnosticArray
+
+from omni_ros.core.types import Counters, StateOut
+from omni_ros.ros import conversions as conv
+
+
+class DiagnosticsReporter:
+    """Keeps the latest state, the latency and the counters of the previous report (for rates)."""
+
+    def __init__(self) -> None:
+        self.state: StateOut | None = None
+        self.latency_ms: float | None = None
+        self.previous: Counters | None = None
+        #: ``omni_ros.tensorrt.diagnostics.ComponentStatus`` per accelerated component.
+        self.components: list[Any] = []
+
+    def on_state(self, state: StateOut, now_ns: int) -> None:
+        # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
+        self.latency_ms = (now_ns - state.stamp_ns) / 1e6
+        self.state = state
+
+    def clear(self) -> None:
+        self.state, self.latency_ms, self.previous, self.components = None, None, None, []
+
+    def report(self, node_name: str, backend: str, lifecycle: str, now_ns: int) -> DiagnosticArray:
+        """One ``DiagnosticArray``: the Omni-Flow status, then one status per TensorRT component."""
+        state = self.state
+        status = conv.diagnostic_status(
+            state,
+            self.previous,
+            name=f"{node_name}: Omni-Flow",
+            hardware_id=backend,
+            latency_ms=self.latency_ms,
+            extra={"lifecycle": lifecycle},
+            inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
+        )
+        self.previous = state.counters.snapshot() if state is not None else None
+        statuses = [status] + [
+            conv.component_diagnostic(c, f"{node_name}: tensorrt {c.component}", backend)
+            for c in self.components
+        ]
+        return DiagnosticArray(header=conv.header(now_ns), status=statuses)
