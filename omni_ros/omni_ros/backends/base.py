@@ -97,9 +97,7 @@ def backend_class(name: str) -> type[Any]:
     try:
         target = BACKENDS[name]
     except KeyError:
-        raise ConfigError(
-            f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}"
-        ) from None
+        raise ConfigError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
     module_name, _, class_name = target.partition(":")
     module = importlib.import_module(module_name)
     cls: type[Any] = getattr(module, class_name)

@@ -289,7 +289,9 @@ class LogMel(nn.Module):
             norm="slaney",
             mel_scale="slaney",
         )
-        self.register_buffer("filters", torch.tensor(filters.T, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "filters", torch.tensor(filters.T, dtype=torch.float32), persistent=False
+        )
         self.register_buffer(
             "window", torch.hann_window(MEL_N_FFT, dtype=torch.float32), persistent=False
         )

@@ -61,9 +61,7 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None) -> T:
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - set(known))
     if unknown:
-        raise ConfigError(
-            f"unknown {cls.__name__} parameter(s) {unknown}; known: {sorted(known)}"
-        )
+        raise ConfigError(f"unknown {cls.__name__} parameter(s) {unknown}; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in mapping.items():

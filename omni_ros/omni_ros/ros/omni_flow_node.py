@@ -8,6 +8,7 @@ publishes the outputs itself (rclpy publishing is thread-safe).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -17,7 +18,7 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -92,6 +93,54 @@ class RosClock:
         return int(self._ros_clock.now().nanoseconds)
 
 
+class AskHost:
+    """Serves the ``omni/ask`` action from a small companion node with its own executor thread.
+
+    Why not the main node: an Ask goal blocks until the model's reply turn ends (seconds), so it
+    needs a multi-threaded executor, and rclpy's MultiThreadedExecutor behaves badly with
+    high-rate subscriptions. With the 50 Hz mic, /clock and camera it either busy-waits holding the
+    GIL (mutually exclusive groups) or queues thousands of duplicate handlers (reentrant groups);
+    measured in graph replay on 2 cores, both starved the backend thread for 1.5-7 s per unit
+    (BackendTimeout, late and dropped input). So the main node spins a SingleThreadedExecutor
+    (its callbacks never block) and only this node, which has nothing else, is multi-threaded.
+
+    The companion ignores global ROS arguments (a launch file's ``__node`` remap must not rename
+    it to the main node's name); it gets the main node's namespace and the action name the main
+    node resolved, so namespaces and remaps of ``omni/ask`` still apply.
+    """
+
+    def __init__(self, node: Any, execute: Any, accepting: Any) -> None:
+        name = node.resolve_topic_name("omni/ask")
+        self.node = rclpy.create_node(
+            f"{node.get_name()}_ask",
+            namespace=node.get_namespace(),
+            context=node.context,
+            use_global_arguments=False,
+            start_parameter_services=False,
+        )
+        self.server = ActionServer(
+            self.node, Ask, name, execute, callback_group=ReentrantCallbackGroup(),
+            goal_callback=lambda _goal: GoalResponse.ACCEPT if accepting() else GoalResponse.REJECT,
+            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+        )  # fmt: skip
+        self.executor = MultiThreadedExecutor(num_threads=2, context=node.context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self._spin, name="omni-ask", daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self.executor.spin()
+        except (ExternalShutdownException, RuntimeError):
+            pass  # the context shut down under us at process exit
+
+    def close(self) -> None:
+        self.executor.shutdown(timeout_sec=2.0)
+        self.server.destroy()
+        self.node.destroy_node()
+        self.thread.join(timeout=2.0)
+
+
 class OmniFlowNode(LifecycleNode):
     """Runs MiniCPM-o style full-duplex Omni-Flow on ROS topics (a lifecycle node).
 
@@ -153,6 +202,7 @@ class OmniFlowNode(LifecycleNode):
         self._flow: OmniFlow | None = None
         self._backend: Any = None
         self._entities: list[Any] = []
+        self._ask_host: AskHost | None = None
         self._publishers_lc: list[Any] = []
         self._active = False
         self._ask = AskTracker()
@@ -255,11 +305,7 @@ class OmniFlowNode(LifecycleNode):
                 SetPrompt, "omni/set_prompt", self._on_prompt, callback_group=group
             ),
         ]
-        self._ask_server = ActionServer(
-            self, Ask, "omni/ask", self._execute_ask, callback_group=group,
-            goal_callback=lambda _goal: GoalResponse.ACCEPT if self._active else GoalResponse.REJECT,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
-        )  # fmt: skip
+        self._ask_host = AskHost(self, self._execute_ask, lambda: self._active)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers first
@@ -310,8 +356,9 @@ class OmniFlowNode(LifecycleNode):
             destroy(entity)
         for publisher in self._publishers_lc:
             self.destroy_lifecycle_publisher(publisher)
-        if self._entities:
-            self._ask_server.destroy()
+        if self._ask_host is not None:
+            self._ask_host.close()
+            self._ask_host = None
         self._entities, self._publishers_lc = [], []
         if self._backend is not None:
             self._backend.close()
@@ -406,7 +453,9 @@ def main(args: list[str] | None = None) -> None:
         autostart = bool(node.get_parameter("autostart").value)
         if autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
             node.trigger_activate()
-        executor = MultiThreadedExecutor(num_threads=4)
+        # Every callback of this node only converts and enqueues, so one thread serves them all;
+        # the blocking omni/ask goals have their own executor (AskHost).
+        executor = SingleThreadedExecutor()
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -223,3 +223,6 @@ def test_graph_replay_drives_a_real_node_under_sim_time_and_records_its_outputs(
     assert all(bag.start_ns - NS <= _stamp(s) <= bag.end_ns + 5 * NS for s in states)
     assert [s.unit_index for s in states] == sorted(s.unit_index for s in states)
     assert summary["turns"] >= 1
+    # The tiny backend needs ~10 ms of a 1000 ms unit: a unit that hits the 5 s deadline means
+    # the node's executor starved the backend thread (as rclpy's MultiThreadedExecutor did).
+    assert summary["counters"].get("backend_timeouts", 0) == 0
