@@ -7,18 +7,16 @@ Run: ``ros2 run omni_ros mic_node --ros-args -p device:=USB -p chunk_ms:=50`` (o
 from __future__ import annotations
 
 import array
-import sys
 import threading
 import time
 from typing import Any
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 
 from omni_ros.core.errors import ConfigError
 from omni_ros.ros import conversions as conv
+from omni_ros.ros._run import spin_node
 from omni_ros.ros.audio_io import (
     AudioFormat,
     AudioSource,
@@ -139,20 +137,7 @@ class MicNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    try:
-        node = MicNode()
-    except ConfigError as exc:  # AudioDeviceError included: its message lists the devices
-        print(f"mic_node: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(MicNode, "mic_node", args)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,11 @@ Run: ``ros2 run omni_ros speaker_node --ros-args -p device:=USB`` (or
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
@@ -23,6 +20,7 @@ from std_srvs.srv import Trigger
 from omni_ros.core.audio import decode_audio, encode_audio, resample
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.ros import conversions as conv
+from omni_ros.ros._run import spin_node
 from omni_ros.ros.audio_io import (
     NS_PER_S,
     AudioFormat,
@@ -263,20 +261,7 @@ class SpeakerNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    try:
-        node = SpeakerNode()
-    except ConfigError as exc:  # AudioDeviceError included: its message lists the devices
-        print(f"speaker_node: {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(2)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(SpeakerNode, "speaker_node", args)
 
 
 if __name__ == "__main__":
