@@ -42,7 +42,8 @@ shared :class:`~omni_ros.core.types.Counters`:
   :attr:`Timeline.last_poll_jumped` is True so the caller can reset its session too;
 * NaN / inf samples (normally removed by :func:`omni_ros.core.audio.decode_audio`): zeroed and
   counted in ``nonfinite_samples``;
-* a frame that fails lazy decoding: ``decode_errors`` +1, the policy's next choice is used;
+* a frame that fails lazy decoding: ``decode_errors`` and ``dropped_frames`` +1, the policy's
+  next choice is used;
 * the clock running far ahead (more than ``max_catchup_units`` units due at once): the oldest units
   are skipped, ``units_dropped_overrun`` + their received samples/frames as dropped.
 """
@@ -659,6 +660,7 @@ class Timeline:
                 item = decode_image(item)
             except DecodeError:
                 self.counters.decode_errors += 1
+                self.counters.dropped_frames += 1  # OmniState reports malformed frames as dropped
                 # Forget it so that it is neither retried nor chosen again.
                 self._frames[i] = VideoFrame(item.stamp_ns, np.zeros((0, 0, 3), np.uint8))
                 return None

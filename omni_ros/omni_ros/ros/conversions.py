@@ -33,11 +33,12 @@ from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
 NS_PER_S = 1_000_000_000
 
 #: Counters whose increase between two diagnostics reports means input or compute was lost.
-#: ``dropped_frames`` is not among them: frames beyond the per-unit limit are dropped by design
-#: (a 30 fps camera feeds one frame per unit), so a frame *drop* alone is not a fault;
-#: malformed frames show up in ``decode_errors``. ``barge_ins`` and ``duplicate_samples`` (stamp
-#: overlap that the timeline resolves) are normal operation.
+#: Frames the per-unit policy does not choose are not counted anywhere (a 30 fps camera feeds one
+#: frame per unit by design), so a growing ``dropped_frames`` is a real loss: late, malformed,
+#: duplicate-stamped or queue overflow. ``barge_ins`` and ``duplicate_samples`` (stamp overlap
+#: that the timeline resolves) are normal operation.
 WARN_COUNTERS = (
+    "dropped_frames",
     "dropped_audio_samples",
     "late_messages",
     "decode_errors",

@@ -239,10 +239,15 @@ def test_diagnostics_report_every_counter_and_are_ok_when_healthy() -> None:
 
 
 def test_diagnostics_warn_when_a_loss_counter_grew_since_the_last_report() -> None:
-    previous = Counters(decode_errors=2, dropped_frames=5)
-    unchanged = conv.diagnostic_status(_state(decode_errors=2, dropped_frames=9), previous)
-    assert unchanged.level == DiagnosticStatus.OK  # frames over the per-unit limit are normal
-    grown = conv.diagnostic_status(_state(decode_errors=3), previous)
+    previous = Counters(decode_errors=2, dropped_frames=5, barge_ins=1)
+    unchanged = conv.diagnostic_status(
+        _state(decode_errors=2, dropped_frames=5, barge_ins=4), previous
+    )
+    assert unchanged.level == DiagnosticStatus.OK  # barge-ins are normal operation
+    frames = conv.diagnostic_status(_state(decode_errors=2, dropped_frames=9), previous)
+    assert frames.level == DiagnosticStatus.WARN
+    assert "dropped_frames +4" in frames.message
+    grown = conv.diagnostic_status(_state(decode_errors=3, dropped_frames=5), previous)
     assert grown.level == DiagnosticStatus.WARN
     assert "decode_errors +1" in grown.message
     jumped = conv.diagnostic_status(_state(clock_jumps=1))

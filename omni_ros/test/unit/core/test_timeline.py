@@ -502,8 +502,10 @@ def test_raw_frames_are_decoded_lazily_and_resized_only_when_chosen() -> None:
     timeline.push_frame(good)
     timeline.push_frame(broken)
     (unit,) = timeline.poll(ORIGIN_NS + 1_035 * MS + WATERMARK_NS)
-    # The latest frame is corrupt: counted, and the policy falls back to the previous one.
+    # The latest frame is corrupt: counted (OmniState reports it as dropped), and the policy
+    # falls back to the previous one.
     assert counters.decode_errors == 1
+    assert counters.dropped_frames == 1
     assert [f.stamp_ns for f in unit.frames] == [good.stamp_ns]
     assert unit.frames[0].rgb.shape == (8, 8, 3)
 
