@@ -217,6 +217,16 @@ def _node_executable() -> str:
     return str(exe)
 
 
+def _configure_failure(log_path: Path | None) -> str:
+    """The node's 'configure failed: ...' log line, if it logged one (it keeps running after)."""
+    if log_path is None or not log_path.exists():
+        return ""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "configure failed" in line:
+            return line.split("configure failed", 1)[1].lstrip(": ")
+    return ""
+
+
 def replay_graph(
     bag: InputBag,
     outputs: Path,
@@ -340,6 +350,9 @@ def replay_graph(
                 and subs[3].get_publisher_count() > 0
             ):
                 break
+            failure = _configure_failure(log_path)
+            if failure:  # the node stays up, unconfigured: say why now instead of timing out
+                raise ConfigError(f"omni_flow_node could not start: {failure}")
             if time.monotonic() > deadline:
                 raise ConfigError(f"omni_flow_node not ready after {ready_timeout_s:.0f} s")
             publish_clock(bag.start_ns)

@@ -226,3 +226,22 @@ def test_graph_replay_drives_a_real_node_under_sim_time_and_records_its_outputs(
     # The tiny backend needs ~10 ms of a 1000 ms unit: a unit that hits the 5 s deadline means
     # the node's executor starved the backend thread (as rclpy's MultiThreadedExecutor did).
     assert summary["counters"].get("backend_timeouts", 0) == 0
+
+
+@pytest.mark.ros
+def test_graph_replay_reports_why_the_node_could_not_configure(
+    clean_bag: Path, tmp_path: Path
+) -> None:
+    params = tmp_path / "bad.yaml"
+    params.write_text(
+        "omni_flow_node:\n  ros__parameters:\n    backend: reference\n    reference:\n      size: gigantic\n"
+    )
+    with pytest.raises(ConfigError, match="gigantic"):
+        replay(
+            clean_bag,
+            tmp_path / "out",
+            mode="graph",
+            params_file=params,
+            progress=False,
+            plot=False,
+        )
