@@ -373,7 +373,10 @@ class Vocoder(nn.Module):
             # kernel 2s / padding s//2 overshoots by s % 2 samples: crop to exactly length * s.
             x = up(nn.functional.leaky_relu(x, 0.1))[..., :length]
             x = x + res(nn.functional.leaky_relu(x, 0.1))
-        wave = torch.tanh(self.post(nn.functional.leaky_relu(x, 0.1)))
+        y = self.post(nn.functional.leaky_relu(x, 0.1))
+        # Random weights leave a DC offset (~0.1-0.2) that a real speaker turns into clicks at every
+        # turn boundary: remove it per call (one call = one unit's speech).
+        wave = torch.tanh(y - y.mean(dim=-1, keepdim=True))
         return wave[:, 0].float()
 
 
