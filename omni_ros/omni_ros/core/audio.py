@@ -58,6 +58,16 @@ def _validate(raw: RawAudio) -> tuple[int, str]:
     return frame_bytes, dtype
 
 
+def audio_frames(raw: RawAudio) -> int:
+    """How many sample frames ``raw`` holds, without decoding it.
+
+    Raises:
+        DecodeError: the same checks as :func:`decode_audio` (encoding, channels, rate, truncation).
+    """
+    frame_bytes, _ = _validate(raw)
+    return len(raw.data) // frame_bytes
+
+
 def decode_audio_counted(raw: RawAudio) -> DecodedAudio:
     """Decode interleaved S16LE / F32LE PCM of any channel count to mono float32 in [-1, 1].
 

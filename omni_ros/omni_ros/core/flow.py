@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
-from omni_ros.core.audio import StreamResampler, decode_audio
+from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
 from omni_ros.core.clock import Clock
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
@@ -53,6 +53,7 @@ from omni_ros.core.errors import (
     BackendProtocolError,
     BackendTimeout,
     ConfigError,
+    DecodeError,
     OmniError,
     StateError,
 )
@@ -102,6 +103,10 @@ class FlowConfig:
         max_queued_audio: raw audio messages buffered between worker runs; beyond it the oldest
             is dropped and counted (``dropped_audio_samples``).
         max_queued_images: raw images buffered between worker runs (oldest dropped, counted).
+        max_chunk_ms: longest audio message accepted; a longer one is dropped whole and counted
+            (``decode_errors`` and ``dropped_audio_samples``): microphones send 10-100 ms
+            chunks, and a minutes-long message would stall the worker and buffer audio far
+            into the future.
         idle_wait_ms: how long the worker sleeps when there is nothing to do (inputs wake it).
         log_interval_s: at most one log line per kind of recurring problem per interval.
     """
@@ -119,6 +124,7 @@ class FlowConfig:
     max_queued_units: int = 2
     max_queued_audio: int = 500
     max_queued_images: int = 8
+    max_chunk_ms: int = 5_000
     idle_wait_ms: int = 10
     log_interval_s: float = 10.0
 
@@ -134,6 +140,7 @@ class FlowConfig:
             "max_queued_units",
             "max_queued_audio",
             "max_queued_images",
+            "max_chunk_ms",
             "idle_wait_ms",
         ):
             if getattr(self, name) < 1:
@@ -555,6 +562,13 @@ class OmniFlow:
 
     def _ingest_audio(self, raw: RawAudio) -> None:
         try:
+            frames = audio_frames(raw)
+            if frames * 1_000 > self.config.max_chunk_ms * raw.sample_rate:
+                self.counters.dropped_audio_samples += frames
+                raise DecodeError(
+                    f"an audio chunk of {frames / raw.sample_rate:.2f} s is longer than "
+                    f"flow.max_chunk_ms = {self.config.max_chunk_ms}: dropped whole"
+                )
             block = decode_audio(raw, self.counters)
         except OmniError as exc:
             self.counters.decode_errors += 1

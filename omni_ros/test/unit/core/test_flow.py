@@ -255,6 +255,19 @@ def test_bad_audio_is_a_counted_drop_and_the_worker_carries_on(
     assert len(backend.units) == 1
 
 
+def test_a_huge_audio_message_is_dropped_whole_and_counted_and_good_audio_still_flows(
+    backend: ScriptedBackendDouble,
+) -> None:
+    h = Harness(backend, max_chunk_ms=2_000)
+    ten_minutes = np.zeros((48_000 * 600, 2), np.float32).tobytes()
+    h.flow.push_audio(RawAudio(T0, 48_000, 2, "F32LE", ten_minutes))
+    h.silence(1.0)
+    h.run_to(T0 + S + WATERMARK)
+    assert h.flow.counters.decode_errors == 1
+    assert h.flow.counters.dropped_audio_samples == 48_000 * 600
+    assert len(backend.units) == 1  # the good second after it still made its unit
+
+
 def test_injected_text_rides_on_the_next_unit(backend: ScriptedBackendDouble) -> None:
     h = Harness(backend)
     h.flow.inject_text("What do you see?")
