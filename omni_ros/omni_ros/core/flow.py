@@ -294,6 +294,7 @@ class OmniFlow:
         self._pending: collections.deque[Unit] = collections.deque()
         self._needs_prepare = True
         self._prepared_once = False
+        self._timeline_fresh = False  # set after a clock jump: the timeline already restarted
         self._last_prepare_ns: int | None = None
         self._prepare_retry_ns = config.prepare_retry_ms * 1_000_000
         self._fed_since_prepare = 0
@@ -497,6 +498,9 @@ class OmniFlow:
         """The timeline found the clock went backwards (a looping bag) and reset itself."""
         self._log.warning("clock_jump", "clock jumped backwards: resetting session and backend")
         self._restart_conversation(now_ns, new_time_base=True)
+        # The timeline has already restarted on the new time base (a fresh origin, unit 0 next) and
+        # kept the new pass's input: the reset before the next prepare must not throw that away.
+        self._timeline_fresh = True
 
     def _ensure_prepared(self, now_ns: int) -> bool:
         if self._hung is not None:
@@ -522,7 +526,9 @@ class OmniFlow:
 
         # The first unit after prepare() has the backend's first-unit length: start a new origin
         # now, so that audio arriving while the backend prepares is kept for that first unit.
-        self.timeline.reset()
+        if not self._timeline_fresh:
+            self.timeline.reset()
+        self._timeline_fresh = False
         self._pending.clear()
         try:
             self._call(prepare, self.config.prepare_deadline_ms)

@@ -243,6 +243,28 @@ def test_a_backwards_clock_jump_resets_session_and_backend(backend: ScriptedBack
     assert backend.units[-1].start_ns == T0 - 60 * S
 
 
+def test_a_looping_bags_new_pass_that_arrives_before_the_clock_jumps_is_kept(
+    backend: ScriptedBackendDouble,
+) -> None:
+    h = Harness(backend)
+    h.silence(3.0)
+    h.run_to(T0 + 3 * S + WATERMARK)
+    fed = len(backend.units)
+    # The bag starts over: its first audio (stamped T0 again) arrives before /clock jumps back.
+    tone = np.full(2 * RATE, 0.25, np.float32)
+    pcm = (tone * 32767).astype("<i2")
+    for i in range(0, len(pcm), 1_600):
+        stamp = T0 + round(i * S / RATE)
+        h.flow.push_audio(RawAudio(stamp, RATE, 1, "S16LE", pcm[i : i + 1_600].tobytes()))
+    h.run_to(T0 + 50_000_000, jump=True)
+    h.run_to(T0 + 1_035_000_000 + WATERMARK)
+    assert h.flow.counters.clock_jumps == 1
+    first = backend.units[fed]
+    assert first.index == 0
+    assert first.gap_samples == 0  # the new pass's first second was kept, not zero-filled
+    assert float(np.abs(first.audio).mean()) > 0.2
+
+
 def test_bad_audio_is_a_counted_drop_and_the_worker_carries_on(
     backend: ScriptedBackendDouble,
 ) -> None:
