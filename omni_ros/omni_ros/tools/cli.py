@@ -84,6 +84,32 @@ def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
+def _add_record(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "record", help="record live topics into a rosbag2 (mcap), like ros2 bag record"
+    )
+    p.add_argument("out", help="rosbag2 folder to create")
+    p.add_argument(
+        "--topics", nargs="+", help="topics (default: every omni_flow_node input and output)"
+    )
+    p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    p.add_argument("--use-sim-time", action="store_true", help="stamp with /clock time")
+
+    def run(args: argparse.Namespace) -> int:
+        from omni_ros.tools.record import DEFAULT_TOPICS, record
+
+        counts = record(
+            Path(args.out),
+            args.topics or DEFAULT_TOPICS,
+            args.duration,
+            use_sim_time=args.use_sim_time,
+        )
+        print(", ".join(f"{topic}: {n}" for topic, n in counts.items()))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="synthesise a bag and replay it through omni_flow_node")
     p.add_argument("--out", default="demo_out", help="demo folder (git-ignored)")
@@ -125,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replay(sub)
     _add_synth(sub)
+    _add_record(sub)
     _add_demo(sub)
     _add_backends(sub)
     from omni_ros.tools.engines_cli import add_engines_subparser

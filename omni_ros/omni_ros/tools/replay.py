@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.bagio import NS, InputBag, OutputBag
+from omni_ros.tools.record import TopicRecorder
 from omni_ros.tools.report import plot_timeline, summarize, write_summary
 
 OUTPUT_TOPICS: dict[str, str] = {
@@ -244,7 +245,7 @@ def replay_graph(
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import CompressedImage, Image
     from std_msgs.msg import Bool
@@ -276,41 +277,8 @@ def replay_graph(
         while spinning.is_set() and context.ok():
             executor.spin_once(timeout_sec=0.05)
 
-    out = OutputBag(outputs)
-    lock = threading.Lock()
-    counts: dict[str, int] = dict.fromkeys(OUTPUT_TOPICS, 0)
+    recorder = TopicRecorder(node, OutputBag(outputs), OUTPUT_TOPICS, latched=["/omni/state"])
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-    latched = QoSProfile(
-        depth=10,
-        reliability=ReliabilityPolicy.RELIABLE,
-        durability=DurabilityPolicy.TRANSIENT_LOCAL,
-    )
-    from diagnostic_msgs.msg import DiagnosticArray
-
-    from omni_ros_msgs.msg import OmniState, OmniText, ProactiveAction
-
-    classes = {
-        "/omni/speech": AudioChunk,
-        "/omni/text": OmniText,
-        "/omni/proactive": ProactiveAction,
-        "/omni/state": OmniState,
-        "/diagnostics": DiagnosticArray,
-    }
-
-    def recorder(topic: str) -> Any:
-        def callback(raw: bytes) -> None:
-            with lock:
-                out.write_raw(topic, OUTPUT_TOPICS[topic], node.get_clock().now().nanoseconds, raw)
-                counts[topic] += 1
-
-        return callback
-
-    subs = [
-        node.create_subscription(
-            classes[t], t, recorder(t), latched if t == "/omni/state" else reliable, raw=True
-        )
-        for t in OUTPUT_TOPICS
-    ]
     in_classes = {
         "mic": AudioChunk,
         "camera": Image,
@@ -347,7 +315,7 @@ def replay_graph(
                 )
             if (
                 all(p.get_subscription_count() > 0 for p in pubs.values())
-                and subs[3].get_publisher_count() > 0
+                and recorder.publisher_count("/omni/state") > 0
             ):
                 break
             failure = _configure_failure(log_path)
@@ -393,8 +361,7 @@ def replay_graph(
             node_proc.wait()
         if log is not subprocess.DEVNULL:
             log.close()
-        with lock:
-            out.close()
+        recorder.close()
         node.destroy_node()
         rclpy.shutdown(context=context)
     return {
