@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import heapq
 import logging
 import queue
 import threading
@@ -103,6 +104,10 @@ class FlowConfig:
         max_queued_audio: raw audio messages buffered between worker runs; beyond it the oldest
             is dropped and counted (``dropped_audio_samples``).
         max_queued_images: raw images buffered between worker runs (oldest dropped, counted).
+        audio_reorder_ms: decoded mic blocks wait this long in a stamp-ordered buffer before the
+            resampler, echo canceller and VAD, which are stream filters: out-of-order chunks
+            (within this window) are put back in order instead of breaking the stream and losing
+            samples. Barge-in detection is delayed by as much. 0 disables it.
         max_chunk_ms: longest audio message accepted; a longer one is dropped whole and counted
             (``decode_errors`` and ``dropped_audio_samples``): microphones send 10-100 ms
             chunks, and a minutes-long message would stall the worker and buffer audio far
@@ -125,6 +130,7 @@ class FlowConfig:
     max_queued_audio: int = 500
     max_queued_images: int = 8
     max_chunk_ms: int = 5_000
+    audio_reorder_ms: int = 60
     idle_wait_ms: int = 10
     log_interval_s: float = 10.0
 
@@ -133,6 +139,8 @@ class FlowConfig:
             raise ConfigError(
                 f"FlowConfig.overrun_policy = {self.overrun_policy!r}; use one of {OVERRUN_POLICIES}"
             )
+        if self.audio_reorder_ms < 0:
+            raise ConfigError("FlowConfig.audio_reorder_ms must be >= 0")
         for name in (
             "backend_deadline_ms",
             "prepare_deadline_ms",
@@ -295,6 +303,10 @@ class OmniFlow:
         self._needs_prepare = True
         self._prepared_once = False
         self._timeline_fresh = False  # set after a clock jump: the timeline already restarted
+        # Decoded mic blocks waiting to be put back in stamp order: (stamp_ns, seq, block).
+        self._reorder: list[tuple[int, int, AudioBlock]] = []
+        self._reorder_seq = 0
+        self._reorder_newest_ns = 0
         self._last_prepare_ns: int | None = None
         self._prepare_retry_ns = config.prepare_retry_ms * 1_000_000
         self._fed_since_prepare = 0
@@ -497,6 +509,16 @@ class OmniFlow:
     def _on_clock_jump(self, now_ns: int) -> None:
         """The timeline found the clock went backwards (a looping bag) and reset itself."""
         self._log.warning("clock_jump", "clock jumped backwards: resetting session and backend")
+        # Held mic audio stamped ahead of the new clock belongs to the old pass: drop and count it.
+        # What is left (the new pass, already arriving) stays held for the new time base.
+        limit_ns = now_ns + self.timeline.config.max_future_ns
+        kept = [item for item in self._reorder if item[0] <= limit_ns]
+        for _stamp, _seq, block in self._reorder:
+            if _stamp > limit_ns:
+                self.counters.dropped_audio_samples += len(block.samples)
+        heapq.heapify(kept)
+        self._reorder = kept
+        self._reorder_newest_ns = max((i[0] + i[2].duration_ns for i in kept), default=0)
         self._restart_conversation(now_ns, new_time_base=True)
         # The timeline has already restarted on the new time base (a fresh origin, unit 0 next) and
         # kept the new pass's input: the reset before the next prepare must not throw that away.
@@ -559,6 +581,7 @@ class OmniFlow:
             self._dropped_in_audio = self._dropped_in_frames = 0
         for raw in audio:
             self._ingest_audio(raw)
+        self._release_audio(self.clock.now_ns())
         for image in images:
             try:
                 self.timeline.push_frame(image)
@@ -582,17 +605,31 @@ class OmniFlow:
             return
         if len(block.samples) == 0:
             return
-        mic = self._to_mic_rate(block)
-        if self.aec is not None:
-            if len(mic.samples):
-                mic = self.aec.process(mic)
-            if len(mic.samples):
-                self._push_timeline(mic)
-        else:
-            self._push_timeline(block)
-        if self.vad is not None and len(mic.samples):
-            self.vad.process(mic)
-            self._check_barge_in()
+        if self.config.audio_reorder_ms == 0:
+            self._process_audio(block)
+            return
+        heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block))
+        self._reorder_seq += 1
+        self._reorder_newest_ns = max(self._reorder_newest_ns, block.stamp_ns + block.duration_ns)
+
+    def _release_audio(self, now_ns: int) -> None:
+        """Process held mic blocks, oldest stamp first, once they are ``audio_reorder_ms`` older
+        than the newest audio or than the clock (the stream may simply have stopped)."""
+        horizon = max(self._reorder_newest_ns, now_ns) - self.config.audio_reorder_ms * 1_000_000
+        while self._reorder and self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon:
+            self._process_audio(heapq.heappop(self._reorder)[2])
+
+    def _process_audio(self, block: AudioBlock) -> None:
+        for mic in self._to_mic_rate(block):
+            if self.aec is not None:
+                mic = self.aec.process(mic) if len(mic.samples) else mic
+                if len(mic.samples):
+                    self._push_timeline(mic)
+            if self.vad is not None and len(mic.samples):
+                self.vad.process(mic)
+                self._check_barge_in()
+        if self.aec is None:
+            self._push_timeline(block)  # the timeline resamples whole units itself
 
     def _push_timeline(self, block: AudioBlock) -> None:
         try:
@@ -601,10 +638,15 @@ class OmniFlow:
             self.counters.dropped_audio_samples += len(block.samples)
             self._log.warning("timeline", f"audio not placed on the timeline: {exc}")
 
-    def _to_mic_rate(self, block: AudioBlock) -> AudioBlock:
-        """Resample to the AEC/VAD rate as one stream while stamps continue each other."""
+    def _to_mic_rate(self, block: AudioBlock) -> list[AudioBlock]:
+        """Resample to the AEC/VAD rate as one stream while stamps continue each other.
+
+        At a discontinuity (a gap, a rate change) the old stream's held-back tail is flushed
+        first, so the samples before the gap are not lost with the old resampler.
+        """
         if block.sample_rate == self.mic_rate:
-            return block
+            return [block]
+        out_blocks: list[AudioBlock] = []
         continues = (
             self._mic_rs is not None
             and self._mic_rs.in_rate == block.sample_rate
@@ -612,15 +654,23 @@ class OmniFlow:
             and abs(block.stamp_ns - self._mic_rs_next_in_ns) <= NS_PER_S // block.sample_rate
         )
         if not continues:
+            if self._mic_rs is not None:
+                tail = self._mic_rs.process(np.zeros(0, np.float32), last=True)
+                if len(tail):
+                    out_blocks.append(self._mic_block(tail))
             self._mic_rs = StreamResampler(block.sample_rate, self.mic_rate)
             self._mic_rs_anchor_ns = block.stamp_ns
             self._mic_rs_out = 0
         assert self._mic_rs is not None
         out = self._mic_rs.process(block.samples)
         self._mic_rs_next_in_ns = block.stamp_ns + block.duration_ns
+        out_blocks.append(self._mic_block(out))
+        return out_blocks
+
+    def _mic_block(self, samples: FloatArray) -> AudioBlock:
         stamp = self._mic_rs_anchor_ns + round(self._mic_rs_out * NS_PER_S / self.mic_rate)
-        self._mic_rs_out += len(out)
-        return AudioBlock(stamp, self.mic_rate, out)
+        self._mic_rs_out += len(samples)
+        return AudioBlock(stamp, self.mic_rate, samples)
 
     def _check_barge_in(self) -> None:
         """Barge in as soon as the VAD has heard enough of the user, not at the unit's end.

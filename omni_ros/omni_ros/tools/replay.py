@@ -92,6 +92,16 @@ def flow_setup(
     return name, backend_params, config, str(flat.get("system_prompt", "") or "")
 
 
+def audio_end_ns(msg: Any) -> int:
+    """When the last sample of a (rosbags) AudioChunk was captured; its stamp if it is malformed."""
+    width = {"S16LE": 2, "F32LE": 4}.get(str(msg.encoding).strip().upper(), 0)
+    frame_bytes = width * int(msg.channels)
+    stamp = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
+    if frame_bytes <= 0 or int(msg.sample_rate) <= 0:
+        return stamp
+    return stamp + len(msg.data) // frame_bytes * NS // int(msg.sample_rate)
+
+
 # ------------------------------------------------------------------------------------------ direct
 def replay_direct(
     bag: InputBag,
@@ -124,9 +134,12 @@ def replay_direct(
     out = OutputBag(outputs)
     last_diag_ns = [0]
     previous: list[Any] = [None]
+    last_unit_end_ns = [0]
 
     def emit(event: Any) -> None:
         now = clock.now_ns()
+        if isinstance(event, StateOut):
+            last_unit_end_ns[0] = max(last_unit_end_ns[0], event.stamp_ns)
         if isinstance(event, SpeechOut):
             chunk = max(1, event.sample_rate * chunk_ms // 1000)
             for msg in conv.speech_to_chunks(event, chunk, encoding):
@@ -174,7 +187,12 @@ def replay_direct(
             desc="replay (direct)",
             disable=not progress,
         )
+        input_end_ns = 0
         for message in (m for _ in range(loops) for m in bag):
+            if message.log_ns == bag.start_ns:
+                input_end_ns = 0  # a new pass (loops > 1)
+            if message.role == "mic":
+                input_end_ns = max(input_end_ns, audio_end_ns(message.msg))
             clock.set_ns(message.log_ns)
             flow.run_until_idle(message.log_ns)
             data = message.to_core()
@@ -186,9 +204,11 @@ def replay_direct(
                 flow.set_robot_speaking(bool(data))
             bar.update()
         bar.close()
+        # Let the unit holding the last input sample close (watermark) and its outputs come out,
+        # and no further: units past the input would be pure zero-filled gap.
         end = bag.end_ns + int(flush_s * NS)
         t = bag.end_ns
-        while t < end:  # let the last units close (watermark) and their outputs come out
+        while t < end and last_unit_end_ns[0] < input_end_ns:
             t = min(end, t + NS // 10)
             clock.set_ns(t)
             flow.run_until_idle(t)
@@ -279,6 +299,14 @@ def replay_graph(
 
     recorder = TopicRecorder(node, OutputBag(outputs), OUTPUT_TOPICS, latched=["/omni/state"])
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    unit_ends: list[int] = [0]
+
+    def on_state(msg: Any) -> None:
+        unit_ends[0] = max(unit_ends[0], msg.header.stamp.sec * NS + msg.header.stamp.nanosec)
+
+    from omni_ros_msgs.msg import OmniState
+
+    node.create_subscription(OmniState, "/omni/state", on_state, reliable)
     in_classes = {
         "mic": AudioChunk,
         "camera": Image,
@@ -331,8 +359,13 @@ def replay_graph(
             total=bag.message_count * loops, unit="msg", desc="replay (graph)", disable=not progress
         )
         last_clock = 0.0
+        input_end_ns = 0
         loop_span_s = bag.duration_ns / NS / rate + 0.05
         for loop, message in ((k, m) for k in range(loops) for m in bag):
+            if message.log_ns == bag.start_ns:
+                input_end_ns = 0  # a new pass (loops > 1)
+            if message.role == "mic":
+                input_end_ns = max(input_end_ns, audio_end_ns(message.msg))
             target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS / rate
             while (now := time.monotonic()) < target:
                 if now - last_clock >= 0.02:
@@ -346,7 +379,8 @@ def replay_graph(
             bar.update()
         bar.close()
         end_wall = time.monotonic() + flush_s / rate
-        while (now := time.monotonic()) < end_wall:
+        # Until the unit holding the last input sample has been reported (see replay_direct).
+        while (now := time.monotonic()) < end_wall and unit_ends[0] < input_end_ns:
             publish_clock(bag.end_ns + int((now - (end_wall - flush_s / rate)) * rate * NS))
             time.sleep(0.02)
         time.sleep(0.5)  # the last outputs in flight

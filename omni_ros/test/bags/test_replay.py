@@ -115,14 +115,22 @@ def test_a_sqlite3_bag_replays_exactly_like_the_same_mcap_bag(
 
 
 def test_a_messy_bag_replays_with_gaps_filled_and_counted_and_nothing_undecodable(
-    messy_bag: Path, schedule_params: Path, tmp_path: Path
+    messy_bag: Path, clean_bag: Path, schedule_params: Path, tmp_path: Path
 ) -> None:
     summary = replay(
         messy_bag, tmp_path, mode="direct", params_file=schedule_params, progress=False, plot=False
     )
     counters = summary["counters"]
+    clean = replay(clean_bag, tmp_path / "clean", mode="direct", params_file=schedule_params,
+                   progress=False, plot=False)  # fmt: skip
     assert summary["units"] >= 6
-    assert counters["gap_samples_filled"] > 0  # the dropped chunks
+    # Both have the last unit's tail past the input; the messy bag also dropped 4 chunks of 20 ms.
+    assert clean["counters"]["gap_samples_filled"] < 16_000
+    clean_gap = clean["counters"]["gap_samples_filled"]
+    assert counters["gap_samples_filled"] >= clean_gap + 4 * 320
+    # ... and nothing else: the swapped (out-of-order) chunks lose nothing; at most the echo
+    # canceller's partial 20 ms frame at each of the 4 real gaps.
+    assert counters["gap_samples_filled"] <= clean_gap + 4 * 320 + 4 * 320
     assert (
         counters.get("decode_errors", 0) == 0
     )  # 48 kHz stereo, bgr8/mono8 with padded rows all decode

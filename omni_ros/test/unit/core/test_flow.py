@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -263,6 +264,39 @@ def test_a_looping_bags_new_pass_that_arrives_before_the_clock_jumps_is_kept(
     assert first.index == 0
     assert first.gap_samples == 0  # the new pass's first second was kept, not zero-filled
     assert float(np.abs(first.audio).mean()) > 0.2
+
+
+@pytest.mark.parametrize("reorder_ms", [60, 0])
+def test_out_of_order_chunks_reach_the_stream_filters_in_order_and_lose_nothing(
+    backend: ScriptedBackendDouble, reorder_ms: int
+) -> None:
+    h = Harness(backend, aec={"enabled": True}, audio_reorder_ms=reorder_ms)
+    assert h.flow.vad is not None
+    seen: list[int] = []
+    vad_process = h.flow.vad.process
+    h.flow.vad.process = lambda block: (seen.append(block.stamp_ns), vad_process(block))[1]  # type: ignore[method-assign]
+    rate, hop = 48_000, 960  # 20 ms chunks of 48 kHz stereo
+    pcm = (np.random.default_rng(0).normal(0, 0.05, (3 * rate, 2)) * 32767).astype("<i2")
+    chunks = [
+        RawAudio(T0 + round(i * S / rate), rate, 2, "S16LE", pcm[i : i + hop].tobytes())
+        for i in range(0, len(pcm), hop)
+    ]
+    for k in range(5, len(chunks) - 1, 7):  # every 7th pair arrives swapped
+        chunks[k], chunks[k + 1] = chunks[k + 1], chunks[k]
+    for chunk in chunks:
+        h.clock.set_ns(chunk.stamp_ns + 22_000_000)  # each arrives just after its last sample
+        h.flow.push_audio(chunk)
+        h.flow.run_until_idle(h.clock.now_ns())
+    h.run_to(T0 + 2 * S + 35_000_000 + WATERMARK)
+    assert len(backend.units) == 2
+    in_order = all(b > a for a, b in itertools.pairwise(seen))
+    if reorder_ms:
+        # The echo canceller and the VAD are stream filters: they must see the stream in order.
+        assert in_order
+        assert h.flow.counters.gap_samples_filled == 0
+        assert all(u.gap_samples == 0 for u in backend.units)
+    else:
+        assert not in_order  # what the reorder buffer is for
 
 
 def test_bad_audio_is_a_counted_drop_and_the_worker_carries_on(
