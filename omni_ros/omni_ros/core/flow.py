@@ -2,8 +2,8 @@
 
 :class:`OmniFlow` ties the core together::
 
-    push_audio(RawAudio) ─ decode ─ resample to the mic rate ─ AEC ─┬─ timeline ─ poll(clock) ─ units
-                                                                    └─ VAD ─ barge-in (immediately)
+    push_audio(RawAudio) ─ decode ─ reorder ─ resample to the mic rate ─ AEC ─┬─ timeline ─ poll ─ units
+                                                                              └─ VAD ─ barge-in (immediately)
     push_image(RawImage) ─────────────────────────────────────────── timeline (decoded lazily)
     units ─ overrun policy ─ backend.prefill/generate (helper thread, deadline) ─ session ─ emit()
 
