@@ -138,6 +138,15 @@ _PREFILL_TIMINGS: Final = {
 }
 
 
+def _snapshot_commit(model: str) -> str | None:
+    """The commit of a Hugging Face cache folder ``.../snapshots/<40-hex>/``, else None."""
+    path = os.path.normpath(os.path.expanduser(model))
+    parent, name = os.path.split(path)
+    if os.path.basename(parent) == "snapshots" and _HEX40.match(name):
+        return name.lower()
+    return None
+
+
 def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(model))
 
@@ -149,8 +158,10 @@ class MiniCPMOConfig:
     Attributes:
         model: local folder with the weights and remote code, or a hub id such as
             ``openbmb/MiniCPM-o-4_5`` (read from the local HF cache when ``local_files_only``).
-        revision: the commit (40 hex digits, best) or tag of a hub id to load; required for a hub id.
-            Ignored by transformers for a local folder, where it is only logged.
+        revision: the commit (40 hex digits, best) or tag whose remote code you reviewed; always
+            required with ``trust_remote_code``. For a hub id transformers loads exactly it; for a
+            local Hugging Face cache snapshot (``.../snapshots/<commit>``) it must equal that
+            commit; for any other folder it is recorded and logged (it cannot be checked).
         trust_remote_code: must be true: the model's Python code is executed. It comes from the hub
             at ``revision`` or from the local folder, so only set it for a source you trust.
         local_files_only: never touch the network (robots run offline).
@@ -234,11 +245,19 @@ class MiniCPMOConfig:
                 "set `trust_remote_code: true` in the minicpmo parameters to allow it"
                 + ("" if local else ", together with a pinned `revision` (a 40-hex commit id)")
             )
-        if not local and not (self.revision or "").strip():
+        revision = (self.revision or "").strip()
+        if not revision:
+            what = f"the local folder {self.model!r}" if local else f"the hub id {self.model!r}"
             raise ConfigError(
-                f"MiniCPMOConfig.revision is required with trust_remote_code for the hub id "
-                f"{self.model!r}: set `revision` to the commit id (40 hex digits) or tag whose "
-                "remote code you reviewed, so a later upstream push cannot change what runs"
+                f"MiniCPMOConfig.revision is required with trust_remote_code for {what}: set "
+                "`revision` to the commit id (40 hex digits) or tag whose remote code you "
+                "reviewed, so a later upstream push (or a swapped folder) cannot change what runs"
+            )
+        snapshot = _snapshot_commit(self.model) if local else None
+        if snapshot is not None and _HEX40.match(revision) and snapshot != revision.lower():
+            raise ConfigError(
+                f"{self.model!r} is the Hugging Face cache snapshot {snapshot}, but `revision` "
+                f"pins {revision}: point `model` at the snapshot you reviewed or fix `revision`"
             )
         choices = {
             "variant": (self.variant, _VARIANTS),

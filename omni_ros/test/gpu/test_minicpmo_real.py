@@ -53,7 +53,10 @@ def backend() -> Iterator[Any]:
     params: dict[str, Any] = {
         "model": os.path.expanduser(_PATH),
         "trust_remote_code": True,
-        "revision": os.environ.get("OMNI_ROS_MINICPMO_REVISION") or None,
+        # A Hugging Face cache snapshot folder is named after its commit; any other folder needs
+        # OMNI_ROS_MINICPMO_REVISION (the config requires a pinned revision with remote code).
+        "revision": os.environ.get("OMNI_ROS_MINICPMO_REVISION")
+        or os.path.basename(os.path.normpath(os.path.expanduser(_PATH))),
         "variant": os.environ.get("OMNI_ROS_MINICPMO_VARIANT", "bf16"),
         "attn_implementation": os.environ.get("OMNI_ROS_MINICPMO_ATTN", "sdpa"),
         "prompt_wav_path": os.environ.get("OMNI_ROS_MINICPMO_VOICE") or None,

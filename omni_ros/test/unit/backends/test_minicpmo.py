@@ -143,14 +143,31 @@ def test_config_without_revision_for_a_hub_id_says_to_pin_one() -> None:
         MiniCPMOConfig.from_mapping({"model": HUB_ID, "trust_remote_code": True, "revision": " "})
 
 
-def test_config_for_a_local_folder_needs_trust_but_no_revision(tmp_path: Any) -> None:
+def test_config_for_a_local_folder_needs_trust_and_a_pinned_revision(tmp_path: Any) -> None:
     with pytest.raises(ConfigError) as excinfo:
         MiniCPMOConfig.from_mapping({"model": str(tmp_path)})
     assert "trust_remote_code: true" in str(excinfo.value)
     assert str(tmp_path) in str(excinfo.value)
-    config = MiniCPMOConfig.from_mapping({"model": str(tmp_path), "trust_remote_code": True})
+    with pytest.raises(ConfigError, match="revision is required"):
+        MiniCPMOConfig.from_mapping({"model": str(tmp_path), "trust_remote_code": True})
+    config = MiniCPMOConfig.from_mapping(
+        {"model": str(tmp_path), "trust_remote_code": True, "revision": REVISION}
+    )
     assert config.is_local
-    assert config.revision is None
+    assert config.revision == REVISION
+
+
+def test_a_cache_snapshot_folder_must_be_the_pinned_revision(tmp_path: Any) -> None:
+    snapshot = tmp_path / "models--openbmb--MiniCPM-o-4_5" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    with pytest.raises(ConfigError, match="snapshot"):
+        MiniCPMOConfig.from_mapping(
+            {"model": str(snapshot), "trust_remote_code": True, "revision": "cd" * 20}
+        )
+    config = MiniCPMOConfig.from_mapping(
+        {"model": str(snapshot), "trust_remote_code": True, "revision": "AB" * 20}
+    )
+    assert config.is_local
 
 
 def test_config_without_a_model_names_the_parameter() -> None:
@@ -184,7 +201,9 @@ def test_create_backend_validates_the_config_before_loading_anything() -> None:
 
 def test_default_loader_rejects_a_missing_local_folder(tmp_path: Any) -> None:
     missing = str(tmp_path / "no_weights_here")
-    config = MiniCPMOConfig.from_mapping({"model": missing, "trust_remote_code": True})
+    config = MiniCPMOConfig.from_mapping(
+        {"model": missing, "trust_remote_code": True, "revision": REVISION}
+    )
     with pytest.raises(ConfigError, match="no such folder"):
         load_pretrained(config)
 
