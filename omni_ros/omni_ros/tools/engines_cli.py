@@ -50,7 +50,16 @@ def add_engines_subparser(subparsers: Any) -> argparse.ArgumentParser:
     build.add_argument("--precision", choices=PRECISIONS, default="fp16")
     build.add_argument("--out", type=Path, default=DEFAULT_ENGINE_ROOT, help="engine cache root")
     build.add_argument("--model", help="minicpmo: local folder with the weights and remote code")
-    build.add_argument("--revision", default="", help="minicpmo: revision recorded in manifests")
+    build.add_argument(
+        "--revision",
+        default="",
+        help="minicpmo: the pinned commit (required; recorded in manifests)",
+    )
+    build.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="minicpmo: allow the model's Python code to run (required, with --revision)",
+    )
     build.add_argument("--size", choices=("tiny", "full"), default="full", help="reference size")
     build.add_argument("--seed", type=int, default=0, help="reference backend seed")
     build.add_argument("--max-slices", type=int, default=10, help="vision profile: max slices")
@@ -97,21 +106,21 @@ def _sources(args: argparse.Namespace, components: tuple[str, ...]) -> tuple[dic
         return modules, export.model_revision(backend)
     if not args.model:
         raise EngineError("--backend minicpmo needs --model PATH (a local copy of the weights)")
-    from transformers import AutoModel
+    # The same gate as the backend: remote code runs only with --trust-remote-code and a pinned
+    # --revision (a ConfigError says which is missing), through the backend's own loader.
+    from omni_ros.backends.minicpmo import MiniCPMOConfig, load_pretrained
 
-    model = AutoModel.from_pretrained(
-        args.model,
-        trust_remote_code=True,
-        local_files_only=True,
-        torch_dtype=torch.bfloat16,
-        init_vision=True,
-        init_audio=True,
-        init_tts=True,
-    ).eval()
-    if torch.cuda.is_available():
-        model = model.cuda()
+    config = MiniCPMOConfig.from_mapping(
+        {
+            "model": args.model,
+            "trust_remote_code": bool(args.trust_remote_code),
+            "revision": args.revision or None,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        }
+    )
+    model = load_pretrained(config)
     modules = export.minicpmo_components(model, components, max_slices=args.max_slices)
-    return modules, args.revision or Path(args.model).name
+    return modules, str(config.revision)
 
 
 def run_build(args: argparse.Namespace) -> int:

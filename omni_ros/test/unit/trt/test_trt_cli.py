@@ -147,3 +147,18 @@ def test_the_package_imports_without_tensorrt_or_pycuda():
     )
     root = Path(__file__).resolve().parents[3]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_building_minicpmo_engines_runs_no_remote_code_without_trust_and_a_revision(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from omni_ros.tools.cli import main
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    base = ["engines", "build", "--backend", "minicpmo", "--model", str(weights)]
+    base += ["--onnx-only", str(tmp_path / "onnx")]
+    assert main(base) == 2
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert main([*base, "--trust-remote-code"]) == 2
+    assert "revision is required" in capsys.readouterr().err
