@@ -161,6 +161,16 @@ def test_speaking_units_give_at_least_one_second_of_24khz_audio() -> None:
     assert results[0].audio.size == 26 * 960
 
 
+def test_speech_has_no_dc_offset_a_speaker_would_click_on() -> None:
+    for seed in (0, 7):
+        backend = make_backend(speak_schedule="S", seed=seed)
+        backend.prepare("hi")
+        for result in run(backend, 3, speech=True):
+            assert result.audio is not None
+            assert abs(float(result.audio.mean())) < 0.01
+        backend.close()
+
+
 def test_text_deltas_are_printable_strings() -> None:
     backend = make_backend(speak_schedule="SSE", max_speak_tokens_per_unit=12)
     backend.prepare("hi")
