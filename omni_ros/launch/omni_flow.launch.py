@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
+from omni_ros.ros._params import read_params_file
 
 PACKAGE = "omni_ros"
 
@@ -63,24 +63,7 @@ ARGUMENTS = (
 
 def node_section(path: str, node_name: str) -> dict[str, Any]:
     """The flat ``ros__parameters`` of ``node_name`` in a ROS 2 params file (``/**`` merged first)."""
-    with open(path, encoding="utf-8") as stream:
-        doc = yaml.safe_load(stream) or {}
-    flat: dict[str, Any] = {}
-
-    def flatten(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                flatten(f"{prefix}.{key}" if prefix else str(key), sub)
-        else:
-            flat[prefix] = value
-
-    for key in ("/**", node_name, f"/{node_name}"):
-        section = doc.get(key)
-        if isinstance(section, dict):
-            flatten("", section.get("ros__parameters", {}))
-    if not flat:
-        raise RuntimeError(f"{path} has no '{node_name}: ros__parameters:' section")
-    return flat
+    return read_params_file(path, node_name)
 
 
 def _is_true(text: str) -> bool:

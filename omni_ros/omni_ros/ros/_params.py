@@ -15,9 +15,13 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from omni_ros.core.config import from_mapping
+from omni_ros.core.errors import ConfigError
 
 #: Namespace of the top-level scalar fields of the root config (deadline, overrun policy, ...).
 ROOT_NAMESPACE = "flow"
@@ -175,3 +179,39 @@ def accelerate_with_tensorrt(backend: Any, engine_dir: str, components: str) -> 
     return accelerate_backend(
         backend, engine_dir or str(DEFAULT_ENGINE_ROOT), parse_components(components), device=device
     )
+
+
+def flatten_parameters(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A ``ros__parameters`` tree as flat dotted names: ``{"reference": {"size": "tiny"}}`` ->
+    ``{"reference.size": "tiny"}`` (how ROS 2 names nested parameters)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flatten_parameters(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_params_file(path: str | Path, node_name: str) -> dict[str, Any]:
+    """The flat parameters a ROS 2 params file gives ``node_name`` (``/**`` first, then the node's
+    own section, by name with or without the leading slash).
+
+    Raises:
+        ConfigError: the file cannot be read, or has no ``ros__parameters`` for the node.
+    """
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key in ("/**", "**", node_name, f"/{node_name}"):
+        section = doc.get(key) if isinstance(doc, Mapping) else None
+        if isinstance(section, Mapping) and isinstance(section.get("ros__parameters"), Mapping):
+            flat.update(flatten_parameters(section["ros__parameters"]))
+    if not flat:
+        raise ConfigError(
+            f"{path} has no '{node_name}: ros__parameters:' (or '/**:') section; see config/*.yaml"
+        )
+    return flat

@@ -26,11 +26,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
-from omni_ros.core.errors import ConfigError
-from omni_ros.tools.bagio import NS, InputBag, OutputBag
+from omni_ros.core.audio import audio_frames
+from omni_ros.core.errors import ConfigError, DecodeError
+from omni_ros.core.types import RawAudio
+from omni_ros.tools.bagio import NS, InputBag, OutputBag, to_raw_audio
 from omni_ros.tools.record import TopicRecorder
 from omni_ros.tools.report import plot_timeline, summarize, write_summary
 
@@ -47,32 +48,13 @@ _BAR_INTERVAL_S = 0.2 if sys.stderr.isatty() else 5.0
 
 
 # ------------------------------------------------------------------------------------------ params
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
-    else:
-        out[prefix] = value
-
-
 def load_params_file(path: Path | None, node_name: str = "omni_flow_node") -> dict[str, Any]:
-    """A ROS 2 parameters YAML (``node: {ros__parameters: {...}}``) as flat dotted names."""
+    """A ROS 2 parameters YAML as the node's flat dotted parameters; ``{}`` without a file."""
     if path is None:
         return {}
-    try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read params file {path}: {exc}") from exc
-    flat: dict[str, Any] = {}
-    for key in ("/**", node_name, f"/{node_name}", "**"):
-        section = doc.get(key)
-        if isinstance(section, Mapping) and "ros__parameters" in section:
-            _flatten("", section["ros__parameters"], flat)
-    if not flat and doc:
-        raise ConfigError(
-            f"{path} has no '{node_name}: ros__parameters:' (or '/**:') section; see config/*.yaml"
-        )
-    return flat
+    from omni_ros.ros._params import read_params_file
+
+    return read_params_file(path, node_name)
 
 
 def flow_setup(
@@ -92,14 +74,13 @@ def flow_setup(
     return name, backend_params, config, str(flat.get("system_prompt", "") or "")
 
 
-def audio_end_ns(msg: Any) -> int:
-    """When the last sample of a (rosbags) AudioChunk was captured; its stamp if it is malformed."""
-    width = {"S16LE": 2, "F32LE": 4}.get(str(msg.encoding).strip().upper(), 0)
-    frame_bytes = width * int(msg.channels)
-    stamp = int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
-    if frame_bytes <= 0 or int(msg.sample_rate) <= 0:
-        return stamp
-    return stamp + len(msg.data) // frame_bytes * NS // int(msg.sample_rate)
+def audio_end_ns(raw: RawAudio) -> int:
+    """When the last sample of a mic chunk was captured; its stamp if the chunk is malformed."""
+    try:
+        frames = audio_frames(raw)
+    except DecodeError:
+        return raw.stamp_ns
+    return raw.stamp_ns + frames * NS // raw.sample_rate
 
 
 # ------------------------------------------------------------------------------------------ direct
@@ -191,11 +172,11 @@ def replay_direct(
         for message in (m for _ in range(loops) for m in bag):
             if message.log_ns == bag.start_ns:
                 input_end_ns = 0  # a new pass (loops > 1)
-            if message.role == "mic":
-                input_end_ns = max(input_end_ns, audio_end_ns(message.msg))
+            data = message.to_core()
+            if isinstance(data, RawAudio):
+                input_end_ns = max(input_end_ns, audio_end_ns(data))
             clock.set_ns(message.log_ns)
             flow.run_until_idle(message.log_ns)
-            data = message.to_core()
             if message.role == "mic":
                 flow.push_audio(data)  # type: ignore[arg-type]
             elif message.role in ("camera", "camera_compressed"):
@@ -365,7 +346,7 @@ def replay_graph(
             if message.log_ns == bag.start_ns:
                 input_end_ns = 0  # a new pass (loops > 1)
             if message.role == "mic":
-                input_end_ns = max(input_end_ns, audio_end_ns(message.msg))
+                input_end_ns = max(input_end_ns, audio_end_ns(to_raw_audio(message.msg)))
             target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS / rate
             while (now := time.monotonic()) < target:
                 if now - last_clock >= 0.02:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from rosbags.rosbag2 import Reader
 
+from omni_ros.core.audio import decode_audio
+from omni_ros.core.errors import DecodeError
 from omni_ros.core.types import Counters
 from omni_ros.tools.bagio import NS, InputBag, stamp_ns, to_raw_audio
 from omni_ros.tools.typestore import omni_typestore
@@ -33,18 +35,13 @@ def _read_outputs(path: Path) -> dict[str, list[tuple[int, Any]]]:
     return out
 
 
-def _decode_pcm(data: bytes, encoding: str, channels: int) -> np.ndarray:
-    """Interleaved PCM bytes -> mono float32 (for plots: malformed tails are trimmed, not raised)."""
-    if encoding == "F32LE":
-        pcm = np.frombuffer(data[: len(data) // 4 * 4], dtype="<f4").astype(np.float32)
-    else:
-        pcm = np.frombuffer(data[: len(data) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
-    channels = max(1, int(channels))
-    return pcm[: len(pcm) // channels * channels].reshape(-1, channels).mean(axis=1)
-
-
-def _decode_speech(msg: Any) -> np.ndarray:
-    return _decode_pcm(bytes(msg.data), str(msg.encoding), int(msg.channels))
+def _mono(msg: Any) -> np.ndarray:
+    """A (rosbags) AudioChunk as mono float32 through the core decoder; empty if undecodable
+    (the node counted it as a decode error; a plot or a sum just leaves it out)."""
+    try:
+        return decode_audio(to_raw_audio(msg)).samples
+    except DecodeError:
+        return np.zeros(0, np.float32)
 
 
 def summarize(
@@ -87,7 +84,7 @@ def summarize(
         turn["text"] += t.text
         if turn["start_s"] is None:
             turn["start_s"] = round((stamp_ns(t) - input_bag.start_ns) / NS, 3)
-    speech_s = sum(len(_decode_speech(m)) / m.sample_rate for m in speech)
+    speech_s = sum(len(_mono(m)) / m.sample_rate for m in speech)
     unit_s = 1.0
     if len(states) >= 2:
         unit_s = max(
@@ -160,13 +157,13 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
     frame_t: list[float] = []
     for m in input_bag:
         if m.role == "mic":
-            raw = to_raw_audio(m.msg)
-            pcm = _decode_pcm(raw.data, raw.encoding, raw.channels)
-            step = max(1, raw.sample_rate // 200)
+            pcm = _mono(m.msg)
+            step = max(1, int(m.msg.sample_rate) // 200)
             if len(pcm) < step:
                 continue
             env = np.abs(pcm[: len(pcm) // step * step]).reshape(-1, step).max(axis=1)
-            audio_t.append((raw.stamp_ns - t0) / NS + np.arange(len(env)) * step / raw.sample_rate)
+            rate = int(m.msg.sample_rate)
+            audio_t.append((stamp_ns(m.msg) - t0) / NS + np.arange(len(env)) * step / rate)
             audio_v.append(env)
         elif m.role in ("camera", "camera_compressed"):
             frame_t.append((stamp_ns(m.msg) - t0) / NS)
@@ -202,7 +199,7 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
     ax_mode.set_yticks([])
     ax_mode.set_ylabel("unit\n(green listen,\nred speak)")
     for m in (msg for _, msg in out.get("speech", [])):
-        pcm = _decode_speech(m)
+        pcm = _mono(m)
         step = max(1, m.sample_rate // 200)
         if len(pcm) >= step:
             env = np.abs(pcm[: len(pcm) // step * step]).reshape(-1, step).max(axis=1)

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 from omni_ros.backends.base import BACKENDS
+from omni_ros.ros._params import flatten_parameters
 
 PKG = Path(__file__).resolve().parents[2]
 SRC = PKG / "omni_ros"
@@ -155,14 +156,6 @@ def declared_parameters(executable: str) -> dict[str, str]:
     return params
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, out)
-    else:
-        out[prefix] = value
-
-
 def _accepts(type_text: str, value: Any) -> bool:
     """Would a parameter of ``type_text`` accept ``value`` from YAML (ROS is strict: 1 is not 1.0)."""
     options = {t.strip() for t in type_text.replace("Optional[", "").rstrip("]").split("|")}
@@ -186,9 +179,7 @@ def _config_sections() -> Iterator[tuple[Path, str, dict[str, Any]]]:
         doc = yaml.safe_load(path.read_text()) or {}
         for key, section in doc.items():
             executable = NODE_KEYS.get(key, key.lstrip("/"))
-            flat: dict[str, Any] = {}
-            _flatten("", section.get("ros__parameters", {}), flat)
-            yield path, executable, flat
+            yield path, executable, flatten_parameters(section.get("ros__parameters", {}))
 
 
 # ---------------------------------------------------------------------------- static checks
