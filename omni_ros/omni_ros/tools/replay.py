@@ -31,8 +31,8 @@ from tqdm import tqdm
 from omni_ros.core.audio import audio_frames
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
-from omni_ros.tools.bagio import NS, InputBag, OutputBag, to_raw_audio
-from omni_ros.tools.record import TopicRecorder
+from omni_ros.tools.bagio import INPUT_TOPICS, NS, InputBag, OutputBag, to_raw_audio
+from omni_ros.tools.record import TopicRecorder, message_class
 from omni_ros.tools.report import plot_timeline, summarize, write_summary
 
 OUTPUT_TOPICS: dict[str, str] = {
@@ -248,10 +248,6 @@ def replay_graph(
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
     from rosgraph_msgs.msg import Clock
-    from sensor_msgs.msg import CompressedImage, Image
-    from std_msgs.msg import Bool
-
-    from omni_ros_msgs.msg import AudioChunk
 
     if rate <= 0:
         raise ConfigError(f"--rate must be > 0, got {rate}")
@@ -288,17 +284,9 @@ def replay_graph(
     from omni_ros_msgs.msg import OmniState
 
     node.create_subscription(OmniState, "/omni/state", on_state, reliable)
-    in_classes = {
-        "mic": AudioChunk,
-        "camera": Image,
-        "camera_compressed": CompressedImage,
-        "robot_speaking": Bool,
-    }
-    from omni_ros.tools.bagio import INPUT_TOPICS
-
     pubs = {
         role: node.create_publisher(
-            in_classes[role],
+            message_class(INPUT_TOPICS[role][1][0]),
             INPUT_TOPICS[role][0],
             qos_profile_sensor_data if role != "robot_speaking" else reliable,
         )
