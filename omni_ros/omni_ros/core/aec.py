@@ -12,6 +12,13 @@ microphone and the scheduled reference (only while the reference carries energy)
 aligned ``delay_margin_ms`` *early*, because Speex's filter can model an echo that arrives up to
 ``filter_ms`` after the reference but never one that arrives before it.
 
+GCC-PHAT whitens both signals, so it always finds *some* peak: with no echo in the microphone at all
+(the user talking over a muted speaker) it still reported confident, self-consistent lags (measured:
+39 of 40 espeak-ng scenes accepted a false delay, peak/RMS 8-15). An estimate is therefore accepted
+only with echo evidence: the magnitude-squared coherence of the microphone and the reference shifted
+by that lag, averaged over the speech band, must reach ``delay_min_coherence`` (measured: unrelated
+speech 0.01-0.12, echo alone 0.78-0.84, echo under the user's double talk 0.27-0.59).
+
 A :class:`RobotSpeakingGate` covers speech the canceller has no reference for (another TTS on the
 robot, announced on the ``robot_speaking`` topic): while it is set, barge-in needs a longer speech run,
 or is suppressed entirely, as configured.
@@ -30,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import scipy.signal
 import soxr
 
 from omni_ros.core.config import from_mapping
@@ -76,6 +84,12 @@ class AecConfig:
         delay_margin_ms: the reference is aligned this much earlier than the estimate, so the echo
             never arrives before its reference (which Speex cannot cancel).
         delay_min_confidence: GCC-PHAT peak over the correlation's RMS needed to accept an estimate.
+        delay_min_coherence: echo evidence needed to accept an estimate: mean magnitude-squared
+            coherence, over ``delay_coherence_low_hz`` to ``delay_coherence_high_hz``, of the
+            microphone window and the reference shifted by the estimated lag (see the module
+            docstring for the measured ranges).
+        delay_coherence_low_hz: lower edge of the band the coherence is averaged over.
+        delay_coherence_high_hz: upper edge of that band.
         delay_tolerance_ms: two consecutive estimates must agree within this to count.
         delay_headroom_ms: the filter covers echoes ``[align, align + filter_ms)`` after the
             aligned reference; the alignment moves only when an estimate falls outside
@@ -109,6 +123,9 @@ class AecConfig:
     delay_update_ms: int = 500
     delay_margin_ms: int = 10
     delay_min_confidence: float = 8.0
+    delay_min_coherence: float = 0.2
+    delay_coherence_low_hz: int = 300
+    delay_coherence_high_hz: int = 3400
     delay_tolerance_ms: int = 4
     delay_headroom_ms: int = 100
     reference_gain: float = 1.0
@@ -137,6 +154,14 @@ class AecConfig:
                 raise ConfigError(f"AecConfig.{name} must be >= 0")
         if self.delay_window_ms <= 0 or self.delay_update_ms <= 0:
             raise ConfigError("AecConfig.delay_window_ms and delay_update_ms must be > 0")
+        if not 0.0 <= self.delay_min_coherence < 1.0:
+            raise ConfigError("AecConfig.delay_min_coherence must be in [0, 1)")
+        low, high = self.delay_coherence_low_hz, self.delay_coherence_high_hz
+        if not 0 <= low < high <= self.sample_rate // 2:
+            raise ConfigError(
+                f"AecConfig.delay_coherence_low_hz / _high_hz = {low} / {high}: need "
+                "0 <= low < high <= sample_rate / 2"
+            )
         if self.gate_mode not in _GATE_MODES:
             raise ConfigError(f"AecConfig.gate_mode = {self.gate_mode!r}; use one of {_GATE_MODES}")
         if self.gate_min_speech_ms < 0 or self.echo_min_speech_ms < 0 or self.warmup_ms < 0:
@@ -326,6 +351,26 @@ def gcc_phat_delay(
     return max_lag - k, float(mag[k] / rms)
 
 
+def echo_coherence(
+    mic: FloatArray, ref: FloatArray, sample_rate: int, band_hz: tuple[int, int]
+) -> float:
+    """Mean magnitude-squared coherence of ``mic`` and the time-aligned ``ref`` over ``band_hz``.
+
+    Welch segments of 64 ms: long enough that a room's early reflections stay inside one segment
+    (a shorter segment loses coherence to reverberation), short enough to average ~30 of them
+    over a one-second window, where unrelated signals stay near ``1 / segments``.
+    """
+    nperseg = min(len(mic), 1 << (sample_rate * 64 // 1000 - 1).bit_length())
+    if nperseg < 64:
+        return 0.0
+    freqs, coh = scipy.signal.coherence(
+        mic.astype(np.float64), ref.astype(np.float64), fs=sample_rate, nperseg=nperseg
+    )
+    band = (freqs >= band_hz[0]) & (freqs <= band_hz[1])
+    value = float(np.mean(coh[band])) if np.any(band) else 0.0
+    return value if np.isfinite(value) else 0.0
+
+
 # --------------------------------------------------------------------------------- the canceller
 @dataclass
 class EchoState:
@@ -344,6 +389,7 @@ class EchoState:
     align_ns: int = 0  # how far back the reference is read for the frame being cancelled
     last_estimate_ns: int | None = None
     delay_estimates: int = 0
+    delay_rejected_no_echo: int = 0  # confident GCC-PHAT peaks refused for lack of echo evidence
     mic_hist: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     since_estimate: int = 0  # mic samples since the last estimate attempt
     active_ref_samples: int = 0  # frames with an active reference processed since the reset
@@ -363,6 +409,7 @@ class EchoState:
         self.align_ns = initial_delay_ns
         self.last_estimate_ns = None
         self.delay_estimates = 0
+        self.delay_rejected_no_echo = 0
         self.mic_hist = np.zeros(0, dtype=np.float32)
         self.since_estimate = 0
         self.active_ref_samples = 0
@@ -431,6 +478,11 @@ class EchoCanceller:
     def delay_estimates(self) -> int:
         """How many delay estimates have been accepted."""
         return self.state.delay_estimates
+
+    @property
+    def delay_rejected_no_echo(self) -> int:
+        """How many confident GCC-PHAT estimates were refused for lack of echo coherence."""
+        return self.state.delay_rejected_no_echo
 
     # ------------------------------------------------------------------------------------ reference
     def push_reference(self, stamp_ns: int, samples: FloatArray, rate: int) -> None:
@@ -615,6 +667,16 @@ class EchoCanceller:
             return
         lag, confidence = gcc_phat_delay(st.mic_hist, ref, max_lag)
         if confidence < cfg.delay_min_confidence:
+            return
+        aligned = ref[max_lag - lag : max_lag - lag + window]
+        if echo_coherence(
+            st.mic_hist, aligned, rate, (cfg.delay_coherence_low_hz, cfg.delay_coherence_high_hz)
+        ) < (cfg.delay_min_coherence):
+            # A whitened correlation always has a peak; without coherent echo it is a fluke
+            # (the user talking over a muted or distant speaker), and accepting it would reset
+            # the filter. It also breaks a pending pair of agreeing estimates.
+            st.delay_rejected_no_echo += 1
+            st.last_estimate_ns = None
             return
         estimate_ns = round(lag * NS_PER_S / rate)
         previous, st.last_estimate_ns = st.last_estimate_ns, estimate_ns
