@@ -989,11 +989,8 @@ class VllmOmniBackend:
             )
         if response is not None:
             response.cancelled_by_us = not response.done
-            if (
-                heard > 0
-                and response.returned_samples
-                and self._capabilities.get("supports_audio_truncate", False)
-            ):
+            returned_ms = round(response.returned_samples * 1000 / OUTPUT_SAMPLE_RATE)
+            if 0 < heard < returned_ms and self._capabilities.get("supports_audio_truncate", False):
                 # The hard history cut at what the user heard (realtime_events.py:
                 # resolve_truncate_item; the truncate flag on playback.ack does not reach it).
                 self._count("truncates")

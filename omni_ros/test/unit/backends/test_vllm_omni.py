@@ -367,6 +367,21 @@ def test_barge_in_sends_heard_position_barge_in_and_truncate_but_no_cancel(
     backend.close()
 
 
+def test_a_barge_in_before_any_speech_was_heard_leaves_no_assistant_history(
+    vllm_server: LoopbackVllmServer,
+) -> None:
+    backend = make_backend(vllm_server.url, playback_ack="scheduled", playback_latency_ms=60_000)
+    backend.prepare(PROMPT, ref_voice=voice())
+    assert run(backend, 0, speech=True).audio is not None  # returned, still queued on the robot
+    backend.interrupt()
+    assert run(backend, 1).is_listen
+    wait_for(lambda: vllm_server.session().barge_ins == 1)
+    assert sent(vllm_server, "playback.ack") == []
+    assert sent(vllm_server, "conversation.item.truncate") == []
+    assert "item_resp_01" not in vllm_server.session().history_ms
+    backend.close()
+
+
 def test_barge_in_after_the_response_completed_still_cuts_history_to_what_was_heard(
     vllm_server: LoopbackVllmServer,
 ) -> None:
