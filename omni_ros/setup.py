@@ -35,6 +35,15 @@ setup(
     extras_require={
         # The reference stack and the real model. transformers 4.51.0 is what MiniCPM-o 4.5 pins.
         "torch": ["torch>=2.4", "transformers>=4.51.0,<6", "onnx>=1.16", "onnxruntime>=1.18"],
+        # MiniCPM-o 4.5's remote code and vocoder (requirements/minicpmo.txt says why these, and
+        # why minicpmo-utils is installed with --no-deps instead of listed here).
+        "minicpmo": [
+            "accelerate>=1.0",
+            "librosa>=0.10",
+            "soundfile>=0.12",
+            "hyperpyyaml>=1.2",
+            "einops>=0.8",
+        ],
         "servers": ["websockets>=12", "httpx>=0.27"],
         "audio": ["pyaudio>=0.2.14"],
         "bt": ["py-trees>=2.2"],

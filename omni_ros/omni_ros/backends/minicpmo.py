@@ -1,57 +1,66 @@
 """``minicpmo``: MiniCPM-o 4.5 itself, through transformers and the model's own duplex API.
 
 The model's remote code exposes ``model.as_duplex()`` -> a ``MiniCPMODuplex`` object with
-``prepare()``, ``streaming_prefill()`` and ``streaming_generate()`` (facts:
-``/work/shared/notes/minicpmo-duplex-api.md``). This module adapts that object to the
-:class:`~omni_ros.backends.base.Backend` Protocol and handles its quirks:
+``prepare()``, ``streaming_prefill()`` and ``streaming_generate()``. This module adapts that object to
+the :class:`~omni_ros.backends.base.Backend` Protocol. Every behaviour it relies on was read in, and
+run from, the model's own code (``modeling_minicpmo.py`` of the HF remote code, with ``utils.py`` and
+``processing_minicpmo.py`` beside it); ``docs/BACKEND_MINICPMO.md`` lists each one with the upstream
+file and line, and ``omni-ros check-model`` re-checks them against a downloaded snapshot.
 
-- **Units.** The API consumes exactly one unit per ``streaming_prefill`` call (16,560 samples the
-  first time after ``prepare()``, 16,000 after) and silently carries any extra audio over, so a caller
-  that sends more builds a backlog that grows forever. The adapter only ever hands it exactly one
-  unit's worth: the caller's first unit after ``prepare()`` must be 16,560 samples (1.035 s) and
-  every later one 16,000 (anything else is a ConfigError before the model sees it). When the API
-  still waits for its first unit although the caller is past its own (the first unit was lost to a
-  break, or ``interrupt_mode: reset`` re-prepared), a 16,000-sample unit is left-padded with 560
-  zeros, as the API itself would. Nothing queues inside this backend: one ``prefill`` feeds one
-  unit, one ``generate`` returns one result, and the Omni-Flow runner (``core/flow.py``) owns the
-  policy of dropping/merging units when compute falls behind (the official demo's unbounded drift).
+- **Units.** ``streaming_prefill`` left-pads the first unit after ``prepare()`` to 16,560 samples,
+  consumes 16,480 of them (the mel processor aligns 1,035 ms down to whole 160-sample hops) and keeps
+  the last 80 buffered for good; every later call consumes 16,000 and fails (after feeding
+  ``<unit>``) with "audio not enough" when it has fewer. Any extra audio is carried over, so a caller
+  that sends more builds a backlog that grows forever. The adapter only ever hands it one unit: the
+  caller's first unit after ``prepare()`` must be 16,560 samples (1.035 s) and every later one 16,000
+  (anything else is a ConfigError before the model sees it), so the API's buffer stays at 80 samples.
+  When the API still waits for its first unit although the caller is past its own (the first unit
+  was lost to a break, or ``interrupt_mode: reset`` re-prepared), a 16,000-sample unit is left-padded
+  with 560 zeros, as the API itself would. Nothing queues inside this backend: the Omni-Flow runner
+  (``core/flow.py``) owns the policy of dropping/merging units when compute falls behind.
 - **Frames** must be ``PIL.Image`` (numpy arrays fail inside the API); at most
-  ``max_frames_per_unit`` newest frames are sent, each downscaled to about ``frame_max_area`` pixels
-  (the API works on one ~448x448 slice anyway, so sending more pixels only costs time).
-- **The prompt** is passed as-is: the API wraps it in ``<|im_start|>system ... <|im_end|>`` itself
-  (a pre-wrapped prompt would be wrapped twice).
+  ``max_frames_per_unit`` newest frames are sent, each downscaled to about ``frame_max_area`` pixels.
+- **The prompt** is passed as-is: the API wraps it in ``<|im_start|>system ... <|im_end|>`` itself.
+- **Injected text** (``Unit.texts``, omni/ask) is fed after the unit's audio, and the unit's
+  listen/speak decision comes from the logits of the audio feed, so text changes the decision of the
+  NEXT unit, never of the unit it rides in. Text of a unit lost to a break is carried to the next one.
 - **Results.** ``streaming_generate`` always returns 12 keys; they are validated (missing or mistyped
   -> :class:`BackendProtocolError`). Listen units carry 24,000 zeros: the adapter returns
-  ``audio=None`` for them. Speech units return float32 24 kHz audio or ``None`` while the TTS buffer
-  fills. ``cost_*`` seconds become ``timings_ms``.
+  ``audio=None`` for them. The first speech unit of a turn already returns audio (left-padded to
+  24,000 samples), the last one of a turn is longer (the vocoder flushes its lookahead), and audio is
+  ``None`` without a TTS voice. A turn that ends with ``<|turn_eos|>`` and ``<|listen|>`` in one unit
+  comes back as a bare listen: the adapter recovers that unit's words and its end of turn.
 - **Barge-in.** :meth:`MiniCPMOBackend.interrupt` sets the API's break event (thread-safe). While it
   is set every prefill/generate is a no-op, so the model stops at once. The break persists until
-  cleared, so the next unit clears it and closes the turn: with the demo API's
-  ``force_listen_override`` when the loaded object has it; otherwise (the HF remote code cannot switch
-  to listen mid-turn) by muting the rest of the interrupted turn (``interrupt_mode: mute``, the
-  default: units are reported as listen, their text and audio dropped, until the model itself
-  listens or ends the turn) or by re-preparing the session (``interrupt_mode: reset``: a clean stop
-  that forgets the conversation). Either way the unit after an interrupt is a listen, with
-  ``end_of_turn`` set when a turn was cut.
+  cleared, so the next unit clears it and closes the turn. The model cannot switch to listen
+  mid-turn, so the rest of the interrupted turn is muted (``interrupt_mode: mute``, the default:
+  units are reported as listen, their text and audio dropped, until the model itself listens or ends
+  the turn) or the session is re-prepared (``interrupt_mode: reset``: a clean stop that forgets the
+  conversation). Either way the unit after an interrupt is a listen, with ``end_of_turn`` set when a
+  turn was cut.
+- **Reset** clears the Whisper encoder's streaming cache, which the API's ``prepare()`` keeps.
 - **Timeouts.** Each API call runs in a short-lived worker thread with a deadline
   (``prepare_timeout_s`` / ``prefill_timeout_s`` / ``generate_timeout_s``). A call that misses it
-  raises :class:`BackendTimeout`, and because the real object is not re-entrant (the stuck call may
-  still be running on the GPU) the backend then refuses every call with :class:`BackendUnavailable`
-  until :meth:`~MiniCPMOBackend.reset` finds the stuck call finished.
+  raises :class:`BackendTimeout`, and because the real object is not re-entrant the backend then
+  refuses every call with :class:`BackendUnavailable` until :meth:`~MiniCPMOBackend.reset` finds the
+  stuck call finished.
 - **Errors.** Third-party exceptions become :class:`BackendError` subtypes here. After a prefill
   that failed for any reason but a break, the API's unit accounting is unknown (it feeds
   ``<unit>`` before validating), so the backend refuses units until ``reset()``/``prepare()``.
 
+Only the HF remote code's ``MiniCPMODuplex`` is supported: the official demo's ``DuplexCapability``
+(``modeling_minicpmo_unified.py``) has no ``as_duplex()``, takes no ``text_list`` and needs
+``finalize_unit()`` after every generate, so a model without ``as_duplex`` is refused at load.
+
 Loading happens in ``__init__`` (the ROS node constructs the backend in its configure transition),
-never at import time. Remote code runs only when the config sets ``trust_remote_code: true`` and, for
-a hub id, a ``revision``; see :class:`MiniCPMOConfig`. Tests inject a model object (``model=``) or a
-``model_loader`` instead of loading weights.
+never at import time; a preflight names every missing runtime package in one error. Remote code
+runs only when the config sets ``trust_remote_code: true`` and a ``revision``; see
+:class:`MiniCPMOConfig`. Tests inject a model object (``model=``) or a ``model_loader``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -85,16 +94,30 @@ INPUT_SAMPLE_RATE: Final = 16_000
 OUTPUT_SAMPLE_RATE: Final = 24_000
 UNIT_NS: Final = 1_000_000_000
 FIRST_UNIT_NS: Final = 1_035_000_000
-#: Samples the API consumes per unit: 16,560 the first time after prepare(), then 16,000.
+#: Samples the caller hands over per unit: 16,560 the first time after prepare(), then 16,000.
+#: (The API consumes 16,480 of the first and keeps 80 buffered for good; see the module docstring.)
 FIRST_UNIT_SAMPLES: Final = 16_560
 UNIT_SAMPLES: Final = 16_000
 #: The API's listen units return this many zeros at 24 kHz.
 LISTEN_ZEROS_SAMPLES: Final = 24_000
 
 _INSTALL_HINT: Final = (
-    "install the model's runtime packages: pip install 'minicpmo-utils[all]>=1.0.5' "
-    "(stepaudio2, s3tokenizer, onnxruntime), with transformers==4.51.0 and torch<=2.8 on a CUDA machine"
+    "install the model's runtime packages: pip install -r requirements/minicpmo.txt, then "
+    "pip install --no-deps minicpmo-utils==1.0.7 (see docs/BACKEND_MINICPMO.md)"
 )
+#: What the remote code and its vocoder import, and why (checked before from_pretrained runs it).
+RUNTIME_PACKAGES: Final[dict[str, str]] = {
+    "torch": "torch",
+    "transformers": "transformers (4.51.0, the remote code's pin)",
+    "accelerate": "accelerate (transformers 4.51 from_pretrained calls init_empty_weights)",
+    "librosa": "librosa (imported by the remote code for audio)",
+    "soundfile": "soundfile (imported by the remote code for audio)",
+    "stepaudio2": "minicpmo-utils (its stepaudio2 Token2wav is the speech vocoder; init_tts)",
+    "onnxruntime": "onnxruntime (stepaudio2's speaker embedding)",
+    "torchaudio": "torchaudio (stepaudio2, the same release as torch)",
+    "hyperpyyaml": "hyperpyyaml (stepaudio2's flow config)",
+    "einops": "einops (stepaudio2)",
+}
 _HEX40 = re.compile(r"^[0-9a-fA-F]{40}$")
 
 _VARIANTS: Final = ("bf16", "awq", "int4")
@@ -179,19 +202,22 @@ class MiniCPMOConfig:
         temperature: sampling temperature.
         top_k: top-k (the API's default is 100, the demo uses 20).
         top_p: nucleus sampling.
-        listen_prob_scale: scales the listen probability. Known upstream quirk: the decoder's
-            listen id is ``<|im_end|>``, not ``<|listen|>``, so this scales the wrong token.
-        listen_top_k: the API's listen_top_k (None = its default).
+        listen_prob_scale: scales the listen logit. The decoder's listen id is the tokenizer's
+            eos ``<|im_end|>`` (``utils.py`` StreamDecoder.__init__), not ``<|listen|>``, which the
+            duplex loop tests for: a value other than 1.0 then scales a token that the loop takes for
+            speech, so the backend refuses it (ConfigError at load) while the two ids differ.
+        listen_top_k: the API's listen_top_k (None = off). With the same id mismatch the decoder
+            returns ``<|im_end|>`` whenever it is in the top k, the loop speaks it, and the robot never
+            listens again; refused (ConfigError at load) while the ids differ.
         text_repetition_penalty: text repetition penalty.
         text_repetition_window_size: its window in tokens.
-        length_penalty: only the official demo's duplex class accepts it; when set and the loaded
-            object's ``streaming_generate`` has no such argument, loading fails with a ConfigError.
         tts_temperature: speech-token sampling temperature (given to ``as_duplex``).
         ref_audio_path: WAV file of the reference voice, embedded in the prompt when prepare() gets
             no ``ref_voice`` array (resampled to 16 kHz mono).
         prompt_wav_path: WAV file that sets the TTS voice. Defaults to ``ref_audio_path``; when both
             are unset and prepare() gets a ``ref_voice`` array, that array is written to a temporary
-            WAV file and used. Without any voice the API returns no speech audio (text only).
+            WAV file and used. Without any voice the API returns no speech audio (text only). A path
+            that is not a readable file is a ConfigError at prepare() naming it.
         max_frames_per_unit: newest frames of a unit sent to the model (64 KV tokens each).
         frame_max_area: frames larger than this many pixels are downscaled (aspect kept) before they
             are handed over; 0 disables.
@@ -220,7 +246,6 @@ class MiniCPMOConfig:
     listen_top_k: int | None = None
     text_repetition_penalty: float = 1.05
     text_repetition_window_size: int = 512
-    length_penalty: float | None = None
     tts_temperature: float = 0.8
     ref_audio_path: str | None = None
     prompt_wav_path: str | None = None
@@ -321,8 +346,6 @@ class MiniCPMOConfig:
             "text_repetition_penalty": self.text_repetition_penalty,
             "text_repetition_window_size": self.text_repetition_window_size,
         }
-        if self.length_penalty is not None:
-            kwargs["length_penalty"] = self.length_penalty
         return kwargs
 
     def as_duplex_kwargs(self) -> dict[str, Any]:
@@ -344,13 +367,19 @@ class MiniCPMOConfig:
 
 
 # ----------------------------------------------------------------------------------- loading
-def load_pretrained(config: MiniCPMOConfig) -> Any:
+def load_pretrained(config: MiniCPMOConfig, *, build_vocoder: bool = False) -> Any:
     """Load MiniCPM-o 4.5 with transformers (the default ``model_loader``).
+
+    The vocoder (stepaudio2 Token2wav) is not built here by default: ``as_duplex()`` builds it
+    (``MiniCPMODuplex.from_existing_model`` calls ``model.init_tts``), so building it here too would
+    load it twice. ``build_vocoder=True`` builds it for callers that never call ``as_duplex()``
+    (the TensorRT exporter reads ``model.tts.audio_tokenizer``).
 
     Raises:
         ConfigError: the local folder does not exist.
-        BackendUnavailable: torch/transformers missing, no CUDA for a ``cuda`` device, the weights
-            are not in the local cache, or the GPU ran out of memory.
+        BackendUnavailable: a runtime package is missing (all of them named in one message), no CUDA
+            for a ``cuda`` device, the weights are not in the local cache, or the GPU ran out of
+            memory.
     """
     model_path = os.path.expanduser(config.model) if config.is_local else config.model
     if config.is_local and not os.path.isdir(model_path):
@@ -367,6 +396,7 @@ def load_pretrained(config: MiniCPMOConfig) -> Any:
             f"MiniCPMOConfig.device = {config.device!r} but CUDA is not available here; "
             "MiniCPM-o 4.5 needs a GPU with > 28 GB for bf16 (~11 GB for awq/int4)"
         )
+    preflight_runtime_packages()
     if config.revision and not _HEX40.match(config.revision):
         _LOG.warning(
             "revision %r is not a 40-hex commit id: a branch or tag can move upstream",
@@ -399,13 +429,48 @@ def load_pretrained(config: MiniCPMOConfig) -> Any:
             init_tts=True,
         )
         model = model.eval().to(config.device)
-        model.init_tts()
+        if build_vocoder:
+            model.init_tts()
     except OmniError:
         raise
     except Exception as exc:
         raise _convert_error("loading the model", exc) from exc
     _LOG.info("MiniCPM-o 4.5 loaded in %.1f s", time.monotonic() - started)
     return model
+
+
+def missing_runtime_packages(names: Mapping[str, str] = RUNTIME_PACKAGES) -> list[str]:
+    """The :data:`RUNTIME_PACKAGES` entries (their descriptions) that cannot be imported here.
+
+    Only looks the modules up (``importlib.util.find_spec``); nothing is imported or executed.
+    """
+    import importlib.util
+
+    missing: list[str] = []
+    for module, why in names.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(why)
+    return missing
+
+
+def preflight_runtime_packages(names: Mapping[str, str] = RUNTIME_PACKAGES) -> None:
+    """Raise one :class:`BackendUnavailable` naming every missing runtime package.
+
+    Without it the first missing one surfaces deep inside ``from_pretrained`` (transformers 4.51.0
+    without accelerate: ``NameError: name 'init_empty_weights' is not defined``) and the rest one
+    retry at a time.
+    """
+    missing = missing_runtime_packages(names)
+    if missing:
+        raise BackendUnavailable(
+            "minicpmo cannot load MiniCPM-o 4.5: missing Python packages: "
+            + "; ".join(missing)
+            + f". {_INSTALL_HINT}"
+        )
 
 
 def _convert_error(what: str, exc: BaseException) -> BackendError:
@@ -417,11 +482,13 @@ def _convert_error(what: str, exc: BaseException) -> BackendError:
         return BackendUnavailable(
             f"{what} failed: GPU out of memory ({exc}); bf16 needs > 28 GB, try variant awq/int4"
         )
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError) and what == "loading the model":
         return BackendUnavailable(
             f"{what} failed: {name}: {exc}; with local_files_only the weights must already be in "
             "the local folder or HF cache"
         )
+    if isinstance(exc, OSError):
+        return BackendUnavailable(f"{what} failed: {name}: {exc}")
     if isinstance(exc, (TypeError, ValueError, KeyError, AttributeError, IndexError)):
         # The loaded remote code does not match the API this adapter was written for.
         return BackendProtocolError(f"{what} failed: {name}: {exc}")
@@ -475,14 +542,6 @@ def _frame_to_pil(frame: VideoFrame, max_area: int) -> Any:
     return image.convert("RGB")
 
 
-def _accepts_kwarg(func: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 def _ms(owner: str, key: str, seconds: Any) -> float:
     value = float(seconds) * 1000.0
     if not math.isfinite(value):
@@ -500,7 +559,8 @@ class MiniCPMOBackend:
         model_loader: builds the model from ``config`` (default: :func:`load_pretrained`).
 
     Raises:
-        ConfigError: bad parameters (e.g. ``length_penalty`` with an API that has no such argument).
+        ConfigError: bad parameters (e.g. ``listen_top_k`` with a model whose decoder listen id is
+            not ``<|listen|>``).
         BackendUnavailable: the model or its runtime packages cannot be loaded.
     """
 
@@ -528,20 +588,22 @@ class MiniCPMOBackend:
         if model is None:
             model = (model_loader or load_pretrained)(config)
         self._model = model
+        if not callable(getattr(model, "as_duplex", None)):
+            # The official demo's unified model wraps a DuplexCapability instead
+            # (modeling_minicpmo_unified.py): no as_duplex(), no text_list, finalize_unit() after each
+            # generate. This adapter speaks only to the HF remote code's MiniCPMODuplex.
+            raise BackendProtocolError(
+                f"the loaded model ({type(model).__name__}) has no as_duplex(): minicpmo needs the "
+                "Hugging Face remote code (modeling_minicpmo.py with MiniCPMO.as_duplex); the "
+                "official demo's unified model (DuplexCapability) is not supported"
+            )
         try:
             self._duplex = model.as_duplex(**config.as_duplex_kwargs())
         except OmniError:
             raise
         except Exception as exc:
             raise _convert_error("model.as_duplex()", exc) from exc
-        generate = self._duplex.streaming_generate
-        self._has_force_listen_override = _accepts_kwarg(generate, "force_listen_override")
-        if config.length_penalty is not None and not _accepts_kwarg(generate, "length_penalty"):
-            raise ConfigError(
-                "MiniCPMOConfig.length_penalty is set but this model's streaming_generate has no "
-                "length_penalty argument (only the official demo's duplex class has it); remove "
-                "`length_penalty` from the minicpmo parameters"
-            )
+        self._check_listen_settings()
         self._generate_kwargs = config.generate_kwargs()
 
         # Cross-thread interrupt: set by interrupt() (any thread), consumed by the worker thread.
@@ -561,7 +623,7 @@ class MiniCPMOBackend:
         self._in_turn = False
         self._mute_turn = False
         self._close_turn = False
-        self._override_next = False
+        self._carried_texts: list[str] = []  # text of a unit lost to a break, fed with the next
         self._stuck: threading.Thread | None = None
         self._stuck_reason = ""
         # Set when a prefill failed in a way that leaves the API's unit count unknown.
@@ -573,6 +635,8 @@ class MiniCPMOBackend:
         self.speech_units_muted = 0
         self.first_units_padded = 0
         self.listen_texts_dropped = 0
+        self.texts_carried = 0
+        self.turn_ends_recovered = 0
 
     # ------------------------------------------------------------------------------- protocol
     def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
@@ -595,6 +659,7 @@ class MiniCPMOBackend:
         self._prepared = False
         self._caller_units = 0
         self._needs_reset = ""
+        self._carried_texts = []
         self._prepare_duplex()
         self._prepared = True
 
@@ -609,7 +674,11 @@ class MiniCPMOBackend:
             )
         self._check_unit(unit)
         frames = [_frame_to_pil(f, self.config.frame_max_area) for f in self._unit_frames(unit)]
-        texts = [t for t in unit.texts if t]
+        # Text is fed after the unit's audio and the decision comes from the audio feed's logits
+        # (modeling_minicpmo.py streaming_prefill: step 3 audio sets pending_logits, step 4 text is
+        # "mixed mode: just feed"), so it steers the next unit's decision. Text of a unit lost to a
+        # break rides with this one.
+        texts = [*self._carried_texts, *(t for t in unit.texts if t)]
         # Valid: from here on the unit belongs to the caller's timeline, even if the model fails.
         self._caller_units += 1
 
@@ -649,6 +718,7 @@ class MiniCPMOBackend:
         if bool(result["success"]):
             self._units_fed += 1
             self._pending = "prefilled"
+            self._carried_texts = []
             return
         if self._duplex.is_session_stop_set():
             # Only prepare() clears a session stop: every later unit would vanish silently.
@@ -665,6 +735,10 @@ class MiniCPMOBackend:
             self.units_lost_to_interrupt += 1
             self._close_turn = self._close_turn or self._in_turn
             self._pending = "lost"
+            if texts:
+                # The API returned before feeding anything: keep the words for the next unit.
+                self.texts_carried += 1
+                self._carried_texts = texts
             return
         # Whether the API consumed audio (and how much) is now unknown: feeding on could leave the
         # 16,560/16,000 accounting off and start the backlog this adapter exists to prevent.
@@ -691,9 +765,7 @@ class MiniCPMOBackend:
         # An interrupt between our prefill and this generate: honour it now.
         self._take_interrupt()
         kwargs = dict(self._generate_kwargs)
-        if self._override_next:
-            kwargs["force_listen_override"] = True
-            self._override_next = False
+        spoken_before = self._spoken_token_count()
         started = time.perf_counter()
         raw = self._call(
             "streaming_generate",
@@ -705,7 +777,7 @@ class MiniCPMOBackend:
         fields = self._validate_generate(raw)
         for key, stage in _GENERATE_TIMINGS.items():
             timings[stage] = _ms("streaming_generate", key, fields[key])
-        return self._map_result(fields, timings)
+        return self._map_result(fields, timings, spoken_before)
 
     def interrupt(self) -> None:
         """Barge-in: set the API's break event now (thread-safe); the next unit closes the turn."""
@@ -717,9 +789,14 @@ class MiniCPMOBackend:
                 _LOG.warning("set_break_event failed: %s", exc)
 
     def reset(self) -> None:
-        """Forget the conversation. The API has no reset besides ``prepare()``, so this runs it with
-        the stored prompt to clear the KV cache and the break/stop events; the session then needs
-        :meth:`prepare` again, as the Protocol says.
+        """Forget the conversation; the session then needs :meth:`prepare` again (the Protocol).
+
+        The API has no reset of its own: its ``prepare()`` clears the KV cache and the break/stop
+        events but keeps the Whisper encoder's streaming cache (``model.audio_past_key_values``,
+        cleared only by ``MiniCPMO.reset_session``), so two fresh sessions fed the same first unit
+        would decide differently. This clears that cache now; the KV cache is rebuilt by the
+        :meth:`prepare` that must follow (running the API's prepare here too would prefill the
+        prompt and voice twice).
 
         Raises:
             BackendTimeout: a call that timed out earlier is still running; try again later.
@@ -737,10 +814,11 @@ class MiniCPMOBackend:
             self._interrupt_requested = False
         self._prepared = False
         self._needs_reset = ""
+        self._pending = None
+        self._carried_texts = []
         if self._closed:
             return
-        self._prepare_duplex()
-        self._prepared = False
+        self._clear_encoder_cache()
 
     def close(self) -> None:
         """Stop the session and drop the model reference (idempotent)."""
@@ -756,6 +834,34 @@ class MiniCPMOBackend:
         self._model = None
 
     # ------------------------------------------------------------------------------ internals
+    def _check_listen_settings(self) -> None:
+        """Refuse listen settings that break the loaded model.
+
+        ``StreamDecoder`` takes its listen id from ``tokenizer.eos_token_id`` (``utils.py``
+        ``StreamDecoder.__init__``: ``<|im_end|>``, 151645) while the duplex loop ends a listen unit
+        only on ``<|listen|>`` (``modeling_minicpmo.py`` ``from_existing_model``:
+        ``listen_token_id``, 151705; ``streaming_generate`` tests ``last_id == listen_token_id``).
+        ``decode(listen_top_k=...)`` then returns ``<|im_end|>``, which the loop speaks: with it
+        set every unit is speech. ``listen_prob_scale`` scales the same wrong logit.
+        """
+        decoder_id = getattr(getattr(self._duplex, "decoder", None), "listen_id", None)
+        loop_id = getattr(self._duplex, "listen_token_id", None)
+        if decoder_id is None or loop_id is None or int(decoder_id) == int(loop_id):
+            return
+        bad = []
+        if self.config.listen_top_k is not None:
+            bad.append(f"listen_top_k = {self.config.listen_top_k}")
+        if self.config.listen_prob_scale != 1.0:
+            bad.append(f"listen_prob_scale = {self.config.listen_prob_scale}")
+        if bad:
+            raise ConfigError(
+                f"MiniCPMOConfig.{' and '.join(bad)}: this model's decoder acts on token "
+                f"{int(decoder_id)} (<|im_end|>) but its duplex loop listens on token {int(loop_id)} "
+                "(<|listen|>), so the setting makes the model speak instead of listen (with "
+                "listen_top_k every unit becomes speech); remove it (listen_top_k unset, "
+                "listen_prob_scale 1.0) and steer listening with force_listen_count and the prompt"
+            )
+
     def _check_usable(self, *, preparing: bool = False) -> None:
         if self._closed:
             raise StateError("the minicpmo backend is closed; create a new one")
@@ -776,9 +882,9 @@ class MiniCPMOBackend:
         self._in_turn = False
         self._mute_turn = False
         self._close_turn = False
-        self._override_next = False
         with self._interrupt_lock:
             self._interrupt_requested = False
+        self._clear_encoder_cache()
         self._call(
             "prepare",
             self.config.prepare_timeout_s,
@@ -793,11 +899,23 @@ class MiniCPMOBackend:
             )
 
     def _tts_voice_path(self, ref_voice: FloatArray | None) -> str | None:
-        """The WAV file that sets the TTS voice (the API only takes a path)."""
-        if self.config.prompt_wav_path:
-            return os.path.expanduser(self.config.prompt_wav_path)
-        if self.config.ref_audio_path:
-            return os.path.expanduser(self.config.ref_audio_path)
+        """The WAV file that sets the TTS voice (the API only takes a path).
+
+        Checked here: the API hands the path straight to the vocoder's ``set_stream_cache``
+        (``modeling_minicpmo.py`` ``MiniCPMODuplex.prepare`` -> ``_init_token2wav_cache``), whose
+        OSError would otherwise read like missing weights.
+        """
+        for key in ("prompt_wav_path", "ref_audio_path"):
+            configured: str | None = getattr(self.config, key)
+            if configured:
+                path = os.path.expanduser(configured)
+                if not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                    raise ConfigError(
+                        f"MiniCPMOConfig.{key} = {configured!r}: the TTS voice file does not exist "
+                        "or is not readable; point it at a WAV file (or unset it for text-only "
+                        "speech units)"
+                    )
+                return path
         self._remove_temp_voice()
         if ref_voice is None:
             return None
@@ -874,8 +992,6 @@ class MiniCPMOBackend:
             was_in_turn = self._close_turn
             self._prepare_duplex()
             self._close_turn = was_in_turn
-        elif self._has_force_listen_override:
-            self._override_next = True
         # The unit after an interrupt is always a listen. Speech the model produces from here on
         # belongs to a turn the user cut (or, after a reset, one whose start was decided while the
         # user was talking), so it is muted until the model itself listens or ends that turn.
@@ -910,10 +1026,18 @@ class MiniCPMOBackend:
             fields[key] = value
         return fields
 
-    def _map_result(self, fields: dict[str, Any], timings: dict[str, float]) -> UnitResult:
+    def _map_result(
+        self, fields: dict[str, Any], timings: dict[str, float], spoken_before: int | None
+    ) -> UnitResult:
         raw_listen = bool(fields["is_listen"])
         raw_end = bool(fields["end_of_turn"])
         text = str(fields["text"])
+        if raw_listen and self._in_turn and not self._mute_turn:
+            # Mid-turn the loop turns a sampled <|listen|> into <|tts_bos|> until <|turn_eos|> set
+            # current_turn_ended (modeling_minicpmo.py streaming_generate). So a listen while a
+            # turn is open means this unit spoke <|turn_eos|> and then <|listen|>: the API returns a
+            # bare listen (text "", end_of_turn False) and skips the TTS and its end-of-turn reset.
+            return self._recover_turn_end(timings, spoken_before)
         if self._mute_turn:
             if raw_listen or raw_end:
                 self._mute_turn = False
@@ -934,6 +1058,65 @@ class MiniCPMOBackend:
         return UnitResult(
             is_listen=False, text=text, audio=audio, end_of_turn=raw_end, timings_ms=timings
         )
+
+    def _recover_turn_end(self, timings: dict[str, float], spoken_before: int | None) -> UnitResult:
+        """The words and the end of turn of a unit that spoke ``<|turn_eos|>`` then ``<|listen|>``."""
+        self.turn_ends_recovered += 1
+        self._in_turn = False
+        self._close_turn = False
+        words = ""
+        res_ids = getattr(self._duplex, "res_ids", None)
+        tokenizer = getattr(self._duplex, "tokenizer", None)
+        if spoken_before is not None and isinstance(res_ids, list) and tokenizer is not None:
+            # res_ids collects every spoken token of the session (streaming_generate appends each
+            # non-<|speak|> token before feeding it back).
+            with contextlib.suppress(Exception):
+                words = str(tokenizer.decode(res_ids[spoken_before:], skip_special_tokens=True))
+        self._close_tts_turn()
+        if not words.strip():
+            return UnitResult(is_listen=True, end_of_turn=True, timings_ms=timings)
+        # The vocoder never ran for these words (no audio); the text and the turn end still count.
+        return UnitResult(
+            is_listen=False, text=words.strip(), audio=None, end_of_turn=True, timings_ms=timings
+        )
+
+    def _close_tts_turn(self) -> None:
+        """Reset the TTS turn state as ``streaming_generate`` does after an end of turn.
+
+        The API skips this when the unit that ended the turn was a listen, and the next turn's
+        speech would continue the old turn's TTS context (the same three assignments and
+        ``_reset_token2wav_for_new_turn`` as ``modeling_minicpmo.py`` streaming_generate).
+        """
+        duplex = self._duplex
+        if not hasattr(duplex, "tts_text_start_pos"):
+            return
+        try:
+            duplex.tts_text_start_pos = 0
+            duplex.tts_past_key_values = None
+            duplex.tts_current_turn_start_time = None
+            reset = getattr(duplex, "_reset_token2wav_for_new_turn", None)
+            if callable(reset):
+                reset()
+        except Exception as exc:  # a broken object must not cost the caller its unit
+            _LOG.warning("could not reset the TTS turn state: %s", exc)
+
+    def _spoken_token_count(self) -> int | None:
+        res_ids = getattr(self._duplex, "res_ids", None)
+        return len(res_ids) if isinstance(res_ids, list) else None
+
+    def _clear_encoder_cache(self) -> None:
+        """Forget the Whisper encoder's streaming cache (the API's prepare() keeps it).
+
+        ``get_audio_embedding_streaming`` continues from ``model.audio_past_key_values``; only
+        ``MiniCPMO.reset_session`` sets it to None (``modeling_minicpmo.py``), and
+        ``MiniCPMODuplex.prepare`` never calls that.
+        """
+        model = getattr(self._duplex, "model", None) or self._model
+        if model is not None and hasattr(model, "audio_past_key_values"):
+            try:
+                model.audio_past_key_values = None
+            except Exception as exc:
+                _LOG.warning("could not clear the audio encoder cache: %s", exc)
 
     @staticmethod
     def _speech_audio(value: np.ndarray | None) -> FloatArray | None:

@@ -118,7 +118,7 @@ def _sources(args: argparse.Namespace, components: tuple[str, ...]) -> tuple[dic
             "device": "cuda" if torch.cuda.is_available() else "cpu",
         }
     )
-    model = load_pretrained(config)
+    model = load_pretrained(config, build_vocoder=True)  # the vocoder engine reads its flow
     modules = export.minicpmo_components(model, components, max_slices=args.max_slices)
     return modules, str(config.revision)
 

@@ -38,7 +38,12 @@ def _skip_reason() -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available (MiniCPM-o 4.5 needs a GPU with > 28 GB for bf16)"
     if importlib.util.find_spec("stepaudio2") is None:
-        return "minicpmo-utils is not installed: pip install 'minicpmo-utils[all]>=1.0.5'"
+        return "minicpmo-utils is not installed: pip install --no-deps minicpmo-utils==1.0.7"
+    from omni_ros.backends.minicpmo import missing_runtime_packages
+
+    missing = missing_runtime_packages()
+    if missing:
+        return "missing packages (requirements/minicpmo.txt): " + "; ".join(missing)
     return None
 
 

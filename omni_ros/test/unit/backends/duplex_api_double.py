@@ -1,29 +1,47 @@
 """Test doubles of MiniCPM-o 4.5's duplex API: ``DuplexApiDouble`` and ``ModelDouble``.
 
-These are NOT the model. They behave like the documented ``MiniCPMODuplex`` object of the model's
-remote code (facts: ``/work/shared/notes/minicpmo-duplex-api.md``), so that the real adapter,
-``omni_ros.backends.minicpmo``, can be tested here without weights or a GPU. Every behaviour below is
-one the notes describe; where the notes are silent the double says so in a comment marked
-``ASSUMPTION``.
+These are NOT the model. They behave like the ``MiniCPMODuplex`` object of the model's remote code,
+so that the real adapter, ``omni_ros.backends.minicpmo``, can be tested here without weights or a GPU.
+Each behaviour was read in the upstream code and measured by running it on the CPU with tiny random
+weights (``omni-ros check-model``). Citations: ``modeling_minicpmo.py:N`` is line N of the HF remote
+code's ``modeling_minicpmo.py`` (the public copy with ``as_duplex``: ZZQ987/Interaction_Train @
+4e331681); ``processing_minicpmo.py:N`` and ``utils.py:N`` are lines of OpenBMB/MiniCPM-o-Demo @
+28b60cfb, folder ``MiniCPMO45/``. Where the double goes beyond what was read or measured it says so in
+a comment marked ``ASSUMPTION``.
 
 What the double reproduces:
 
 - ``prepare()`` wraps the prompt in ``<|im_start|>system\\n ... <|im_end|>`` itself (a pre-wrapped
   prompt is wrapped twice), clears break/stop, resets the unit counter, audio buffer and turn state,
-  drops unknown keyword arguments; without ``prompt_wav_path`` speech audio is always ``None``.
-- ``streaming_prefill()``: float32 1-D audio (int16 is accepted and silently mis-scaled, 2-D raises
-  inside numpy); the first unit is left-padded to 16,560 samples and consumes 16,560, later calls
-  consume 16,000; leftovers carry over and only ONE unit is consumed per call, so extra audio becomes a
-  backlog (recorded in :attr:`DuplexApiDouble.backlog_samples` / ``max_backlog_samples``); frames must
-  be ``PIL.Image`` (numpy arrays fail); no input -> ``success False``; break/stop set ->
-  ``success False`` with no side effects; ``<unit>`` is fed before validation, so a failed call leaves a
-  stray ``<unit>`` (counted in ``stray_unit_tokens``).
-- ``streaming_generate()`` always returns the 12 keys; break/stop set -> listen, 24,000 zeros,
-  ``end_of_turn True``; no pending prefill -> listen, zeros, ``end_of_turn False``, no state change;
-  the first ``force_listen_count`` generates are forced listen; listen units return 24,000 zeros;
-  speech is ``None`` while the TTS buffer fills, then ~24,000 samples per unit (the first chunk of a
-  turn longer, the last shorter); the model cannot switch to listen mid-turn; an unknown
-  ``decode_mode`` raises ``ValueError``.
+  drops unknown keyword arguments (modeling_minicpmo.py:2692-2775); it does NOT clear the model's
+  Whisper streaming cache (``audio_past_key_values``, only ``reset_session`` does: :176-178); without
+  ``prompt_wav_path`` speech audio is always ``None`` (:2716, :3553-3555).
+- ``streaming_prefill()`` (modeling_minicpmo.py:2777-3148): break/stop set -> ``success False``, reason
+  ``""``, no side effects (:2838); no input -> ``success False`` BEFORE ``<unit>`` is fed (:2849-2854);
+  otherwise ``<unit>`` is fed first (:2864). Audio: the first unit after prepare is left-padded to
+  16,560 samples (:3050-3056), 16,480 are taken (the mel processor aligns 1,035 ms down to whole
+  160-sample hops: processing_minicpmo.py:745-749, :777) and consumed (:3104-3107, the processor's
+  ``effective_first_chunk_ms``: processing_minicpmo.py:932), so 80 stay buffered for good; later calls
+  take and consume 16,000 and, with fewer buffered, fail with "audio not enough" after ``<unit>``
+  (:3059-3063); leftovers carry over and only ONE unit is consumed per call, so extra audio becomes a
+  backlog (:attr:`DuplexApiDouble.backlog_samples` / ``max_backlog_samples``). float32 1-D audio
+  (int16 is accepted and silently mis-scaled, 2-D raises inside numpy); frames must be ``PIL.Image``
+  (numpy arrays fail in the image processor after ``<unit>``). Text is fed after the audio and the
+  decision logits come from the audio feed (:3097, :3115-3140), so a text changes the decision of the
+  NEXT unit (see :attr:`DuplexApiDouble.replies`).
+- ``streaming_generate()`` always returns the 12 keys (:3151-3400); break/stop set -> listen, 24,000
+  zeros, ``end_of_turn True`` (:3166-3180); no pending logits -> listen, zeros, ``end_of_turn False``,
+  no state change (:3183-3197); the first ``force_listen_count`` generates are forced listen (:3203-3204);
+  listen units return 24,000 zeros (:3300-3315); the model cannot switch to listen mid-turn: a sampled
+  ``<|listen|>`` becomes ``<|tts_bos|>`` until ``<|turn_eos|>`` (:3238-3240, :3266-3269), and a unit
+  that speaks ``<|turn_eos|>`` and then ``<|listen|>`` comes back as a bare listen (text ``""``,
+  ``end_of_turn False``, no TTS and no TTS reset: :3300) while its words stay in ``res_ids``
+  (:3257); with a voice, the first speech unit of a turn is force-flushed and left-padded to 24,000
+  samples (:3348-3350, :3609-3612), later ones are ~24,000, and the last one of a turn is longer: the
+  vocoder flushes its buffered lookahead with it (:3588-3595); ``listen_top_k`` with the decoder's
+  listen id (``<|im_end|>``, utils.py:1172) differing from the loop's (``<|listen|>``,
+  modeling_minicpmo.py:2563) makes every unit speech (utils.py:2172-2183); an unknown ``decode_mode``
+  raises ``ValueError`` (utils.py:2197).
 - Controls are ``threading.Event`` objects, safe from another thread, checked only when a call starts.
 - Speak/listen decisions come from a script (:class:`Speak` items and :data:`LISTEN`).
 - Fault injection per method (:class:`Fault`: delay, exception, hang until released) and a
@@ -34,6 +52,7 @@ What the double reproduces:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -45,8 +64,19 @@ from PIL import Image
 
 _LOG = logging.getLogger(__name__)
 
+#: The first unit is left-padded to this many samples (1,035 ms: modeling_minicpmo.py:3050-3056) ...
 FIRST_UNIT_SAMPLES: Final = 16_560
+#: ... of which the mel processor takes and the API consumes 16,480 (1,030 ms, whole 160-sample
+#: hops: processing_minicpmo.py:745-749, :777, :932; modeling_minicpmo.py:3104-3111).
+FIRST_UNIT_TAKEN: Final = 16_480
 UNIT_SAMPLES: Final = 16_000
+#: Token ids (the real tokenizer): the decoder's listen id is the eos ``<|im_end|>`` (utils.py:1172),
+#: the duplex loop's is ``<|listen|>`` (modeling_minicpmo.py:2563).
+IM_END_ID: Final = 151_645
+LISTEN_ID: Final = 151_705
+#: ASSUMPTION (the vocoder is a double everywhere but on a GPU): extra samples of a turn's last
+#: chunk, which flushes the vocoder's buffered lookahead (modeling_minicpmo.py:3588-3595).
+LAST_CHUNK_EXTRA_SAMPLES: Final = 2_880
 OUTPUT_UNIT_SAMPLES: Final = 24_000
 OUTPUT_SAMPLE_RATE: Final = 24_000
 DEFAULT_PROMPT: Final = "Streaming Omni Conversation."
@@ -74,10 +104,15 @@ LISTEN: Final = "listen"
 
 @dataclass(frozen=True)
 class Speak:
-    """A scripted speak decision: the unit's text and whether it ends the turn."""
+    """A scripted speak decision: the unit's text and whether it ends the turn.
+
+    ``then_listen``: the unit speaks its words and ``<|turn_eos|>`` and then samples ``<|listen|>``
+    in the same unit; the API returns that as a bare listen (modeling_minicpmo.py:3266-3269, :3300).
+    """
 
     text: str = ""
     end_of_turn: bool = False
+    then_listen: bool = False
 
 
 Decision = Speak | str
@@ -106,12 +141,23 @@ class _DecoderDouble:
 
     window_config: dict[str, Any] = field(default_factory=dict)
     window_enabled: bool | None = None
+    listen_id: int = IM_END_ID  # utils.py:1172: tokenizer.eos_token_id
 
     def set_window_config(self, **kwargs: Any) -> None:
         self.window_config.update(kwargs)
 
     def set_window_enabled(self, enabled: bool) -> None:
         self.window_enabled = bool(enabled)
+
+
+class _TokenizerDouble:
+    """Stands in for ``duplex.tokenizer``: tokens are words; special tokens look like ``<|x|>``."""
+
+    def decode(self, ids: list[Any], skip_special_tokens: bool = False) -> str:
+        words = [str(t) for t in ids]
+        if skip_special_tokens:
+            words = [w for w in words if not (w.startswith("<|") and w.endswith("|>"))]
+        return " ".join(words)
 
 
 class DuplexApiDouble:
@@ -121,7 +167,9 @@ class DuplexApiDouble:
         script: speak/listen decisions, consumed one per generate that is not forced listen; when it
             runs out the model listens.
         force_listen_count: the first N generates after prepare() are forced listen.
-        tts_fill_units: speech units of a turn whose audio is ``None`` while the TTS buffer fills.
+        tts_fill_units: speech units of a turn whose audio is ``None``. 0 as measured: the first
+            speech unit of a turn is force-flushed (modeling_minicpmo.py:3348-3350). ASSUMPTION for
+            > 0: a TTS that emits too few tokens would leave the vocoder nothing to release (:3614).
         sliding_window_mode: as given to ``as_duplex``.
         cost_s: every ``cost_*`` value reported, in seconds.
         **as_duplex_kwargs: everything else ``as_duplex`` received (recorded).
@@ -132,7 +180,7 @@ class DuplexApiDouble:
         *,
         script: Iterable[Decision] = (),
         force_listen_count: int = 0,
-        tts_fill_units: int = 1,
+        tts_fill_units: int = 0,
         sliding_window_mode: str = "off",
         cost_s: float = 0.01,
         **as_duplex_kwargs: Any,
@@ -144,6 +192,12 @@ class DuplexApiDouble:
         self.cost_s = float(cost_s)
         self.as_duplex_kwargs = dict(as_duplex_kwargs)
         self.decoder = _DecoderDouble()
+        self.tokenizer = _TokenizerDouble()
+        self.listen_token_id = LISTEN_ID
+        #: The loaded model (``instance.model``: modeling_minicpmo.py:2504); set by ModelDouble.
+        self.model: Any = None
+        #: Injected text -> the decision of the unit AFTER the one that carried it.
+        self.replies: dict[str, Decision] = {}
 
         self._break = threading.Event()
         self._stop = threading.Event()
@@ -167,6 +221,9 @@ class DuplexApiDouble:
         self.frames_seen: list[Image.Image] = []
         self.texts_seen: list[str] = []
         self.break_noops = 0
+        self.audio_not_enough = 0
+        self.stale_encoder_cache_units = 0
+        self.stale_tts_turns = 0
         self.generates_without_prefill = 0
         self.prefills_without_generate = 0
         self._active = 0
@@ -180,6 +237,7 @@ class DuplexApiDouble:
 
     # ------------------------------------------------------------------------------------ session
     def _reset_session(self) -> None:
+        # modeling_minicpmo.py:2659-2690 (_reset_streaming_state), called by prepare (:2711).
         self.kv_tokens = 0
         self.backlog = np.zeros(0, dtype=np.float32)
         self.first_unit_pending = True
@@ -189,7 +247,13 @@ class DuplexApiDouble:
         self.in_turn = False
         self.turn_units = 0
         self.audio_chunks_in_turn = 0
+        self.res_ids: list[Any] = []
+        self.tts_text_start_pos = 0
+        self.tts_past_key_values: Any = None
+        self.tts_current_turn_start_time: int | None = None
         self._script_pos = 0
+        self._reply: Decision | None = None
+        self._reply_at = 0
 
     @property
     def backlog_samples(self) -> int:
@@ -217,11 +281,17 @@ class DuplexApiDouble:
             # The API wraps the prompt itself: a caller's pre-wrapped prompt ends up wrapped twice.
             self.wrapped_prompt = f"<|im_start|>system\n{text}<|im_end|>"
             self.ref_audio = None if ref_audio is None else np.asarray(ref_audio)
+            if prompt_wav_path and not os.path.isfile(prompt_wav_path):
+                # :2716-2717 -> _init_token2wav_cache -> the vocoder's set_stream_cache(path).
+                # ASSUMPTION: stepaudio2 fails on a missing file with an OSError, as the
+                # check-model vocoder double does.
+                raise FileNotFoundError(f"No such file or directory: {prompt_wav_path!r}")
             self.prompt_wav_path = prompt_wav_path
             if prompt_wav_path is None:
                 _LOG.warning("no prompt_wav_path: speech audio will be None")
             self._break.clear()
             self._stop.clear()
+            # Not cleared here (nor anywhere in prepare): self.model.audio_past_key_values.
             self._reset_session()
             ref_units = 0 if self.ref_audio is None else -(-self.ref_audio.size // UNIT_SAMPLES)
             self.kv_tokens = len(self.wrapped_prompt.split()) + AUDIO_TOKENS_PER_UNIT * ref_units
@@ -245,13 +315,12 @@ class DuplexApiDouble:
         ):
             if self._stop.is_set() or self._break.is_set():
                 self.break_noops += 1
-                reason = "session stopped" if self._stop.is_set() else "break event set"
-                return self._prefill_result(False, reason)
-            # The real code feeds <unit> before it validates anything.
+                return self._prefill_result(False, "")  # :2838-2839, no reason given
+            has_audio = audio_waveform is not None and len(audio_waveform) > 0
+            if not has_audio and not frame_list and not text_list:
+                return self._prefill_result(False, "")  # :2849-2854, before <unit> is fed
+            # :2864: <unit> is fed before the frames and audio are checked.
             self.kv_tokens += 1
-            if audio_waveform is None and not frame_list and not text_list:
-                self.stray_unit_tokens += 1
-                return self._prefill_result(False, "no input")
             if self.pending_prefill:
                 self.prefills_without_generate += 1
             if frame_list:
@@ -264,15 +333,26 @@ class DuplexApiDouble:
                         )
                     self.frames_seen.append(frame)
                     self.kv_tokens += FRAME_TOKENS
-            if audio_waveform is not None:
-                self._consume_audio(audio_waveform)
+            if has_audio and not self._consume_audio(audio_waveform):
+                self.stray_unit_tokens += 1
+                need = FIRST_UNIT_TAKEN if self.first_unit_pending else UNIT_SAMPLES
+                return self._prefill_result(
+                    False, f"audio not enough: need {need} samples, only {self.backlog.size}"
+                )
             if text_list:
+                # :3115-3140: fed after the audio, "mixed mode: just feed" -- the pending logits
+                # (this unit's decision) came from the audio feed, so only the next unit can react.
                 self.texts_seen.extend(text_list)
                 self.kv_tokens += sum(len(t.split()) for t in text_list)
+                for text in text_list:
+                    if text in self.replies:
+                        self._reply = self.replies[text]
+                        self._reply_at = self.generate_count + 2
             self.pending_prefill = True
             return self._prefill_result(True, "")
 
-    def _consume_audio(self, audio_waveform: Any) -> None:
+    def _consume_audio(self, audio_waveform: Any) -> bool:
+        """modeling_minicpmo.py:3046-3113; False: "audio not enough" (the audio stays buffered)."""
         audio = np.asarray(audio_waveform)
         if audio.ndim != 1:
             # The real code hits a numpy broadcasting error on 2-D input.
@@ -284,19 +364,27 @@ class DuplexApiDouble:
             self.non_float32_audio_calls += 1
         self.delivered_audio_lengths.append(int(audio.size))
         self.backlog = np.concatenate([self.backlog, audio.astype(np.float32)])
-        need = FIRST_UNIT_SAMPLES if self.first_unit_pending else UNIT_SAMPLES
-        if self.backlog.size < need:
-            # The notes document the left-pad for the first unit only. ASSUMPTION: a short later
-            # unit is padded the same way (counted, so a test can insist it never happens).
-            if not self.first_unit_pending:
-                self.short_unit_pads += 1
-            pad = np.zeros(need - self.backlog.size, dtype=np.float32)
+        if self.first_unit_pending and self.backlog.size < FIRST_UNIT_SAMPLES:
+            # :3050-3056: only the first unit is left-padded, to 16,560.
+            self.short_unit_pads += 1
+            pad = np.zeros(FIRST_UNIT_SAMPLES - self.backlog.size, dtype=np.float32)
             self.backlog = np.concatenate([pad, self.backlog])
+        need = FIRST_UNIT_TAKEN if self.first_unit_pending else UNIT_SAMPLES
+        if self.backlog.size < need:
+            self.audio_not_enough += 1  # :3059-3063
+            return False
+        stale = getattr(self.model, "audio_past_key_values", None) is not None
+        if self.first_unit_pending and stale:
+            # get_audio_embedding_streaming continues from the Whisper cache (:565-616).
+            self.stale_encoder_cache_units += 1
+        if self.model is not None:
+            self.model.audio_past_key_values = ("whisper-cache", self.current_time)
         self.consumed_unit_lengths.append(need)
         self.backlog = self.backlog[need:]
         self.max_backlog_samples = max(self.max_backlog_samples, int(self.backlog.size))
         self.first_unit_pending = False
         self.kv_tokens += AUDIO_TOKENS_PER_UNIT
+        return True
 
     def _prefill_result(self, success: bool, reason: str) -> dict[str, Any]:
         cost = self.cost_s if success else 0.0
@@ -344,9 +432,9 @@ class DuplexApiDouble:
             text_repetition_penalty=text_repetition_penalty,
             text_repetition_window_size=text_repetition_window_size,
         ):
-            return self._generate(decode_mode, force_listen_override=False)
+            return self._generate(decode_mode, listen_top_k)
 
-    def _generate(self, decode_mode: str, *, force_listen_override: bool) -> Any:
+    def _generate(self, decode_mode: str, listen_top_k: int | None) -> Any:
         if decode_mode not in ("sampling", "greedy"):
             raise ValueError(f"Unknown decode_mode: {decode_mode}")
         if self._stop.is_set() or self._break.is_set():
@@ -358,51 +446,73 @@ class DuplexApiDouble:
         self.pending_prefill = False
         self.generate_count += 1
         self.current_time += 1
-        if force_listen_override:
-            return self._finish(self._close_turn_by_override())
         if self.generate_count <= self.force_listen_count:
+            # :3203-3204, :3222-3223: forced <|listen|>, decode() is not even called.
             return self._finish(self._listen(end_of_turn=False, cost=self.cost_s))
         decision: Decision = LISTEN
         if self._script_pos < len(self.script):
             decision = self.script[self._script_pos]
             self._script_pos += 1
+        if self._reply is not None and self.generate_count >= self._reply_at:
+            # An injected text reached the decision (one unit after the one that carried it).
+            decision, self._reply = self._reply, None
+        if listen_top_k is not None and self.decoder.listen_id != self.listen_token_id:
+            # utils.py:2172-2183 returns <|im_end|> whenever it ranks in the top k; the loop takes
+            # it for a spoken token (:3243-3262). ASSUMPTION: it always ranks there (measured:
+            # every unit was speech with tiny random weights).
+            decision = Speak("<|im_end|>")
         if decision == LISTEN and self.in_turn:
-            # The model cannot switch to listen mid-turn: the sample becomes <|tts_bos|>.
+            # :3238-3240: the model cannot switch to listen mid-turn; the sample becomes <|tts_bos|>.
             decision = Speak("")
         if isinstance(decision, Speak):
             return self._finish(self._speak(decision))
         self.kv_tokens += 1
         return self._finish(self._listen(end_of_turn=False, cost=self.cost_s))
 
-    def _close_turn_by_override(self) -> dict[str, Any]:
-        """Only the demo API has this: feed <|turn_eos|> and reset the TTS state."""
-        was_in_turn = self.in_turn
-        self.in_turn = False
-        self.turn_units = 0
+    def _reset_token2wav_for_new_turn(self) -> None:
+        """:2653-2657: restore the vocoder's stream caches for a new turn."""
         self.audio_chunks_in_turn = 0
-        self.kv_tokens += 1
-        return self._listen(end_of_turn=was_in_turn, cost=self.cost_s)
 
     def _speak(self, decision: Speak) -> dict[str, Any]:
+        if not self.in_turn and self.tts_text_start_pos != 0:
+            # The previous turn's TTS state was never reset (it ended in a listen unit).
+            self.stale_tts_turns += 1
         self.in_turn = True
         self.turn_units += 1
-        n_tokens = 1 + len(decision.text.split()) + 1
+        words = decision.text.split()
+        ends = decision.end_of_turn or decision.then_listen
+        # :3243-3257: every sampled token but <|speak|> goes into res_ids.
+        self.res_ids.extend([*words, *(["<|turn_eos|>"] if ends else [])])
+        n_tokens = 1 + len(words) + 1
         self.kv_tokens += n_tokens
+        if decision.then_listen:
+            # :3300-3315: is_listen wins; text and end_of_turn are dropped, the TTS is skipped and
+            # its end-of-turn reset (:3371-3388) never runs.
+            self.in_turn = False
+            self.turn_units = 0
+            return self._listen(end_of_turn=False, cost=self.cost_s)
         audio: np.ndarray | None = None
         if self.prompt_wav_path is not None and self.turn_units > self.tts_fill_units:
-            if self.audio_chunks_in_turn == 0:
-                length = OUTPUT_UNIT_SAMPLES + 4_800  # the first chunk of a turn is longer
-            elif decision.end_of_turn:
-                length = OUTPUT_UNIT_SAMPLES // 2  # the last one may be shorter
+            if decision.end_of_turn:
+                # :3588-3595: the last chunk flushes the buffered lookahead too, unpadded.
+                length = OUTPUT_UNIT_SAMPLES + LAST_CHUNK_EXTRA_SAMPLES
             else:
+                # :3348-3350 the turn's first chunk is force-flushed; :3609-3612 every chunk but
+                # the last is left-padded to one second.
                 length = OUTPUT_UNIT_SAMPLES
             t = np.arange(length, dtype=np.float32) / OUTPUT_SAMPLE_RATE
             audio = (0.2 * np.sin(2.0 * np.pi * 220.0 * t)).astype(np.float32)
             self.audio_chunks_in_turn += 1
         if decision.end_of_turn:
+            # :3371-3374, :3387-3388
             self.in_turn = False
             self.turn_units = 0
-            self.audio_chunks_in_turn = 0
+            self.tts_text_start_pos = 0
+            self.tts_past_key_values = None
+            self.tts_current_turn_start_time = None
+            self._reset_token2wav_for_new_turn()
+        else:
+            self.tts_text_start_pos += 1 + len(words) + 26  # ASSUMPTION: any positive advance
         return self._result(
             is_listen=False,
             text=decision.text,
@@ -522,37 +632,6 @@ class _CallScope:
             self._double._active -= 1
 
 
-class DemoDuplexApiDouble(DuplexApiDouble):
-    """The official demo's ``DuplexCapability`` variant: ``streaming_generate`` also takes
-    ``length_penalty`` and ``force_listen_override`` (which closes a spoken turn by feeding
-    ``<|turn_eos|>`` and resetting the TTS state)."""
-
-    def streaming_generate(
-        self,
-        prompt_wav_path: str | None = None,
-        max_new_speak_tokens_per_chunk: int = 20,
-        decode_mode: str = "sampling",
-        temperature: float = 0.7,
-        top_k: int = 100,
-        top_p: float = 0.8,
-        listen_prob_scale: float = 1.0,
-        listen_top_k: int | None = None,
-        text_repetition_penalty: float = 1.05,
-        text_repetition_window_size: int = 512,
-        length_penalty: float = 1.1,
-        force_listen_override: bool = False,
-    ) -> Any:
-        with self._call(
-            "streaming_generate",
-            decode_mode=decode_mode,
-            temperature=temperature,
-            top_k=top_k,
-            length_penalty=length_penalty,
-            force_listen_override=force_listen_override,
-        ):
-            return self._generate(decode_mode, force_listen_override=force_listen_override)
-
-
 class ModelDouble:
     """A test double of the loaded model: ``as_duplex()`` returns a :class:`DuplexApiDouble`.
 
@@ -572,6 +651,8 @@ class ModelDouble:
         self.as_duplex_error = as_duplex_error
         self.double_kwargs = double_kwargs
         self.init_tts_calls = 0
+        #: The Whisper encoder's streaming cache (modeling_minicpmo.py:178, :565-616).
+        self.audio_past_key_values: Any = None
         self.as_duplex_calls: list[dict[str, Any]] = []
         self.duplex: DuplexApiDouble | None = None
 
@@ -586,7 +667,8 @@ class ModelDouble:
 
     def as_duplex(self, device: Any = None, **kwargs: Any) -> DuplexApiDouble:
         self.as_duplex_calls.append({"device": device, **kwargs})
-        # The real as_duplex always calls init_tts(), which is where a missing stepaudio2 surfaces.
+        # modeling_minicpmo.py:2525: as_duplex always calls init_tts(), which is where a missing
+        # stepaudio2 surfaces.
         self.init_tts()
         if self.as_duplex_error is not None:
             raise self.as_duplex_error
@@ -599,4 +681,5 @@ class ModelDouble:
             **as_duplex_kwargs,
             **self.double_kwargs,
         )
+        self.duplex.model = self
         return self.duplex

@@ -1,14 +1,18 @@
 """The ``minicpmo`` backend (real adapter code) against ``DuplexApiDouble``, a test double of the
-documented MiniCPM-o 4.5 duplex API. No weights, no GPU: the real model runs in test/gpu/."""
+MiniCPM-o 4.5 duplex API that follows the model's own code (citations in the double). No weights, no
+GPU: the remote code itself runs in test_minicpmo_conformance.py (opt-in) and the real model in
+test/gpu/."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from omni_ros.backends import minicpmo as minicpmo_module
 from omni_ros.backends.base import create_backend
 from omni_ros.backends.minicpmo import (
     FIRST_UNIT_SAMPLES,
@@ -16,6 +20,7 @@ from omni_ros.backends.minicpmo import (
     MiniCPMOBackend,
     MiniCPMOConfig,
     load_pretrained,
+    preflight_runtime_packages,
 )
 from omni_ros.core.errors import (
     BackendError,
@@ -29,8 +34,10 @@ from omni_ros.core.types import Unit, UnitResult, VideoFrame
 from PIL import Image
 from unit.backends.contract import BackendContract, check_result, make_unit
 from unit.backends.duplex_api_double import (
+    FIRST_UNIT_TAKEN,
+    LAST_CHUNK_EXTRA_SAMPLES,
     LISTEN,
-    DemoDuplexApiDouble,
+    OUTPUT_UNIT_SAMPLES,
     DuplexApiDouble,
     Fault,
     ModelDouble,
@@ -53,13 +60,23 @@ LONG_TURN: tuple[Speak, ...] = (
 )
 
 
+def _voice_file() -> str:
+    """A real WAV file for ``prompt_wav_path`` (the backend checks that the voice exists)."""
+    from scipy.io import wavfile
+
+    path = os.path.join(tempfile.gettempdir(), f"omni_ros_test_voice_{os.getpid()}.wav")
+    if not os.path.isfile(path):
+        wavfile.write(path, 16_000, np.zeros(16_000, dtype=np.float32))
+    return path
+
+
 def make_config(**overrides: Any) -> MiniCPMOConfig:
     params: dict[str, Any] = {
         "model": HUB_ID,
         "revision": REVISION,
         "trust_remote_code": True,
         "force_listen_count": 0,
-        "prompt_wav_path": "voice.wav",
+        "prompt_wav_path": _voice_file(),
         "generate_timeout_s": 5.0,
         "prefill_timeout_s": 5.0,
         "prepare_timeout_s": 5.0,
@@ -110,17 +127,6 @@ class TestMiniCPMOResetOnInterruptContract(BackendContract):
     @pytest.fixture
     def backend(self) -> Iterator[MiniCPMOBackend]:
         backend, duplex, _ = make_backend(interrupt_mode="reset")
-        yield backend
-        duplex.release.set()
-        backend.close()
-
-
-class TestMiniCPMODemoApiContract(BackendContract):
-    """The shared contract against the official demo's variant (``force_listen_override``)."""
-
-    @pytest.fixture
-    def backend(self) -> Iterator[MiniCPMOBackend]:
-        backend, duplex, _ = make_backend(duplex_class=DemoDuplexApiDouble)
         yield backend
         duplex.release.set()
         backend.close()
@@ -220,11 +226,59 @@ def test_default_loader_offline_without_cached_weights_is_unavailable(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("transformers")
+    monkeypatch.setattr(minicpmo_module, "preflight_runtime_packages", lambda: None)
     # An empty cache: local_files_only must fail fast instead of downloading.
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackendUnavailable, match="local_files_only"):
         load_pretrained(make_config(device="cpu"))
+
+
+def test_the_preflight_names_every_missing_package_in_one_error() -> None:
+    with pytest.raises(BackendUnavailable) as excinfo:
+        preflight_runtime_packages(
+            {
+                "json": "json",
+                "omni_ros_no_such_accelerate": "accelerate (transformers 4.51 from_pretrained ...)",
+                "omni_ros_no_such_librosa": "librosa (imported by the remote code)",
+            }
+        )
+    message = str(excinfo.value)
+    assert "accelerate" in message
+    assert "librosa" in message
+    assert "json" not in message.split("missing Python packages:")[1].split(".")[0]
+    assert "requirements/minicpmo.txt" in message
+
+
+def test_the_default_loader_runs_the_preflight_before_the_remote_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # transformers 4.51.0 without accelerate fails inside from_pretrained with
+    # "NameError: name 'init_empty_weights' is not defined"; the preflight says why first.
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setitem(
+        minicpmo_module.RUNTIME_PACKAGES, "omni_ros_no_such_accelerate", "accelerate (...)"
+    )
+
+    def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("from_pretrained ran before the preflight")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
+    with pytest.raises(BackendUnavailable, match=r"missing Python packages:.*accelerate"):
+        load_pretrained(make_config(device="cpu"))
+
+
+def test_loading_builds_the_vocoder_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # as_duplex() builds it (modeling_minicpmo.py:2525); the loader must not build it too.
+    transformers = pytest.importorskip("transformers")
+    model = ModelDouble()
+    monkeypatch.setattr(minicpmo_module, "preflight_runtime_packages", lambda: None)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", lambda *a, **k: model)
+    backend = MiniCPMOBackend(make_config(device="cpu"))
+    assert model.init_tts_calls == 1
+    backend.close()
+    assert load_pretrained(make_config(device="cpu"), build_vocoder=True) is model
+    assert model.init_tts_calls == 2  # the TensorRT exporter's call, which never calls as_duplex
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -271,14 +325,64 @@ def test_model_loader_is_called_with_the_config() -> None:
     backend.close()
 
 
-def test_length_penalty_needs_an_api_that_accepts_it() -> None:
+def test_a_model_without_as_duplex_is_refused_naming_the_supported_api() -> None:
+    class UnifiedModel:  # the official demo's model: a DuplexCapability, no as_duplex()
+        duplex = DuplexApiDouble()
+
+    with pytest.raises(BackendProtocolError, match=r"as_duplex.*DuplexCapability"):
+        MiniCPMOBackend(make_config(), model=UnifiedModel())
+
+
+def test_length_penalty_of_the_demo_api_is_not_a_parameter() -> None:
+    # Only the demo's DuplexCapability took it; that API is not supported (no text_list, and it
+    # needs finalize_unit() after every generate).
     with pytest.raises(ConfigError, match="length_penalty"):
-        make_backend(length_penalty=1.1)
-    backend, duplex, _ = make_backend(duplex_class=DemoDuplexApiDouble, length_penalty=1.05)
+        make_config(length_penalty=1.1)
+
+
+@pytest.mark.parametrize(("key", "value"), [("listen_top_k", 5), ("listen_prob_scale", 1.5)])
+def test_listen_settings_that_act_on_the_wrong_token_are_refused(key: str, value: Any) -> None:
+    # The decoder's listen id is <|im_end|> but the loop listens on <|listen|> (utils.py:1172,
+    # modeling_minicpmo.py:2563): with listen_top_k every unit would be speech.
+    with pytest.raises(ConfigError, match=f"{key}.*<\\|im_end\\|>.*<\\|listen\\|>"):
+        make_backend(**{key: value})
+
+
+class _FixedDecoderModel(ModelDouble):
+    """An upstream whose decoder listens on <|listen|> (the same id as the duplex loop)."""
+
+    def as_duplex(self, device: Any = None, **kwargs: Any) -> DuplexApiDouble:
+        duplex = super().as_duplex(device, **kwargs)
+        duplex.decoder.listen_id = duplex.listen_token_id
+        return duplex
+
+
+def test_listen_top_k_is_passed_on_when_the_decoder_listens_on_the_right_token() -> None:
+    backend = MiniCPMOBackend(
+        make_config(listen_top_k=5), model=_FixedDecoderModel(script=(LISTEN,) * 3)
+    )
     backend.prepare(PROMPT)
-    run(backend, 0)
-    assert duplex.method_calls("streaming_generate")[0]["length_penalty"] == 1.05
+    assert run(backend, 0).is_listen
     backend.close()
+
+
+def test_the_double_returns_before_feeding_unit_when_a_prefill_has_no_input() -> None:
+    # modeling_minicpmo.py:2849-2854 return before <unit> is fed at :2864 (measured: KV 8 -> 8).
+    duplex = DuplexApiDouble()
+    duplex.prepare(prompt_wav_path=None)
+    before = duplex.kv_tokens
+    assert duplex.streaming_prefill()["success"] is False
+    assert duplex.kv_tokens == before
+    assert duplex.stray_unit_tokens == 0
+
+
+def test_the_double_reproduces_why_listen_top_k_is_refused() -> None:
+    # The double itself, driven directly: with the ids differing every unit is speech.
+    duplex = DuplexApiDouble(script=(LISTEN,) * 4)
+    duplex.prepare(prompt_wav_path=None)
+    for _ in range(3):
+        duplex.streaming_prefill(audio_waveform=np.zeros(FIRST_UNIT_SAMPLES, np.float32))
+        assert duplex.streaming_generate(listen_top_k=5)["is_listen"] is False
 
 
 def test_generate_gets_the_configured_sampling_arguments() -> None:
@@ -346,11 +450,13 @@ def test_units_are_delivered_as_16560_then_16000_samples_and_no_backlog_builds(m
     backend.prepare(PROMPT)
     for index in range(12):
         run(backend, index, speech=index % 2 == 0)
-        assert duplex.backlog_samples == 0
+        # The API takes 16,480 of the first 16,560 and keeps 80 for good: a constant, no backlog.
+        assert duplex.backlog_samples == FIRST_UNIT_SAMPLES - FIRST_UNIT_TAKEN
     assert duplex.delivered_audio_lengths == [FIRST_UNIT_SAMPLES] + [UNIT_SAMPLES] * 11
-    assert duplex.consumed_unit_lengths == duplex.delivered_audio_lengths
-    assert duplex.max_backlog_samples == 0
+    assert duplex.consumed_unit_lengths == [FIRST_UNIT_TAKEN] + [UNIT_SAMPLES] * 11
+    assert duplex.max_backlog_samples == 80
     assert duplex.short_unit_pads == 0
+    assert duplex.audio_not_enough == 0
     assert duplex.non_float32_audio_calls == 0
 
 
@@ -376,8 +482,8 @@ def test_after_a_lost_first_unit_the_next_unit_is_left_padded_to_16560(made: Any
     assert not np.any(delivered[: FIRST_UNIT_SAMPLES - UNIT_SAMPLES])
     np.testing.assert_array_equal(delivered[FIRST_UNIT_SAMPLES - UNIT_SAMPLES :], second.audio)
     assert backend.first_units_padded == 1
-    assert duplex.consumed_unit_lengths == [FIRST_UNIT_SAMPLES]
-    assert duplex.max_backlog_samples == 0
+    assert duplex.consumed_unit_lengths == [FIRST_UNIT_TAKEN]
+    assert duplex.max_backlog_samples == 80
 
 
 def test_a_first_length_unit_later_is_rejected_before_it_reaches_the_model(made: Any) -> None:
@@ -388,7 +494,7 @@ def test_a_first_length_unit_later_is_rejected_before_it_reaches_the_model(made:
         backend.prefill(make_unit(backend, 0))
     assert len(duplex.method_calls("streaming_prefill")) == 1
     run(backend, 1)
-    assert duplex.max_backlog_samples == 0
+    assert duplex.max_backlog_samples == FIRST_UNIT_SAMPLES - FIRST_UNIT_TAKEN
 
 
 def test_audio_is_handed_over_as_clipped_finite_float32(made: Any) -> None:
@@ -455,6 +561,35 @@ def test_injected_text_becomes_the_text_list(made: Any) -> None:
     assert duplex.texts_seen == ["What do you see?"]
 
 
+def test_injected_text_steers_the_next_units_decision_not_its_own() -> None:
+    # The text is fed after the audio, whose feed produced this unit's logits
+    # (modeling_minicpmo.py:3097, :3115-3140; measured: identical logits with and without it).
+    backend, duplex, _ = make_backend(script=(LISTEN,) * 6)
+    duplex.replies["Say hello."] = Speak("Hello!", end_of_turn=True)
+    backend.prepare(PROMPT)
+    assert run(backend, 0).is_listen
+    assert run(backend, 1, texts=("Say hello.",)).is_listen  # its own decision is already made
+    reply = run(backend, 2)
+    assert not reply.is_listen
+    assert reply.text == "Hello!"
+    assert reply.end_of_turn
+    backend.close()
+
+
+def test_the_text_of_a_unit_lost_to_a_break_is_fed_with_the_next_unit(made: Any) -> None:
+    backend, duplex, _ = made
+    backend.prepare(PROMPT)
+    run(backend, 0)
+    duplex.set_break_event()  # set by someone else: the next unit is lost on purpose
+    lost = run(backend, 1, texts=("Stop.",))
+    assert lost.is_listen
+    run(backend, 2, texts=("Now turn left.",))
+    texts = [c["text_list"] for c in duplex.method_calls("streaming_prefill")]
+    assert texts == [None, ["Stop."], ["Stop.", "Now turn left."]]
+    assert duplex.texts_seen == ["Stop.", "Now turn left."]
+    assert backend.texts_carried == 1
+
+
 # ------------------------------------------------------------------------------------- results
 def test_listen_units_drop_the_24000_zeros_and_speech_audio_is_float32() -> None:
     backend, _, _ = make_backend(script=(LISTEN, *LONG_TURN))
@@ -462,15 +597,41 @@ def test_listen_units_drop_the_24000_zeros_and_speech_audio_is_float32() -> None
     listen = run(backend, 0)
     assert listen.is_listen
     assert listen.audio is None
-    filling = run(backend, 1)  # the TTS token buffer fills during the first speech unit
-    assert not filling.is_listen
-    assert filling.text == "Hello,"
-    assert filling.audio is None
-    speech = run(backend, 2)
-    assert speech.audio is not None
-    assert speech.audio.dtype == np.float32
-    assert speech.audio.size > 24_000  # the first chunk of a turn is longer
-    assert run(backend, 3).audio.size == 24_000  # type: ignore[union-attr]
+    # The first speech unit of a turn is force-flushed and left-padded to one second
+    # (modeling_minicpmo.py:3348-3350, :3609-3612): it already carries 24,000 samples.
+    first = run(backend, 1)
+    assert not first.is_listen
+    assert first.text == "Hello,"
+    assert first.audio is not None
+    assert first.audio.dtype == np.float32
+    assert first.audio.size == OUTPUT_UNIT_SAMPLES
+    middle = [run(backend, i) for i in range(2, 7)]
+    assert [r.audio.size for r in middle] == [OUTPUT_UNIT_SAMPLES] * 5  # type: ignore[union-attr]
+    # The last unit of a turn flushes the vocoder's lookahead too (:3588-3595): longer, unpadded.
+    last = run(backend, 7)
+    assert last.end_of_turn
+    assert last.audio is not None
+    assert last.audio.size == OUTPUT_UNIT_SAMPLES + LAST_CHUNK_EXTRA_SAMPLES
+    backend.close()
+
+
+def test_a_turn_ending_in_a_listen_unit_keeps_its_words_and_its_end_of_turn() -> None:
+    # <|turn_eos|> then <|listen|> in one unit: the API returns a bare listen (text "",
+    # end_of_turn False: modeling_minicpmo.py:3300-3315) and skips the TTS turn reset.
+    script = (Speak("Hi"), Speak("there.", then_listen=True), LISTEN, Speak("Next."))
+    backend, duplex, _ = make_backend(script=script)
+    backend.prepare(PROMPT)
+    results = [run(backend, i) for i in range(4)]
+    closing = results[1]
+    assert not closing.is_listen
+    assert closing.text == "there."
+    assert closing.end_of_turn
+    assert closing.audio is None  # the vocoder never ran for those words
+    assert results[2].is_listen
+    assert not results[2].end_of_turn
+    assert results[3].text == "Next."
+    assert backend.turn_ends_recovered == 1
+    assert duplex.stale_tts_turns == 0  # the next turn's TTS starts fresh
     backend.close()
 
 
@@ -599,7 +760,7 @@ def test_a_prefill_refused_for_another_reason_is_a_protocol_error_naming_it(made
     backend.prepare(PROMPT)
     run(backend, 0)
     run(backend, 1)
-    assert duplex.max_backlog_samples == 0
+    assert duplex.max_backlog_samples == FIRST_UNIT_SAMPLES - FIRST_UNIT_TAKEN
 
 
 def test_an_exception_in_prefill_requires_a_new_session(made: Any) -> None:
@@ -697,25 +858,61 @@ def test_interrupt_mode_reset_reprepares_and_feeds_the_unit_as_a_first_unit() ->
     assert after.end_of_turn
     assert duplex.prepare_count == 2
     assert duplex.delivered_audio_lengths == [FIRST_UNIT_SAMPLES, UNIT_SAMPLES, FIRST_UNIT_SAMPLES]
-    assert duplex.max_backlog_samples == 0
+    assert duplex.max_backlog_samples == FIRST_UNIT_SAMPLES - FIRST_UNIT_TAKEN
     backend.close()
 
 
-def test_the_demo_api_closes_the_cut_turn_with_force_listen_override() -> None:
-    backend, duplex, _ = make_backend(duplex_class=DemoDuplexApiDouble)
+def test_reset_clears_the_whisper_streaming_cache_the_api_keeps() -> None:
+    # MiniCPMODuplex.prepare never clears model.audio_past_key_values (only reset_session does:
+    # modeling_minicpmo.py:176-178); measured: the same first unit after two fresh sessions
+    # differed by 0.78 in max logit.
+    backend, duplex, model = make_backend()
     backend.prepare(PROMPT)
     run(backend, 0)
-    backend.interrupt()
-    after = run(backend, 1)
-    assert after.is_listen
-    assert after.end_of_turn
-    overrides = [c["force_listen_override"] for c in duplex.method_calls("streaming_generate")]
-    assert overrides == [False, True]
-    assert not duplex.in_turn, "the override closed the turn inside the model"
-    duplex.script[:] = [Speak("Sure.")]
-    duplex._script_pos = 0
-    assert run(backend, 2).text == "Sure."
+    run(backend, 1)
+    assert model.audio_past_key_values is not None
+    backend.reset()
+    assert model.audio_past_key_values is None
+    backend.prepare(PROMPT)
+    run(backend, 0)
+    assert duplex.stale_encoder_cache_units == 0
     backend.close()
+
+
+def test_a_new_prepare_alone_also_starts_without_the_old_encoder_cache(made: Any) -> None:
+    backend, duplex, _ = made
+    backend.prepare(PROMPT)
+    run(backend, 0)
+    backend.prepare(PROMPT)  # a new session without reset()
+    run(backend, 0)
+    assert duplex.stale_encoder_cache_units == 0
+
+
+def test_reset_then_prepare_prefills_the_prompt_and_voice_once(made: Any) -> None:
+    backend, duplex, _ = made
+    backend.prepare(PROMPT)
+    run(backend, 0)
+    backend.reset()
+    backend.prepare(PROMPT)
+    assert duplex.prepare_count == 2  # the first session's and the new one's, nothing between
+    run(backend, 0)
+
+
+def test_a_missing_voice_file_is_a_config_error_naming_it_not_the_weights() -> None:
+    backend, duplex, _ = make_backend(prompt_wav_path="/no/such/voice.wav")
+    with pytest.raises(ConfigError, match=r"prompt_wav_path.*voice file") as excinfo:
+        backend.prepare(PROMPT)
+    assert "weights" not in str(excinfo.value)
+    assert duplex.method_calls("prepare") == []
+    backend.close()
+
+
+def test_an_unreadable_voice_at_the_vocoder_is_not_blamed_on_the_weights(made: Any) -> None:
+    backend, duplex, _ = made
+    duplex.faults["prepare"] = Fault(exception=FileNotFoundError("voice.wav"), times=1)
+    with pytest.raises(BackendUnavailable) as excinfo:
+        backend.prepare(PROMPT)
+    assert "weights" not in str(excinfo.value)
 
 
 # ------------------------------------------------------------------------------ faults, timeouts
