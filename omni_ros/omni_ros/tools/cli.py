@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from omni_ros.tools.engines_cli import add_engines_subparser
 
     add_engines_subparser(sub)
+    from omni_ros.tools.check_model import add_subparser as add_check_model_subparser
+
+    add_check_model_subparser(sub)
     return parser
 
 
