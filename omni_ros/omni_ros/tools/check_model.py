@@ -630,7 +630,7 @@ def backend_error(build: Callable[[], Any]) -> str:
     return ""
 
 
-def run_checks(code_dir: Path, *, revision: str, units: int = 12, seed: int = 0) -> Report:
+def run_checks(code_dir: Path, *, revision: str, units: int = 10, seed: int = 0) -> Report:
     """Build the tiny model from ``code_dir`` and run every check (see the module docstring)."""
     from omni_ros.backends.minicpmo import MiniCPMOConfig, missing_runtime_packages
 
@@ -686,7 +686,7 @@ def add_subparser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="",
         help="the commit of the remote code you reviewed (required, as for the backend)",
     )
-    p.add_argument("--units", type=int, default=12, help="units per session (at least 10)")
+    p.add_argument("--units", type=int, default=10, help="units per session (at least 10)")
     p.add_argument("--seed", type=int, default=0, help="random-weight seed")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
