@@ -409,6 +409,8 @@ class _Checker:
                 self.reset_forgets,
                 self.ask,
                 self.refused_settings,
+                self.scripted_turn,
+                self.turn_ending_in_a_listen,
             ):
                 with self.scenario(scenario.__name__.replace("_", " ")):
                     scenario()
@@ -606,6 +608,94 @@ class _Checker:
         finally:
             for backend in backends:
                 backend.close()
+
+    def _script_decoder(self, backend: Any, units: list[list[str]]) -> None:
+        """Make the remote code's decoder sample these tokens, one list per unit (then listen).
+
+        Random weights never end a turn; this drives the remote code's own duplex loop, TTS and
+        vocoder chunking through a scripted turn. Only ``StreamDecoder.decode`` is replaced.
+        """
+        duplex = backend._duplex
+        tokenizer = duplex.tokenizer
+        queue: list[list[int]] = []
+        for unit in units:
+            ids: list[int] = []
+            for token in unit:
+                if token.startswith("<"):
+                    ids.append(int(tokenizer.convert_tokens_to_ids(token)))
+                else:
+                    ids.extend(tokenizer.encode(" " + token, add_special_tokens=False))
+            queue.append(ids)
+        listen = [int(duplex.listen_token_id)]
+        current: list[int] = []
+        import torch
+
+        def decode(logits: Any, **kwargs: Any) -> Any:
+            nonlocal current
+            if not current:
+                current = queue.pop(0) if queue else list(listen)
+            return torch.tensor([current.pop(0)], dtype=torch.long)
+
+        duplex.decoder.decode = decode
+
+    def scripted_turn(self) -> None:
+        backend = self.backend(prompt_wav_path=self.voice)
+        try:
+            backend.prepare("Streaming Omni Conversation.")
+            self._script_decoder(
+                backend,
+                [
+                    ["<|speak|>", "Hello", "there", "<|chunk_eos|>"],
+                    ["<|speak|>", "I", "see", "a", "cup", "<|chunk_eos|>"],
+                    ["<|speak|>", "on", "the", "table", "<|turn_eos|>", "<|chunk_eos|>"],
+                ],
+            )
+            results = [self.run_unit(backend, i) for i in range(4)]
+            lengths = [0 if r.audio is None else int(r.audio.size) for r in results[:3]]
+            ends = [r.end_of_turn for r in results]
+            self.check(
+                "scripted turn: speech, speech, last unit ends the turn, then listen",
+                [r.is_listen for r in results] == [False, False, False, True]
+                and ends == [False, False, True, False],
+                f"texts {[r.text for r in results]}, end_of_turn {ends}",
+            )
+            self.check(
+                "scripted turn: the last chunk of a turn is longer than one second",
+                lengths[0] == OUTPUT_RATE and lengths[2] > OUTPUT_RATE,
+                f"speech audio samples per unit: {lengths} (vocoder double)",
+            )
+        finally:
+            backend.close()
+
+    def turn_ending_in_a_listen(self) -> None:
+        backend = self.backend(prompt_wav_path=self.voice)
+        try:
+            backend.prepare("Streaming Omni Conversation.")
+            self._script_decoder(
+                backend,
+                [
+                    ["<|speak|>", "Hello", "<|chunk_eos|>"],
+                    ["<|speak|>", "goodbye", "now", "<|turn_eos|>", "<|listen|>"],
+                ],
+            )
+            results = [self.run_unit(backend, i) for i in range(3)]
+            closing = results[1]
+            duplex = backend._duplex
+            self.check(
+                "<|turn_eos|><|listen|> in one unit: its words and end of turn are kept",
+                not closing.is_listen
+                and closing.end_of_turn
+                and "goodbye" in closing.text
+                and results[2].is_listen
+                and duplex.tts_text_start_pos == 0
+                and duplex.tts_past_key_values is None,
+                f"unit 1: listen={closing.is_listen} text={closing.text!r} "
+                f"end_of_turn={closing.end_of_turn}; TTS state reset: "
+                f"{duplex.tts_text_start_pos == 0 and duplex.tts_past_key_values is None} "
+                f"({backend.turn_ends_recovered} recovered)",
+            )
+        finally:
+            backend.close()
 
     def refused_settings(self) -> None:
         for key, value in (("listen_top_k", 5), ("listen_prob_scale", 1.5)):

@@ -74,8 +74,10 @@ UNIT_SAMPLES: Final = 16_000
 #: the duplex loop's is ``<|listen|>`` (modeling_minicpmo.py:2563).
 IM_END_ID: Final = 151_645
 LISTEN_ID: Final = 151_705
-#: ASSUMPTION (the vocoder is a double everywhere but on a GPU): extra samples of a turn's last
-#: chunk, which flushes the vocoder's buffered lookahead (modeling_minicpmo.py:3588-3595).
+#: Extra samples of a turn's last chunk, which flushes the vocoder's buffered lookahead unpadded
+#: (modeling_minicpmo.py:3588-3595). Measured by check-model's scripted turn through the remote
+#: code: 26,880 = 24,000 + 3 lookahead tokens x 960 samples, with check-model's vocoder double.
+#: ASSUMPTION: the real stepaudio2 (lookahead and samples per token) gives the same.
 LAST_CHUNK_EXTRA_SAMPLES: Final = 2_880
 OUTPUT_UNIT_SAMPLES: Final = 24_000
 OUTPUT_SAMPLE_RATE: Final = 24_000
