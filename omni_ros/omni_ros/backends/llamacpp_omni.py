@@ -1447,7 +1447,7 @@ class LlamaCppOmniBackend:
             shutil.rmtree(self._work_dir, ignore_errors=True)
 
     def metrics(self) -> dict[str, float | int | str]:
-        """Server and client figures for ``/diagnostics`` (a fresh flat dict, safe to keep).
+        """Server and client figures for ``/diagnostics`` (a fresh flat dict; any thread may call it).
 
         Keys: ``server`` (detected generation), ``transport``, the client counters (``units``,
         ``speaking_units``, ``tail_units``, ``idle_units``, ``late_events``,
@@ -1458,11 +1458,13 @@ class LlamaCppOmniBackend:
         """
         out: dict[str, float | int | str] = {"transport": self.config.transport}
         out["server"] = self._http.server if self._http is not None else LLAMA_OMNI_SERVER
-        out.update(self._counters)
-        for stage, value in self._last_timings.items():
+        # dict() copies are atomic under the GIL: the node may call this from its diagnostics timer
+        # while the worker thread updates the counters.
+        out.update(dict(self._counters))
+        for stage, value in dict(self._last_timings).items():
             out[f"unit_{stage}_ms"] = value
         if self._ws is not None:
-            for key, value in self._ws.server_metrics.items():
+            for key, value in dict(self._ws.server_metrics).items():
                 out[f"server_{key}"] = value
         return out
 
