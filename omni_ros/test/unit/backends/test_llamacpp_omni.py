@@ -531,7 +531,7 @@ def test_finding_wav_rendered_during_break_is_not_played_on_the_next_turn(
     llama_server: LoopbackLlamaServer, tmp_path: Path, model_dir: Path, voice_wav: Path
 ) -> None:
     backend = http_backend(
-        llama_server, tmp_path, model_dir, audio_wait_s=0.0, voice_audio=str(voice_wav)
+        llama_server, tmp_path, model_dir, audio_wait_s=0.1, voice_audio=str(voice_wav)
     )
     backend.prepare("Streaming Omni Conversation.")
     llama_server.tts.delay_s = 0.3  # the window is still rendering when /break comes
@@ -542,7 +542,8 @@ def test_finding_wav_rendered_during_break_is_not_played_on_the_next_turn(
     time.sleep(0.5)  # units are a second apart: the stale window lands before the next turn
     results += [run(backend, 2)]
     llama_server.tts.delay_s = 0.01
-    results += [run(backend, 3, speech=True)] + [run(backend, i) for i in range(4, 7)]
+    results += [run(backend, 3, speech=True, pace_s=0.1)]
+    results += [run(backend, i, pace_s=0.1) for i in range(4, 7)]
     assert llama_server.breaks == 1
     np.testing.assert_allclose(
         speech_of(results), np.concatenate([tone(2), tone(2)]), atol=PCM16_TOLERANCE
