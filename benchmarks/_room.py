@@ -1,0 +1,192 @@
+"""A simulated room for the conversation benchmark: what the robot plays comes back into its microphone.
+
+:class:`RoomSink` is an :class:`~omni_ros.ros.audio_io.AudioSink` for ``speaker_node``: it "plays"
+PCM at real-time pace like a sound card (``write`` blocks for the block's duration, zero output
+latency) and logs every block with the wall-clock time its first sample was heard. :class:`Room`
+turns that log into the echo part of the microphone signal: the played audio resampled to the
+microphone rate, convolved with a room impulse response (a direct path after ``delay_ms``, scaled
+by ``gain``, plus an exponentially decaying diffuse tail ``reverb_db`` below it) and summed with
+the user's speech and a noise floor by the benchmark's microphone thread.
+
+Everything here runs on the wall clock (``time.time_ns``), which is the ROS clock of nodes that do
+not use sim time; the microphone stamps, the speaker's schedule and this log share it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+from omni_ros.ros.audio_io import AudioFormat
+
+NS = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class RoomConfig:
+    """One echo path.
+
+    Attributes:
+        name: label in the results.
+        delay_ms: speaker to microphone delay of the direct path (playback + flight + capture).
+        gain: linear gain of the direct path (loudspeaker close to the mic: 0.3-0.6).
+        reverb_db: level of the diffuse tail's first tap relative to the direct path.
+        rt60_ms: time for the tail to decay by 60 dB (it is cut after ``tail_ms``).
+        tail_ms: length of the simulated tail.
+        noise_dbfs: level of the white noise floor added to the microphone.
+    """
+
+    name: str
+    delay_ms: float
+    gain: float = 0.4
+    reverb_db: float = -12.0
+    rt60_ms: float = 250.0
+    tail_ms: float = 150.0
+    noise_dbfs: float = -55.0
+
+    def impulse_response(self, rate: int, seed: int = 0) -> np.ndarray:
+        """The room's impulse response at ``rate`` (float32, starts at lag 0)."""
+        rng = np.random.default_rng(seed)
+        delay = round(self.delay_ms * rate / 1000)
+        tail = round(self.tail_ms * rate / 1000)
+        h = np.zeros(delay + tail + 1, np.float32)
+        h[delay] = self.gain
+        t = np.arange(1, tail + 1) / rate
+        decay = 10 ** (-3.0 * t / (self.rt60_ms / 1000))  # -60 dB after rt60
+        level = self.gain * 10 ** (self.reverb_db / 20)
+        h[delay + 1 :] = level * decay * rng.standard_normal(tail).astype(np.float32) * 0.5
+        return h
+
+
+ROOMS: dict[str, RoomConfig] = {
+    "near_40ms": RoomConfig("near_40ms", 40.0, gain=0.5, reverb_db=-15.0, rt60_ms=200.0),
+    "mid_120ms": RoomConfig("mid_120ms", 120.0, gain=0.4, reverb_db=-12.0, rt60_ms=300.0),
+    "far_300ms": RoomConfig("far_300ms", 300.0, gain=0.3, reverb_db=-10.0, rt60_ms=400.0),
+}
+
+
+class RoomSink:
+    """A speaker that plays into the :class:`Room` (real-time pace, zero latency).
+
+    Args:
+        fmt: the speaker's PCM format (``speaker_node`` uses S16LE mono, 24 kHz by default).
+        room: where the played audio goes.
+    """
+
+    def __init__(self, fmt: AudioFormat, room: Room) -> None:
+        if fmt.encoding != "S16LE" or fmt.channels != 1:
+            raise ValueError("RoomSink plays S16LE mono (speaker_node's default format)")
+        self.format = fmt
+        self.room = room
+        self._closed = threading.Event()
+        self._end_ns = 0
+        self.flushes = 0
+
+    def write(self, data: bytes) -> None:
+        samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        now = time.time_ns()
+        # A device plays a block right after the previous one if it is still busy (no gap).
+        start = max(now, self._end_ns)
+        self._end_ns = start + len(samples) * NS // self.format.sample_rate
+        self.room.play(start, samples, data)
+        remaining = self._end_ns - time.time_ns()
+        if remaining > 0:
+            self._closed.wait(remaining / NS)
+
+    def flush(self) -> None:
+        self.flushes += 1  # nothing is buffered: a written block has been heard
+
+    def drain(self) -> None:
+        """Nothing is buffered."""
+
+    @property
+    def latency_ns(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+@dataclass
+class Played:
+    """One block the speaker played: wall time of its first sample, sample count, its bytes."""
+
+    start_ns: int
+    samples: int
+    data: bytes
+
+    def end_ns(self, rate: int) -> int:
+        return self.start_ns + self.samples * NS // rate
+
+
+class Room:
+    """Accumulates what was played (at the mic rate, on a sample grid from ``t0_ns``) and renders
+    the echo for any microphone span.
+
+    Args:
+        config: the echo path.
+        t0_ns: wall time of microphone sample 0.
+        duration_s: longest run (the buffers are preallocated).
+        mic_rate: microphone sample rate.
+        out_rate: the speaker's sample rate.
+    """
+
+    def __init__(
+        self,
+        config: RoomConfig,
+        t0_ns: int,
+        duration_s: float,
+        mic_rate: int = 16_000,
+        out_rate: int = 24_000,
+    ) -> None:
+        self.config = config
+        self.t0_ns = t0_ns
+        self.mic_rate = mic_rate
+        self.out_rate = out_rate
+        self.h = config.impulse_response(mic_rate)
+        self._h_fft: dict[int, np.ndarray] = {}
+        self._played = np.zeros(int(duration_s * mic_rate) + mic_rate, np.float32)
+        self._lock = threading.Lock()
+        self.log: list[Played] = []
+        self._rs: soxr.ResampleStream | None = None
+        self._next_in_ns = 0
+        self._write_pos = 0
+
+    def play(self, start_ns: int, samples: np.ndarray, data: bytes) -> None:
+        """The speaker started playing ``samples`` (at ``out_rate``) at ``start_ns``."""
+        with self._lock:
+            self.log.append(Played(start_ns, len(samples), data))
+            if self._rs is None or abs(start_ns - self._next_in_ns) > 2_000_000:
+                # A new stretch of sound: a fresh resampler placed at its own start.
+                self._rs = soxr.ResampleStream(self.out_rate, self.mic_rate, 1, dtype="float32")
+                self._write_pos = round((start_ns - self.t0_ns) * self.mic_rate / NS)
+            self._next_in_ns = start_ns + len(samples) * NS // self.out_rate
+            out = self._rs.resample_chunk(samples)
+            pos = self._write_pos
+            end = min(len(self._played), pos + len(out))
+            if 0 <= pos < end:
+                self._played[pos:end] += out[: end - pos]
+            self._write_pos = pos + len(out)
+
+    def echo(self, first: int, n: int) -> np.ndarray:
+        """Echo at microphone samples ``[first, first + n)`` (float32)."""
+        taps = len(self.h)
+        lo = first - taps + 1
+        with self._lock:
+            seg = np.zeros(n + taps - 1, np.float32)
+            a, b = max(0, lo), min(len(self._played), first + n)
+            if b > a:
+                seg[a - lo : b - lo] = self._played[a:b]
+        size = _fft_size(len(seg))
+        spectrum = self._h_fft.get(size)
+        if spectrum is None:
+            spectrum = self._h_fft[size] = np.fft.rfft(self.h, size)
+        full = np.fft.irfft(np.fft.rfft(seg, size) * spectrum, size)
+        return full[taps - 1 : taps - 1 + n].astype(np.float32)
+
+
+def _fft_size(n: int) -> int:
+    return 1 << (n - 1).bit_length()
