@@ -45,6 +45,8 @@ setup(
             "einops>=0.8",
         ],
         "servers": ["websockets>=12", "httpx>=0.27"],
+        # Barge-in detection's default classifier (vad.barge_in_model: silero; webrtc needs none).
+        "vad": ["silero-vad>=6", "onnxruntime>=1.18"],
         "audio": ["pyaudio>=0.2.14"],
         "bt": ["py-trees>=2.2"],
         # Never installable from PyPI alone (see docs/TENSORRT.md): NVIDIA's index provides them.

@@ -88,6 +88,10 @@ class AecConfig:
             coherence, over ``delay_coherence_low_hz`` to ``delay_coherence_high_hz``, of the
             microphone window and the reference shifted by the estimated lag (see the module
             docstring for the measured ranges).
+        delay_first_window_ms: correlation window until the first estimate is accepted.
+        delay_first_min_coherence: coherence that lets the first estimate stand alone (no second
+            agreeing estimate needed); measured over 500 ms windows: unrelated speech <= 0.29,
+            echo median 0.65.
         delay_coherence_low_hz: lower edge of the band the coherence is averaged over.
         delay_coherence_high_hz: upper edge of that band.
         delay_tolerance_ms: two consecutive estimates must agree within this to count.
@@ -97,12 +101,17 @@ class AecConfig:
             reverberation tail), because every move makes Speex re-converge.
         reference_gain: scale applied to the published speech before it becomes the reference.
         warmup_ms: active reference the filter must have processed after a reset (or after the
-            delay estimate moved the alignment) before it counts as converged (measured: 2-3 s of
-            speech to reach > 25 dB); until then the flow suppresses barge-in while our own speech
-            can echo.
-        echo_min_speech_ms: speech run needed for barge-in while our own (cancelled) speech plays:
-            residual echo can still make the VAD fire in runs of 150-300 ms (seen with 10 ms frames
-            and while the filter re-converges).
+            delay estimate moved the alignment) before :attr:`EchoCanceller.converged` says so
+            (measured: 2-3 s of speech to reach > 25 dB). Diagnostic only: barge-in does not wait
+            for it (omni_ros.core.bargein judges the residual it actually sees).
+        echo_tail_ms: how long after its direct path our echo can still be heard (the room's
+            reverberation): the barge-in detector's echo envelope covers it.
+        dtd_margin_db: double talk: how far above the learned residual-to-reference ratio a
+            frame's echo-cancelled energy must be to count as the user (omni_ros.core.bargein).
+        dtd_prior_db: the residual-to-reference ratio assumed before enough echo was heard (a
+            loud echo path: the first frames of our speech must not barge in on themselves).
+        dtd_history_ms: echo-only frames the residual ratio is learned over (its 90th
+            percentile); until 8 frames were learned the prior stands.
         gate_mode: what ``robot_speaking`` does to barge-in: ``off`` (nothing), ``stricter`` (needs
             ``gate_min_speech_ms`` of speech), ``suppress`` (no barge-in while it is set).
         gate_min_speech_ms: speech run needed for barge-in while the gate is ``stricter``.
@@ -120,17 +129,22 @@ class AecConfig:
     initial_delay_ms: int = 0
     max_delay_ms: int = 500
     delay_window_ms: int = 1000
-    delay_update_ms: int = 500
+    delay_update_ms: int = 250
     delay_margin_ms: int = 10
     delay_min_confidence: float = 8.0
     delay_min_coherence: float = 0.2
+    delay_first_window_ms: int = 500
+    delay_first_min_coherence: float = 0.4
     delay_coherence_low_hz: int = 300
     delay_coherence_high_hz: int = 3400
     delay_tolerance_ms: int = 4
     delay_headroom_ms: int = 100
     reference_gain: float = 1.0
     warmup_ms: int = 3000
-    echo_min_speech_ms: int = 400
+    echo_tail_ms: int = 200
+    dtd_margin_db: float = 6.0
+    dtd_prior_db: float = 0.0
+    dtd_history_ms: int = 500
     gate_mode: str = "stricter"
     gate_min_speech_ms: int = 500
 
@@ -154,20 +168,24 @@ class AecConfig:
                 raise ConfigError(f"AecConfig.{name} must be >= 0")
         if self.delay_window_ms <= 0 or self.delay_update_ms <= 0:
             raise ConfigError("AecConfig.delay_window_ms and delay_update_ms must be > 0")
-        if not 0.0 <= self.delay_min_coherence < 1.0:
-            raise ConfigError("AecConfig.delay_min_coherence must be in [0, 1)")
+        if not 0.0 <= self.delay_min_coherence < 1.0 or not self.delay_first_min_coherence >= 0.0:
+            raise ConfigError(
+                "AecConfig.delay_min_coherence must be in [0, 1), delay_first_min_coherence >= 0"
+            )
+        if self.delay_first_window_ms <= 0:
+            raise ConfigError("AecConfig.delay_first_window_ms must be > 0")
         low, high = self.delay_coherence_low_hz, self.delay_coherence_high_hz
         if not 0 <= low < high <= self.sample_rate // 2:
             raise ConfigError(
                 f"AecConfig.delay_coherence_low_hz / _high_hz = {low} / {high}: need "
                 "0 <= low < high <= sample_rate / 2"
             )
+        if self.echo_tail_ms < 0 or self.dtd_history_ms <= 0:
+            raise ConfigError("AecConfig.echo_tail_ms must be >= 0 and dtd_history_ms > 0")
         if self.gate_mode not in _GATE_MODES:
             raise ConfigError(f"AecConfig.gate_mode = {self.gate_mode!r}; use one of {_GATE_MODES}")
-        if self.gate_min_speech_ms < 0 or self.echo_min_speech_ms < 0 or self.warmup_ms < 0:
-            raise ConfigError(
-                "AecConfig.gate_min_speech_ms, echo_min_speech_ms and warmup_ms must be >= 0"
-            )
+        if self.gate_min_speech_ms < 0 or self.warmup_ms < 0:
+            raise ConfigError("AecConfig.gate_min_speech_ms and warmup_ms must be >= 0")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> AecConfig:
@@ -393,6 +411,9 @@ class EchoState:
     mic_hist: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     since_estimate: int = 0  # mic samples since the last estimate attempt
     active_ref_samples: int = 0  # frames with an active reference processed since the reset
+    filter_resets: int = 0  # Speex filter resets (re-alignments, reset()) since construction
+    full_resets: int = 0  # reset() calls: every stamp and estimate was forgotten
+    last_mic: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     def reset(self, initial_delay_ns: int) -> None:
         """Forget the streams (the Speex filter is reset separately)."""
@@ -413,6 +434,7 @@ class EchoState:
         self.mic_hist = np.zeros(0, dtype=np.float32)
         self.since_estimate = 0
         self.active_ref_samples = 0
+        self.last_mic = np.zeros(0, dtype=np.float32)
 
 
 class EchoCanceller:
@@ -478,6 +500,26 @@ class EchoCanceller:
     def delay_estimates(self) -> int:
         """How many delay estimates have been accepted."""
         return self.state.delay_estimates
+
+    @property
+    def filter_resets(self) -> int:
+        """How often the adaptive filter was reset (it has to converge again after each)."""
+        return self.state.filter_resets
+
+    @property
+    def full_resets(self) -> int:
+        """How often :meth:`reset` forgot everything (a new time base)."""
+        return self.state.full_resets
+
+    @property
+    def last_mic(self) -> FloatArray:
+        """The raw microphone samples of the block :meth:`process` returned last (same span)."""
+        return self.state.last_mic
+
+    def reference_window(self, start_ns: int, n: int) -> FloatArray:
+        """The reference scheduled to play in ``[start_ns, start_ns + n samples)`` at the
+        canceller's rate, zeros where none is known (play time, not aligned to the mic)."""
+        return self._reference_window(start_ns, n)
 
     @property
     def delay_rejected_no_echo(self) -> int:
@@ -578,6 +620,8 @@ class EchoCanceller:
         self._close_reference_stream(write=False)
         self.state.reset(self.config.initial_delay_ms * 1_000_000)
         self._speex.reset()
+        self.state.filter_resets += 1
+        self.state.full_resets += 1
 
     def close(self) -> None:
         """Free the native state. Idempotent."""
@@ -608,8 +652,10 @@ class EchoCanceller:
         st.remainder = samples[used:].astype(np.float32, copy=True)
         start_ns = st.mic_anchor_ns + round(st.mic_samples * NS_PER_S / rate)
         if used == 0:
+            st.last_mic = np.zeros(0, dtype=np.float32)
             return AudioBlock(start_ns, rate, np.zeros(0, dtype=np.float32))
         mic = samples[:used]
+        st.last_mic = mic
         self._maybe_flush_reference(start_ns + round(used * NS_PER_S / rate))
         play = self._reference_window(start_ns - st.align_ns, used)
         out16 = self._speex.process(_to_int16(mic), _to_int16(play))
@@ -650,12 +696,17 @@ class EchoCanceller:
         cfg = self.config
         st = self.state
         rate = cfg.sample_rate
-        window = rate * cfg.delay_window_ms // 1000
-        st.mic_hist = np.concatenate([st.mic_hist, mic])[-window:]
+        full = rate * cfg.delay_window_ms // 1000
+        st.mic_hist = np.concatenate([st.mic_hist, mic])[-full:]
         st.since_estimate += len(mic)
+        # Until the first estimate, a shorter window with stronger evidence: barge-in detection
+        # is blunt while the delay is unknown (omni_ros.core.bargein), so knowing it early counts.
+        first = st.delay_estimates == 0
+        window = min(full, rate * cfg.delay_first_window_ms // 1000) if first else full
         if st.since_estimate < rate * cfg.delay_update_ms // 1000 or len(st.mic_hist) < window:
             return
         st.since_estimate = 0
+        mic_win = st.mic_hist[-window:]
         max_lag = rate * cfg.max_delay_ms // 1000
         win_start_ns = end_ns - round(window * NS_PER_S / rate)
         ref = self._reference_window(
@@ -663,15 +714,16 @@ class EchoCanceller:
         )
         # Only a window where the reference is active over most of its span says anything.
         active = np.abs(ref[max_lag:]) > 1e-3
-        if active.mean() < 0.5 or float(np.std(st.mic_hist)) < 1e-4:
+        if active.mean() < 0.5 or float(np.std(mic_win)) < 1e-4:
             return
-        lag, confidence = gcc_phat_delay(st.mic_hist, ref, max_lag)
+        lag, confidence = gcc_phat_delay(mic_win, ref, max_lag)
         if confidence < cfg.delay_min_confidence:
             return
         aligned = ref[max_lag - lag : max_lag - lag + window]
-        if echo_coherence(
-            st.mic_hist, aligned, rate, (cfg.delay_coherence_low_hz, cfg.delay_coherence_high_hz)
-        ) < (cfg.delay_min_coherence):
+        coherence = echo_coherence(
+            mic_win, aligned, rate, (cfg.delay_coherence_low_hz, cfg.delay_coherence_high_hz)
+        )
+        if coherence < cfg.delay_min_coherence:
             # A whitened correlation always has a peak; without coherent echo it is a fluke
             # (the user talking over a muted or distant speaker), and accepting it would reset
             # the filter. It also breaks a pending pair of agreeing estimates.
@@ -680,7 +732,10 @@ class EchoCanceller:
             return
         estimate_ns = round(lag * NS_PER_S / rate)
         previous, st.last_estimate_ns = st.last_estimate_ns, estimate_ns
-        if previous is None or abs(estimate_ns - previous) > cfg.delay_tolerance_ms * 1_000_000:
+        alone = first and coherence >= cfg.delay_first_min_coherence
+        if not alone and (
+            previous is None or abs(estimate_ns - previous) > cfg.delay_tolerance_ms * 1_000_000
+        ):
             return  # one estimate alone may be a fluke (e.g. the user talking over the robot)
         st.delay_ns = estimate_ns
         st.delay_estimates += 1
@@ -688,6 +743,7 @@ class EchoCanceller:
         if not st.align_ns <= estimate_ns <= st.align_ns + covered_ns:
             st.align_ns = max(0, estimate_ns - cfg.delay_margin_ms * 1_000_000)
             self._speex.reset()  # the adapted taps belong to the old alignment
+            st.filter_resets += 1
             st.active_ref_samples = 0  # ...so the filter has to converge again
 
     def _trim_reference(self, mic_start_ns: int) -> None:

@@ -47,6 +47,7 @@ import numpy as np
 
 from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
 from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
+from omni_ros.core.bargein import BargeInDetector
 from omni_ros.core.clock import Clock
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
@@ -280,6 +281,7 @@ class OmniFlow:
         )
         self.vad = VoiceActivityDetector(config.vad) if config.vad_enabled else None
         self.aec = EchoCanceller(config.aec) if config.aec.enabled else None
+        self.bargein = BargeInDetector(config.aec, config.vad) if config.vad_enabled else None
         self.gate = RobotSpeakingGate(config.aec)
         self.mic_rate = config.aec.sample_rate
         self.backend_name = str(getattr(backend, "name", type(backend).__name__))
@@ -627,6 +629,9 @@ class OmniFlow:
                     self._push_timeline(mic)
             if self.vad is not None and len(mic.samples):
                 self.vad.process(mic)
+                if self.bargein is not None:
+                    raw = self.aec.last_mic if self.aec is not None else None
+                    self.bargein.process(mic, raw, self.aec)
                 self._check_barge_in()
         if self.aec is None:
             self._push_timeline(block)  # the timeline resamples whole units itself
@@ -673,14 +678,18 @@ class OmniFlow:
         return AudioBlock(stamp, self.mic_rate, samples)
 
     def _check_barge_in(self) -> None:
-        """Barge in as soon as the VAD has heard enough of the user, not at the unit's end.
+        """Barge in as soon as the detector has heard enough of the user, not at the unit's end.
 
-        Only speech heard while our own speech is scheduled to play counts: a run that began before
-        playback (the user was still finishing, or the VAD's hangover) is measured from the
-        playback start, so the robot's reply is not flushed by the question it answers.
+        The detector (:mod:`omni_ros.core.bargein`) only counts speech our own echo cannot
+        explain, so there is no fixed echo guard and no blind window while the canceller
+        converges. Only speech heard while our own speech is scheduled to play counts: a run that
+        began before playback (the user was still finishing) is measured from the playback
+        start, so the robot's reply is not flushed by the question it answers. The
+        ``robot_speaking`` gate (other speech on the robot, not ours) can still ask for more.
         """
-        assert self.vad is not None
-        run = self.vad.active_run()
+        if self.bargein is None:
+            return
+        run = self.bargein.active_run()
         span = self.session.speech_span()
         if run is None or span is None or run[0] == self._barged_run_start:
             return
@@ -689,20 +698,11 @@ class OmniFlow:
         start_ns = max(run_start_ns, span[0])
         if run_end_ns <= start_ns or span[1] <= start_ns:
             return  # the user's speech and ours do not overlap
-        base_ns = self.config.vad.min_speech_ms * 1_000_000
-        need_ns: int | None = base_ns
-        if self.aec is not None and self.aec.reference_active(start_ns, run_end_ns):
-            # Our own speech is echoing: trust the cleaned signal only once the filter converged,
-            # and even then ask for more than residual-echo blips.
-            need_ns = (
-                max(base_ns, self.config.aec.echo_min_speech_ms * 1_000_000)
-                if self.aec.converged
-                else None
-            )
-        elif self.aec is None:
-            self.gate.robot_speaking = True  # no canceller: our own voice is "the robot speaking"
-        if need_ns is not None:
-            need_ns = self.gate.required_speech_ns(need_ns)
+        base_ns = self.config.vad.barge_in_min_speech_ms * 1_000_000
+        if self.aec is None:
+            # No canceller, so no reference: our own voice is unexplained speech in the mic.
+            base_ns = max(base_ns, self.config.aec.gate_min_speech_ms * 1_000_000)
+        need_ns = self.gate.required_speech_ns(base_ns)
         if need_ns is None or run_end_ns - start_ns < need_ns:
             return
         self._barged_run_start = run_start_ns

@@ -14,12 +14,20 @@ Every stamp is sample-exact: frame ``j`` of a contiguous stream starts at
 ``anchor_ns + round(j * frame_len * 1e9 / rate)`` where ``anchor_ns`` is the stamp of the sample that
 started the stream, so rounding never accumulates. A block whose stamp does not continue the stream
 (a gap, an overlap, a clock jump) restarts it.
+
+:class:`SileroVad` is the frame classifier the barge-in detector (:mod:`omni_ros.core.bargein`) runs
+on the echo-cancelled signal: Silero VAD's ONNX model, shipped inside the ``silero-vad`` wheel, run
+through onnxruntime (not torch; the package is only used for its data file, never imported). It
+gives a speech probability per 32 ms frame and costs about 0.3 ms of one core per frame on the
+2-core x86_64 development machine (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import importlib.util
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +41,15 @@ from omni_ros.core.types import AudioBlock, FloatArray
 NS_PER_S = 1_000_000_000
 _VAD_RATES = (8_000, 16_000, 32_000, 48_000)
 _VAD_FRAME_MS = (10, 20, 30)
+_BARGE_IN_MODELS = ("silero", "webrtc")
+# Silero VAD v5/v6 streaming contract (snakers4/silero-vad, src/silero_vad/utils_vad.py,
+# OnnxWrapper.__call__): 512 new samples at 16 kHz (256 at 8 kHz) per call, preceded by the last
+# 64 (32) samples of the previous call as context, with a (2, 1, 128) recurrent state.
+SILERO_FRAME = {16_000: 512, 8_000: 256}
+_SILERO_CONTEXT = {16_000: 64, 8_000: 32}
+# The 16 kHz-only opset-15 export is ~2x cheaper than the dual-rate silero_vad.onnx (measured
+# 0.28 vs 0.59 ms per frame, onnxruntime 1.32, one thread); 8 kHz needs the dual-rate model.
+_SILERO_MODEL = {16_000: "silero_vad_16k_op15.onnx", 8_000: "silero_vad.onnx"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,15 @@ class VadConfig:
         history_s: how long finished speech runs are remembered for :meth:`speech_in` queries.
         contiguity_tolerance_ns: a block whose stamp is within this of the expected next stamp
             continues the stream; otherwise the stream restarts (default: a quarter millisecond).
+        barge_in_model: frame classifier of the barge-in detector on the echo-cancelled signal:
+            ``silero`` (neural, needs the ``silero-vad`` wheel and onnxruntime; the AEC must run
+            at 8 or 16 kHz) or ``webrtc`` (the GMM VAD above, frame by frame; more false speech
+            on residual echo).
+        silero_threshold: speech probability above which a Silero frame counts as speech.
+        barge_in_min_speech_ms: near-end speech (classifier frames that the double-talk test
+            also accepts) needed for a barge-in.
+        barge_in_hangover_ms: other frames allowed inside a confirmed near-end run (between
+            words) before it ends (the ``robot_speaking`` gate measures whole runs).
     """
 
     aggressiveness: int = 2
@@ -57,6 +83,10 @@ class VadConfig:
     hangover_ms: int = 300
     history_s: float = 30.0
     contiguity_tolerance_ns: int = 250_000
+    barge_in_model: str = "silero"
+    silero_threshold: float = 0.5
+    barge_in_min_speech_ms: int = 96
+    barge_in_hangover_ms: int = 300
 
     def __post_init__(self) -> None:
         if not 0 <= self.aggressiveness <= 3:
@@ -69,6 +99,16 @@ class VadConfig:
             raise ConfigError(f"VadConfig.history_s = {self.history_s}; must be > 0")
         if self.contiguity_tolerance_ns < 0:
             raise ConfigError("VadConfig.contiguity_tolerance_ns must be >= 0")
+        if self.barge_in_model not in _BARGE_IN_MODELS:
+            raise ConfigError(
+                f"VadConfig.barge_in_model = {self.barge_in_model!r}; use one of {_BARGE_IN_MODELS}"
+            )
+        if not 0.0 < self.silero_threshold < 1.0:
+            raise ConfigError(f"VadConfig.silero_threshold = {self.silero_threshold}; use (0, 1)")
+        if self.barge_in_min_speech_ms < 0 or self.barge_in_hangover_ms < 0:
+            raise ConfigError(
+                "VadConfig.barge_in_min_speech_ms and barge_in_hangover_ms must be >= 0"
+            )
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> VadConfig:
@@ -281,3 +321,100 @@ class VoiceActivityDetector:
         horizon = self._frame_stamp(st.frames_done) - int(self.config.history_s * NS_PER_S)
         while st.runs and st.runs[0][1] < horizon:
             st.runs.popleft()
+
+
+# ------------------------------------------------------------------------------------ Silero VAD
+def silero_model_path(sample_rate: int) -> str:
+    """Path of Silero's ONNX model for ``sample_rate`` inside the installed ``silero-vad`` wheel.
+
+    The package is located, not imported: its ``__init__`` imports torch, which the detector
+    does not need.
+
+    Raises:
+        ConfigError: the rate is not 8 or 16 kHz, or the wheel is not installed.
+    """
+    if sample_rate not in _SILERO_MODEL:
+        raise ConfigError(
+            f"Silero VAD runs at 8000 or 16000 Hz, the echo canceller at {sample_rate} Hz: set "
+            "aec.sample_rate to 16000 (or vad.barge_in_model: webrtc)"
+        )
+    spec = importlib.util.find_spec("silero_vad")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = f"{location}/data/{_SILERO_MODEL[sample_rate]}"
+        if os.path.isfile(path):
+            return path
+    raise ConfigError(
+        "barge-in detection needs Silero VAD's model: pip install silero-vad onnxruntime "
+        "(see requirements/base.txt), or set vad.barge_in_model: webrtc"
+    )
+
+
+@dataclass
+class SileroState:
+    """Explicit recurrent state of :class:`SileroVad` (see :meth:`reset`)."""
+
+    rnn: FloatArray = field(default_factory=lambda: np.zeros((2, 1, 128), dtype=np.float32))
+    context: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    def reset(self) -> None:
+        """Forget the stream (the model starts from silence)."""
+        self.rnn = np.zeros((2, 1, 128), dtype=np.float32)
+        self.context = np.zeros(0, dtype=np.float32)
+
+
+class SileroVad:
+    """Silero VAD through onnxruntime: :meth:`step` takes exactly one frame, returns P(speech).
+
+    Args:
+        sample_rate: 8000 or 16000 Hz.
+
+    Raises:
+        ConfigError: the model or onnxruntime is missing, or the rate is not supported.
+    """
+
+    def __init__(self, sample_rate: int = 16_000) -> None:
+        path = silero_model_path(sample_rate)
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise ConfigError(
+                "barge-in detection with Silero VAD needs onnxruntime: pip install onnxruntime "
+                "(see requirements/base.txt), or set vad.barge_in_model: webrtc"
+            ) from exc
+        opts = onnxruntime.SessionOptions()
+        # One frame at a time: threads only add hand-off latency (the upstream wrapper does too).
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3  # the exported graph carries unused initializers it warns about
+        self._session = onnxruntime.InferenceSession(
+            path, sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.sample_rate = sample_rate
+        self.frame_len = SILERO_FRAME[sample_rate]
+        self._context_len = _SILERO_CONTEXT[sample_rate]
+        self._sr = np.array(sample_rate, dtype=np.int64)
+        self.state = SileroState()
+
+    def reset(self) -> None:
+        """Start a new stream."""
+        self.state.reset()
+
+    def step(self, frame: FloatArray) -> float:
+        """Speech probability of one ``frame_len``-sample frame (float32 in [-1, 1]).
+
+        Raises:
+            DecodeError: the frame has the wrong length.
+        """
+        if len(frame) != self.frame_len:
+            raise DecodeError(
+                f"SileroVad.step takes exactly {self.frame_len} samples at {self.sample_rate} Hz, "
+                f"got {len(frame)}: buffer the stream into frames first"
+            )
+        st = self.state
+        x = np.asarray(frame, dtype=np.float32)
+        context = st.context if len(st.context) else np.zeros(self._context_len, np.float32)
+        window = np.concatenate([context, x])[None, :]
+        prob, st.rnn = self._session.run(None, {"input": window, "state": st.rnn, "sr": self._sr})
+        st.context = x[-self._context_len :].copy()
+        return float(np.asarray(prob).reshape(-1)[0])

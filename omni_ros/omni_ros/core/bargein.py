@@ -1,0 +1,427 @@
+"""Barge-in decision: is the user talking over our own speech, frame by frame?
+
+The microphone carries the user and the echo of what the robot plays. The echo canceller removes
+most of the echo, but not all and not at once: Speex needs 2-3 s of speech to converge (after a
+start, and again after a re-alignment), and until then its output is nearly the raw echo, which any
+VAD calls speech. A fixed speech-run guard (the old 400 ms ``echo_min_speech_ms``) is both slow and
+blind during convergence. :class:`BargeInDetector` instead asks, for each 32 ms frame of the
+echo-cancelled signal, two questions:
+
+1. **Is it speech?** Silero VAD (:class:`~omni_ros.core.vad.SileroVad`) on the cleaned frame.
+2. **Is it more than our echo can explain?** The frame's cleaned energy ``E_e`` is compared with the
+   energy the echo path could bring from what played: ``E_x`` is the loudest 16 ms of the reference
+   that can reach this frame (the estimated delay, minus a tolerance, to the delay plus the room's
+   ``echo_tail_ms``; before any delay estimate: anywhere from 0 to ``max_delay_ms``). The ratio
+   ``E_e / E_x`` of frames judged echo-only is the canceller's *residual-to-reference ratio*: it
+   starts near the echo path's own gain and falls by 20-40 dB as Speex converges. Its recent
+   90th percentile ``r`` is learned online, and a frame is near-end speech only if
+   ``E_e > r * dtd_margin_db``. Until 8 echo-only frames (~250 ms) have been heard, ``r`` is the
+   conservative ``dtd_prior_db``. When the canceller resets its filter (a re-alignment), the history's residual
+   energies are replaced by the raw microphone energies (what an unconverged filter passes), and
+   when the delay estimate moves, every ratio is recomputed against the new window, so neither
+   event blinds the detector or lets echo through.
+
+``barge_in_min_speech_ms`` of consecutive near-end frames make a barge-in run; the flow decides with
+it and the session's speech span (:meth:`omni_ros.core.flow.OmniFlow._check_barge_in`). Frames with
+no reference that could echo are judged by the classifier alone.
+
+Every frame stamp is sample-exact from the stream's anchor; a block whose stamp does not continue
+the stream restarts it (like :class:`~omni_ros.core.vad.VoiceActivityDetector`).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from omni_ros.core.aec import AecConfig, EchoCanceller
+from omni_ros.core.errors import DecodeError
+from omni_ros.core.types import AudioBlock, FloatArray
+from omni_ros.core.vad import SILERO_FRAME, SileroVad, VadConfig
+
+NS_PER_S = 1_000_000_000
+_SUB_BLOCK_MS = 16  # the reference envelope's resolution: about one syllable's attack
+_REF_FLOOR = 1e-7  # mean square below which the reference cannot echo audibly (-70 dBFS)
+_DELAY_TOLERANCE_NS = 20_000_000  # GCC-PHAT's estimate vs the true direct path (+-2 ms measured)
+
+
+class FrameClassifier(Protocol):
+    """Speech probability of one frame (Silero, or WebRTC's 0/1 decision)."""
+
+    frame_len: int
+
+    def step(self, frame: FloatArray) -> float:
+        """P(speech) for exactly ``frame_len`` samples."""
+        ...
+
+    def reset(self) -> None:
+        """Start a new stream."""
+        ...
+
+
+class _WebRtcFrames:
+    """WebRTC's GMM VAD as a :class:`FrameClassifier` (1.0 for speech, 0.0 otherwise)."""
+
+    def __init__(self, sample_rate: int, frame_ms: int, aggressiveness: int) -> None:
+        import webrtcvad
+
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self._rate = sample_rate
+        self.frame_len = sample_rate * frame_ms // 1000
+
+    def step(self, frame: FloatArray) -> float:
+        pcm = (np.clip(frame, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+        return 1.0 if self._vad.is_speech(pcm, self._rate) else 0.0
+
+    def reset(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FrameVerdict:
+    """What the detector concluded about one frame (for benchmarks, tests and diagnostics).
+
+    Attributes:
+        start_ns: capture time of the frame's first sample.
+        end_ns: capture time just after its last sample (when a causal system can know).
+        speech_prob: the classifier's P(speech) on the cleaned frame.
+        echo_possible: some reference could be echoing in this frame.
+        ratio_db: cleaned energy over the reference envelope, dB (None when no echo possible).
+        threshold_db: the learned residual ratio plus the margin, dB (None likewise).
+        near_end: the frame counts as the user's speech.
+    """
+
+    start_ns: int
+    end_ns: int
+    speech_prob: float
+    echo_possible: bool
+    ratio_db: float | None
+    threshold_db: float | None
+    near_end: bool
+
+
+@dataclass
+class BargeInState:
+    """Explicit streaming state of :class:`BargeInDetector` (see :meth:`reset`)."""
+
+    anchor_ns: int | None = None  # stamp of the stream's first sample
+    samples_done: int = 0  # samples consumed into frames since the anchor
+    clean_buf: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    mic_buf: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    run_start_ns: int | None = None  # first near-end frame of the current run
+    run_end_ns: int = 0
+    run_frames: int = 0  # near-end frames in the current run
+    gap_frames: int = 0  # consecutive other frames since its last near-end frame
+    # Frames judged echo-only while echo was possible: (start_ns, mic energy, cleaned energy).
+    history: collections.deque[tuple[int, float, float]] = field(default_factory=collections.deque)
+    ratios: FloatArray | None = None  # cached E_e / E_x of ``history`` under ``window``
+    window: tuple[int, int] | None = None  # (lo_ns, hi_ns): echo delays the envelope covers
+    filter_resets: int = 0  # the canceller's counts at the last look
+    full_resets: int = 0
+    frames: int = 0
+    near_end_frames: int = 0
+
+    def reset(self) -> None:
+        """Forget the stream and everything learned about the echo path."""
+        self.anchor_ns = None
+        self.samples_done = 0
+        self.clean_buf = np.zeros(0, dtype=np.float32)
+        self.mic_buf = np.zeros(0, dtype=np.float32)
+        self.run_start_ns = None
+        self.run_end_ns = 0
+        self.run_frames = 0
+        self.gap_frames = 0
+        self.history.clear()
+        self.ratios = None
+        self.window = None
+        self.filter_resets = 0
+        self.full_resets = 0
+        self.frames = 0
+        self.near_end_frames = 0
+
+
+class BargeInDetector:
+    """Near-end speech over our own echo, from the canceller's input, output and reference.
+
+    Args:
+        aec: echo canceller settings (the double-talk fields ``dtd_*``, ``echo_tail_ms``,
+            ``max_delay_ms`` and ``sample_rate``).
+        vad: VAD settings (``barge_in_model``, ``silero_threshold``, ``barge_in_min_speech_ms``).
+        classifier: frame classifier to use instead of the configured one (tests).
+
+    Raises:
+        ConfigError: the configured classifier cannot be loaded (missing model or library).
+    """
+
+    def __init__(
+        self,
+        aec: AecConfig | None = None,
+        vad: VadConfig | None = None,
+        classifier: FrameClassifier | None = None,
+    ) -> None:
+        self.aec_config = aec or AecConfig()
+        self.vad_config = vad or VadConfig()
+        self.sample_rate = self.aec_config.sample_rate
+        if classifier is None:
+            if self.vad_config.barge_in_model == "silero":
+                classifier = SileroVad(self.sample_rate)
+            else:
+                classifier = _WebRtcFrames(
+                    self.sample_rate, self.vad_config.frame_ms, self.vad_config.aggressiveness
+                )
+        self.classifier = classifier
+        self.frame_len = classifier.frame_len
+        self.frame_ns = round(self.frame_len * NS_PER_S / self.sample_rate)
+        aec_cfg = self.aec_config
+        self._history_frames = max(1, round(aec_cfg.dtd_history_ms * 1_000_000 / self.frame_ns))
+        # Echo-only frames needed before the learned ratio replaces the prior (~250 ms of echo).
+        self._min_learned = min(self._history_frames, 8)
+        self._min_frames = max(
+            1, -(-self.vad_config.barge_in_min_speech_ms * 1_000_000 // self.frame_ns)
+        )
+        self._hangover_frames = self.vad_config.barge_in_hangover_ms * 1_000_000 // self.frame_ns
+        self._margin = float(10.0 ** (aec_cfg.dtd_margin_db / 10.0))
+        self._prior = float(10.0 ** (aec_cfg.dtd_prior_db / 10.0))
+        self._sub = max(1, self.sample_rate * _SUB_BLOCK_MS // 1000)
+        self._delay_known = False
+        self.state = BargeInState()
+        self.last_verdicts: list[FrameVerdict] = []
+
+    # ------------------------------------------------------------------------------------ queries
+    def active_run(self) -> tuple[int, int] | None:
+        """The ongoing near-end run as ``(start_ns, duration_ns)`` once it is long enough, or None."""
+        st = self.state
+        if st.run_start_ns is None or st.run_frames < self._min_frames:
+            return None
+        return st.run_start_ns, st.run_end_ns - st.run_start_ns
+
+    @property
+    def residual_ratio_db(self) -> float:
+        """The learned residual-to-reference ratio (90th percentile of echo-only frames), dB."""
+        return float(10.0 * np.log10(max(self._residual_ratio(), 1e-12)))
+
+    # ---------------------------------------------------------------------------------- streaming
+    def reset(self) -> None:
+        """Start over (a session reset or a clock jump): the echo path is learned again."""
+        self.state.reset()
+        self.classifier.reset()
+
+    def process(
+        self, cleaned: AudioBlock, mic: FloatArray | None = None, echo: EchoCanceller | None = None
+    ) -> list[FrameVerdict]:
+        """Judge the frames that ``cleaned`` completes.
+
+        Args:
+            cleaned: the canceller's output (or the raw microphone when there is no canceller).
+            mic: the raw microphone samples of exactly the same span (the canceller's input).
+            echo: the canceller, for its reference, delay estimate and filter resets; None
+                when there is none (then every frame is judged by the classifier alone).
+
+        Raises:
+            DecodeError: wrong sample rate, or ``mic`` does not match ``cleaned``.
+        """
+        if cleaned.sample_rate != self.sample_rate:
+            raise DecodeError(
+                f"barge-in detector runs at {self.sample_rate} Hz (aec.sample_rate), got "
+                f"{cleaned.sample_rate} Hz"
+            )
+        raw = cleaned.samples if mic is None else np.asarray(mic, dtype=np.float32)
+        if len(raw) != len(cleaned.samples):
+            raise DecodeError(
+                f"barge-in detector: {len(raw)} microphone samples for {len(cleaned.samples)} "
+                "cleaned ones; pass the canceller's input for exactly its output span"
+            )
+        self.last_verdicts = []
+        if len(raw) == 0:
+            return []
+        st = self.state
+        if st.anchor_ns is None or not self._continues(cleaned.stamp_ns):
+            self._restart(cleaned.stamp_ns)
+        clean = np.concatenate([st.clean_buf, np.asarray(cleaned.samples, dtype=np.float32)])
+        raw = np.concatenate([st.mic_buf, raw])
+        n = len(clean) // self.frame_len
+        fl = self.frame_len
+        for j in range(n):
+            self.last_verdicts.append(
+                self._frame(clean[j * fl : (j + 1) * fl], raw[j * fl : (j + 1) * fl], echo)
+            )
+        st.clean_buf = clean[n * fl :].copy()
+        st.mic_buf = raw[n * fl :].copy()
+        return self.last_verdicts
+
+    # ---------------------------------------------------------------------------------- internals
+    def _stamp(self, sample_index: int) -> int:
+        assert self.state.anchor_ns is not None
+        return self.state.anchor_ns + round(sample_index * NS_PER_S / self.sample_rate)
+
+    def _continues(self, stamp_ns: int) -> bool:
+        expected = self._stamp(self.state.samples_done + len(self.state.clean_buf))
+        return abs(stamp_ns - expected) <= NS_PER_S // self.sample_rate
+
+    def _restart(self, stamp_ns: int) -> None:
+        """A new contiguous stream: buffered samples and the current run are dropped; what was
+        learned about the echo path is kept (the room did not change), unless time went back
+        (a looping bag), which makes the learned frames' stamps meaningless."""
+        st = self.state
+        if st.anchor_ns is not None and stamp_ns < self._stamp(st.samples_done):
+            st.history.clear()
+            st.ratios = None
+        st.anchor_ns = stamp_ns
+        st.samples_done = 0
+        st.clean_buf = np.zeros(0, dtype=np.float32)
+        st.mic_buf = np.zeros(0, dtype=np.float32)
+        st.run_start_ns = None
+        st.run_frames = 0
+        st.gap_frames = 0
+        self.classifier.reset()
+
+    def _window(self, echo: EchoCanceller) -> tuple[int, int]:
+        """Echo delays ``[lo, hi]`` (ns, reverberation tail included) the envelope must cover."""
+        cfg = self.aec_config
+        tail = cfg.echo_tail_ms * 1_000_000
+        self._delay_known = echo.delay_estimates > 0 or not cfg.estimate_delay
+        if self._delay_known:
+            delay = echo.delay_ns
+            return max(0, delay - _DELAY_TOLERANCE_NS), delay + _DELAY_TOLERANCE_NS + tail
+        return 0, cfg.max_delay_ms * 1_000_000 + tail
+
+    def _envelope(self, echo: EchoCanceller, start_ns: int, window: tuple[int, int]) -> float:
+        """Reference energy that can echo into ``[start, start + frame)``.
+
+        With the delay known, the loudest 16 ms around the direct path plus the older reference
+        weighted by an exponential reverberation decay (``echo_tail_ms`` to -60 dB): it follows
+        the echo's syllables, so the user shows in their valleys. With the delay unknown, the
+        loudest 16 ms anywhere in the window (an upper bound whatever the delay).
+        """
+        lo, hi = window
+        first = start_ns - hi
+        n = round((hi - lo + self.frame_ns) * self.sample_rate / NS_PER_S)
+        ref = echo.reference_window(first, n)
+        m = len(ref) // self._sub
+        if m == 0:
+            return float(np.mean(ref.astype(np.float64) ** 2)) if len(ref) else 0.0
+        energies = np.mean(ref[: m * self._sub].astype(np.float64).reshape(m, self._sub) ** 2, 1)
+        tail_ns = self.aec_config.echo_tail_ms * 1_000_000
+        if not self._delay_known or tail_ns == 0:
+            return float(np.max(energies))
+        sub_ns = self._sub * NS_PER_S / self.sample_rate
+        n_tail = min(m - 1, int(tail_ns / sub_ns))
+        direct = float(np.max(energies[n_tail:]))
+        if n_tail == 0:
+            return direct
+        age = np.arange(n_tail, 0, -1) * sub_ns  # oldest first
+        tau = tail_ns / 13.8  # energy falls 60 dB over the tail
+        weights = np.exp(-age / tau) * (sub_ns / tau)
+        return direct + float(np.dot(weights, energies[:n_tail]))
+
+    def _arrived(self, echo: EchoCanceller, start_ns: int, window: tuple[int, int]) -> bool:
+        """Whether the reference was playing the window's longest delay before ``start_ns``."""
+        n = round(self.frame_ns * self.sample_rate / NS_PER_S)
+        oldest = echo.reference_window(start_ns - window[1], n)
+        return bool(np.mean(oldest.astype(np.float64) ** 2) > _REF_FLOOR)
+
+    def _residual_ratio(self) -> float:
+        st = self.state
+        ratios = st.ratios if st.ratios is not None else np.zeros(0)
+        if len(ratios) < self._min_learned:  # not enough echo heard yet: the prior stands
+            return self._prior
+        return float(np.quantile(ratios, 0.9).item())
+
+    def _refresh(self, echo: EchoCanceller, window: tuple[int, int]) -> None:
+        """Keep the cached ratios valid after a filter reset or a moved delay window."""
+        st = self.state
+        if echo.full_resets != st.full_resets:  # a new time base: nothing learned applies
+            st.full_resets = echo.full_resets
+            st.history.clear()
+            st.ratios = None
+        if echo.filter_resets != st.filter_resets:
+            # The filter starts over: until it converges, it passes about what the mic hears.
+            st.filter_resets = echo.filter_resets
+            st.history = collections.deque(
+                ((t, e_mic, e_mic) for t, e_mic, _ in st.history), maxlen=self._history_frames
+            )
+            st.ratios = None
+        if window != st.window:
+            st.window = window
+            st.ratios = None
+        if st.ratios is None:
+            values = []
+            for t, _e_mic, e_res in st.history:
+                env = self._envelope(echo, t, window)
+                values.append(e_res / env if env > _REF_FLOOR else 0.0)
+            st.ratios = np.asarray(values, dtype=np.float64)
+
+    def _frame(
+        self, clean: FloatArray, raw: FloatArray, echo: EchoCanceller | None
+    ) -> FrameVerdict:
+        st = self.state
+        start_ns = self._stamp(st.samples_done)
+        st.samples_done += self.frame_len
+        end_ns = self._stamp(st.samples_done)
+        st.frames += 1
+        prob = self.classifier.step(clean)
+        # Hysteresis as upstream Silero uses it (utils_vad.get_speech_timestamps: neg_threshold =
+        # threshold - 0.15): a run already under way continues on weaker frames.
+        threshold_p = self.vad_config.silero_threshold
+        if st.run_start_ns is not None and st.run_frames >= self._min_frames:
+            threshold_p = max(0.01, threshold_p - 0.15)
+        speech = prob >= threshold_p
+        e_res = float(np.mean(clean.astype(np.float64) ** 2))
+        e_mic = float(np.mean(raw.astype(np.float64) ** 2))
+        ratio_db = threshold_db = None
+        env = 0.0
+        window = (0, 0)
+        if echo is not None:
+            window = self._window(echo)
+            self._refresh(echo, window)
+            env = self._envelope(echo, start_ns, window)
+        echo_possible = env > _REF_FLOOR
+        if not echo_possible or echo is None:
+            near = speech
+        else:
+            ratio = e_res / env
+            threshold = self._residual_ratio() * self._margin
+            near = speech and ratio > threshold
+            ratio_db = float(10.0 * np.log10(max(ratio, 1e-12)))
+            threshold_db = float(10.0 * np.log10(max(threshold, 1e-12)))
+            # Learn from echo-only frames; a speech frame within the margin's upper half is
+            # suspect (the user masked by our echo) and would teach the detector to ignore them.
+            # Only once our speech has been playing for the window's longest delay can the echo
+            # have arrived whatever the delay: before that (the start of a turn while the delay
+            # is unknown) a quiet frame says nothing about the echo path's gain.
+            suspect = speech and ratio > threshold / np.sqrt(self._margin)
+            if not near and not suspect and self._arrived(echo, start_ns, window):
+                self._learn(start_ns, e_mic, e_res, ratio)
+        if near:
+            st.near_end_frames += 1
+            if st.run_start_ns is None:
+                st.run_start_ns = start_ns
+                st.run_frames = 0
+            st.run_frames += 1
+            st.run_end_ns = end_ns
+            st.gap_frames = 0
+        elif st.run_start_ns is not None:
+            # A candidate may miss one frame (Silero dips for a frame inside a syllable; measured
+            # on the flow's echo scene, the dip cost 100 ms); once confirmed, short gaps (between
+            # words) do not end the run, and its duration counts to its last near-end frame.
+            st.gap_frames += 1
+            allowed = 1 if st.run_frames < self._min_frames else self._hangover_frames
+            if st.gap_frames > allowed:
+                st.run_start_ns = None
+                st.run_frames = 0
+                st.gap_frames = 0
+        return FrameVerdict(start_ns, end_ns, prob, echo_possible, ratio_db, threshold_db, near)
+
+    def _learn(self, start_ns: int, e_mic: float, e_res: float, ratio: float) -> None:
+        st = self.state
+        if st.history.maxlen != self._history_frames:
+            st.history = collections.deque(st.history, maxlen=self._history_frames)
+        st.history.append((start_ns, e_mic, e_res))
+        ratios = st.ratios if st.ratios is not None else np.zeros(0)
+        st.ratios = np.append(ratios, ratio)[-self._history_frames :]
+
+
+__all__ = ["SILERO_FRAME", "BargeInDetector", "BargeInState", "FrameClassifier", "FrameVerdict"]
