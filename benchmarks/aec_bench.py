@@ -1,17 +1,41 @@
-"""Echo cancellation benchmark: ERLE, delay estimate, barge-in detection and cost per second of audio.
+"""Echo cancellation and barge-in benchmark: ERLE, delay estimate, barge-in latency/success, false
+barge-ins and cost per second of audio.
+
+Two suites (``--suite erle|bargein|all``, default all):
+
+**bargein** (omni_ros.core.bargein) runs canceller + detector offline, ROS-free, on the simulated room of
+omni_ros/test/unit/core/duplex_scene.py (espeak-ng robot speech, played at known times = the reference;
+echo delays 40-300 ms, -6 dB, 150 ms reverberation, loudspeaker soft clip, -60 dBFS noise; the user in
+other espeak-ng voices at a user-to-echo RMS ratio ``--ser-db``). For every echo path it reports
+
+* onset -> decision (median / p95 ms, capture time of the user's first voiced 10 ms to the end of the
+  frame that decided; the flow adds its 60 ms reorder hold and the speaker its stop time) and success
+  (decided within 500 ms of the onset) by phase of the robot's turn: ``start`` (0.3-2 s into the first
+  turn after start: canceller fresh, delay unknown), ``mid`` (4-8 s, converged), ``end`` (the last
+  0.5 s of an utterance), ``realign`` (0.1-0.8 s after the echo delay jumped by 100 ms and the
+  canceller re-aligned);
+* false barge-ins per minute on ``--echo-minutes`` of the robot's own echoed speech (no user);
+* CPU: canceller + detector time per second of audio.
+
+``before`` is main's rule before this detector, re-enacted: WebRTC VAD runs on the cleaned signal,
+400 ms of speech while our echo is possible and only once the canceller has converged (3 s of
+reference after each filter reset), 180 ms otherwise; no coherence gate on the delay estimate.
 
 Runs the Speex canceller (omni_ros.core.aec) on the synthetic echo scenes of the unit tests
 (omni_ros/test/unit/core/echo_scene.py: espeak-ng robot speech at 24 kHz, played back through a
 delay + 60 ms decaying room FIR at -6 dB into a 16 kHz mic, the user talking over it for ~3 s) and
 prints one row per scene plus a Markdown table for docs/BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/aec_bench.py [--delays 40 80 120 300] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/aec_bench.py [--suite bargein] [--echo-minutes 5] [--ser-db 0]
+    .venv/bin/python benchmarks/aec_bench.py --suite erle [--delays 40 80 120 300] [--seeds 0 1 2]
+
+**erle** (below) is the canceller alone on omni_ros/test/unit/core/echo_scene.py.
 
 ERLE is 10 log10(E[mic^2] / E[out^2]) over the echo-only audio from 3 s (after convergence) to the
 user's first word, and over the echo-only audio after the user stopped. "Echo-only time inside VAD
 runs >= 400 ms" sums, over the seeds, the echo-only audio after 3 s and after the canceller reports
 convergence (the flow suppresses barge-in on echo before that) covered by speech runs long enough to
-trigger a barge-in while our speech plays (AecConfig.echo_min_speech_ms), on the raw mic and on the
+trigger a barge-in while our speech plays (the old fixed 400 ms echo guard), on the raw mic and on the
 cleaned signal: the time during which the robot would interrupt itself. "Cost" is the
 canceller's own time (Speex + delay estimation), per second of 16 kHz audio.
 """
@@ -19,6 +43,7 @@ canceller's own time (Speex + delay estimation), per second of 16 kHz audio.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -26,13 +51,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soxr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "omni_ros"), str(ROOT / "omni_ros" / "test")]
 
 from omni_ros.core.aec import AecConfig, EchoCanceller  # noqa: E402
+from omni_ros.core.bargein import BargeInDetector  # noqa: E402
 from omni_ros.core.types import AudioBlock, FloatArray  # noqa: E402
-from omni_ros.core.vad import VoiceActivityDetector  # noqa: E402
+from omni_ros.core.vad import VadConfig, VoiceActivityDetector  # noqa: E402
+from unit.core import duplex_scene as room_sim  # noqa: E402
 from unit.core.echo_scene import (  # noqa: E402
     MIC_RATE,
     OUT_RATE,
@@ -80,12 +108,8 @@ def barge_in_seconds(runs: list[tuple[int, int]], lo: int, hi: int, need_ns: int
     return total / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delays", type=int, nargs="+", default=[40, 80, 120, 300])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
-    need_ns = AecConfig().echo_min_speech_ms * 1_000_000
+def erle_main(args: argparse.Namespace) -> None:
+    need_ns = 400_000_000  # the old fixed echo guard
     variants = {
         "default": AecConfig(),
         "no residual suppression": AecConfig(residual_suppression=False, denoise=False),
@@ -154,6 +178,269 @@ def main() -> None:
                 f"{found}/{len(sel)} | {max(r['converged_s'] for r in sel):.2f} s | "
                 f"{statistics.median(r['ms_per_s'] for r in sel):.1f} ms |"
             )
+
+
+# ------------------------------------------------------------------------------- barge-in suite
+NS = 1_000_000_000
+BLOCK = 320  # 20 ms microphone chunks, as the mic node sends them
+
+
+def _old_config() -> AecConfig:
+    """The canceller as main had it before the detector: no coherence gate, 1 s first window."""
+    return AecConfig(
+        delay_min_coherence=0.0,
+        delay_first_window_ms=1000,
+        delay_first_min_coherence=2.0,  # never: two agreeing estimates were needed
+        delay_update_ms=500,
+    )
+
+
+class OldRule:
+    """main's _check_barge_in before this detector: WebRTC VAD runs, 400 ms echo guard, no
+    barge-in while the canceller has not converged and our echo is possible."""
+
+    def __init__(self) -> None:
+        self.vad = VoiceActivityDetector(VadConfig())
+
+    def step(self, cleaned: AudioBlock, canceller: EchoCanceller) -> tuple[int, int] | None:
+        self.vad.process(cleaned)
+        run = self.vad.active_run()
+        if run is None:
+            return None
+        start, dur = run
+        need = 180_000_000
+        if canceller.reference_active(start, start + dur):
+            if not canceller.converged:
+                return None
+            need = 400_000_000
+        return run if dur >= need else None
+
+
+class NewRule:
+    def __init__(self, aec: AecConfig, vad: VadConfig) -> None:
+        self.det = BargeInDetector(aec, vad)
+
+    def step(self, cleaned: AudioBlock, canceller: EchoCanceller) -> tuple[int, int] | None:
+        self.det.process(cleaned, canceller.last_mic, canceller)
+        return self.det.active_run()
+
+
+def _simulate(
+    far: FloatArray, mic: FloatArray, rule_name: str
+) -> tuple[list[tuple[int, int]], EchoCanceller, float, list[int]]:
+    """Feed reference (at its play time, half a second ahead) and mic; returns every barge-in
+    decision as (run start, decided at), the canceller, CPU seconds, and filter-reset times."""
+    aec = _old_config() if rule_name == "before" else AecConfig()
+    canceller = EchoCanceller(aec)
+    rule: OldRule | NewRule = OldRule() if rule_name == "before" else NewRule(aec, VadConfig())
+    decisions: list[tuple[int, int]] = []
+    resets: list[int] = []
+    active = False
+    pushed = 0
+    half = room_sim.OUT_RATE // 2
+    cpu = 0.0
+    for i in range(0, len(mic), BLOCK):
+        t_ns = stamp(i)
+        while pushed < len(far) and T0_NS + round(pushed * NS / room_sim.OUT_RATE) < t_ns + NS // 2:
+            canceller.push_reference(
+                T0_NS + round(pushed * NS / room_sim.OUT_RATE),
+                far[pushed : pushed + half],
+                room_sim.OUT_RATE,
+            )
+            pushed += half
+        before = canceller.filter_resets
+        t0 = time.perf_counter()
+        cleaned = canceller.process(AudioBlock(t_ns, MIC_RATE, mic[i : i + BLOCK]))
+        run = rule.step(cleaned, canceller) if len(cleaned.samples) else None
+        cpu += time.perf_counter() - t0
+        if canceller.filter_resets != before:
+            resets.append(t_ns)
+        if run is not None and not active:
+            decisions.append((run[0], cleaned.stamp_ns + cleaned.duration_ns))
+        active = run is not None
+    return decisions, canceller, cpu, resets
+
+
+def _scene(room: room_sim.Room, seconds: float, seed: int) -> tuple[FloatArray, FloatArray]:
+    far = room_sim.robot_speech(seconds, seed=seed)
+    n = len(far) * MIC_RATE // room_sim.OUT_RATE + MIC_RATE
+    mic = room_sim.echo_of(far, room, seed=seed, length=n) + room_sim.noise(n, room, seed)
+    return far, mic.astype(np.float32)
+
+
+def _echo_level(room: room_sim.Room, far: FloatArray, seed: int, n: int) -> float:
+    echo = room_sim.echo_of(far, room, seed=seed, length=n)
+    return room_sim.rms(echo[np.abs(echo) > 0.03 * np.abs(echo).max()])
+
+
+def _with_user(mic: FloatArray, at: int, k: int, level: float) -> tuple[FloatArray, int, int]:
+    user = room_sim.user_line(k)
+    user = user * (level / room_sim.rms(user[np.abs(user) > 0.03 * np.abs(user).max()]))
+    out = mic.copy()
+    m = min(len(user), len(out) - at)
+    out[at : at + m] += user[:m]
+    return out, at + room_sim.voiced_start(user), at + m
+
+
+def _utterance_ends(far: FloatArray) -> list[int]:
+    """Mic sample indices where one of the robot's utterances ends (>= 300 ms of silence after)."""
+    far16 = np.abs(soxr.resample(far, room_sim.OUT_RATE, MIC_RATE))
+    win = MIC_RATE // 100
+    n = len(far16) // win
+    loud = far16[: n * win].reshape(n, win).max(axis=1) > 0.01
+    ends = []
+    for j in range(1, n - 30):
+        if loud[j - 1] and not loud[j : j + 30].any():
+            ends.append(j * win)
+    return ends
+
+
+def _trial(
+    room: room_sim.Room,
+    far: FloatArray,
+    base: FloatArray,
+    at: int,
+    k: int,
+    ser_db: float,
+    rule: str,
+    seed: int,
+) -> float | None:
+    level = _echo_level(room, far, seed, len(base)) * 10 ** (ser_db / 20)
+    mic, onset, _end = _with_user(base, at, k, level)
+    decisions, _c, _cpu, _r = _simulate(far, mic, rule)
+    onset_ns = stamp(onset)
+    for _start, decided in decisions:
+        if decided >= onset_ns:
+            return (decided - onset_ns) / 1e6
+    return None
+
+
+def bargein_main(args: argparse.Namespace) -> None:
+    delays = args.delays or [40, 120, 200, 300]
+    print(
+        f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores, python {platform.python_version()}"
+    )
+    rows = []
+    for delay in delays:
+        room = room_sim.Room(delay_ms=delay)
+        for rule in args.rules:
+            # False barge-ins on the robot's own echo, and CPU.
+            far, mic = _scene(room, args.echo_minutes * 60, seed=delay)
+            decisions, canceller, cpu, _ = _simulate(far, mic, rule)
+            minutes = len(mic) / MIC_RATE / 60
+            row = {
+                "delay": delay,
+                "rule": rule,
+                "false": len(decisions),
+                "minutes": minutes,
+                "cpu_ms_per_s": 1000 * cpu / (len(mic) / MIC_RATE),
+                "delay_est": canceller.delay_ns / 1e6,
+            }
+            for ser in args.ser_db:
+                lat: dict[str, list[float | None]] = {}
+                # start: a fresh canceller, the user 0.3-2 s into the first turn.
+                far_s, base_s = _scene(room, 12, seed=delay + 1)
+                lat["start"] = [
+                    _trial(room, far_s, base_s, int(off * MIC_RATE), k, ser, rule, delay + 1)
+                    for k, off in enumerate([0.3, 0.6, 1.0, 1.5, 2.0])
+                ]
+                lat["mid"] = [
+                    _trial(room, far_s, base_s, int(off * MIC_RATE), k, ser, rule, delay + 1)
+                    for k, off in enumerate([4.0, 5.5, 7.0])
+                ]
+                ends = [e for e in _utterance_ends(far_s) if 4 * MIC_RATE < e < 11 * MIC_RATE]
+                lat["end"] = [
+                    _trial(room, far_s, base_s, e - MIC_RATE // 2, k, ser, rule, delay + 1)
+                    for k, e in enumerate(ends[:3])
+                ]
+                # realign: the delay jumps by 100 ms at 5 s; the user starts after the re-alignment.
+                jumped = room_sim.Room(
+                    delay_ms=delay,
+                    delay_jump_at_s=5.0,
+                    jump_to_ms=delay + 100 if delay <= 200 else delay - 100,
+                )
+                far_j, base_j = _scene(jumped, 12, seed=delay + 2)
+                _d, _c, _cpu, resets = _simulate(far_j, base_j, rule)
+                after = [t for t in resets if t >= stamp(5 * MIC_RATE)]
+                lat["realign"] = []
+                if after:
+                    t_re = round((after[0] - T0_NS) * MIC_RATE / NS)
+                    lat["realign"] = [
+                        _trial(
+                            jumped,
+                            far_j,
+                            base_j,
+                            t_re + int(off * MIC_RATE),
+                            k,
+                            ser,
+                            rule,
+                            delay + 2,
+                        )
+                        for k, off in enumerate([0.1, 0.4, 0.8])
+                    ]
+                row[f"ser{ser:g}"] = lat
+            rows.append(row)
+            print(row, flush=True)
+    print()
+    print(
+        "| echo path | rule | SER | phase | success (<= 500 ms) | onset -> decision median / p95 |"
+    )
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        for ser in args.ser_db:
+            for phase, lats in row[f"ser{ser:g}"].items():
+                ok = [x for x in lats if x is not None and x <= 500]
+                med = f"{statistics.median(ok):.0f}" if ok else "-"
+                p95 = f"{np.quantile(ok, 0.95):.0f}" if ok else "-"
+                print(
+                    f"| {row['delay']} ms | {row['rule']} | {ser:+g} dB | {phase} | "
+                    f"{len(ok)}/{len(lats)} | {med} / {p95} ms |"
+                )
+    print()
+    print(
+        "| echo path | rule | echo-only audio | false barge-ins (per minute) | CPU per s of audio |"
+    )
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['delay']} ms | {row['rule']} | {row['minutes']:.1f} min | {row['false']} "
+            f"({row['false'] / row['minutes']:.2f}) | {row['cpu_ms_per_s']:.1f} ms |"
+        )
+    # Pooled over paths, for the summary line.
+    for rule in args.rules:
+        for ser in args.ser_db:
+            pooled = [
+                x
+                for row in rows
+                if row["rule"] == rule
+                for lats in row[f"ser{ser:g}"].values()
+                for x in lats
+            ]
+            ok = [x for x in pooled if x is not None and x <= 500]
+            if ok:
+                print(
+                    f"{rule}, SER {ser:+g} dB, all phases and paths: success {len(ok)}/{len(pooled)}, "
+                    f"median {statistics.median(ok):.0f} ms, p95 {np.quantile(ok, 0.95):.0f} ms"
+                )
+            else:
+                print(f"{rule}, SER {ser:+g} dB: success 0/{len(pooled)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["erle", "bargein", "all"], default="all")
+    parser.add_argument("--delays", type=int, nargs="+", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--echo-minutes", type=float, default=5.0)
+    parser.add_argument("--ser-db", type=float, nargs="+", default=[0.0, 6.0])
+    parser.add_argument("--rules", nargs="+", default=["before", "after"])
+    args = parser.parse_args()
+    if args.suite in ("bargein", "all"):
+        bargein_main(args)
+    if args.suite in ("erle", "all"):
+        args.delays = args.delays or [40, 80, 120, 300]
+        erle_main(args)
 
 
 if __name__ == "__main__":
