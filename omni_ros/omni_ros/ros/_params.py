@@ -72,6 +72,16 @@ def _default(field: dataclasses.Field[Any]) -> Any:
     return None
 
 
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> its description in ``cls``'s Google-style ``Attributes:`` section."""
+    return _attribute_docs(cls)
+
+
+def field_default(field: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default (its factory called), None when it has none."""
+    return _default(field)
+
+
 def nested_configs(root: type) -> dict[str, type]:
     """Fields of ``root`` whose type is itself a config dataclass: name -> class."""
     hints = typing.get_type_hints(root)

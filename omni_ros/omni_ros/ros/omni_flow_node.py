@@ -23,10 +23,9 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
-from omni_ros.backends.base import BACKENDS, create_backend
-from omni_ros.core.audio import ENCODINGS
-from omni_ros.core.errors import ConfigError, OmniError
-from omni_ros.core.flow import FlowConfig, OmniFlow
+from omni_ros.backends.base import create_backend
+from omni_ros.core.errors import OmniError
+from omni_ros.core.flow import OmniFlow
 from omni_ros.core.types import (
     FloatArray,
     OutputEvent,
@@ -39,19 +38,12 @@ from omni_ros.ros import conversions as conv
 from omni_ros.ros._ask import AskTracker
 from omni_ros.ros._ask_server import AskHost
 from omni_ros.ros._diagnostics import DiagnosticsReporter
-from omni_ros.ros._params import (
-    ParamSpec,
-    accelerate_with_tensorrt,
-    build_config,
-    config_params,
-    load_ref_voice,
-    ros_value,
-)
+from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, load_ref_voice, ros_value
+from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
 from omni_ros_msgs.srv import SetPrompt
 
-CONFIG_NAMESPACES = ("timeline", "session", "vad", "aec", "flow")
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 #: Sensor-data QoS (best effort, volatile) with a deeper queue for the microphone: at 10 ms chunks
 #: the default depth of 5 is 50 ms, so one executor stall would turn audio into gaps.
@@ -64,22 +56,6 @@ MIC_QOS = QoSProfile(
 LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
-
-#: The node's own parameters: name -> (default, description). FlowConfig's are derived.
-NODE_PARAMS: dict[str, tuple[Any, str]] = {
-    "autostart": (True, "configure + activate at startup (no lifecycle manager needed)"),
-    "backend": ("reference", "backend name: reference | minicpmo | llamacpp_omni | vllm_omni"),
-    "system_prompt": (FlowConfig().system_prompt, "system prompt given to the backend"),
-    "ref_voice_path": ("", "WAV file with the reference voice; empty = none"),
-    "camera.compressed": (False, "subscribe camera/image_raw/compressed (CompressedImage)"),
-    "speech.chunk_ms": (100, "omni/speech chunk length [ms]"),
-    "speech.encoding": ("S16LE", "omni/speech encoding: S16LE | F32LE"),
-    "diagnostics.period_s": (1.0, "/diagnostics period [s] (read at startup)"),
-    "ask.default_timeout_s": (30.0, "omni/ask timeout when the goal's timeout_s is 0 [s]"),
-    "tensorrt.enabled": (False, "swap backend components for verified TensorRT engines"),
-    "tensorrt.engine_dir": ("", "engine cache folder; empty = the package's tensorrt_engines/"),
-    "tensorrt.components": ("vision,audio,vocoder", "components to accelerate, comma separated"),
-}
 
 
 class RosClock:
@@ -134,9 +110,7 @@ class OmniFlowNode(LifecycleNode):
         omni/reset (std_srvs/Trigger). Action: omni/ask (omni_ros_msgs/Ask).
     """
 
-    param_specs: ClassVar[list[ParamSpec]] = [
-        s for s in config_params(FlowConfig) if s.name != "flow.system_prompt"
-    ]
+    param_specs: ClassVar[list[ParamSpec]] = FLOW_PARAM_SPECS
 
     def __init__(self, node_name: str = "omni_flow_node", **kwargs: Any) -> None:
         # Overrides are declared automatically so that ``<backend>.*`` (whose fields depend on the
@@ -190,21 +164,9 @@ class OmniFlowNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _configure(self) -> None:
-        name = str(self._param("backend"))
-        if name not in BACKENDS:
-            raise ConfigError(f"backend {name!r} unknown; choose one of {sorted(BACKENDS)}")
-        if int(self._param("speech.chunk_ms")) <= 0:
-            raise ConfigError("speech.chunk_ms must be > 0")
-        if str(self._param("speech.encoding")).upper() not in ENCODINGS:
-            raise ConfigError(f"speech.encoding must be one of {ENCODINGS}")
-        values = {s.name: self._param(s.name) for s in self.param_specs}
-        for param_name in self._parameters:  # overrides in a known namespace, typos included
-            if param_name.split(".")[0] in CONFIG_NAMESPACES:
-                values.setdefault(param_name, self._param(param_name))
-        values["flow.system_prompt"] = str(self._param("system_prompt"))
-        config = build_config(FlowConfig, values)
-        params = {k: p.value for k, p in self.get_parameters_by_prefix(name).items()}
-        params = {k: v for k, v in params.items() if v is not None}
+        # The one configuration path (ros/_setup.py), shared with both replay modes.
+        setup = node_setup({name: p.value for name, p in self._parameters.items()})
+        name, params, config = setup.backend, setup.backend_params, setup.flow
         self.get_logger().info(f"loading backend {name!r} {params} ...")
         started = time.monotonic()
         self._backend = create_backend(name, params)

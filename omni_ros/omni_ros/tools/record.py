@@ -86,17 +86,25 @@ class TopicRecorder:
             reliability=ReliabilityPolicy.RELIABLE,
             durability=DurabilityPolicy.TRANSIENT_LOCAL,
         )
-        latched = set(latched)
-        self.subscriptions = {
-            topic: node.create_subscription(
-                message_class(type_name),
-                topic,
-                self._callback(topic, type_name),
-                adapted_qos(node, topic, durable if topic in latched else reliable),
-                raw=True,
-            )
-            for topic, type_name in topics.items()
-        }
+        self._qos = {"reliable": reliable, "durable": durable}
+        self._latched = set(latched)
+        self.subscriptions: dict[str, Any] = {}
+        for topic, type_name in topics.items():
+            self.add(topic, type_name)
+
+    def add(self, topic: str, type_name: str) -> None:
+        """Start recording ``topic`` too (QoS adapted to its publishers as they are now)."""
+        if topic in self.subscriptions:
+            return
+        self.counts.setdefault(topic, 0)
+        qos = self._qos["durable" if topic in self._latched else "reliable"]
+        self.subscriptions[topic] = self.node.create_subscription(
+            message_class(type_name),
+            topic,
+            self._callback(topic, type_name),
+            adapted_qos(self.node, topic, qos),
+            raw=True,
+        )
 
     def _callback(self, topic: str, type_name: str) -> Any:
         def write(raw: bytes) -> None:
@@ -118,34 +126,49 @@ class TopicRecorder:
             self.out.close()
 
 
-def discover(node: Any, wanted: Iterable[str], wait_s: float) -> dict[str, str]:
-    """Wait up to ``wait_s`` for ``wanted`` topics to appear in the ROS graph; name -> type."""
-    wanted = [t if t.startswith("/") else "/" + t for t in wanted]
-    deadline = time.monotonic() + wait_s
-    found: dict[str, str] = {}
-    while True:
-        for name, types in node.get_topic_names_and_types():
-            if name in wanted and types:
-                found[name] = types[0]
-        if len(found) == len(wanted) or time.monotonic() >= deadline:
-            return found
-        time.sleep(0.1)
+def published_topics(node: Any, wanted: Iterable[str]) -> dict[str, str]:
+    """Those of ``wanted`` that have a publisher in the ROS graph now: name -> type."""
+    wanted = {t if t.startswith("/") else "/" + t for t in wanted}
+    return {
+        name: types[0]
+        for name, types in node.get_topic_names_and_types()
+        if name in wanted and types and node.count_publishers(name) > 0
+    }
 
 
 def record(
     out_dir: Path,
     topics: Iterable[str] = DEFAULT_TOPICS,
     duration_s: float | None = None,
-    discover_s: float = 3.0,
+    discover_s: float | None = None,
     use_sim_time: bool = False,
+    poll_s: float = 0.5,
 ) -> dict[str, int]:
-    """Record ``topics`` (those that exist within ``discover_s``) until ``duration_s`` or Ctrl-C."""
+    """Record ``topics`` for ``duration_s`` (from the first topic found) or until Ctrl-C.
+
+    Waits for the topics instead of giving up: recording starts as soon as the first of them has
+    a publisher, and every other one is added the moment it appears (a node that is still loading
+    its backend publishes its outputs only after configure).
+
+    Args:
+        discover_s: give up if none of the topics appears within this many seconds (None: wait
+            until Ctrl-C).
+
+    Returns:
+        Messages recorded per topic, every requested topic included (0: never published).
+
+    Raises:
+        ConfigError: ``out_dir`` exists, or none of the topics appeared within ``discover_s``.
+    """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     if out_dir.exists():
         raise ConfigError(f"{out_dir} exists: choose a new folder for the bag")
+    if duration_s is not None and duration_s <= 0:
+        raise ConfigError(f"--duration must be > 0 s, got {duration_s}")
+    wanted = [t if t.startswith("/") else "/" + t for t in topics]
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node(
@@ -156,19 +179,36 @@ def record(
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     recorder: TopicRecorder | None = None
+    started = time.monotonic()
+    end: float | None = None
+    next_poll = started
     try:
-        found = discover(node, topics, discover_s)
-        if not found:
-            raise ConfigError(f"none of {list(topics)} is being published (waited {discover_s} s)")
-        recorder = TopicRecorder(node, OutputBag(out_dir), found, latched=["/omni/state"])
-        print(f"recording {sorted(found)} into {out_dir} (Ctrl-C to stop)")
-        end = None if duration_s is None else time.monotonic() + duration_s
+        print(f"waiting for {', '.join(wanted)} (Ctrl-C to stop)", flush=True)
         try:
             while end is None or time.monotonic() < end:
-                executor.spin_once(timeout_sec=0.1)
+                now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + poll_s
+                    found = published_topics(node, wanted)
+                    if recorder is None and found:
+                        recorder = TopicRecorder(node, OutputBag(out_dir), {}, ["/omni/state"])
+                        end = None if duration_s is None else time.monotonic() + duration_s
+                        print(f"recording into {out_dir}", flush=True)
+                    for topic, type_name in sorted(found.items()):
+                        if recorder is not None and topic not in recorder.subscriptions:
+                            recorder.add(topic, type_name)
+                            print(f"  + {topic} ({type_name})", flush=True)
+                    if recorder is None and discover_s is not None and now - started > discover_s:
+                        raise ConfigError(
+                            f"none of {wanted} is being published (waited {discover_s:g} s)"
+                        )
+                executor.spin_once(timeout_sec=0.05)
         except KeyboardInterrupt:
             pass
-        return dict(recorder.counts)
+        counts = dict.fromkeys(wanted, 0)
+        if recorder is not None:
+            counts.update(recorder.counts)
+        return counts
     finally:
         if recorder is not None:
             recorder.close()

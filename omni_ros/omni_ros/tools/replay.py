@@ -15,6 +15,7 @@ Both write ``DIR/outputs/`` (a rosbag2 folder, mcap storage), ``DIR/summary.json
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -42,9 +43,9 @@ OUTPUT_TOPICS: dict[str, str] = {
     "/omni/state": "omni_ros_msgs/msg/OmniState",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
-FLOW_NAMESPACES = ("timeline", "session", "vad", "aec", "flow")
-# A terminal gets a lively bar; a log file (CI, `make demo | tee`) a line every few seconds.
-_BAR_INTERVAL_S = 0.2 if sys.stderr.isatty() else 5.0
+#: Default of ``--load-timeout``: how long graph replay waits for the node to load its backend.
+LOAD_TIMEOUT_S = 180.0
+_log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ params
@@ -57,21 +58,61 @@ def load_params_file(path: Path | None, node_name: str = "omni_flow_node") -> di
     return read_params_file(path, node_name)
 
 
-def flow_setup(
-    flat: Mapping[str, Any], backend: str | None
-) -> tuple[str, dict[str, Any], Any, str]:
-    """Flat node parameters -> (backend name, backend params, FlowConfig, system prompt), exactly as
-    ``omni_flow_node`` derives them (same namespaces, same builder)."""
-    from omni_ros.core.flow import FlowConfig
-    from omni_ros.ros._params import build_config
+def flow_setup(flat: Mapping[str, Any], backend: str | None) -> Any:
+    """Flat node parameters -> the validated :class:`~omni_ros.ros._setup.NodeSetup`, by the very
+    function ``omni_flow_node`` configures with (same names, same checks, same errors).
 
-    name = backend or str(flat.get("backend", "reference"))
-    values = {k: v for k, v in flat.items() if k.split(".")[0] in FLOW_NAMESPACES}
-    config = build_config(FlowConfig, values)
-    backend_params = {
-        k[len(name) + 1 :]: v for k, v in flat.items() if k.startswith(name + ".") and v is not None
-    }
-    return name, backend_params, config, str(flat.get("system_prompt", "") or "")
+    Raises:
+        ConfigError: an unknown parameter (with a suggestion), a wrong type, a rejected value.
+    """
+    from omni_ros.ros._setup import build_backend_config, node_setup
+
+    setup = node_setup(flat, backend)
+    build_backend_config(setup)  # the backend's own checks, before anything is loaded
+    return setup
+
+
+class Progress:
+    """Replay progress: a tqdm bar on a terminal, a plain line every ``interval_s`` otherwise (a log
+    file gets readable lines, not hundreds of carriage-return updates), nothing when ``quiet``."""
+
+    def __init__(self, total: int, desc: str, mode: str, interval_s: float = 5.0) -> None:
+        self.total, self.desc, self.mode, self.interval_s = total, desc, mode, interval_s
+        self.count = 0
+        self._started = self._last = time.monotonic()
+        self._bar: Any = tqdm(total=total, unit="msg", desc=desc) if mode == "bar" else None
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.mode == "lines" and (now := time.monotonic()) - self._last >= self.interval_s:
+            self._last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        pct = 100.0 * self.count / max(1, self.total)
+        print(
+            f"{self.desc}: {self.count}/{self.total} messages ({pct:.0f} %), "
+            f"{now - self._started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.mode == "lines":
+            self._line(time.monotonic())
+
+
+def progress_mode(progress: bool | str) -> str:
+    """``"bar"``, ``"lines"`` or ``"off"`` from a bool (True: bar on a terminal, else lines)."""
+    if isinstance(progress, str):
+        return progress
+    if not progress:
+        return "off"
+    return "bar" if sys.stderr.isatty() else "lines"
 
 
 def audio_end_ns(raw: RawAudio) -> int:
@@ -89,7 +130,7 @@ def replay_direct(
     outputs: Path,
     flat: Mapping[str, Any],
     backend: str | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     flush_s: float = 3.0,
     loops: int = 1,
 ) -> dict[str, Any]:
@@ -106,11 +147,16 @@ def replay_direct(
     from omni_ros.core.flow import OmniFlow
     from omni_ros.core.types import ProactiveEvent, SpeechOut, StateOut, TextOut
     from omni_ros.ros import conversions as conv
+    from omni_ros.ros._params import load_ref_voice
 
-    name, backend_params, config, prompt = flow_setup(flat, backend)
-    chunk_ms = int(flat.get("speech.chunk_ms", 100))
-    encoding = str(flat.get("speech.encoding", "S16LE"))
-    model = create_backend(name, backend_params)
+    setup = flow_setup(flat, backend)
+    config, backend_params = setup.flow, setup.backend_params
+    chunk_ms, encoding = setup.speech_chunk_ms, setup.speech_encoding
+    _log.info("loading backend %r %s ...", setup.backend, backend_params)
+    loaded = time.monotonic()
+    model = create_backend(setup.backend, backend_params)
+    getattr(model, "model", None)  # lazy backends load their weights now, as in the node
+    _log.info("backend %r ready in %.1f s", setup.backend, time.monotonic() - loaded)
     clock = ManualClock(bag.start_ns)
     out = OutputBag(outputs)
     last_diag_ns = [0]
@@ -158,16 +204,18 @@ def replay_direct(
                 last_diag_ns[0], previous[0] = now, event.counters
 
     flow = OmniFlow(config, model, clock, emit)
-    if prompt:
-        flow.set_prompt(prompt, None)
+    try:  # exactly as the node's configure: the voice replaces the prompt only when there is one
+        voice = load_ref_voice(setup.ref_voice_path, int(model.input_sample_rate))
+    except BaseException:
+        flow.close()
+        model.close()
+        out.close()
+        raise
+    if voice is not None:
+        flow.set_prompt(config.system_prompt, voice)
     started = time.monotonic()
     try:
-        bar = tqdm(
-            total=bag.message_count * loops,
-            unit="msg",
-            desc="replay (direct)",
-            disable=not progress,
-        )
+        bar = Progress(bag.message_count * loops, "replay (direct)", progress_mode(progress))
         input_end_ns = 0
         for message in (m for _ in range(loops) for m in bag):
             if message.log_ns == bag.start_ns:
@@ -229,16 +277,27 @@ def _configure_failure(log_path: Path | None) -> str:
     return ""
 
 
+def _node_status(log_path: Path | None) -> str:
+    """The node's last log line about its backend ("loading backend 'x' ..."), for progress."""
+    if log_path is None or not log_path.exists():
+        return "starting"
+    status = "starting"
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "loading backend" in line or "ready in" in line:
+            status = line.split("]: ", 1)[-1].strip()
+    return status
+
+
 def replay_graph(
     bag: InputBag,
     outputs: Path,
     params_file: Path | None,
     flat: Mapping[str, Any],
     backend: str | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     rate: float = 1.0,
     flush_s: float = 3.0,
-    ready_timeout_s: float = 180.0,
+    ready_timeout_s: float = LOAD_TIMEOUT_S,
     log_path: Path | None = None,
     loops: int = 1,
 ) -> dict[str, Any]:
@@ -251,6 +310,11 @@ def replay_graph(
 
     if rate <= 0:
         raise ConfigError(f"--rate must be > 0, got {rate}")
+    if ready_timeout_s <= 0:
+        raise ConfigError(f"--load-timeout must be > 0 s, got {ready_timeout_s}")
+    # The node validates with the same function at configure; failing here is the same message,
+    # seconds earlier (no process to start, no backend to wait for).
+    flow_setup(flat, backend)
     cmd = [_node_executable(), "--ros-args", "-p", "use_sim_time:=true", "-p", "autostart:=true"]
     if params_file is not None:
         cmd += ["--params-file", str(params_file)]
@@ -303,7 +367,10 @@ def replay_graph(
         clock_pub.publish(msg)
 
     try:
-        deadline = time.monotonic() + ready_timeout_s
+        waiting_since = time.monotonic()
+        deadline = waiting_since + ready_timeout_s
+        last_report = waiting_since
+        _log.info("starting omni_flow_node (load timeout %.0f s) ...", ready_timeout_s)
         while True:  # the node creates its subscriptions once the backend is loaded (configure)
             if node_proc.poll() is not None:
                 raise ConfigError(
@@ -318,15 +385,27 @@ def replay_graph(
             failure = _configure_failure(log_path)
             if failure:  # the node stays up, unconfigured: say why now instead of timing out
                 raise ConfigError(f"omni_flow_node could not start: {failure}")
-            if time.monotonic() > deadline:
-                raise ConfigError(f"omni_flow_node not ready after {ready_timeout_s:.0f} s")
+            now = time.monotonic()
+            if now > deadline:
+                raise ConfigError(
+                    f"omni_flow_node not ready after {ready_timeout_s:.0f} s; a large model may "
+                    "need longer: --load-timeout SECONDS"
+                    + (f" (node log: {log_path})" if log_path else "")
+                )
+            if now - last_report >= 5.0:
+                last_report = now
+                _log.info(
+                    "omni_flow_node: %s (%.0f s of %.0f s)",
+                    _node_status(log_path),
+                    now - waiting_since,
+                    ready_timeout_s,
+                )
             publish_clock(bag.start_ns)
             time.sleep(0.1)
         time.sleep(0.5)  # let discovery settle for every publisher/subscriber pair
         wall0 = time.monotonic()
-        bar = tqdm(
-            total=bag.message_count * loops, unit="msg", desc="replay (graph)", disable=not progress
-        )
+        _log.info("omni_flow_node ready after %.1f s", time.monotonic() - waiting_since)
+        bar = Progress(bag.message_count * loops, "replay (graph)", progress_mode(progress))
         last_clock = 0.0
         input_end_ns = 0
         loop_span_s = bag.duration_ns / NS / rate + 0.05
@@ -376,6 +455,59 @@ def replay_graph(
 
 
 # ---------------------------------------------------------------------------------------- frontend
+def open_input_bag(bag_path: Path, remaps: Mapping[str, str] | None = None) -> InputBag:
+    """Open ``bag_path`` as an input bag; every way a bag can be unreadable is one ConfigError.
+
+    Raises:
+        ConfigError: not a rosbag2 folder, a broken ``metadata.yaml``, a damaged / truncated
+            storage file, or a ``--remap`` naming a topic the bag does not have.
+    """
+    from rosbags.rosbag2 import ReaderError
+
+    path = Path(bag_path)
+    if not path.exists():
+        raise ConfigError(
+            f"{path} does not exist: give a rosbag2 folder (omni-ros synth makes one)"
+        )
+    if path.is_file() and path.suffix not in (".mcap", ".db3"):
+        raise ConfigError(
+            f"{path} is not a rosbag2 bag: give the bag's folder (the one holding metadata.yaml)"
+        )
+    try:
+        bag = InputBag(path, dict(remaps or {}))
+        topics = bag.topics()
+    except ConfigError:
+        raise
+    except (ReaderError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the bag {path}: {_why(exc)}") from exc
+    for src in remaps or {}:
+        if src not in topics:
+            hint = suggest(src, topics) or f"; the bag has {sorted(topics)}"
+            raise ConfigError(f"--remap {src}:=...: the bag has no topic {src}{hint}")
+    return bag
+
+
+def _why(exc: BaseException) -> str:
+    """A one-line reason from a reader error (rosbags wraps yaml / mcap errors; show the cause)."""
+    text = f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause) and str(cause) not in str(exc):
+        text += f" ({type(cause).__name__}: {cause})"
+    text = " ".join(text.split())
+    lower = text.lower()
+    if "metadata" in lower:
+        text += "; metadata.yaml is broken: restore it (or re-record the bag)"
+    elif "magic" in lower or "truncat" in lower or "unexpected end" in lower:
+        text += "; the file is cut short (a recording that was killed?): `mcap recover` it"
+    return text[:400]
+
+
+def suggest(name: str, known: Any) -> str:
+    from omni_ros.ros._setup import suggest as _suggest
+
+    return _suggest(name, known)
+
+
 def replay(
     bag_path: Path,
     out_dir: Path,
@@ -383,38 +515,52 @@ def replay(
     backend: str | None = None,
     params_file: Path | None = None,
     remaps: dict[str, str] | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     rate: float = 1.0,
     plot: bool = True,
     loops: int = 1,
+    load_timeout_s: float = LOAD_TIMEOUT_S,
 ) -> dict[str, Any]:
-    """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``."""
+    """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``.
+
+    Raises:
+        ConfigError: a bad argument, an unreadable bag or params file, an invalid parameter, or a
+            node that could not start; the message says what to change.
+    """
     if loops < 1:
         raise ConfigError(f"--loop must be >= 1, got {loops}")
     if mode not in ("graph", "direct"):
         raise ConfigError(f"--mode must be graph or direct, got {mode!r}")
-    bag = InputBag(bag_path, remaps)
+    from rosbags.rosbag2 import ReaderError
+
+    bag = open_input_bag(bag_path, remaps)
     flat = load_params_file(params_file)
     if backend is None and "backend" not in flat:
         backend = "reference"
+    flow_setup(flat, backend)  # the node's own checks, before any output exists
+    _log.debug("bag %s: %d input messages, roles %s", bag.path, bag.message_count, bag.roles)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = out_dir / "outputs"
     if outputs.exists():
         shutil.rmtree(outputs)
-    if mode == "direct":
-        extra = replay_direct(bag, outputs, flat, backend, progress, loops=loops)
-    else:
-        extra = replay_graph(
-            bag,
-            outputs,
-            params_file,
-            flat,
-            backend,
-            progress,
-            rate,
-            log_path=out_dir / "node.log",
-            loops=loops,
-        )
+    try:
+        if mode == "direct":
+            extra = replay_direct(bag, outputs, flat, backend, progress, loops=loops)
+        else:
+            extra = replay_graph(
+                bag,
+                outputs,
+                params_file,
+                flat,
+                backend,
+                progress,
+                rate,
+                ready_timeout_s=load_timeout_s,
+                log_path=out_dir / "node.log",
+                loops=loops,
+            )
+    except ReaderError as exc:  # damage past the index, found while reading
+        raise ConfigError(f"cannot read the bag {bag.path}: {_why(exc)}") from exc
     summary = summarize(bag, outputs, {"replay": extra})
     write_summary(summary, out_dir / "summary.json")
     if plot:
@@ -425,6 +571,12 @@ def replay(
 def main_replay(args: Any) -> int:
     from omni_ros.tools.bagio import parse_remaps
 
+    if args.quiet:
+        progress: bool | str = "off"
+    elif args.progress:
+        progress = "bar"
+    else:
+        progress = True  # a bar on a terminal, periodic lines otherwise
     summary = replay(
         Path(args.bag),
         Path(args.out),
@@ -432,9 +584,10 @@ def main_replay(args: Any) -> int:
         args.backend,
         Path(args.params) if args.params else None,
         parse_remaps(args.remap or []),
-        progress=(not args.quiet and sys.stderr.isatty()) or args.progress,
+        progress=progress,
         rate=args.rate,
         loops=args.loop,
+        load_timeout_s=args.load_timeout,
     )
     print_summary(summary, Path(args.out))
     return 0

@@ -83,8 +83,10 @@ def mic_signal(config: SynthConfig) -> np.ndarray:
     n = int(config.duration_s * config.mic_rate)
     signal = rng.normal(0.0, 10 ** (config.noise_dbfs / 20), n).astype(np.float32)
     for cue in config.cues:
-        speech = speak(cue.text, config.mic_rate) * 0.5
         start = int(cue.at_s * config.mic_rate)
+        if start >= n:
+            continue  # a cue after the end of a short bag is left out, not half-added
+        speech = speak(cue.text, config.mic_rate) * 0.5
         end = min(n, start + len(speech))
         signal[start:end] += speech[: end - start]
     return np.clip(signal, -1.0, 1.0)
@@ -134,9 +136,38 @@ def _audio_messages(config: SynthConfig) -> Iterator[tuple[int, int, np.ndarray]
     yield from chunks
 
 
+#: Shortest bag :func:`write_bag` makes: one Omni-Flow unit.
+MIN_DURATION_S = 1.0
+
+
 def write_bag(path: Path, config: SynthConfig | None = None) -> Path:
-    """Write the input bag to ``path`` (a rosbag2 folder). Returns the path."""
+    """Write the input bag to ``path`` (a rosbag2 folder that must not exist). Returns the path.
+
+    A failure part way removes the folder again, so a rerun is not blocked by a partial bag.
+
+    Raises:
+        ConfigError: ``path`` exists, ``duration_s`` < 1 s, an unknown storage, no espeak-ng.
+    """
     config = config or SynthConfig()
+    path = Path(path)
+    if not config.duration_s >= MIN_DURATION_S:  # also refuses NaN
+        raise ConfigError(
+            f"--duration must be at least {MIN_DURATION_S:g} s (one Omni-Flow unit), "
+            f"got {config.duration_s:g}"
+        )
+    if config.storage not in ("mcap", "sqlite3"):
+        raise ConfigError(f"--storage must be mcap or sqlite3, got {config.storage!r}")
+    if path.exists() or path.is_symlink():
+        raise ConfigError(f"{path} exists: choose a new folder for the bag (or remove it first)")
+    try:
+        _write(path, config)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
+
+
+def _write(path: Path, config: SynthConfig) -> None:
     store = omni_typestore()
     types = store.types
     storage = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[config.storage]
@@ -196,4 +227,3 @@ def write_bag(path: Path, config: SynthConfig | None = None) -> Path:
         records.sort(key=lambda r: r[0])
         for log_ns, conn, raw in records:
             writer.write(conn, log_ns, raw)
-    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -58,3 +59,36 @@ def test_recording_nothing_and_bad_types_are_clear_errors(tmp_path: Path) -> Non
         message_class("not_a_type")
     with pytest.raises(ConfigError, match="not installed"):
         message_class("no_such_pkg/msg/Thing")
+
+
+def test_record_waits_for_a_topic_that_appears_late_and_lists_silent_ones(tmp_path: Path) -> None:
+    wav = tmp_path / "ramp.wav"
+    _wav(wav, 30.0)
+    recorder = subprocess.Popen(
+        [sys.executable, "-m", "omni_ros.tools.cli", "record", str(tmp_path / "bag"),
+         "--topics", "/late/mic", "/omni/state", "--duration", "2"],
+        env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    mic = None
+    try:
+        time.sleep(6.0)  # longer than the 3 s after which `record` used to give up
+        assert recorder.poll() is None, recorder.communicate()
+        mic = subprocess.Popen(
+            [sys.executable, "-m", "omni_ros.ros.mic_node", "--ros-args",
+             "-p", "source:=wav", "-p", f"wav_path:={wav}", "-p", "chunk_ms:=20",
+             "-r", "audio/mic:=/late/mic"],  # a topic no earlier test left in the graph
+            env=os.environ.copy(),
+        )  # fmt: skip
+        out, err = recorder.communicate(timeout=60)
+    finally:
+        if mic is not None:
+            mic.terminate()
+            mic.wait(timeout=10)
+        if recorder.poll() is None:
+            recorder.kill()
+            recorder.wait()
+    assert recorder.returncode == 0, err
+    counts = dict(part.split(": ") for part in out.strip().splitlines()[-1].split(", "))
+    assert int(counts["/late/mic"]) >= 20
+    assert counts["/omni/state"] == "0"
+    assert "no messages on /omni/state" in err

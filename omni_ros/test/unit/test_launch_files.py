@@ -4,7 +4,7 @@ This machine has no ``launch`` / ``launch_ros`` (see docs), so the launch files 
 ways: statically with ``ast`` (executables, files, launch arguments), and by running their Python
 against a test double of the launch API that records the actions they would create.
 
-Parameter names come from the nodes' own tables: ``omni_flow_node.NODE_PARAMS`` + the specs derived
+Parameter names come from the nodes' own tables: ``ros/_setup.NODE_PARAMS`` + the specs derived
 from ``FlowConfig`` + ``<backend>.<field>`` for every field of each backend's config dataclass;
 ``mic_node.PARAMETERS``; ``speaker_node.PARAMETERS``. Node modules import rclpy, so their tables
 and the backends' dataclasses (some import torch) are read with ``ast``, never imported.
@@ -147,7 +147,7 @@ def declared_parameters(executable: str) -> dict[str, str]:
         from omni_ros.core.flow import FlowConfig
         from omni_ros.ros._params import config_params
 
-        params |= _parameter_table(SRC / "ros" / "omni_flow_node.py", "NODE_PARAMS")
+        params |= _parameter_table(SRC / "ros" / "_setup.py", "NODE_PARAMS")
         params |= {spec.name: spec.type_name for spec in config_params(FlowConfig)}
         for backend in BACKENDS:
             params |= {f"{backend}.{k}": t for k, t in _backend_fields(backend).items()}
