@@ -8,14 +8,26 @@ PY := $(VENV)/bin/python
 IN_WS := set -eo pipefail; . install/setup.sh;
 PYTEST_ARGS ?=
 
-.PHONY: all setup build lint test test-unit test-transformers-range demo bench clean
+.PHONY: all setup build lint test test-unit test-transformers-range demo bench clean node-deps
 
 all: test
 
 setup:
 	@bash scripts/setup_env.sh
 
-build: setup
+# Foxglove's own WebSocket client + ROS 2 CDR decoder (npm, pinned by package-lock.json) for the
+# live-view test; without node the test skips and says so.
+FOXGLOVE_CLIENT := omni_ros/test/foxglove
+node-deps:
+	@if ! command -v npm >/dev/null; then \
+	  echo "[setup] npm not found: the Foxglove live-view test will skip (apt-get install nodejs npm)"; \
+	elif [ ! -f $(FOXGLOVE_CLIENT)/node_modules/.package-lock.json ] || \
+	     [ $(FOXGLOVE_CLIENT)/package-lock.json -nt $(FOXGLOVE_CLIENT)/node_modules/.package-lock.json ]; then \
+	  echo "[setup] npm ci in $(FOXGLOVE_CLIENT): @foxglove/ws-protocol, @foxglove/rosmsg, @foxglove/rosmsg2-serialization, ws"; \
+	  npm ci --no-audit --no-fund --prefix $(FOXGLOVE_CLIENT); \
+	fi
+
+build: setup node-deps
 	@set -eo pipefail; . $(VENV)/local_setup.sh; \
 	  colcon build --symlink-install --event-handlers console_cohesion- summary+ \
 	    --cmake-args -DBUILD_TESTING=OFF 2>&1 | grep -v '^WARNING: Location' ; \

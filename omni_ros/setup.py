@@ -14,7 +14,7 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml")),
+        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.json")),
         (f"share/{PACKAGE}/tensorrt_engines", ["tensorrt_engines/README.md"]),
         # `omni-ros` goes to bin/ so that `source install/setup.sh` puts it on PATH.
         ("bin", ["scripts/omni-ros"]),
@@ -49,6 +49,7 @@ setup(
         "vad": ["silero-vad>=6", "onnxruntime>=1.18"],
         "audio": ["pyaudio>=0.2.14"],
         "bt": ["py-trees>=2.2"],
+        "foxglove": ["foxglove-sdk>=0.30"],
         # Never installable from PyPI alone (see docs/TENSORRT.md): NVIDIA's index provides them.
         "tensorrt": ["tensorrt>=10", "pycuda"],
     },
@@ -62,6 +63,7 @@ setup(
             "omni_flow_node = omni_ros.ros.omni_flow_node:main",
             "mic_node = omni_ros.ros.mic_node:main",
             "speaker_node = omni_ros.ros.speaker_node:main",
+            "omni_live_view = omni_ros.ros.omni_live_view:main",
             "bag_player = omni_ros.tools.bag_player:main",
             "omni_ros_cli = omni_ros.tools.cli:main",
         ],

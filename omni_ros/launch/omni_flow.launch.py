@@ -17,6 +17,8 @@ Arguments:
     use_sim_time: true when time comes from /clock (bag replay).
     with_mic, with_speaker: also start mic_node / speaker_node (``config/mic.yaml``,
         ``config/speaker.yaml``).
+    with_foxglove: also start omni_live_view: the conversation live in Foxglove on
+        ``ws://127.0.0.1:<foxglove_port>`` (layout: ``share/omni_ros/config/foxglove_layout.json``).
     engine_dir: a TensorRT engine cache folder; non-empty turns ``tensorrt.enabled`` on.
     log_level: debug | info | warn | error.
 
@@ -56,6 +58,8 @@ ARGUMENTS = (
     ("use_sim_time", "false", "use /clock (bag replay)"),
     ("with_mic", "false", "also start mic_node (config/mic.yaml)"),
     ("with_speaker", "false", "also start speaker_node (config/speaker.yaml)"),
+    ("with_foxglove", "false", "also start omni_live_view (Foxglove WebSocket on localhost)"),
+    ("foxglove_port", "8765", "omni_live_view's port"),
     ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT"),
     ("log_level", "info", "debug | info | warn | error"),
 )
@@ -130,6 +134,19 @@ def _audio_nodes(context: LaunchContext) -> list[Any]:
             name="speaker_node",
             parameters=[{**speaker_params, "use_sim_time": sim_time}],
             condition=IfCondition(LaunchConfiguration("with_speaker")),
+            **common,
+        ),
+        Node(
+            package=PACKAGE,
+            executable="omni_live_view",
+            name="omni_live_view",
+            parameters=[
+                {
+                    "port": int(LaunchConfiguration("foxglove_port").perform(context)),
+                    "use_sim_time": sim_time,
+                }
+            ],
+            condition=IfCondition(LaunchConfiguration("with_foxglove")),
             **common,
         ),
     ]

@@ -14,7 +14,8 @@ Examples::
     ros2 launch omni_ros replay.launch.py backend:=reference
     ros2 bag play demo_bag --clock --remap /robot/mic:=/audio/mic
 
-Arguments: backend, model, params_file, namespace, log_level, as in omni_flow.launch.py.
+Arguments: backend, model, params_file, namespace, log_level, with_foxglove, as in
+omni_flow.launch.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ARGUMENTS = (
     ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml"),
     ("namespace", "", "namespace of the node"),
     ("log_level", "info", "debug | info | warn | error"),
+    ("with_foxglove", "false", "also start omni_live_view (Foxglove WebSocket on localhost)"),
 )
 
 

@@ -69,6 +69,13 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="N",
         help="play the bag N times; the clock jumps back each time, like ros2 bag play --loop",
     )
+    p.add_argument(
+        "--with-foxglove",
+        action="store_true",
+        help="serve the conversation live over the Foxglove WebSocket protocol on localhost "
+        "(open it in Foxglove with config/foxglove_layout.json)",
+    )
+    p.add_argument("--foxglove-port", type=int, default=8765, help="its port")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(
         "--progress",

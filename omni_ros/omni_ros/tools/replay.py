@@ -133,8 +133,12 @@ def replay_direct(
     progress: bool | str = True,
     flush_s: float = 3.0,
     loops: int = 1,
+    live_view: Any = None,
 ) -> dict[str, Any]:
     """Feed ``bag`` through OmniFlow + backend in this process; write the output bag.
+
+    With ``live_view`` (a :class:`~omni_ros.tools.live_view.LiveView`) every input and output
+    message is served to Foxglove too, stamped with the bag time it was fed / produced at.
 
     With ``loops > 1`` the bag is played again from its start, so the clock jumps backwards exactly
     as under ``ros2 bag play --loop``; the core must notice, reset, and carry on.
@@ -158,7 +162,7 @@ def replay_direct(
     getattr(model, "model", None)  # lazy backends load their weights now, as in the node
     _log.info("backend %r ready in %.1f s", setup.backend, time.monotonic() - loaded)
     clock = ManualClock(bag.start_ns)
-    out = OutputBag(outputs)
+    out: Any = OutputBag(outputs) if live_view is None else _TeeBag(OutputBag(outputs), live_view)
     last_diag_ns = [0]
     previous: list[Any] = [None]
     last_unit_end_ns = [0]
@@ -225,6 +229,8 @@ def replay_direct(
                 input_end_ns = max(input_end_ns, audio_end_ns(data))
             clock.set_ns(message.log_ns)
             flow.run_until_idle(message.log_ns)
+            if live_view is not None:
+                live_view.forward(message.topic, message.msgtype, message.raw, message.log_ns)
             if message.role == "mic":
                 flow.push_audio(data)  # type: ignore[arg-type]
             elif message.role in ("camera", "camera_compressed"):
@@ -250,6 +256,20 @@ def replay_direct(
         "wall_s": round(time.monotonic() - started, 3),
         "backend_params": dict(backend_params),
     }
+
+
+class _TeeBag:
+    """An :class:`OutputBag` whose every message is also served by a live view."""
+
+    def __init__(self, out: OutputBag, view: Any) -> None:
+        self.out, self.view = out, view
+
+    def write_raw(self, topic: str, msgtype: str, log_ns: int, raw: bytes) -> None:
+        self.out.write_raw(topic, msgtype, log_ns, raw)
+        self.view.forward(topic, msgtype, raw, log_ns)
+
+    def close(self) -> None:
+        self.out.close()
 
 
 # ------------------------------------------------------------------------------------------- graph
@@ -300,8 +320,12 @@ def replay_graph(
     ready_timeout_s: float = LOAD_TIMEOUT_S,
     log_path: Path | None = None,
     loops: int = 1,
+    live_view: Any = None,
 ) -> dict[str, Any]:
-    """Publish ``bag`` with /clock into a real omni_flow_node process and record its outputs."""
+    """Publish ``bag`` with /clock into a real omni_flow_node process and record its outputs.
+
+    With ``live_view`` every topic of the node (inputs as published here, outputs as received) is
+    served to Foxglove, stamped with sim time (the bag's axis), while the bag plays."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
@@ -339,6 +363,7 @@ def replay_graph(
             executor.spin_once(timeout_sec=0.05)
 
     recorder = TopicRecorder(node, OutputBag(outputs), OUTPUT_TOPICS, latched=["/omni/state"])
+    bridge: Any = None
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
     unit_ends: list[int] = [0]
 
@@ -357,6 +382,10 @@ def replay_graph(
         for role in set(bag.roles.values())
     }
     clock_pub = node.create_publisher(Clock, "/clock", 10)
+    if live_view is not None:
+        from omni_ros.ros.omni_live_view import TopicBridge
+
+        bridge = TopicBridge(node, live_view)
     thread = threading.Thread(target=spin, daemon=True)
     thread.start()
     started = time.monotonic()
@@ -435,6 +464,8 @@ def replay_graph(
     finally:
         spinning.clear()
         thread.join(5)
+        if bridge is not None:
+            bridge.close()
         node_proc.send_signal(signal.SIGINT)
         try:
             node_proc.wait(timeout=20)
@@ -520,8 +551,12 @@ def replay(
     plot: bool = True,
     loops: int = 1,
     load_timeout_s: float = LOAD_TIMEOUT_S,
+    foxglove_port: int | None = None,
 ) -> dict[str, Any]:
     """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``.
+
+    With ``foxglove_port`` the conversation is served live over the Foxglove WebSocket protocol
+    on ``ws://127.0.0.1:PORT`` while it replays (:mod:`omni_ros.tools.live_view`).
 
     Raises:
         ConfigError: a bad argument, an unreadable bag or params file, an invalid parameter, or a
@@ -537,15 +572,36 @@ def replay(
     flat = load_params_file(params_file)
     if backend is None and "backend" not in flat:
         backend = "reference"
-    flow_setup(flat, backend)  # the node's own checks, before any output exists
+    setup = flow_setup(flat, backend)  # the node's own checks, before any output exists
     _log.debug("bag %s: %d input messages, roles %s", bag.path, bag.message_count, bag.roles)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = out_dir / "outputs"
     if outputs.exists():
         shutil.rmtree(outputs)
+    view: Any = None
+    if foxglove_port is not None:
+        from omni_ros.tools.live_view import LiveView
+
+        view = LiveView(
+            port=foxglove_port,
+            unit_ns=setup.flow.timeline.unit_ns,
+            backend_deadline_ms=setup.flow.backend_deadline_ms,
+            frame_policy=setup.flow.timeline.frame_policy,
+        )
+        for topic, role in bag.roles.items():  # advertised before the first message
+            view.announce(topic, INPUT_TOPICS[role][1][0])
+        for topic, msgtype in OUTPUT_TOPICS.items():
+            view.announce(topic, msgtype)
+        print(
+            f"live view: {view.url} (Foxglove: Open connection; layout: "
+            "config/foxglove_layout.json)",
+            flush=True,
+        )
     try:
         if mode == "direct":
-            extra = replay_direct(bag, outputs, flat, backend, progress, loops=loops)
+            extra = replay_direct(
+                bag, outputs, flat, backend, progress, loops=loops, live_view=view
+            )
         else:
             extra = replay_graph(
                 bag,
@@ -558,9 +614,13 @@ def replay(
                 ready_timeout_s=load_timeout_s,
                 log_path=out_dir / "node.log",
                 loops=loops,
+                live_view=view,
             )
     except ReaderError as exc:  # damage past the index, found while reading
         raise ConfigError(f"cannot read the bag {bag.path}: {_why(exc)}") from exc
+    finally:
+        if view is not None:
+            view.close()
     summary = summarize(bag, outputs, {"replay": extra})
     write_summary(summary, out_dir / "summary.json")
     if plot:
@@ -588,6 +648,7 @@ def main_replay(args: Any) -> int:
         rate=args.rate,
         loops=args.loop,
         load_timeout_s=args.load_timeout,
+        foxglove_port=args.foxglove_port if args.with_foxglove else None,
     )
     print_summary(summary, Path(args.out))
     return 0
