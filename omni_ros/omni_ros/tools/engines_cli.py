@@ -8,7 +8,7 @@ Wire it into the ``omni-ros`` entry point with::
     return args.func(args)
 
 Exit codes: 0 success, 1 an entry failed verification / a build failed, 2 usage or environment
-problem (no TensorRT, no GPU, no model path).
+problem (no TensorRT, no GPU, no model path, too little memory for the export).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,70 @@ from omni_ros.tensorrt.specs import COMPONENTS, PRECISIONS, parse_components
 
 log = logging.getLogger(__name__)
 
+#: fp32 bytes per parameter: engines are exported from an fp32 copy of the model.
+_FP32_BYTES = 4
+#: Headroom over the weights for tracing, the ONNX protobuf and the checker [fraction of weights].
+_EXPORT_OVERHEAD = 0.25
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none: not Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reference_export_bytes(size: str) -> tuple[int, int]:
+    """(parameters, bytes needed) to build the reference model of ``size`` in fp32 and export it.
+
+    The parameters are counted on torch's ``meta`` device (no memory is allocated); the whole
+    model is built before its components are exported, so its fp32 weights are the floor.
+    """
+    import torch
+
+    from omni_ros.backends.reference_model import build_model, dims_for
+
+    model = build_model(
+        dims_for(size), seed=0, device="meta", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    params = sum(p.numel() for p in model.parameters())
+    return params, int(params * _FP32_BYTES * (1.0 + _EXPORT_OVERHEAD))
+
+
+def check_memory(needed: int, available: int | None, what: str) -> None:
+    """Refuse, before minutes of work end in the kernel's OOM killer, when memory is short.
+
+    Raises:
+        EngineError: ``available`` is known and below ``needed``.
+    """
+    if available is None or available >= needed:
+        return
+    gib = 1 << 30
+    raise EngineError(
+        f"{what} needs about {needed / gib:.1f} GiB of memory and {available / gib:.1f} GiB is "
+        "available: use --size tiny, or a machine with more memory (--skip-memory-check to try "
+        "anyway)"
+    )
+
 
 def add_engines_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``engines`` (with ``build``, ``list``, ``verify``) to an argparse subparsers object."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
     engines: argparse.ArgumentParser = subparsers.add_parser(
         "engines",
         help="build, list and verify TensorRT engines",
         description=__doc__.split("\n")[0],
+        formatter_class=formatter,
     )
     sub = engines.add_subparsers(dest="engines_command", required=True)
 
-    build = sub.add_parser("build", help="export components to ONNX and build engines")
+    build = sub.add_parser(
+        "build", help="export components to ONNX and build engines", formatter_class=formatter
+    )
     build.add_argument("--backend", choices=("reference", "minicpmo"), required=True)
     build.add_argument(
         "--components", default=",".join(COMPONENTS), help=f"comma list of {', '.join(COMPONENTS)}"
@@ -61,6 +115,11 @@ def add_engines_subparser(subparsers: Any) -> argparse.ArgumentParser:
         help="minicpmo: allow the model's Python code to run (required, with --revision)",
     )
     build.add_argument("--size", choices=("tiny", "full"), default="full", help="reference size")
+    build.add_argument(
+        "--skip-memory-check",
+        action="store_true",
+        help="export even when the memory estimate says this machine has too little",
+    )
     build.add_argument("--seed", type=int, default=0, help="reference backend seed")
     build.add_argument("--max-slices", type=int, default=10, help="vision profile: max slices")
     build.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit")
@@ -72,12 +131,14 @@ def add_engines_subparser(subparsers: Any) -> argparse.ArgumentParser:
     )
     build.set_defaults(func=run_build)
 
-    lister = sub.add_parser("list", help="list cached engines")
+    lister = sub.add_parser("list", help="list cached engines", formatter_class=formatter)
     lister.add_argument("--out", type=Path, default=DEFAULT_ENGINE_ROOT, help="engine cache root")
     lister.set_defaults(func=run_list)
 
     verify = sub.add_parser(
-        "verify", help="re-hash engines and compare manifests with this machine"
+        "verify",
+        help="re-hash engines and compare manifests with this machine",
+        formatter_class=formatter,
     )
     verify.add_argument("--out", type=Path, default=DEFAULT_ENGINE_ROOT, help="engine cache root")
     verify.add_argument(
@@ -97,6 +158,18 @@ def _sources(args: argparse.Namespace, components: tuple[str, ...]) -> tuple[dic
     if args.backend == "reference":
         from omni_ros.backends.reference import ReferenceBackend, ReferenceConfig
 
+        params, needed = reference_export_bytes(args.size)
+        if not getattr(args, "skip_memory_check", False):
+            check_memory(
+                needed,
+                available_memory_bytes(),
+                f"the {args.size} reference model ({params / 1e9:.2f} B parameters, fp32)",
+            )
+        print(
+            f"building the {args.size} reference model ({params / 1e9:.2f} B parameters, "
+            f"~{needed / (1 << 30):.1f} GiB) ...",
+            flush=True,
+        )
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # Engines are exported from an fp32 copy; the precision comes from the build (ONNX / flags).
         backend = ReferenceBackend(
@@ -139,14 +212,22 @@ def run_build(args: argparse.Namespace) -> int:
             if env.compute_capability is None:
                 raise EngineError("no CUDA GPU: engines are built on the GPU they will run on")
         modules, revision = _sources(args, components)
+        total = len(modules)
         if args.onnx_only:
-            for name, (module, spec) in modules.items():
+            for k, (name, (module, spec)) in enumerate(modules.items(), 1):
+                started = time.monotonic()
+                print(f"[{k}/{total}] {name}: exporting to ONNX ...", flush=True)
                 path = export.export_onnx(module, spec, args.onnx_only / f"{name}.onnx")
                 export.check_onnx(path, spec)
-                print(f"{name}: {path} (onnx.checker passed)")
+                print(
+                    f"[{k}/{total}] {name}: {path} (onnx.checker passed, "
+                    f"{time.monotonic() - started:.1f} s)",
+                    flush=True,
+                )
             return 0
         cache = EngineCache(args.out)
-        for name, (module, spec) in modules.items():
+        for k, (name, (module, spec)) in enumerate(modules.items(), 1):
+            print(f"[{k}/{total}] {name}: exporting and building the engine ...", flush=True)
             result = build_component(
                 module,
                 spec,
@@ -159,10 +240,10 @@ def run_build(args: argparse.Namespace) -> int:
                 workspace_bytes=int(args.workspace_gb * (1 << 30)),
                 show_progress=sys.stderr.isatty(),
             )
-            print(f"{name}: {'built' if result.built else 'cached'} {result.path}")
+            print(f"[{k}/{total}] {name}: {'built' if result.built else 'cached'} {result.path}")
     except EngineError as exc:
         print(f"engines build: {exc}", file=sys.stderr)
-        missing = "not installed" in str(exc) or "no CUDA GPU" in str(exc)
+        missing = any(t in str(exc) for t in ("not installed", "no CUDA GPU", "GiB of memory"))
         return 2 if missing else 1
     except OmniError as exc:
         print(f"engines build: {exc}", file=sys.stderr)

@@ -426,9 +426,12 @@ def test_the_default_launch_runs_the_reference_backend_from_its_config(
     assert params["tensorrt.enabled"] is False
     assert node.kwargs["arguments"] == ["--ros-args", "--log-level", "info"]
     audio = {a.kwargs["executable"]: a for a in created if type(a).__name__ == "Node"}
-    assert set(audio) == {"mic_node", "speaker_node"}
+    assert set(audio) == {"mic_node", "speaker_node", "omni_live_view"}
     assert audio["mic_node"].kwargs["condition"].args[0].name == "with_mic"
     assert audio["speaker_node"].kwargs["parameters"][0]["sample_rate"] == 24000
+    live = audio["omni_live_view"]
+    assert live.kwargs["condition"].args[0].name == "with_foxglove"
+    assert live.kwargs["parameters"][0] == {"port": 8765, "use_sim_time": False}
 
 
 def test_launch_arguments_reach_the_node_parameters(launch_double: LaunchApiDouble) -> None:

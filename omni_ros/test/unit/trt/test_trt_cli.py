@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omni_ros.core.errors import EngineError
 from omni_ros.tensorrt.cache import ENGINE_FILE, EngineCache, Environment
 from omni_ros.tools.engines_cli import add_engines_subparser, main, run_verify
 from trt_cache_workers import fake_manifest
@@ -162,3 +163,48 @@ def test_building_minicpmo_engines_runs_no_remote_code_without_trust_and_a_revis
     assert "trust_remote_code" in capsys.readouterr().err
     assert main([*base, "--trust-remote-code"]) == 2
     assert "revision is required" in capsys.readouterr().err
+
+
+def test_a_full_size_export_that_cannot_fit_in_memory_is_refused_at_once(tmp_path: Path) -> None:
+    import os
+
+    from omni_ros.tools.engines_cli import available_memory_bytes, reference_export_bytes
+
+    params, needed = reference_export_bytes("full")
+    assert params > 9e9  # MiniCPM-o 4.5's dimensions: the whole model is built in fp32
+    available = available_memory_bytes()
+    if available is None or available >= needed:
+        pytest.skip(f"this machine has {available} bytes available, enough for {needed}")
+    result = subprocess.run(
+        [sys.executable, "-m", "omni_ros.tools.cli", "engines", "build", "--backend",
+         "reference", "--onnx-only", str(tmp_path / "onnx")],
+        capture_output=True, text=True, timeout=120, env=os.environ.copy(),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "GiB of memory" in result.stderr
+    assert "--size tiny" in result.stderr
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_the_memory_check_passes_when_there_is_room_or_no_figure() -> None:
+    from omni_ros.tools.engines_cli import check_memory
+
+    check_memory(10, 11, "x")
+    check_memory(10, None, "x")
+    with pytest.raises(EngineError, match="needs about"):
+        check_memory(10 << 30, 1 << 30, "x")
+
+
+def test_onnx_export_reports_progress_per_component(tmp_path: Path, capsys) -> None:
+    from omni_ros.tools.cli import main
+
+    code = main(
+        ["engines", "build", "--backend", "reference", "--size", "tiny",
+         "--components", "audio,vocoder", "--onnx-only", str(tmp_path / "onnx")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "building the tiny reference model" in out
+    assert "[1/2] audio: exporting to ONNX" in out
+    assert "[2/2] vocoder: exporting to ONNX" in out
