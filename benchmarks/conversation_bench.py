@@ -31,7 +31,7 @@ of robot speech, late chunks at the speaker, and the per-unit breakdown (unit cl
 generate -> publish, publish -> play).
 
     python benchmarks/conversation_bench.py              # default run, ~10 min on 2 cores
-    python benchmarks/conversation_bench.py --quick      # ~3 min
+    python benchmarks/conversation_bench.py --quick      # ~5 min
     python benchmarks/conversation_bench.py --trials 20 --scenarios duplex slow --json out.json
 
 Needs a built and sourced workspace (``make build``; ``. install/setup.sh``) and espeak-ng.
@@ -132,7 +132,7 @@ class Probe:
         self.lock = threading.Lock()
         self.states: list[tuple[int, int, int, int, float]] = []  # recv, stamp, index, mode, ms
         self.speech_log: list[tuple[int, int, int]] = []  # recv, stamp, samples
-        self.speech_first: list[bytes] = []  # the first block speaker_node writes of each
+        self.speech_data: list[bytes] = []  # the PCM of each (speaker_node writes it unchanged)
         self.flush_msgs: list[dict[str, int]] = []
         self.playback: list[dict[str, int]] = []
         self.proactive = 0
@@ -164,7 +164,7 @@ class Probe:
         with self.lock:
             self.states.clear()
             self.speech_log.clear()
-            self.speech_first.clear()
+            self.speech_data.clear()
             self.flush_msgs.clear()
             self.playback.clear()
             self.proactive = 0
@@ -191,7 +191,7 @@ class Probe:
         entry = (time.time_ns(), self._ns(msg.header.stamp), len(data) // 2)
         with self.lock:
             self.speech_log.append(entry)
-            self.speech_first.append(data[:BLOCK_BYTES])
+            self.speech_data.append(data)
 
     def _on_proactive(self, _msg: Any) -> None:
         with self.lock:
@@ -428,21 +428,26 @@ class Session:
             for line in self.timing_path.read_text().splitlines():
                 units.append(json.loads(line))
         with self.probe.lock:
-            pairs = sorted(zip(self.probe.speech_log, self.probe.speech_first, strict=True))
+            pairs = sorted(zip(self.probe.speech_log, self.probe.speech_data, strict=True))
         chunks = [c for c, _ in pairs]
-        firsts = [f for _, f in pairs]
-        # speaker_node plays its queue in arrival order, one chunk after the other, each starting
-        # with a block of its first BLOCK_BYTES: walk both in order (chunks it skipped were
-        # flushed). Matching by content alone fails: the reference voice repeats itself.
+        datas = [d for _, d in pairs]
+        # speaker_node plays its queue in arrival order, each chunk as consecutive BLOCK_BYTES
+        # writes of its own PCM (24 kHz in and out: no resampling), a flush cutting one short.
+        # Walk both in order, checking every block's bytes; a block that does not continue the
+        # current chunk starts the next one that begins with it (chunks skipped were flushed).
+        # Content alone is ambiguous: the reference voice repeats 40 ms speech tokens.
         played_chunks: dict[tuple[int, int, int], int] = {}
-        pointer = 0
+        pointer, current, offset = 0, -1, 0
         for start, _end, data in self.played():
+            if current >= 0 and datas[current][offset : offset + len(data)] == data:
+                offset += len(data)
+                continue
             for k in range(pointer, len(chunks)):
                 if chunks[k][0] > start:
                     break
-                if firsts[k] == data:
+                if datas[k][: len(data)] == data:
                     played_chunks[chunks[k]] = start
-                    pointer = k + 1
+                    pointer, current, offset = k + 1, k, len(data)
                     break
         close_prefill, gen_publish, publish_play = [], [], []
         units.sort(key=lambda u: u["generated_ns"])
@@ -767,7 +772,9 @@ def print_table(name: str, s: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 trials a scenario (~3 min)")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 trials a scenario, 25 s per echo path (~5 min)"
+    )
     parser.add_argument("--trials", type=int, default=None, help="trials per scenario (default 12)")
     parser.add_argument(
         "--scenarios",
