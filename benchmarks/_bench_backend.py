@@ -28,32 +28,31 @@ import random
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from omni_ros.backends.reference import ReferenceBackend, ReferenceConfig
 from omni_ros.core.errors import ConfigError
 from omni_ros.core.types import FloatArray, Unit, UnitResult
 
-_OWN_KEYS = ("plan_path", "timing_path", "delay_min_ms", "delay_max_ms", "delay_seed")
-
 
 @dataclass(frozen=True)
 class PlannedConfig:
-    """Settings of :class:`PlannedBackend`; every other key goes to the reference backend."""
+    """Settings of :class:`PlannedBackend` (the node checks parameter names against these fields);
+    ``size``, ``seed`` and ``num_threads`` are the reference backend's own."""
 
     plan_path: str = ""
     timing_path: str = ""
     delay_min_ms: float = 0.0
     delay_max_ms: float = 0.0
     delay_seed: int = 0
-    reference: dict[str, Any] = field(default_factory=dict)
+    size: str = "tiny"
+    seed: int = 7
+    num_threads: int = 1
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> PlannedConfig:
-        data = dict(mapping or {})
-        own = {k: data.pop(k) for k in _OWN_KEYS if k in data}
-        config = cls(**own, reference=data)
+        config = cls(**dict(mapping or {}))
         if not config.plan_path or not config.timing_path:
             raise ConfigError("bench_planned needs plan_path and timing_path")
         if not 0 <= config.delay_min_ms <= config.delay_max_ms:
@@ -68,7 +67,12 @@ class PlannedBackend:
     config_class: ClassVar[type[PlannedConfig]] = PlannedConfig
 
     def __init__(self, config: PlannedConfig) -> None:
-        ref = {**config.reference, "speak_schedule": "S"}
+        ref = {
+            "size": config.size,
+            "seed": config.seed,
+            "num_threads": config.num_threads,
+            "speak_schedule": "S",
+        }
         self.config = config
         self.inner = ReferenceBackend(ReferenceConfig.from_mapping(ref))
         self.input_sample_rate = self.inner.input_sample_rate
