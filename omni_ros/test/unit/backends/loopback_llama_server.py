@@ -490,17 +490,19 @@ class LoopbackLlamaServer:
         if self.generation == LLAMA_SERVER:
             model_dir = str(body.get("model_dir", "./tools/omni/convert/gguf/"))
             body = {**body, "tts_bin_dir": body.get("tts_bin_dir", model_dir + "token2wav-gguf")}
-            root = model_dir.rstrip("/")
+            root: str | None = model_dir.rstrip("/")
+            checks = (("apm", "apm"), ("tts", "tts"), ("vision", "vision"))
         else:
-            # model_dir and voice_audio are ignored: paths come from the server's own -m.
-            root = self.model_dir or ""
-        if root or self.generation == LLAMA_SERVER:
-            for role, rel in _MODEL_FILES.items():
-                if role == "tts" and not use_tts:
-                    continue
-                path = f"{root}/{rel}"
-                if not Path(path).is_file():
-                    raise _HttpError(500, f"omni_init missing required model file ({role}): {path}")
+            # model_dir and voice_audio are ignored: paths come from the server's own -m, checked
+            # in this order with these names (server-omni.cpp omni_init check_file).
+            root = self.model_dir
+            checks = (("vision", "vision"), ("audio", "apm"), ("tts", "tts"))
+        for role, key in checks if root is not None else ():
+            if key == "tts" and not use_tts:
+                continue
+            path = f"{root}/{_MODEL_FILES[key]}"
+            if not Path(path).is_file():
+                raise _HttpError(500, f"omni_init missing required model file ({role}): {path}")
         self.init_body = dict(body)
         self.init_count += 1
         self.initialized = True
@@ -667,6 +669,11 @@ class LoopbackLlamaServer:
                 return
             sid = uuid.uuid4().hex
             self._active = {"session_id": sid, "conn": conn, "state": "active"}
+        if self.model_dir is not None and not all(
+            Path(self.model_dir, rel).is_file() for rel in _MODEL_FILES.values()
+        ):
+            self._fail_fast(conn, sid, "omni_init_failed")  # create_session_octx: omni_init failed
+            return
         voice = payload.get("voice", {})
         ref = voice.get("ref_audio", "") if isinstance(voice, dict) else ""
         if ref:
@@ -807,10 +814,16 @@ class LoopbackLlamaServer:
         }
 
     def _fail_fast(self, conn: _WsConn, sid: str, reason: str) -> None:
+        """handle_ws_backend fail_fast: session.closed, SessionManager::close, then the socket."""
         self.closed_reasons.append(reason)
         conn.send({"type": "session.closed", "session_id": sid, "reason": reason})
+        with self.lock:
+            if self._active is not None and self._active["session_id"] == sid:
+                self._active = None
+                if self._ws_tts is not None:
+                    tts, self._ws_tts = self._ws_tts, None
+                    threading.Thread(target=tts.stop, daemon=True).start()
         conn.close()
-        self._teardown(sid)
 
     def _teardown(self, sid: str) -> None:
         """omni_prepare_for_reuse + SessionManager::close: takes ``teardown_s``."""

@@ -568,6 +568,28 @@ def test_finding_llama_omni_server_http_has_no_break_and_interrupt_still_forces_
     backend.close()
 
 
+@pytest.mark.parametrize("transport", ["websocket", "http"])
+def test_llama_omni_server_without_its_models_is_a_clear_error(
+    tmp_path: Path, transport: str
+) -> None:
+    # As seen on a real llama-omni-server build whose -m folder lacks the sub-models.
+    server = LoopbackLlamaWsServer(model_dir=str(tmp_path / "models")).start()
+    try:
+        if transport == "websocket":
+            backend = ws_backend(server)
+            expected: type[Exception] = BackendUnavailable
+            reason = "omni_init_failed"
+        else:
+            backend = http_backend(server, tmp_path, server=LLAMA_OMNI_SERVER, model_dir="")
+            expected, reason = BackendError, r"missing required model file \(vision\)"
+        with pytest.raises(expected, match=reason):
+            backend.prepare("Streaming Omni Conversation.")
+        assert not server.session_active  # a failed init leaves no session behind
+        backend.close()
+    finally:
+        server.stop()
+
+
 def test_finding_llama_omni_server_bare_500_context_loss_reinitialises(
     tmp_path: Path,
 ) -> None:
