@@ -1256,6 +1256,8 @@ class LlamaCppOmniBackend:
         self._units_since_prepare = 0
         self._turn_open = False
         self._turn_audio = False
+        #: The last result had text (a speaking unit, not a tail).
+        self._spoke_last = False
         self._prompt = DEFAULT_SYSTEM_PROMPT
         self._ref_voice: FloatArray | None = None
         self._warned_texts = False
@@ -1383,8 +1385,15 @@ class LlamaCppOmniBackend:
             self._turn_open = self._turn_audio = False
             return UnitResult(is_listen=True, timings_ms=timings)
         text, chunks = unit.text, unit.audio
-        if unit.kind != "speak" and not text and not chunks and self._turn_open:
-            # The model stopped speaking; the turn's final window is rendered only now.
+        if (
+            unit.kind != "speak"
+            and not text
+            and not chunks
+            and self._turn_open
+            and self._spoke_last
+        ):
+            # The model stopped speaking right after speech: the turn's final window is rendered
+            # only now. (Only then: after a tail unit the final window has most likely come.)
             t2 = time.perf_counter()
             late_text, chunks = self._ws.wait_audio(self.config.audio_wait_s)
             text += late_text
@@ -1401,6 +1410,7 @@ class LlamaCppOmniBackend:
         self, text: str, audio: FloatArray | None, done: bool, timings: dict[str, float]
     ) -> UnitResult:
         self._counters["speaking_units"] += 1
+        self._spoke_last = True
         self._turn_open = not done
         self._turn_audio = self._turn_open and (self._turn_audio or audio is not None)
         return UnitResult(
@@ -1410,6 +1420,7 @@ class LlamaCppOmniBackend:
     def _tail(self, audio: FloatArray | None, done: bool, timings: dict[str, float]) -> UnitResult:
         """The model listens, but the turn's speech is still arriving: a speaking unit, no text."""
         self._counters["tail_units"] += 1
+        self._spoke_last = False
         self._turn_open = not done
         self._turn_audio = self._turn_open
         return UnitResult(is_listen=False, audio=audio, end_of_turn=done, timings_ms=timings)

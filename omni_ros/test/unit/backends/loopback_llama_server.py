@@ -242,7 +242,8 @@ class _WsConn:
                 elif length == 127:
                     length = int.from_bytes(self._read(8), "big")
                 mask = self._read(4) if head[1] & 0x80 else b"\0\0\0\0"
-                data = bytes(b ^ mask[i % 4] for i, b in enumerate(self._read(length)))
+                raw = np.frombuffer(self._read(length), dtype=np.uint8)
+                data = (raw ^ np.resize(np.frombuffer(mask, dtype=np.uint8), raw.size)).tobytes()
                 if opcode == 0x8:
                     self._frame(0x8, data[:2])
                     self.open = False
