@@ -440,6 +440,7 @@ class VllmOmniBackend:
         self._url = config.urls[0]
         self._session_id = ""
         self._resume_token = ""
+        self._incarnation = 0
         self._capabilities: dict[str, Any] = {}
         self._last_seq = 0
         self._acked_seq = 0
@@ -1030,7 +1031,10 @@ class VllmOmniBackend:
         extra_body: dict[str, Any] = {
             # emitter.py: auto_responds(): the model answers streamed audio without commits.
             "auto_response": True,
-            # Older servers' switch for the model-native lane (folded into auto_response later).
+            # The model-native lane's switch in earlier server generations, which otherwise serve a
+            # plain turn-based session adapter (minicpmo_4_5/duplex/adapter.py: is_enabled in the
+            # August 2026 code, checked against that code's handler); later folded into the plugin.
+            "minicpmo45_native_duplex": True,
             "native_duplex": True,
             "force_listen_count": cfg.force_listen_count,
         }
@@ -1160,6 +1164,16 @@ class VllmOmniBackend:
                         f"vllm-omni at {url}: server fell back to turn-based (session.created has no "
                         "capabilities); deploy with session_mode: duplex"
                     )
+                level = caps.get("implementation_level", "model_native_duplex")
+                if level != "model_native_duplex" or caps.get("supports_input_append") is False:
+                    # An earlier handler serves its generic session adapter unless told otherwise
+                    # (minicpmo_4_5/duplex/adapter.py: is_enabled): it would never decide on
+                    # streamed units.
+                    self._end_session()
+                    raise ConfigError(
+                        f"vllm-omni at {url} opened a {level!r} session, not a model-native duplex "
+                        "one (no input append); deploy MiniCPM-o with session_mode: duplex"
+                    )
                 period = caps.get("chunk_period_ms", SERVER_UNIT_MS)
                 if period != SERVER_UNIT_MS:
                     self._end_session()
@@ -1170,6 +1184,8 @@ class VllmOmniBackend:
                 self._capabilities = caps
                 self._session_id = str(session.get("id", ""))
                 self._resume_token = str(event.get("resume_token", ""))
+                incarnation = event.get("incarnation", 0)
+                self._incarnation = incarnation if isinstance(incarnation, int) else 0
                 self._last_seq = _seq(event, default=0)
                 self._acked_seq = 0
                 self._audio_end_ms = 0
@@ -1201,6 +1217,9 @@ class VllmOmniBackend:
                         "type": "session.resume",
                         "session_id": self._session_id,
                         "resume_token": self._resume_token,
+                        # Required by earlier server generations (their parse_resume_request
+                        # refuses a resume without it: invalid_session_resume); ignored later.
+                        "incarnation": self._incarnation,
                         # serving.py: parse_resume_request wants a non-negative sequence.
                         "last_received_server_event_seq": max(0, self._last_seq),
                     }

@@ -69,6 +69,14 @@ Playback truth
   ``conversation.item.truncate`` cuts it hard (``projection: resolve_truncate_item``; unknown item:
   ``item_not_found``). ``history_ms`` is what the tests read.
 
+Server generations: ``generation="2026-08"`` reproduces the August 2026 handler
+(chickeyton/vllm-omni branch fullduplex3, run against this client on loopback): without
+``extra_body.minicpmo45_native_duplex: true`` it serves its generic, non-native session adapter,
+and ``session.resume`` without ``incarnation`` is ``invalid_session_resume``
+(``entrypoints/duplex/realtime_input.py: parse_resume_request`` there). ``supports_barge_in=False``
+advertises what that generation advertised for MiniCPM-o; ``barge_in`` is then refused with
+``barge_in_unsupported`` (``session/helpers.py: barge_in_unsupported_error``).
+
 Fault switches: ``fault`` = ``"drop_mid_turn"`` (cut the socket after the next audio delta, before
 its transcript; the session survives for resume), ``"hang"`` (appends swallowed), ``"malformed"``
 (the next event is broken JSON), ``"ack_too_late"`` (the next ``playback.ack`` is refused with
@@ -178,7 +186,13 @@ class LoopbackVllmServer:
         continuation_period_s: float = 1.0,
         teardown_s: float = 0.05,
         idle_timeout_s: float = 300.0,
+        generation: str = "current",
+        supports_barge_in: bool = True,
     ) -> None:
+        if generation not in ("current", "2026-08"):
+            raise ValueError(f"unknown server generation {generation!r}")
+        self.generation = generation
+        self.supports_barge_in = supports_barge_in
         self.max_sessions = max_sessions
         self.duplex = duplex
         self.disconnect_grace_s = disconnect_grace_s
@@ -396,12 +410,26 @@ class LoopbackVllmServer:
             "turn_detection": config.get("turn_detection"),
             "playback": {"generated_ms": 0, "sent_ms": 0, "played_ms": 0, "committed_ms": 0},
         }
-        if self.duplex:
-            # minicpmo_4_5/duplex/capabilities.py: minicpmo45_native_capabilities
+        native = self.generation == "current" or extra.get("minicpmo45_native_duplex") is True
+        if self.duplex and not native:
+            # The August 2026 handler serves its generic session adapter unless extra_body asks
+            # for the native lane (minicpmo_4_5/duplex/adapter.py: is_enabled; serving.py:
+            # _uses_native_input_append; capabilities of the registry default, as served there).
+            info["capabilities"] = {
+                "implementation_level": "serving_session_adapter",
+                "supports_input_append": False,
+                "supports_barge_in": True,
+                "supports_session_resume": False,
+                "chunk_period_ms": 1000,
+                "input_modes": ["turn_commit_only", "reencode_context"],
+            }
+        elif self.duplex:
+            # minicpmo_4_5/duplex/capabilities.py: minicpmo45_native_capabilities (the August 2026
+            # generation served supports_barge_in: false for MiniCPM-o)
             info["capabilities"] = {
                 "implementation_level": "model_native_duplex",
                 "supports_input_append": True,
-                "supports_barge_in": True,
+                "supports_barge_in": self.supports_barge_in,
                 "supports_session_resume": True,
                 "supports_session_lease": True,
                 "supports_audio_truncate": True,
@@ -413,6 +441,7 @@ class LoopbackVllmServer:
             "type": "session.created",
             "event_id": _event_id(),
             "attachment_generation": 1,
+            "incarnation": 0,
             "resume_token": session.resume_token,
             "session": info,
         }
@@ -424,8 +453,10 @@ class LoopbackVllmServer:
         self._reap()
         session_id, token = msg.get("session_id"), msg.get("resume_token")
         last = msg.get("last_received_server_event_seq", 0)
+        incarnation_ok = self.generation == "current" or isinstance(msg.get("incarnation"), int)
         if (
-            not isinstance(session_id, str)
+            not incarnation_ok
+            or not isinstance(session_id, str)
             or not session_id
             or not isinstance(token, str)
             or not token
@@ -533,6 +564,17 @@ class LoopbackVllmServer:
             self._append(s, msg)
         elif kind == "barge_in":
             s.barge_ins += 1
+            if not self.supports_barge_in:
+                # runner.py: _on_cancel -> helpers.barge_in_unsupported_error
+                self._emit(
+                    s,
+                    _error(
+                        "barge_in_unsupported",
+                        "Barge-in is not supported by this duplex model",
+                        event_id,
+                    ),
+                )
+                return True
             self._cancel(s, reason="barge_in", clear_input=True)
         elif kind == "response.cancel":
             s.cancels += 1

@@ -736,3 +736,69 @@ def test_a_missing_or_broken_ref_audio_file_is_a_config_error_at_configure(tmp_p
     broken.write_bytes(b"not a wav")
     with pytest.raises(ConfigError, match="ref_audio_path"):
         VllmOmniConfig.from_mapping({"ref_audio_path": str(broken)})
+
+
+# ------------------------------------------------------- the August 2026 server (run on loopback)
+
+
+def test_an_earlier_server_generation_opens_its_native_lane_and_resumes() -> None:
+    # Found by running the client against that generation's own handler (fullduplex3): without
+    # minicpmo45_native_duplex the session is its generic adapter and never decides on units;
+    # without incarnation its session.resume is refused.
+    server = LoopbackVllmServer(
+        generation="2026-08", supports_barge_in=False, continuation_period_s=NO_CONTINUATION
+    ).start()
+    try:
+        backend = make_backend(server.url)
+        backend.prepare(PROMPT, ref_voice=voice())
+        extra = sent(server, "session.update")[0]["session"]["extra_body"]
+        assert extra["minicpmo45_native_duplex"] is True
+        assert backend.capabilities["implementation_level"] == "model_native_duplex"
+        session_id = backend.session_id
+        server.fault = "drop_mid_turn"
+        assert not run(backend, 0, speech=True).is_listen
+        (resume,) = sent(server, "session.resume")
+        assert resume["incarnation"] == 0
+        assert backend.session_id == session_id
+        backend.close()
+    finally:
+        server.stop()
+
+
+def test_a_non_native_session_is_refused_with_a_config_error() -> None:
+    server = LoopbackVllmServer(generation="2026-08").start()
+    try:
+        backend = make_backend(server.url)
+        original = backend._session_object
+
+        def without_flag() -> dict[str, Any]:
+            session = original()
+            session["extra_body"].pop("minicpmo45_native_duplex")
+            return session
+
+        backend._session_object = without_flag  # type: ignore[method-assign]
+        with pytest.raises(ConfigError, match="serving_session_adapter"):
+            backend.prepare(PROMPT, ref_voice=voice())
+        backend.close()
+    finally:
+        server.stop()
+
+
+def test_without_server_barge_in_the_client_cancels_the_active_response() -> None:
+    server = LoopbackVllmServer(
+        supports_barge_in=False, continuation_period_s=NO_CONTINUATION
+    ).start()
+    try:
+        backend = make_backend(server.url)
+        backend.prepare(PROMPT, ref_voice=voice())
+        assert not run(backend, 0, speech=True).is_listen
+        backend.interrupt()
+        assert run(backend, 1).is_listen
+        wait_for(lambda: len(sent(server, "response.cancel")) == 1)
+        assert sent(server, "barge_in") == []
+        assert sent(server, "response.cancel")[0]["response_id"] == "resp_01"
+        run(backend, 2)
+        assert backend.stats.get("error.barge_in_unsupported", 0) == 0
+        backend.close()
+    finally:
+        server.stop()
