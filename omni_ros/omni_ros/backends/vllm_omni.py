@@ -7,7 +7,9 @@ The facts this module relies on are collected in ``docs/FLEET.md``.
 Session
     Connect ``ws://host:port/v1/realtime?duplex=1`` and send ``session.update`` (instructions, pcm16
     in and out, the voice as a WAV data URI, ``turn_detection``, ``overlap_policy`` and
-    ``extra_body{auto_response: true, force_listen_count, duplex_initial_user_text}``). MiniCPM-o
+    ``extra_body{auto_response: true, force_listen_count, duplex_initial_user_text}``, plus
+    ``minicpmo45_native_duplex: true``, which the previous server generation needs for the native
+    lane). MiniCPM-o
     refuses a session without a voice with ``ref_audio_required``
     (``model_executor/models/minicpmo_4_5/duplex/plugin.py: prepare_runtime_config``), so
     :meth:`VllmOmniBackend.prepare` refuses it first. ``auto_response: true`` is what makes the
@@ -394,6 +396,7 @@ class _Response:
     done: bool = False
     end_reported: bool = False  # a result already said end_of_turn for it
     cancelled_by_us: bool = False
+    cut: bool = False  # a barge-in already reported where its playback stopped
     #: scheduled mode: (start monotonic s, samples) of each returned chunk, in play order.
     schedule: list[tuple[float, int]] = field(default_factory=list)
 
@@ -955,7 +958,7 @@ class VllmOmniBackend:
         response = self._active
         if response is None:
             recent = next(reversed(self._responses.values()), None) if self._responses else None
-            if recent is not None and recent.returned_samples and not recent.cancelled_by_us:
+            if recent is not None and recent.returned_samples and not recent.cut:
                 response = recent  # completed, but its speech may still have been playing
         heard = 0
         if response is not None:
@@ -990,6 +993,7 @@ class VllmOmniBackend:
             )
         if response is not None:
             response.cancelled_by_us = not response.done
+            response.cut = True
             returned_ms = round(response.returned_samples * 1000 / OUTPUT_SAMPLE_RATE)
             if 0 < heard < returned_ms and self._capabilities.get("supports_audio_truncate", False):
                 # The hard history cut at what the user heard (realtime_events.py:

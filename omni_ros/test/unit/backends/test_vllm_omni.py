@@ -397,6 +397,10 @@ def test_barge_in_after_the_response_completed_still_cuts_history_to_what_was_he
     assert sent(vllm_server, "conversation.item.truncate")[0]["audio_end_ms"] == 1100
     wait_for(lambda: vllm_server.session().history_ms.get("item_resp_01") == 1100)
     assert backend.stats.get("error.response_not_active", 0) == 0
+    backend.interrupt()  # a second barge-in has nothing more to cut
+    assert run(backend, 3).is_listen
+    wait_for(lambda: vllm_server.session().barge_ins == 2)
+    assert len(sent(vllm_server, "conversation.item.truncate")) == 1
     backend.close()
 
 
