@@ -6,6 +6,7 @@ float32 in [-1, 1] (see :mod:`omni_ros.core.types`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -292,3 +293,125 @@ class OutputChunker:
         """Drop anything held back (e.g. on barge-in); the next push starts a new stream."""
         self._pending = np.zeros(0, np.float32)
         self._origin_ns, self._emitted = 0, 0
+
+
+# --------------------------------------------------------------------------- WAV files, checked first
+#: WAV format tags accepted by :func:`inspect_wav`: PCM, IEEE float, WAVE_FORMAT_EXTENSIBLE.
+_WAV_FORMATS = {1: "PCM", 3: "IEEE float", 0xFFFE: "extensible"}
+MAX_WAV_CHANNELS = 32
+"""More channels than any microphone array we know of: beyond this it is a crafted header."""
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    """What a WAV header promises, checked against the file's real size by :func:`inspect_wav`.
+
+    Attributes:
+        sample_rate: frames per second.
+        channels: interleaved channels.
+        bits_per_sample: 8, 16, 24, 32 or 64.
+        frames: whole frames the data chunk really holds (a truncated file gives fewer).
+    """
+
+    sample_rate: int
+    channels: int
+    bits_per_sample: int
+    frames: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def inspect_wav(data: bytes) -> WavInfo:
+    """Check a WAV file's header without decoding its samples (cheap: reads the chunk headers).
+
+    A header can lie (zero channels, a block align of 0, a data chunk larger than the file);
+    decoders divide by those fields, so they are checked here first and a crafted file is a
+    :class:`DecodeError` with the reason, never a ``ZeroDivisionError`` in a service callback.
+
+    Raises:
+        DecodeError: not RIFF/WAVE, no ``fmt `` or ``data`` chunk, an unsupported format tag, a
+            channel count outside 1..32, a sample rate outside 1..384000, a block align that is not
+            ``channels * bits / 8``, or no whole frame of data.
+    """
+    import struct
+
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise DecodeError("not a WAV file (no RIFF/WAVE header)")
+    fmt: tuple[int, int, int, int, int] | None = None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk_id, size = data[offset : offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        body = offset + 8
+        if chunk_id == b"fmt ":
+            if size < 16 or body + 16 > len(data):
+                raise DecodeError(f"WAV 'fmt ' chunk is truncated ({size} bytes, 16 needed)")
+            tag, channels, rate, _byte_rate, align, bits = struct.unpack_from("<HHIIHH", data, body)
+            fmt = (tag, channels, rate, align, bits)
+        elif chunk_id == b"data":
+            if fmt is None:
+                raise DecodeError("WAV 'data' chunk comes before its 'fmt ' chunk")
+            return _checked_wav(fmt, min(size, len(data) - body))
+        offset = body + size + (size & 1)  # chunks are word aligned
+    raise DecodeError("WAV file has no 'fmt ' or no 'data' chunk (truncated header?)")
+
+
+def _checked_wav(fmt: tuple[int, int, int, int, int], data_bytes: int) -> WavInfo:
+    tag, channels, rate, align, bits = fmt
+    if tag not in _WAV_FORMATS:
+        raise DecodeError(f"WAV format tag {tag:#x} unsupported; use PCM or IEEE float")
+    if not 1 <= channels <= MAX_WAV_CHANNELS:
+        raise DecodeError(f"WAV header says {channels} channels; expected 1..{MAX_WAV_CHANNELS}")
+    if not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise DecodeError(f"WAV header says {rate} Hz; expected 1..{MAX_SAMPLE_RATE}")
+    if bits not in (8, 16, 24, 32, 64) or align != channels * bits // 8:
+        raise DecodeError(
+            f"WAV header is inconsistent: block align {align} for {channels} channel(s) of "
+            f"{bits} bits (expected {channels * bits // 8})"
+        )
+    frames = data_bytes // align
+    if frames == 0:
+        raise DecodeError("WAV file holds no audio frame")
+    return WavInfo(int(rate), int(channels), int(bits), int(frames))
+
+
+class ArrivalStamper:
+    """The unstamped-input policy: a chunk stamped 0 is stamped on arrival, and counted.
+
+    Many drivers publish ``header.stamp`` 0. Left as is, every such chunk would claim the same
+    instant (overlapping, then counted as late or duplicate, and units of the wrong length reach
+    the backend). Instead its first sample is placed at ``arrival - duration``; while chunks keep
+    arriving within ``tolerance_ns`` of where the previous one ended they are laid end to end, so
+    arrival jitter makes neither gaps nor overlaps. Stamped chunks pass unchanged.
+
+    Args:
+        tolerance_ns: how far arrival jitter may move a chunk before the stream is re-anchored.
+    """
+
+    def __init__(self, tolerance_ns: int = 100_000_000) -> None:
+        self.tolerance_ns = tolerance_ns
+        #: chunks that arrived unstamped (and were stamped here).
+        self.unstamped = 0
+        self._next_ns: int | None = None
+
+    def stamp(self, raw: RawAudio, arrival_ns: int) -> RawAudio:
+        """``raw``, stamped on arrival if its stamp is 0 (a malformed chunk passes unchanged: the
+        decoder counts it)."""
+        if raw.stamp_ns != 0:
+            return raw
+        try:
+            frames = audio_frames(raw)
+        except DecodeError:
+            return raw
+        self.unstamped += 1
+        duration_ns = _offset_ns(frames, raw.sample_rate)
+        start_ns = arrival_ns - duration_ns
+        if self._next_ns is not None and abs(start_ns - self._next_ns) <= self.tolerance_ns:
+            start_ns = self._next_ns
+        self._next_ns = start_ns + duration_ns
+        return dataclasses.replace(raw, stamp_ns=max(start_ns, 1))
+
+    def reset(self) -> None:
+        """Forget the stream (a new configure, a clock jump)."""
+        self._next_ns = None

@@ -59,6 +59,7 @@ from omni_ros.core.errors import (
     OmniError,
     StateError,
 )
+from omni_ros.core.images import check_image
 from omni_ros.core.proactive import ProactiveClassifier
 from omni_ros.core.session import DuplexSession, SessionConfig
 from omni_ros.core.timeline import Timeline, TimelineConfig
@@ -584,7 +585,22 @@ class OmniFlow:
         for raw in audio:
             self._ingest_audio(raw)
         self._release_audio(self.clock.now_ns())
+        future_ns = self.clock.now_ns() + self.timeline.config.max_future_ns
         for image in images:
+            # Checked on arrival (header only): a frame no unit chooses is never decoded, so a
+            # malformed or far-future one would otherwise be dropped uncounted (issue 15).
+            try:
+                check_image(image)
+            except DecodeError as exc:
+                self.counters.decode_errors += 1
+                self.counters.dropped_frames += 1
+                self._log.warning("decode_image", f"dropped a malformed image: {exc}")
+                continue
+            if image.stamp_ns > future_ns:
+                self.counters.future_messages += 1
+                self.counters.dropped_frames += 1
+                self._log.warning("future_image", "dropped an image stamped in the future")
+                continue
             try:
                 self.timeline.push_frame(image)
             except OmniError as exc:

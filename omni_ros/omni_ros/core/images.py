@@ -22,8 +22,10 @@ from PIL import Image, UnidentifiedImageError
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import ImageArray, RawImage, VideoFrame
 
-DEFAULT_MAX_PIXELS = 40_000_000
-"""Largest accepted image (width * height): beyond this it is a corrupt header or a bomb."""
+DEFAULT_MAX_PIXELS = 3840 * 2160
+"""Largest accepted image (width * height, 4K UHD = 8.3 MP, 25 MB as RGB): robot cameras send
+at most this; beyond it is a corrupt header or a decompression bomb (a 48 KB PNG can claim
+6000x6000, 108 MB decoded). Checked from the header, before anything is decoded."""
 
 # encoding -> (bytes per pixel, kind)
 _RAW_ENCODINGS: dict[str, tuple[int, str]] = {
@@ -75,7 +77,24 @@ def decode_image(
     return VideoFrame(raw.stamp_ns, rgb)
 
 
-def _decode_raw(raw: RawImage, max_pixels: int, mono16_mode: str, yuv_range: str) -> ImageArray:
+def check_image(raw: RawImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Every check :func:`decode_image` makes that needs no pixel work (cheap; for arrival).
+
+    Frames are decoded lazily, only when a unit chooses them, so without this a malformed frame
+    that no unit chooses would be dropped without being counted. For compressed images only the
+    header is read (Pillow opens lazily), so a bomb's size is known before any decoding.
+
+    Raises:
+        DecodeError: see :func:`decode_image` (corrupt compressed pixel data is only found by
+            decoding it).
+    """
+    if not raw.compressed:
+        _check_raw(raw, max_pixels)
+        return
+    _compressed_size(raw, max_pixels)
+
+
+def _check_raw(raw: RawImage, max_pixels: int) -> tuple[int, str]:
     entry = _RAW_ENCODINGS.get(raw.encoding.strip().lower())
     if entry is None:
         raise DecodeError(
@@ -99,6 +118,12 @@ def _decode_raw(raw: RawImage, max_pixels: int, mono16_mode: str, yuv_range: str
         )
     if kind in ("uyvy", "yuyv") and width % 2:
         raise DecodeError(f"YUV 4:2:2 image needs an even width, got {width}")
+    return bpp, kind
+
+
+def _decode_raw(raw: RawImage, max_pixels: int, mono16_mode: str, yuv_range: str) -> ImageArray:
+    bpp, kind = _check_raw(raw, max_pixels)
+    width, height, step = raw.width, raw.height, raw.step
     # Zero-copy: rows of `step` bytes, padding cut off by slicing (a strided view).
     rows = np.frombuffer(raw.data, dtype=np.uint8, count=step * height).reshape(height, step)
     pixels = rows[:, : width * bpp]
@@ -165,7 +190,8 @@ def _yuv422_to_rgb(macro: npt.NDArray[np.uint8], order: str, yuv_range: str) -> 
     return np.rint(rgb).astype(np.uint8)
 
 
-def _decode_compressed(raw: RawImage, max_pixels: int) -> ImageArray:
+def _compressed_size(raw: RawImage, max_pixels: int) -> tuple[int, int]:
+    """The compressed image's size from its header alone (no pixel is decoded)."""
     fmt = raw.encoding.strip().lower()
     if "compresseddepth" in fmt:
         raise DecodeError(f"compressed image format {raw.encoding!r} is not supported (depth)")
@@ -173,25 +199,33 @@ def _decode_compressed(raw: RawImage, max_pixels: int) -> ImageArray:
         raise DecodeError("compressed image has no data")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw.data)) as image:
+                kind, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"corrupt compressed image ({raw.encoding!r}): {exc}") from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"compressed image exceeds Pillow's bomb limit: {exc}") from exc
+    if kind not in _COMPRESSED_FORMATS:
+        raise DecodeError(f"compressed image is {kind}, not JPEG or PNG ({raw.encoding!r})")
+    if width <= 0 or height <= 0 or width * height > max_pixels:
+        raise DecodeError(
+            f"compressed image {width}x{height} has zero size or exceeds max_pixels={max_pixels}"
+        )
+    return width, height
+
+
+def _decode_compressed(raw: RawImage, max_pixels: int) -> ImageArray:
+    _compressed_size(raw, max_pixels)  # the header's size first: a bomb is never decoded
+    try:
+        with warnings.catch_warnings():
             # Pillow warns (then raises) about decompression bombs; we apply our own limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(raw.data))
-            if image.format not in _COMPRESSED_FORMATS:
-                raise DecodeError(
-                    f"compressed image is {image.format}, not JPEG or PNG ({raw.encoding!r})"
-                )
-            width, height = image.size
-            if width <= 0 or height <= 0 or width * height > max_pixels:
-                raise DecodeError(
-                    f"compressed image {width}x{height} has zero size or exceeds "
-                    f"max_pixels={max_pixels}"
-                )
             if image.format == "JPEG":
                 # Let libjpeg produce RGB directly for colour JPEGs (cheaper than a later convert).
                 image.draft("RGB", image.size)
             rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except DecodeError:
-        raise
     except (
         UnidentifiedImageError,
         OSError,
