@@ -9,12 +9,16 @@ import rclpy
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from omni_ros_msgs.action import Ask
 
 
 class AskHost:
     """Serves the ``omni/ask`` action from a small companion node with its own executor thread.
+
+    At most ``max_goals`` goals run at once; a goal beyond that (or while the node is inactive) is
+    rejected at once and counted in :attr:`rejected`.
 
     Why not the main node: an Ask goal blocks until the model's reply turn ends (seconds), so it
     needs a multi-threaded executor, and rclpy's MultiThreadedExecutor behaves badly with
@@ -29,7 +33,13 @@ class AskHost:
     node resolved, so namespaces and remaps of ``omni/ask`` still apply.
     """
 
-    def __init__(self, node: Any, execute: Any, accepting: Any) -> None:
+    def __init__(self, node: Any, execute: Any, accepting: Any, max_goals: int = 2) -> None:
+        self.max_goals = max(1, int(max_goals))
+        #: goals refused (inactive node, or ``max_goals`` already running).
+        self.rejected = 0
+        self._running = 0
+        self._lock = threading.Lock()
+        self._execute, self._accepting = execute, accepting
         name = node.resolve_topic_name("omni/ask")
         self.node = rclpy.create_node(
             f"{node.get_name()}_ask",
@@ -39,14 +49,35 @@ class AskHost:
             start_parameter_services=False,
         )
         self.server = ActionServer(
-            self.node, Ask, name, execute, callback_group=ReentrantCallbackGroup(),
-            goal_callback=lambda _goal: GoalResponse.ACCEPT if accepting() else GoalResponse.REJECT,
-            cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            self.node, Ask, name, self._run_goal, callback_group=ReentrantCallbackGroup(),
+            goal_callback=self._on_goal, cancel_callback=lambda _goal: CancelResponse.ACCEPT,
+            # A burst of requests must each get an answer (accept or reject), not be overwritten
+            # in a depth-10 request queue before the executor takes them.
+            goal_service_qos_profile=QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE),
         )  # fmt: skip
-        self.executor = MultiThreadedExecutor(num_threads=2, context=node.context)
+        # One thread per goal that may run, plus one that always answers goal and cancel requests
+        # (with every thread blocked in a goal, new requests were left pending, never answered).
+        self.executor = MultiThreadedExecutor(num_threads=self.max_goals + 1, context=node.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, name="omni-ask", daemon=True)
         self.thread.start()
+
+    def _on_goal(self, _goal: Any) -> GoalResponse:
+        """Accept while the node is active and fewer than ``max_goals`` goals run (counted at
+        acceptance, so a burst of requests cannot all slip in before the first one starts)."""
+        with self._lock:
+            if self._accepting() and self._running < self.max_goals:
+                self._running += 1
+                return GoalResponse.ACCEPT
+            self.rejected += 1
+            return GoalResponse.REJECT
+
+    def _run_goal(self, goal_handle: Any) -> Any:
+        try:
+            return self._execute(goal_handle)
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def _spin(self) -> None:
         try:

@@ -6,6 +6,7 @@ diagnostics timer; attribute assignment is atomic in CPython, so no lock is need
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -23,6 +24,8 @@ class DiagnosticsReporter:
         self.previous: Counters | None = None
         #: ``omni_ros.tensorrt.diagnostics.ComponentStatus`` per accelerated component.
         self.components: list[Any] = []
+        #: the node's own input counters (unstamped input, refused goals), read at each report.
+        self.inputs: Callable[[], dict[str, int]] = dict
 
     def on_state(self, state: StateOut, now_ns: int) -> None:
         # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
@@ -41,7 +44,7 @@ class DiagnosticsReporter:
             name=f"{node_name}: Omni-Flow",
             hardware_id=backend,
             latency_ms=self.latency_ms,
-            extra={"lifecycle": lifecycle},
+            extra={"lifecycle": lifecycle, **{k: str(v) for k, v in self.inputs().items()}},
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )
         self.previous = state.counters.snapshot() if state is not None else None

@@ -30,5 +30,8 @@ def spin_node(factory: Callable[[], Any], name: str, args: list[str] | None = No
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.destroy_node()
+        try:
+            node.destroy_node()
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C while closing: exit now, without a traceback
         rclpy.try_shutdown()

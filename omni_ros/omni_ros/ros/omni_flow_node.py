@@ -8,6 +8,7 @@ publishes the outputs itself (rclpy publishing is thread-safe).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, ClassVar
 
@@ -24,12 +25,14 @@ from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from omni_ros.backends.base import create_backend
+from omni_ros.core.audio import ArrivalStamper
 from omni_ros.core.errors import OmniError
 from omni_ros.core.flow import OmniFlow
 from omni_ros.core.types import (
     FloatArray,
     OutputEvent,
     ProactiveEvent,
+    RawImage,
     SpeechOut,
     StateOut,
     TextOut,
@@ -38,7 +41,8 @@ from omni_ros.ros import conversions as conv
 from omni_ros.ros._ask import AskTracker
 from omni_ros.ros._ask_server import AskHost
 from omni_ros.ros._diagnostics import DiagnosticsReporter
-from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, load_ref_voice, ros_value
+from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
+from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
@@ -56,6 +60,8 @@ MIC_QOS = QoSProfile(
 LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
+#: Longest wait for a backend call in flight before the backend is closed anyway [s].
+CLOSE_WAIT_S = 5.0
 
 
 class RosClock:
@@ -89,6 +95,12 @@ class OmniFlowNode(LifecycleNode):
         diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] of steady (wall) time,
             so reports continue while a replayed bag is paused (read at startup).
         ask.default_timeout_s (double, 30.0): ``omni/ask`` timeout when the goal gives 0 [s].
+        ask.max_goals (int, 2): ``omni/ask`` goals served at once; a goal beyond it is rejected
+            at once (the caller sees ``accepted: false``), never left pending.
+        prompt.max_bytes (int, 16384): longest system prompt (UTF-8 bytes), checked before the
+            backend embeds it (``system_prompt`` at configure, ``omni/set_prompt``).
+        ref_voice.min_s (double, 0.1), ref_voice.max_s (double, 30.0): reference voice
+            duration bounds [s], checked from the WAV header before the samples are decoded.
         tensorrt.enabled (bool, false): swap backend components for verified TensorRT engines,
             with a per-component torch fallback reported in ``/diagnostics``.
         tensorrt.engine_dir (string, ""): engine cache; empty = the package's tensorrt_engines/.
@@ -108,6 +120,12 @@ class OmniFlowNode(LifecycleNode):
         (OmniState, reliable + transient-local, every unit), /diagnostics (DiagnosticArray).
     Services: omni/interrupt (std_srvs/Trigger), omni/set_prompt (omni_ros_msgs/SetPrompt),
         omni/reset (std_srvs/Trigger). Action: omni/ask (omni_ros_msgs/Ask).
+
+    Unstamped input (``header.stamp`` 0, which many drivers publish) is stamped on arrival (audio
+    laid end to end, see :class:`~omni_ros.core.audio.ArrivalStamper`) and counted in
+    ``/diagnostics`` (``unstamped_audio``, ``unstamped_images``). ``omni/set_prompt`` answers
+    success only after the prompt and the voice passed every check; a refused request leaves the
+    running conversation untouched.
     """
 
     param_specs: ClassVar[list[ParamSpec]] = FLOW_PARAM_SPECS
@@ -127,11 +145,21 @@ class OmniFlowNode(LifecycleNode):
         self._flow: OmniFlow | None = None
         self._backend: Any = None
         self._entities: list[Any] = []
-        self._ask_host: AskHost | None = None
         self._publishers_lc: list[Any] = []
-        self._active = False
+        self._active: bool = False
         self._ask = AskTracker()
+        # One action server for the node's lifetime (not per configure: its executor threads
+        # would be created again at every lifecycle cycle); goals are refused while inactive.
+        self._ask_host: AskHost | None = AskHost(
+            self,
+            self._execute_ask,
+            lambda: self._active,
+            max_goals=int(self.get_parameter("ask.max_goals").value),
+        )
+        self._stamper = ArrivalStamper()
+        self._unstamped_images = 0
         self._diag = DiagnosticsReporter()
+        self._diag.inputs = self._input_counts
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         try:
             period_s = max(float(self.get_parameter("diagnostics.period_s").value), 0.05)
@@ -167,6 +195,8 @@ class OmniFlowNode(LifecycleNode):
         # The one configuration path (ros/_setup.py), shared with both replay modes.
         setup = node_setup({name: p.value for name, p in self._parameters.items()})
         name, params, config = setup.backend, setup.backend_params, setup.flow
+        # Checked before anything embeds it: a 1 MB prompt must be refused, not tokenised.
+        check_prompt(config.system_prompt, self._limits())
         self.get_logger().info(f"loading backend {name!r} {params} ...")
         started = time.monotonic()
         self._backend = create_backend(name, params)
@@ -187,7 +217,21 @@ class OmniFlowNode(LifecycleNode):
         self._create_entities()
 
     def _load_voice(self, path: str) -> FloatArray | None:
-        return load_ref_voice(path, int(self._backend.input_sample_rate))
+        return read_voice(path, int(self._backend.input_sample_rate), self._limits())
+
+    def _limits(self) -> PromptLimits:
+        return PromptLimits(
+            max_prompt_bytes=int(self._param("prompt.max_bytes")),
+            min_voice_s=float(self._param("ref_voice.min_s")),
+            max_voice_s=float(self._param("ref_voice.max_s")),
+        )
+
+    def _input_counts(self) -> dict[str, int]:
+        return {
+            "unstamped_audio": self._stamper.unstamped,
+            "unstamped_images": self._unstamped_images,
+            "ask_goals_rejected": self._ask_host.rejected if self._ask_host is not None else 0,
+        }
 
     def _create_entities(self) -> None:
         lc_pub, sub, group = self.create_lifecycle_publisher, self.create_subscription, self._group
@@ -207,7 +251,9 @@ class OmniFlowNode(LifecycleNode):
             cam = (Image, "camera/image_raw", conv.image_to_raw)
         sensor = qos_profile_sensor_data
         self._entities = [
-            sub(cam[0], cam[1], lambda m: self._push("push_image", cam[2](m)), sensor),
+            sub(
+                cam[0], cam[1], lambda m: self._push("push_image", self._stamped(cam[2](m))), sensor
+            ),
             sub(AudioChunk, "audio/mic", self._on_mic, MIC_QOS),
             sub(Bool, "robot_speaking", self._on_robot_speaking, 10),
             self.create_service(
@@ -218,7 +264,6 @@ class OmniFlowNode(LifecycleNode):
                 SetPrompt, "omni/set_prompt", self._on_prompt, callback_group=group
             ),
         ]
-        self._ask_host = AskHost(self, self._execute_ask, lambda: self._active)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers first
@@ -260,6 +305,12 @@ class OmniFlowNode(LifecycleNode):
         self._stop_flow()
         self._release()
 
+    def destroy_node(self) -> None:
+        if self._ask_host is not None:
+            self._ask_host.close()
+            self._ask_host = None
+        super().destroy_node()
+
     def _release(self) -> None:
         """Destroy the configure-time entities and close the backend (frees the GPU)."""
         for entity in self._entities:
@@ -269,14 +320,38 @@ class OmniFlowNode(LifecycleNode):
             destroy(entity)
         for publisher in self._publishers_lc:
             self.destroy_lifecycle_publisher(publisher)
-        if self._ask_host is not None:
-            self._ask_host.close()
-            self._ask_host = None
         self._entities, self._publishers_lc = [], []
-        if self._backend is not None:
-            self._backend.close()
-        self._backend, self._flow = None, None
+        self._close_backend()
+        self._stamper.reset()
         self._diag.clear()
+
+    def _close_backend(self) -> None:
+        """Close the flow's backend-call thread and then the backend, never both at once.
+
+        A backend call may still be in flight (the worker does not wait for it when it stops). A
+        backend's connection is not safe to close from another thread while that call uses it
+        (vllm_omni's websocket raised ``ConcurrencyError`` at SIGTERM), so the call is asked to
+        stop (``interrupt``), waited for (bounded), and only then is the backend closed. A close
+        that still fails is logged: the node must reach unconfigured, never stay half-finalized.
+        """
+        flow, backend = self._flow, self._backend
+        self._backend, self._flow = None, None
+        if flow is not None:
+            if not flow.wait_backend_idle(0.0) and backend is not None:
+                try:
+                    backend.interrupt()
+                except Exception as exc:  # best effort: the wait below still bounds it
+                    self.get_logger().warning(f"backend interrupt at close failed: {exc!r}")
+            if not flow.wait_backend_idle(CLOSE_WAIT_S):
+                self.get_logger().warning(
+                    f"a backend call was still running after {CLOSE_WAIT_S:.0f} s; closing anyway"
+                )
+            flow.close()  # ends its backend-call thread (which also holds the old backend)
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception as exc:
+                self.get_logger().error(f"closing the backend failed: {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------------------------ inputs
     def _push(self, method: str, raw: Any) -> None:
@@ -284,7 +359,14 @@ class OmniFlowNode(LifecycleNode):
             getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
 
     def _on_mic(self, msg: AudioChunk) -> None:
-        self._push("push_audio", conv.audio_chunk_to_raw(msg))
+        raw = conv.audio_chunk_to_raw(msg)
+        self._push("push_audio", self._stamper.stamp(raw, self._omni_clock.now_ns()))
+
+    def _stamped(self, raw: RawImage) -> RawImage:
+        if raw.stamp_ns != 0:
+            return raw
+        self._unstamped_images += 1
+        return dataclasses.replace(raw, stamp_ns=self._omni_clock.now_ns())
 
     def _on_robot_speaking(self, msg: Bool) -> None:
         self._push("set_robot_speaking", bool(msg.data))
@@ -298,12 +380,19 @@ class OmniFlowNode(LifecycleNode):
         return resp
 
     def _on_prompt(self, req: SetPrompt.Request, resp: SetPrompt.Response) -> SetPrompt.Response:
-        try:
-            voice = self._load_voice(req.ref_voice_path) if self._backend is not None else None
-        except OmniError as exc:
-            resp.success, resp.message = False, str(exc)
+        """Checks everything first; only a request that passed them all replaces the prompt."""
+        if self._flow is None or self._backend is None or not self._active:
+            resp.success, resp.message = self._call("set_prompt")  # the "not active" answer
             return resp
-        resp.success, resp.message = self._call("set_prompt", req.system_prompt, voice)
+        try:
+            prompt = check_prompt(str(req.system_prompt), self._limits())
+            voice = self._load_voice(str(req.ref_voice_path))
+        except Exception as exc:  # never let a caller's file take the node down
+            kind = "" if isinstance(exc, OmniError) else f"{type(exc).__name__}: "
+            self.get_logger().warning(f"omni/set_prompt refused: {kind}{exc}")
+            resp.success, resp.message = False, f"refused (conversation unchanged): {kind}{exc}"
+            return resp
+        resp.success, resp.message = self._call("set_prompt", prompt, voice)
         return resp
 
     def _call(self, method: str, *args: Any) -> tuple[bool, str]:
@@ -358,7 +447,12 @@ class OmniFlowNode(LifecycleNode):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the node; with ``autostart`` (default) it configures and activates itself."""
+    """Run the node; with ``autostart`` (default) it configures and activates itself.
+
+    SIGINT and SIGTERM both end the spin (rclpy's handlers shut the context down); the node then
+    stops its loop and closes the backend (waiting, bounded, for a call in flight). A second
+    SIGINT while closing ends the wait without a traceback (backend threads are daemons).
+    """
     rclpy.init(args=args)
     node: OmniFlowNode | None = None
     try:
@@ -374,9 +468,12 @@ def main(args: list[str] | None = None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
+        try:
+            if node is not None:
+                node.close()
+                node.destroy_node()
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C while closing: exit now
         rclpy.try_shutdown()
 
 
