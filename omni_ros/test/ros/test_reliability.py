@@ -176,8 +176,10 @@ def test_malformed_frames_no_unit_chooses_are_counted(tmp_path: Path) -> None:
         probe.cam_pub.publish(image(t + 90_000_000))
         driver.step(20, proc)
         wait_for(
-            lambda: _counter(probe, "decode_errors") >= before[0] + 3
-            and _counter(probe, "future_messages") >= before[1] + 1,
+            lambda: (
+                _counter(probe, "decode_errors") >= before[0] + 3
+                and _counter(probe, "future_messages") >= before[1] + 1
+            ),
             20,
             "three decode errors and one future frame",
             proc,
@@ -251,11 +253,9 @@ def test_a_signal_with_a_unit_in_flight_exits_cleanly(tmp_path: Path, signals: A
 
 # ------------------------------------------------------------------------- parameter precedence
 def test_p_on_the_command_line_overrides_the_params_file(tmp_path: Path) -> None:
-    from rcl_interfaces.srv import GetParameters
-
-    from flow_harness import REPO
-
     import yaml
+    from flow_harness import REPO
+    from rcl_interfaces.srv import GetParameters
 
     # The shipped file's section, under "/**" (the test node runs in a namespace of its own, and
     # a plain "omni_flow_node:" key matches only the node at the root namespace).
