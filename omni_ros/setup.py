@@ -14,7 +14,10 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.json")),
+        (
+            f"share/{PACKAGE}/config",
+            glob("config/*.yaml") + glob("config/*.json") + glob("config/*.xml"),
+        ),
         (f"share/{PACKAGE}/tensorrt_engines", ["tensorrt_engines/README.md"]),
         # `omni-ros` goes to bin/ so that `source install/setup.sh` puts it on PATH.
         ("bin", ["scripts/omni-ros"]),

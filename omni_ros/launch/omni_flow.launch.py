@@ -21,6 +21,10 @@ Arguments:
         ``ws://127.0.0.1:<foxglove_port>`` (layout: ``share/omni_ros/config/foxglove_layout.json``).
     engine_dir: a TensorRT engine cache folder; non-empty turns ``tensorrt.enabled`` on.
     log_level: debug | info | warn | error.
+    dds_profile: Fast DDS XML profile for the nodes started here (``FASTDDS_DEFAULT_PROFILES_FILE``);
+        empty (default): the shipped ``config/fastdds_camera.xml``, unless the environment already
+        names one; ``none``: Fast DDS's defaults. The camera driver must use the same profile
+        (docs/RELIABILITY.md): with the defaults, 640x480 rgb8 frames mostly do not arrive.
 
 The params file's ``omni_flow_node:`` (or ``/**:``) section is read here and handed to the node as
 a parameter dictionary, which launch_ros writes under ``/**``: a plain ``omni_flow_node:`` key in a
@@ -34,13 +38,16 @@ from typing import Any
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchContext, LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
 from omni_ros.ros._params import read_params_file
 
 PACKAGE = "omni_ros"
+#: The shipped Fast DDS transport profile (large shared-memory segments: camera frames arrive).
+DDS_PROFILE = "fastdds_camera.xml"
+DDS_PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
 
 #: backend -> the parameter that the `model` argument sets.
 MODEL_PARAMETER = {
@@ -62,7 +69,9 @@ ARGUMENTS = (
     ("foxglove_port", "8765", "omni_live_view's port"),
     ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT"),
     ("log_level", "info", "debug | info | warn | error"),
-)
+    ("dds_profile", "", "Fast DDS profile for every node started here; empty: the shipped "
+     "config/fastdds_camera.xml (camera-size frames arrive), none: Fast DDS defaults"),
+)  # fmt: skip
 
 
 def node_section(path: str, node_name: str) -> dict[str, Any]:
@@ -72,6 +81,16 @@ def node_section(path: str, node_name: str) -> dict[str, Any]:
 
 def _is_true(text: str) -> bool:
     return text.strip().lower() in ("true", "1", "yes", "on")
+
+
+def _dds_profile(context: LaunchContext) -> list[Any]:
+    chosen = LaunchConfiguration("dds_profile").perform(context).strip()
+    if chosen.lower() == "none" or (not chosen and os.environ.get(DDS_PROFILE_VARIABLE)):
+        return []
+    path = chosen or os.path.join(get_package_share_directory(PACKAGE), "config", DDS_PROFILE)
+    if not os.path.isfile(path):
+        raise RuntimeError(f"dds_profile:={path}: no such file")
+    return [SetEnvironmentVariable(DDS_PROFILE_VARIABLE, path)]
 
 
 def _omni_flow(context: LaunchContext) -> list[Any]:
@@ -158,5 +177,9 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(name, default_value=default, description=text)
             for name, default, text in ARGUMENTS
         ]
-        + [OpaqueFunction(function=_omni_flow), OpaqueFunction(function=_audio_nodes)]
+        + [
+            OpaqueFunction(function=_dds_profile),
+            OpaqueFunction(function=_omni_flow),
+            OpaqueFunction(function=_audio_nodes),
+        ]
     )

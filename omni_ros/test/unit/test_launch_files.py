@@ -317,6 +317,9 @@ class LaunchApiDouble:
         class IncludeLaunchDescription(Action):
             pass
 
+        class SetEnvironmentVariable(Action):
+            pass
+
         class PythonLaunchDescriptionSource(Action):
             pass
 
@@ -346,6 +349,7 @@ class LaunchApiDouble:
                 "DeclareLaunchArgument": DeclareLaunchArgument,
                 "OpaqueFunction": OpaqueFunction,
                 "IncludeLaunchDescription": IncludeLaunchDescription,
+                "SetEnvironmentVariable": SetEnvironmentVariable,
             },
             "launch.conditions": {"IfCondition": IfCondition},
             "launch.substitutions": {"LaunchConfiguration": LaunchConfiguration},
@@ -488,3 +492,25 @@ def test_replay_launch_includes_the_main_launch_file_with_sim_time(
         )
     )
     assert node.kwargs["parameters"][0]["use_sim_time"] is True
+
+
+def test_the_launch_gives_its_nodes_the_shipped_fast_dds_profile_unless_told_otherwise(
+    launch_double: LaunchApiDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Camera-size frames only arrive with it (docs/RELIABILITY.md); a user's own is kept."""
+    launch_file = PKG / "launch" / "omni_flow.launch.py"
+    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+
+    def profile(**overrides: str) -> list[tuple[Any, ...]]:
+        created = launch_double.run(launch_file, **overrides)
+        return [a.args for a in created if type(a).__name__ == "SetEnvironmentVariable"]
+
+    ((name, path),) = profile()
+    assert name == "FASTDDS_DEFAULT_PROFILES_FILE"
+    assert Path(path).name == "fastdds_camera.xml"
+    assert Path(path).is_file()
+    assert profile(dds_profile="none") == []
+    custom = PKG / "config" / "fastdds_camera.xml"
+    assert profile(dds_profile=str(custom)) == [("FASTDDS_DEFAULT_PROFILES_FILE", str(custom))]
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/my_profile.xml")
+    assert profile() == []
