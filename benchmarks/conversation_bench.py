@@ -531,6 +531,8 @@ class Results:
                 "success": sum(1 for b in rows if b["stopped"]),
                 "cut_before_onset": sum(1 for b in rows if b.get("cut_before_onset")),
                 "latency_ms": stats([b["latency_ms"] for b in rows if b["stopped"]]),
+                "decided_ms": stats([b["decided_ms"] for b in rows if b["decided_ms"] is not None]),
+                "decided": sum(1 for b in rows if b["decided_ms"] is not None),
             }
         cat = {
             k: [x for s in self.sessions for x in s[k]]
@@ -613,9 +615,15 @@ def exchange(
     # Cut before the user said anything: a false barge-in (counted with the flushes below), not
     # a successful one.
     early = cut and stop <= onset
+    # The flow's decision (SpeechFlush, or the extra OmniState of older nodes), as received here.
+    decided = [
+        f for f in sess.probe.flushes() if onset - 500_000_000 <= f["decided_ns"] <= time.time_ns()
+    ]
     res.bargein.append(
         {
             "phase": "first_seconds" if first_turn else phase,
+            "decided_ms": (decided[0]["decided_ns"] - onset) / 1e6 if decided else None,
+            "flush_kind": decided[0]["reason"] if decided else None,
             "stopped": cut and not early,
             "cut_before_onset": early,
             "latency_ms": max(0, stop - onset) / 1e6,
@@ -650,7 +658,8 @@ def run_exchanges(
                 sess,
                 res,
                 utts["q"][k % len(utts["q"])],
-                utts["i"][k % len(utts["i"])],
+                # Every phase hears every interjection (not one utterance per phase).
+                utts["i"][(k // len(phases)) % len(utts["i"])],
                 phase,
             )
             b = res.bargein[-1] if res.bargein else None
@@ -754,8 +763,14 @@ def print_table(name: str, s: dict[str, Any]) -> None:
         f"| barge-in latency (user onset -> robot audio stopped), stopped trials | {fmt(s['bargein_latency_ms'])} |"
     )
     for phase, p in s["bargein_by_phase"].items():
+        early = f" ({p['cut_before_onset']} cut before the onset)" if p["cut_before_onset"] else ""
         print(
-            f"| barge-in `{phase}`: stopped {p['success']}/{p['trials']} | {fmt(p['latency_ms'])} |"
+            f"| barge-in `{phase}`: stopped {p['success']}/{p['trials']}{early} | "
+            f"{fmt(p['latency_ms'])} |"
+        )
+        print(
+            f"| barge-in `{phase}`: flush decided {p['decided']}/{p['trials']}, onset -> decision "
+            f"| {fmt(p['decided_ms'])} |"
         )
     print(f"| talk-over per exchange | {fmt(s['talk_over_ms'])} |")
     for k, v in s["breakdown_ms"].items():
