@@ -619,6 +619,8 @@ class _HttpSession:
         self._counters = counters
         self.server = config.server
         self._server_has_context = False
+        #: llama-server's answer to a failed omni_init: a second omni_init would crash it.
+        self._failed_init: str | None = None
         self._cnt = 1
         #: After /break: every WAV seen before the next speaking decode is stale.
         self.stale_guard = False
@@ -669,6 +671,12 @@ class _HttpSession:
         self._cnt = 1
 
     def _omni_init(self, server: str, suffix: str | None) -> None:
+        if server == LLAMA_SERVER and self._failed_init is not None:
+            # Seen on llama-server 0788f99: an omni_init after a failed one segfaults the process.
+            raise BackendError(
+                f"{self._failed_init} (not retried: a second omni_init after a failed one crashes "
+                "llama-server; fix the model files and restart it, then reconfigure)"
+            )
         body: dict[str, Any] = {
             "media_type": 2,
             "use_tts": self._cfg.use_tts,
@@ -696,7 +704,14 @@ class _HttpSession:
                 body["assistant_prompt"] = (
                     suffix  # server-omni.cpp omni_init: omni_assistant_prompt
                 )
-        self._http.post("omni_init", body, timeout=self._cfg.init_timeout_s, idempotent=True)
+        try:
+            self._http.post("omni_init", body, timeout=self._cfg.init_timeout_s, idempotent=True)
+        except (BackendUnavailable, BackendTimeout):
+            raise
+        except BackendError as exc:
+            if server == LLAMA_SERVER:
+                self._failed_init = str(exc)
+            raise
         if server == LLAMA_SERVER and self._cfg.sliding_window_mode != "off":
             self._http.post(
                 "update_session_config",

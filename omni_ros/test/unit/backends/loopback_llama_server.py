@@ -335,6 +335,8 @@ class LoopbackLlamaServer:
         self.initialized = False
         self.init_body: dict[str, Any] = {}
         self.init_count = 0
+        self.init_failed = False
+        self.crashed = False
         self.system_prompt_source: str | None = None  # "voice_audio:<path>" | "cnt0_audio:<path>"
         self.system_block: str | None = None
         self.assistant_prompt: str | None = None
@@ -488,6 +490,11 @@ class LoopbackLlamaServer:
                 400, '"msg_type" or "media_type" must be provided as integer (1=audio, 2=omni)'
             )
         use_tts = body.get("use_tts", True)
+        if self.generation == LLAMA_SERVER and self.init_failed:
+            # Seen on a real llama-server (0788f99): omni_init after a failed one segfaults it.
+            self.crashed = True
+            threading.Thread(target=self.stop, daemon=True).start()
+            raise _HttpError(500, "omni_init failed")
         if self.generation == LLAMA_SERVER:
             model_dir = str(body.get("model_dir", "./tools/omni/convert/gguf/"))
             body = {**body, "tts_bin_dir": body.get("tts_bin_dir", model_dir + "token2wav-gguf")}
@@ -503,6 +510,7 @@ class LoopbackLlamaServer:
                 continue
             path = f"{root}/{_MODEL_FILES[key]}"
             if not Path(path).is_file():
+                self.init_failed = self.generation == LLAMA_SERVER
                 raise _HttpError(500, f"omni_init missing required model file ({role}): {path}")
         self.init_body = dict(body)
         self.init_count += 1
@@ -947,7 +955,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             owner.ws_session(_WsConn(self))
             return
-        self._empty(404)
+        self._not_found()
 
     def do_POST(self) -> None:
         owner = self.owner
@@ -955,7 +963,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length) if length else b""
         if self.path.startswith("/sessions/") and self.path.endswith("/close"):
             if owner.generation != LLAMA_OMNI_SERVER:
-                self._empty(404)
+                self._not_found()
                 return
             sid = self.path[len("/sessions/") : -len("/close")]
             try:
@@ -965,7 +973,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         prefix = "/v1/stream/"
         if not self.path.startswith(prefix):
-            self._empty(404)
+            self._not_found()
             return
         endpoint = self.path[len(prefix) :]
         try:
@@ -987,7 +995,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, owner.handle(endpoint, body))
         except _HttpError as err:
             if err.code == 404:
-                self._empty(404)
+                self._not_found()
             else:
                 self._error(err)
 
@@ -1070,6 +1078,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)
+
+    def _not_found(self) -> None:
+        """llama-server: a JSON 404 (its error handler); llama-omni-server: cpp-httplib's empty 404."""
+        if self.owner.generation == LLAMA_SERVER:
+            self._json(
+                404,
+                {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}},
+            )
+        else:
+            self._empty(404)
 
     def _empty(self, status: int) -> None:
         self.send_response(status)

@@ -494,12 +494,17 @@ def test_omni_init_on_llama_server_names_model_dir_and_leaves_tts_bin_dir_to_the
     backend.close()
 
 
-def test_llama_server_missing_models_is_a_backend_error_naming_the_file(
+def test_llama_server_missing_models_is_a_backend_error_and_omni_init_is_not_resent(
     llama_server: LoopbackLlamaServer, tmp_path: Path
 ) -> None:
     backend = http_backend(llama_server, tmp_path, model_dir=tmp_path / "nothing-here")
     with pytest.raises(BackendError, match=r"missing required model file \(apm\)"):
         backend.prepare("Streaming Omni Conversation.")
+    # A real llama-server segfaults on an omni_init after a failed one: the client does not send it.
+    with pytest.raises(BackendError, match="not retried"):
+        backend.prepare("Streaming Omni Conversation.")
+    assert [name for name, _ in llama_server.requests].count("omni_init") == 1
+    assert not llama_server.crashed
     backend.close()
 
 
