@@ -93,6 +93,8 @@ class TopicBridge:
                 self.node.get_logger().warning(f"live view: {topic} ({type_name}) skipped: {exc}")
                 self.subscriptions[topic] = None
                 continue
+            # Advertised now, before its first message: a client subscribes in time for it.
+            self.view.announce(topic, type_name)
             qos = QoSProfile(
                 depth=50,
                 reliability=ReliabilityPolicy.RELIABLE,

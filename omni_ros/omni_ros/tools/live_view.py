@@ -91,7 +91,10 @@ ACTIVITY_SCHEMA = {
     "properties": {
         "user_speaking": {"type": "boolean"},
         "robot_playing": {"type": "boolean"},
-        "robot_speech_scheduled": {"type": "boolean"},
+        "robot_speech_scheduled": {
+            "type": "boolean",
+            "description": "from a turn's first omni/speech chunk to its end of turn or a flush",
+        },
     },
 }
 TURN_SCHEMA = {
@@ -149,6 +152,8 @@ class LiveView:
         backend_deadline_ms: ``flow.backend_deadline_ms`` (shown beside the compute time).
         frame_policy: ``timeline.frame_policy`` of the node (``last`` or ``nearest_end``: which
             frame of the unit the model was given).
+        typestore: the rosbags typestore that describes and decodes the messages (default: ROS 2
+            Kilted plus every omni_ros_msgs type).
 
     Raises:
         ConfigError: foxglove-sdk is missing or the port cannot be bound.
@@ -162,6 +167,7 @@ class LiveView:
         backend_deadline_ms: float = 5000.0,
         frame_policy: str = "last",
         name: str = "omni_ros",
+        typestore: Any = None,
     ) -> None:
         try:
             import foxglove
@@ -172,7 +178,7 @@ class LiveView:
         from omni_ros.tools.typestore import omni_typestore
 
         self._foxglove = foxglove
-        self._store = omni_typestore()
+        self._store = typestore if typestore is not None else omni_typestore()
         # The SDK's default context: channels made with a Context() of their own were advertised
         # but never delivered (foxglove-sdk 0.30.3), so one view per process; close() frees it.
         try:
@@ -312,6 +318,7 @@ class LiveView:
             tag = " (proactive)" if msg.proactive else ""
             self._line(f"turn {turn}{tag}: {text.strip() or '(no text)'}", log_ns, "robot")
             self._turn_text.pop(turn, None)
+            self._set_activity("robot_speech_scheduled", False, log_ns)
 
     def _on_state(self, topic: str, msgtype: str, msg: Any, raw: bytes, log_ns: int) -> None:
         mode = int(msg.mode)

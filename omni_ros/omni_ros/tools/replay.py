@@ -399,7 +399,7 @@ def replay_graph(
         waiting_since = time.monotonic()
         deadline = waiting_since + ready_timeout_s
         last_report = waiting_since
-        _log.info("starting omni_flow_node (load timeout %.0f s) ...", ready_timeout_s)
+        _log.info("starting omni_flow_node (load timeout %g s) ...", ready_timeout_s)
         while True:  # the node creates its subscriptions once the backend is loaded (configure)
             if node_proc.poll() is not None:
                 raise ConfigError(
@@ -417,7 +417,7 @@ def replay_graph(
             now = time.monotonic()
             if now > deadline:
                 raise ConfigError(
-                    f"omni_flow_node not ready after {ready_timeout_s:.0f} s; a large model may "
+                    f"omni_flow_node not ready after {ready_timeout_s:g} s; a large model may "
                     "need longer: --load-timeout SECONDS"
                     + (f" (node log: {log_path})" if log_path else "")
                 )

@@ -205,3 +205,15 @@ def test_replay_progress_off_a_terminal_is_periodic_lines_not_carriage_returns(
     lines = [line for line in result.stderr.splitlines() if line.startswith("replay (direct): ")]
     assert lines
     assert lines[-1].split(": ")[1].startswith(f"{InputBag(clean_bag).message_count}/")
+
+
+@pytest.mark.ros
+def test_graph_replay_load_timeout_is_an_option_and_its_expiry_says_how_to_raise_it(
+    clean_bag: Path, tmp_path: Path
+) -> None:
+    result = omni_ros(
+        "replay", str(clean_bag), "--out", str(tmp_path / "o"), "--mode", "graph",
+        "--load-timeout", "0.5",
+    )  # fmt: skip
+    assert_one_line_mistake(result, "not ready after 0.5 s", "--load-timeout SECONDS")
+    assert "starting omni_flow_node (load timeout 0.5 s)" in result.stderr
