@@ -76,6 +76,11 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "(open it in Foxglove with config/foxglove_layout.json)",
     )
     p.add_argument("--foxglove-port", type=int, default=8765, help="its port")
+    p.add_argument(
+        "--with-inputs",
+        action="store_true",
+        help="also write the input topics into outputs/ (one bag holds the whole conversation)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(
         "--progress",

@@ -134,8 +134,12 @@ def replay_direct(
     flush_s: float = 3.0,
     loops: int = 1,
     live_view: Any = None,
+    with_inputs: bool = False,
 ) -> dict[str, Any]:
     """Feed ``bag`` through OmniFlow + backend in this process; write the output bag.
+
+    With ``with_inputs`` the input messages go into the output bag too (at their bag time), so one
+    file holds the whole conversation.
 
     With ``live_view`` (a :class:`~omni_ros.tools.live_view.LiveView`) every input and output
     message is served to Foxglove too, stamped with the bag time it was fed / produced at.
@@ -231,6 +235,9 @@ def replay_direct(
             flow.run_until_idle(message.log_ns)
             if live_view is not None:
                 live_view.forward(message.topic, message.msgtype, message.raw, message.log_ns)
+            if with_inputs:  # (not through the tee: the view has it already)
+                bag_out = out.out if isinstance(out, _TeeBag) else out
+                bag_out.write_raw(message.topic, message.msgtype, message.log_ns, message.raw)
             if message.role == "mic":
                 flow.push_audio(data)  # type: ignore[arg-type]
             elif message.role in ("camera", "camera_compressed"):
@@ -321,6 +328,7 @@ def replay_graph(
     log_path: Path | None = None,
     loops: int = 1,
     live_view: Any = None,
+    with_inputs: bool = False,
 ) -> dict[str, Any]:
     """Publish ``bag`` with /clock into a real omni_flow_node process and record its outputs.
 
@@ -362,7 +370,12 @@ def replay_graph(
         while spinning.is_set() and context.ok():
             executor.spin_once(timeout_sec=0.05)
 
-    recorder = TopicRecorder(node, OutputBag(outputs), OUTPUT_TOPICS, latched=["/omni/state"])
+    recorded = dict(OUTPUT_TOPICS)
+    if with_inputs:  # what this process publishes, recorded as the node receives it
+        recorded.update(
+            {INPUT_TOPICS[r][0]: INPUT_TOPICS[r][1][0] for r in set(bag.roles.values())}
+        )
+    recorder = TopicRecorder(node, OutputBag(outputs), recorded, latched=["/omni/state"])
     bridge: Any = None
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
     unit_ends: list[int] = [0]
@@ -552,6 +565,7 @@ def replay(
     loops: int = 1,
     load_timeout_s: float = LOAD_TIMEOUT_S,
     foxglove_port: int | None = None,
+    with_inputs: bool = False,
 ) -> dict[str, Any]:
     """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``.
 
@@ -600,7 +614,14 @@ def replay(
     try:
         if mode == "direct":
             extra = replay_direct(
-                bag, outputs, flat, backend, progress, loops=loops, live_view=view
+                bag,
+                outputs,
+                flat,
+                backend,
+                progress,
+                loops=loops,
+                live_view=view,
+                with_inputs=with_inputs,
             )
         else:
             extra = replay_graph(
@@ -615,6 +636,7 @@ def replay(
                 log_path=out_dir / "node.log",
                 loops=loops,
                 live_view=view,
+                with_inputs=with_inputs,
             )
     except ReaderError as exc:  # damage past the index, found while reading
         raise ConfigError(f"cannot read the bag {bag.path}: {_why(exc)}") from exc
@@ -649,6 +671,7 @@ def main_replay(args: Any) -> int:
         loops=args.loop,
         load_timeout_s=args.load_timeout,
         foxglove_port=args.foxglove_port if args.with_foxglove else None,
+        with_inputs=args.with_inputs,
     )
     print_summary(summary, Path(args.out))
     return 0

@@ -217,3 +217,21 @@ def test_graph_replay_load_timeout_is_an_option_and_its_expiry_says_how_to_raise
     )  # fmt: skip
     assert_one_line_mistake(result, "not ready after 0.5 s", "--load-timeout SECONDS")
     assert "starting omni_flow_node (load timeout 0.5 s)" in result.stderr
+
+
+def test_with_inputs_puts_the_whole_conversation_into_one_output_bag(
+    clean_bag: Path, tmp_path: Path
+) -> None:
+    from rosbags.rosbag2 import Reader
+
+    result = omni_ros(
+        "replay", str(clean_bag), "--out", str(tmp_path / "o"), "--mode", "direct",
+        "--with-inputs", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    with Reader(tmp_path / "o" / "outputs") as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+    with Reader(clean_bag) as reader:
+        inputs = {c.topic: c.msgcount for c in reader.connections}
+    assert {t: counts[t] for t in inputs} == inputs
+    assert counts["/omni/state"] >= 5
