@@ -185,6 +185,9 @@ NS = 1_000_000_000
 BLOCK = 320  # 20 ms microphone chunks, as the mic node sends them
 
 
+_VAD = [VadConfig()]  # the detector's VAD settings (--min-speech-ms changes them)
+
+
 def _old_config() -> AecConfig:
     """The canceller as main had it before the detector: no coherence gate, 1 s first window."""
     return AecConfig(
@@ -232,7 +235,7 @@ def _simulate(
     decision as (run start, decided at), the canceller, CPU seconds, and filter-reset times."""
     aec = _old_config() if rule_name == "before" else AecConfig()
     canceller = EchoCanceller(aec)
-    rule: OldRule | NewRule = OldRule() if rule_name == "before" else NewRule(aec, VadConfig())
+    rule: OldRule | NewRule = OldRule() if rule_name == "before" else NewRule(aec, _VAD[0])
     decisions: list[tuple[int, int]] = []
     resets: list[int] = []
     active = False
@@ -337,7 +340,7 @@ def bargein_main(args: argparse.Namespace) -> None:
                 "cpu_ms_per_s": 1000 * cpu / (len(mic) / MIC_RATE),
                 "delay_est": canceller.delay_ns / 1e6,
             }
-            for ser in args.ser_db:
+            for ser in [] if args.no_trials else args.ser_db:
                 lat: dict[str, list[float | None]] = {}
                 # start: a fresh canceller, the user 0.3-2 s into the first turn.
                 far_s, base_s = _scene(room, 12, seed=delay + 1)
@@ -387,8 +390,9 @@ def bargein_main(args: argparse.Namespace) -> None:
         "| echo path | rule | SER | phase | success (<= 500 ms) | onset -> decision median / p95 |"
     )
     print("|---|---|---|---|---|---|")
+    sers = [] if args.no_trials else args.ser_db
     for row in rows:
-        for ser in args.ser_db:
+        for ser in sers:
             for phase, lats in row[f"ser{ser:g}"].items():
                 ok = [x for x in lats if x is not None and x <= 500]
                 med = f"{statistics.median(ok):.0f}" if ok else "-"
@@ -409,7 +413,7 @@ def bargein_main(args: argparse.Namespace) -> None:
         )
     # Pooled over paths, for the summary line.
     for rule in args.rules:
-        for ser in args.ser_db:
+        for ser in sers:
             pooled = [
                 x
                 for row in rows
@@ -435,7 +439,13 @@ def main() -> None:
     parser.add_argument("--echo-minutes", type=float, default=5.0)
     parser.add_argument("--ser-db", type=float, nargs="+", default=[0.0, 6.0])
     parser.add_argument("--rules", nargs="+", default=["before", "after"])
+    parser.add_argument(
+        "--min-speech-ms", type=int, default=None, help="vad.barge_in_min_speech_ms to use"
+    )
+    parser.add_argument("--no-trials", action="store_true", help="false barge-ins and CPU only")
     args = parser.parse_args()
+    if args.min_speech_ms is not None:
+        _VAD[0] = VadConfig(barge_in_min_speech_ms=args.min_speech_ms)
     if args.suite in ("bargein", "all"):
         bargein_main(args)
     if args.suite in ("erle", "all"):
