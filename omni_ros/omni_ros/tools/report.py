@@ -18,8 +18,10 @@ Conventions (all of them tested):
 - Flushes come from ``omni/speech_flush`` when the bag has it, else from those extra states.
 - ``gap_samples_filled`` leaves out the zero padding of the last unit past the end of the input
   audio (``tail_padding_samples``): a clean bag has no gap.
-- User speech segments come from ``omni/user_speaking`` when recorded, else from the core's VAD run
-  on the input microphone (what the node's VAD heard, minus the echo canceller).
+- User speech segments are the core's VAD run on the input microphone, on the capture clock (the
+  node's own decisions, ``omni/user_speaking``, come later by the VAD's debounce and hangover; they
+  are reported and drawn beside them when the bag has them). A bag recorded on a robot has the
+  robot's echo in its microphone, which this offline VAD hears too (the node cancels it first).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class Conversation:
     speech: list[tuple[int, Any]]  # (log, AudioChunk)
     flushes: list[Flush]
     user_segments: list[tuple[int, int]]
+    published_user: list[tuple[int, int]] = field(default_factory=list)
     out: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def s(self, ns: int) -> float:
@@ -120,23 +123,26 @@ class Conversation:
         return False
 
 
-def _user_segments(
-    out: dict[str, list[tuple[int, Any]]], mic: list[tuple[int, int, np.ndarray]]
-) -> list[tuple[int, int]]:
-    """(start, end) of each stretch of user speech: the node's ``omni/user_speaking`` when the bag
-    has it (switch times = log times), else the core's VAD on the input microphone."""
-    if out.get("user_speaking"):
-        segments: list[tuple[int, int]] = []
-        start: int | None = None
-        for log, msg in out["user_speaking"]:
-            if msg.data and start is None:
-                start = log
-            elif not msg.data and start is not None:
-                segments.append((start, log))
-                start = None
-        if start is not None:
-            segments.append((start, out["user_speaking"][-1][0]))
-        return segments
+def _published_user_speaking(out: dict[str, list[tuple[int, Any]]]) -> list[tuple[int, int]]:
+    """(start, end) of each stretch the node published ``omni/user_speaking`` true (log times:
+    when the node decided, so they lag the speech by the VAD's debounce and hangover)."""
+    segments: list[tuple[int, int]] = []
+    start: int | None = None
+    for log, msg in out.get("user_speaking", []):
+        if msg.data and start is None:
+            start = log
+        elif not msg.data and start is not None:
+            segments.append((start, log))
+            start = None
+    if start is not None:
+        segments.append((start, out["user_speaking"][-1][0]))
+    return segments
+
+
+def _user_segments(mic: list[tuple[int, int, np.ndarray]]) -> list[tuple[int, int]]:
+    """(start, end) of each stretch of user speech on the capture clock: the core's VAD (the one
+    the node runs, same settings) over the input microphone. Stamped at the speech itself, not at
+    the decision, so response latencies are measured from when the user really stopped."""
     from omni_ros.core.audio import StreamResampler
     from omni_ros.core.vad import VadEventKind, VoiceActivityDetector
 
@@ -242,7 +248,8 @@ def analyse(input_bag: InputBag, outputs_path: Path) -> Conversation:
         spoke=spoke,
         speech=speech,
         flushes=_flushes(out, speech),
-        user_segments=_user_segments(out, mic),
+        user_segments=_user_segments(mic),
+        published_user=_published_user_speaking(out),
         out=out,
     )
 
@@ -380,6 +387,7 @@ def summarize(
             for p in proactive
         ],
         "user_speech": [[conv.s(a), conv.s(b)] for a, b in conv.user_segments],
+        "user_speaking_published": [[conv.s(a), conv.s(b)] for a, b in conv.published_user],
         "responses": responses,
         "response_latency_ms": _stats([r["latency_ms"] for r in responses]),
         "flushes": flushes,
@@ -456,11 +464,15 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
             ax_in.plot(s(stamp) + env[0], env[1], lw=0.5, color="tab:blue")
     for a, b in conv.user_segments:
         ax_in.axvspan(s(a), s(b), color="tab:cyan", alpha=0.25, lw=0)
+    peak = max((float(np.abs(x).max()) for _, _, x in conv.mic if len(x)), default=1.0)
+    for a, b in conv.published_user:
+        ax_in.plot([s(a), s(b)], [peak * 1.05] * 2, color="black", lw=3, solid_capstyle="butt")
     ax_in.set_ylabel("microphone |x|")
     ax_in.legend(
         handles=[
             Line2D([], [], color="tab:blue", lw=1, label="microphone"),
-            Patch(color="tab:cyan", alpha=0.35, label="user speech (VAD)"),
+            Patch(color="tab:cyan", alpha=0.35, label="user speech (VAD, capture time)"),
+            Line2D([], [], color="black", lw=3, label="omni/user_speaking (as published)"),
             Line2D([], [], color="tab:orange", ls="--", label="barge-in onset"),
         ],
         loc="upper left",
