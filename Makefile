@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 IN_WS := set -eo pipefail; . install/setup.sh;
 PYTEST_ARGS ?=
 
-.PHONY: all setup build lint test test-unit test-transformers-range demo bench clean node-deps
+.PHONY: all setup build lint test test-unit test-transformers-range demo bench clean node-deps soak faults
 
 all: test
 
@@ -59,6 +59,20 @@ test-unit: build
 
 demo: build
 	@$(IN_WS) omni-ros demo --out demo_out
+
+# Reliability suites (docs/RELIABILITY.md), kept out of `make test`: `make soak` runs one hour of
+# robot time in direct mode (accelerated clock) + 10 minutes of graph replay and writes
+# soak_out/soak.json; `make faults` runs every fault scenario OMNI_ROS_FAULT_SCALE (10) times longer
+# than `make test` does, localhost only.
+SOAK_ARGS ?= --robot-hours 1 --graph-min 10
+soak: build
+	@$(IN_WS) nice -n 10 python -m omni_ros.tools.soak --out soak_out $(SOAK_ARGS)
+
+OMNI_ROS_FAULT_SCALE ?= 10
+faults: build
+	@$(IN_WS) export OMNI_ROS_FAULT_SCALE=$(OMNI_ROS_FAULT_SCALE); \
+	  python -m pytest -q -s -p no:cacheprovider omni_ros/test/ros/test_faults.py \
+	    omni_ros/test/ros/test_reliability.py 2>&1 | grep -E '^FAULT|passed|failed|Error'
 
 bench: build
 	@$(IN_WS) for b in benchmarks/*_bench.py; do python "$$b"; done

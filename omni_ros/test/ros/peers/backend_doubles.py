@@ -24,7 +24,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 from omni_ros.core.config import from_mapping
-from omni_ros.core.errors import BackendTimeout, ConfigError, StateError
+from omni_ros.core.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    StateError,
+)
 from omni_ros.core.types import FloatArray, Unit, UnitResult
 
 NS_PER_S = 1_000_000_000
@@ -164,3 +170,58 @@ class BlockingBackendDouble(_ScriptedBase):
 def _touch(path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(str(os.getpid()))
+
+
+@dataclass(frozen=True)
+class FaultyDoubleConfig:
+    """Attributes:
+    control_dir: folder of fault switches, files the test creates and removes while the node
+        runs: ``raise`` (every generate() raises BackendError), ``slow`` (generate() takes
+        ``slow_ms``), ``down`` (prepare() and generate() raise BackendUnavailable: a vanished
+        server), ``hang`` (generate() blocks until the file is removed).
+    unit_ms: unit length.
+    slow_ms: duration of a slow unit.
+    """
+
+    control_dir: str = ""
+    unit_ms: int = 1000
+    slow_ms: int = 1500
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None) -> FaultyDoubleConfig:
+        config = from_mapping(cls, mapping)
+        if not config.control_dir:
+            raise ConfigError("faulty_double.control_dir must name a folder")
+        return config
+
+
+class FaultyBackendDouble(_ScriptedBase):
+    """Listens every unit, failing as the test's switch files say (a fault injector)."""
+
+    name: ClassVar[str] = "faulty_double"
+    config_class = FaultyDoubleConfig
+
+    def __init__(self, config: FaultyDoubleConfig) -> None:
+        super().__init__(config.unit_ms)
+        self.config = config
+
+    def _on(self, switch: str) -> bool:
+        return os.path.exists(os.path.join(self.config.control_dir, switch))
+
+    def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
+        if self._on("down"):
+            raise BackendUnavailable("faulty_double: the server is down")
+        super().prepare(system_prompt, ref_voice)
+
+    def generate(self) -> UnitResult:
+        self._take()
+        if self._on("down"):
+            raise BackendUnavailable("faulty_double: the server vanished mid-session")
+        if self._on("raise"):
+            raise BackendError("faulty_double: injected backend exception")
+        if self._on("slow"):
+            time.sleep(self.config.slow_ms / 1000)
+        deadline = time.monotonic() + 60
+        while self._on("hang") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return UnitResult(is_listen=True)

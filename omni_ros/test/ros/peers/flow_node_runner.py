@@ -24,6 +24,7 @@ base.BACKENDS["speak_until_interrupted_double"] = (
     "backend_doubles:SpeakUntilInterruptedBackendDouble"
 )
 base.BACKENDS["blocking_double"] = "backend_doubles:BlockingBackendDouble"
+base.BACKENDS["faulty_double"] = "backend_doubles:FaultyBackendDouble"
 
 SPY_DIR = os.environ.get("OMNI_TEST_SPY_DIR", "")
 if SPY_DIR:
