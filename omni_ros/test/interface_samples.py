@@ -17,6 +17,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "channels": 2,
         "encoding": "S16LE",
         "data": bytes(range(256)) * 3,
+        "turn_id": 2**35 + 3,
     },
     "OmniText": {
         "header": HEADER,
@@ -45,8 +46,33 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "late_messages": 5,
         "gap_samples_filled": 160,
         "backend": "reference",
+        "turn_id": 42,
+        "user_speaking": True,
+        "playing": True,
+        "barge_ins": 2**34 + 1,
+        "error": "backend prepare failed (3x): connection refused",
+    },
+    "SpeechFlush": {
+        "header": HEADER,
+        "reason": 4,
+        "turn_id": 2**36 + 5,
+        "dropped_from": {"sec": 1_764_000_124, "nanosec": 1},
+        "dropped_until": {"sec": 1_764_000_130, "nanosec": 999_999_999},
+        "onset": {"sec": 1_764_000_122, "nanosec": 7},
+    },
+    "Playback": {
+        "header": HEADER,
+        "turn_id": 77,
+        "scheduled": {"sec": 1_764_000_121, "nanosec": 500_000_000},
+        "sample_rate": 24_000,
+        "samples": 2_399,
+        "late": True,
+        "cut": True,
     },
 }
+
+#: Fields of type builtin_interfaces/Time (given as {"sec", "nanosec"} above).
+TIME_FIELDS = ("trigger_stamp", "dropped_from", "dropped_until", "onset", "scheduled")
 
 
 def build_rclpy(type_name: str, values: dict[str, Any] | None = None) -> Any:
@@ -61,7 +87,7 @@ def build_rclpy(type_name: str, values: dict[str, Any] | None = None) -> Any:
     for key, value in values.items():
         if key == "header":
             kwargs[key] = Header(stamp=Time(**value["stamp"]), frame_id=value["frame_id"])
-        elif key == "trigger_stamp":
+        elif key in TIME_FIELDS:
             kwargs[key] = Time(**value)
         elif key == "data":
             kwargs[key] = list(value)

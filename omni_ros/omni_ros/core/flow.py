@@ -20,9 +20,26 @@ units are dropped (``units_dropped_overrun``); when it does, the backend is rese
 again, because its state is unknown.
 
 Outputs: every processed (or paused / hung-dropped) unit ends with a ``StateOut`` stamped at the
-unit's end; a barge-in, interrupt or pause that flushes speech emits the ``SpeechFlush`` and, right
-after it, an extra ``StateOut`` stamped at the flush (mode INTERRUPTED or PAUSED), so that a player
-can stop at once. Units dropped by the overrun policy have no ``StateOut``; they are counted.
+unit's end; every cancelled span of speech (barge-in, interrupt, reset / new prompt / clock jump,
+backend error, pause, :meth:`OmniFlow.stop`) emits a ``SpeechFlush`` with its reason and the
+decision's clock time, whatever the session's mode, and right after it an extra ``StateOut``
+stamped at the flush. A failed ``prepare`` emits a ``StateOut`` in mode ERROR with the reason
+(retried with exponential backoff up to ``prepare_retry_max_ms``); the first good prepare after
+failures emits one in the recovered mode. Units dropped by the overrun policy have no
+``StateOut``; they are counted. A change of the VAD's "user is speaking" emits a
+``VoiceActivity``.
+
+Playback feedback: :meth:`OmniFlow.on_playback` takes the player's reports of what it really
+played and when (``speaker/playback``). With ``echo_reference: auto`` (default) the echo
+canceller's far-end reference is placed at the scheduled stamps until the first report arrives,
+and from then on at the reported play times (a player that starts late shifts the echo by as
+much; the reference must follow what the loudspeaker did, not what was planned). The reports
+are also the source of ``StateOut.playing``.
+
+Microphone order: decoded blocks that continue the stream (stamp = end of the audio released
+last) go straight on to the resampler, canceller and VAD; only a block after a gap or out of
+order waits (up to ``audio_reorder_ms``) for the missing piece, so the in-order common case costs
+no latency.
 
 Overrun: unlike the official demo, which queues every unit and drifts without bound when compute
 exceeds real time, the ``drop_oldest`` policy keeps at most ``max_queued_units`` closed units
@@ -69,6 +86,7 @@ from omni_ros.core.types import (
     FloatArray,
     Mode,
     OutputEvent,
+    PlaybackReport,
     RawAudio,
     RawImage,
     SpeechFlush,
@@ -76,12 +94,18 @@ from omni_ros.core.types import (
     StateOut,
     Unit,
     UnitResult,
+    VoiceActivity,
 )
 from omni_ros.core.vad import VadConfig, VoiceActivityDetector
 
 _LOG = logging.getLogger(__name__)
 NS_PER_S = 1_000_000_000
 OVERRUN_POLICIES = ("drop_oldest",)
+ECHO_REFERENCES = ("auto", "schedule", "playback")
+#: A block whose stamp is within this of the end of the audio released last continues the stream.
+_CONTINUES_NS = 1_000_000
+#: How long SpeechOut events are kept to look up the samples a playback report names.
+_SPEECH_LOG_NS = 30 * NS_PER_S
 T = TypeVar("T")
 
 
@@ -116,6 +140,11 @@ class FlowConfig:
             into the future.
         idle_wait_ms: how long the worker sleeps when there is nothing to do (inputs wake it).
         log_interval_s: at most one log line per kind of recurring problem per interval.
+        prepare_retry_max_ms: the retry interval of a failing ``prepare`` doubles from
+            ``prepare_retry_ms`` up to this (a server that is down is not hammered).
+        echo_reference: where the echo canceller's far-end reference comes from: ``schedule``
+            (the speech's stamps), ``playback`` (only the player's reports) or ``auto``
+            (schedule until the first playback report, then the reports).
     """
 
     timeline: TimelineConfig = field(default_factory=TimelineConfig)
@@ -135,6 +164,8 @@ class FlowConfig:
     audio_reorder_ms: int = 60
     idle_wait_ms: int = 10
     log_interval_s: float = 10.0
+    prepare_retry_max_ms: int = 30_000
+    echo_reference: str = "auto"
 
     def __post_init__(self) -> None:
         if self.overrun_policy not in OVERRUN_POLICIES:
@@ -143,6 +174,12 @@ class FlowConfig:
             )
         if self.audio_reorder_ms < 0:
             raise ConfigError("FlowConfig.audio_reorder_ms must be >= 0")
+        if self.echo_reference not in ECHO_REFERENCES:
+            raise ConfigError(
+                f"FlowConfig.echo_reference = {self.echo_reference!r}; use one of {ECHO_REFERENCES}"
+            )
+        if self.prepare_retry_max_ms < self.prepare_retry_ms:
+            raise ConfigError("FlowConfig.prepare_retry_max_ms must be >= prepare_retry_ms")
         for name in (
             "backend_deadline_ms",
             "prepare_deadline_ms",
@@ -293,6 +330,7 @@ class OmniFlow:
         self._texts_in: list[str] = []
         self._controls: collections.deque[tuple[str, Any]] = collections.deque()
         self._robot_speaking = False
+        self._playback_in: list[PlaybackReport] = []
         self._dropped_in_audio = 0
         self._dropped_in_frames = 0
         self._wake = threading.Event()
@@ -310,8 +348,15 @@ class OmniFlow:
         self._reorder: list[tuple[int, int, AudioBlock]] = []
         self._reorder_seq = 0
         self._reorder_newest_ns = 0
+        self._released_end_ns: int | None = None  # end of the mic audio released last
+        self._prepare_failures = 0
+        self._error = ""  # why the session is in ERROR (StateOut.error)
+        self._speech_log: collections.deque[SpeechOut] = collections.deque()
+        self._playback_seen = False
+        self._heard_until_ns = 0  # end of what the player reported as played
+        self._user_speaking = False
+        self._va_last_end_ns = 0  # end of the last speech run reported as over
         self._last_prepare_ns: int | None = None
-        self._prepare_retry_ns = config.prepare_retry_ms * 1_000_000
         self._fed_since_prepare = 0
         self._prompt = config.system_prompt
         self._ref_voice: FloatArray | None = None
@@ -349,6 +394,12 @@ class OmniFlow:
         """The robot's other speech output (not ours) is active: barge-in needs the gate's evidence."""
         with self._lock:
             self._robot_speaking = bool(speaking)
+
+    def on_playback(self, report: PlaybackReport) -> None:
+        """The player reports what it really played (``speaker/playback``)."""
+        with self._lock:
+            self._playback_in.append(report)
+        self._wake.set()
 
     def interrupt(self) -> None:
         """Stop speaking now (service call). The backend is told at once; the session on the worker."""
@@ -408,6 +459,9 @@ class OmniFlow:
             thread.join(timeout_s)
             if thread.is_alive():
                 raise StateError(f"omni_flow worker did not stop within {timeout_s} s")
+            # The worker is gone, so this thread may touch the session: speech still queued at
+            # the player belongs to a loop that no longer runs (a deactivated node).
+            self._emit_all(self.session.interrupt(self.clock.now_ns(), "stop"))
 
     def close(self) -> None:
         """Stop the worker and release the backend helper thread. Does not close the backend."""
@@ -474,7 +528,7 @@ class OmniFlow:
             self._controls.clear()
         for kind, arg in controls:
             if kind == "interrupt":
-                self._emit_all(self.session.interrupt(now_ns))
+                self._emit_all(self.session.interrupt(now_ns, "interrupt"))
             elif kind == "pause":
                 self._paused = True
                 self._emit_all(self.session.pause(now_ns))
@@ -494,7 +548,7 @@ class OmniFlow:
         The echo canceller keeps its adapted filter (the room did not change) unless the time
         base changed (a clock jump), which invalidates every stamp it holds.
         """
-        self._emit_all(self.session.interrupt(now_ns))
+        self._emit_all(self.session.interrupt(now_ns, "reset"))
         self.session.reset()
         if self.vad is not None:
             self.vad.reset()
@@ -535,10 +589,11 @@ class OmniFlow:
             self._needs_prepare = True
         if not self._needs_prepare:
             return True
+        retry_ns = self._retry_ms() * 1_000_000
         if self._last_prepare_ns is not None and (
-            self._last_prepare_ns <= now_ns < self._last_prepare_ns + self._prepare_retry_ns
+            self._last_prepare_ns <= now_ns < self._last_prepare_ns + retry_ns
         ):
-            return False  # a failed prepare is retried every prepare_retry_ms of clock time
+            return False  # a failed prepare is retried with backoff, in clock time
         self._last_prepare_ns = now_ns
         prompt, ref = self._prompt, self._ref_voice
         was_prepared = self._prepared_once
@@ -560,14 +615,31 @@ class OmniFlow:
         except _StoppedError:
             raise
         except Exception as exc:
-            self._log.warning("prepare", f"backend prepare failed: {exc!r}")
+            self._prepare_failures += 1
+            self._error = f"backend prepare failed ({self._prepare_failures}x): {exc}"
+            retry_s = self._retry_ms() / 1000
+            self._log.warning("prepare", f"{self._error}; retrying in {retry_s:g} s")
             self._emit_all(self.session.on_error(None, _as_backend_error(exc)))
+            self._emit_state(now_ns, -1, 0)
             return False
+        if self._prepare_failures:
+            _LOG.warning(
+                "backend prepared again after %d failed attempt(s)", self._prepare_failures
+            )
+            self._prepare_failures = 0
+            self._error = ""
+            self.session.on_recovered()
+            self._emit_state(now_ns, -1, 0)
         self._prepared_once = True
         self._needs_prepare = False
         self._last_prepare_ns = None
         self._fed_since_prepare = 0
         return True
+
+    def _retry_ms(self) -> int:
+        """Wait before the next prepare: doubles with every failure, up to the maximum."""
+        doublings = min(max(self._prepare_failures - 1, 0), 30)
+        return min(self.config.prepare_retry_ms << doublings, self.config.prepare_retry_max_ms)
 
     # ---------------------------------------------------------------------------------- inputs
     def _ingest_inputs(self) -> None:
@@ -579,9 +651,12 @@ class OmniFlow:
             self._texts.extend(self._texts_in)
             self._texts_in.clear()
             self.gate.robot_speaking = self._robot_speaking
+            playback, self._playback_in = self._playback_in, []
             self.counters.dropped_audio_samples += self._dropped_in_audio
             self.counters.dropped_frames += self._dropped_in_frames
             self._dropped_in_audio = self._dropped_in_frames = 0
+        for report in playback:
+            self._apply_playback(report)
         for raw in audio:
             self._ingest_audio(raw)
         self._release_audio(self.clock.now_ns())
@@ -623,7 +698,10 @@ class OmniFlow:
             return
         if len(block.samples) == 0:
             return
-        if self.config.audio_reorder_ms == 0:
+        if self.config.audio_reorder_ms == 0 or (
+            not self._reorder and self._continues_stream(block)
+        ):
+            self._released_end_ns = block.stamp_ns + block.duration_ns
             self._process_audio(block)
             return
         heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block))
@@ -634,8 +712,69 @@ class OmniFlow:
         """Process held mic blocks, oldest stamp first, once they are ``audio_reorder_ms`` older
         than the newest audio or than the clock (the stream may simply have stopped)."""
         horizon = max(self._reorder_newest_ns, now_ns) - self.config.audio_reorder_ms * 1_000_000
-        while self._reorder and self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon:
-            self._process_audio(heapq.heappop(self._reorder)[2])
+        while self._reorder and (
+            self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon
+            or self._continues_stream(self._reorder[0][2])  # the missing piece arrived
+        ):
+            block = heapq.heappop(self._reorder)[2]
+            self._released_end_ns = block.stamp_ns + block.duration_ns
+            self._process_audio(block)
+        self._update_voice_activity(now_ns)
+
+    def _continues_stream(self, block: AudioBlock) -> bool:
+        end = self._released_end_ns
+        return end is not None and abs(block.stamp_ns - end) <= _CONTINUES_NS
+
+    def _update_voice_activity(self, now_ns: int) -> None:
+        """Emit the VAD's view as it changed: every run that started (and ended) since the last
+        call, also when a batch of audio held a whole utterance (replay, a stalled worker)."""
+        if self.vad is None:
+            return
+        st = self.vad.state
+        for run_start, run_end in st.runs:
+            if run_end <= self._va_last_end_ns:
+                continue
+            if not self._user_speaking:
+                self._emit(VoiceActivity(run_start, True))
+            self._user_speaking = False
+            self._va_last_end_ns = run_end
+            self._emit(VoiceActivity(run_end, False))
+        run = self.vad.active_run()
+        if self.vad.in_speech and not self._user_speaking and run is not None:
+            self._user_speaking = True
+            self._emit(VoiceActivity(run[0], True))
+
+    def _apply_playback(self, report: PlaybackReport) -> None:
+        """A player report: what was heard when (the echo reference, "playing")."""
+        if report.sample_rate <= 0:
+            return
+        end_ns = report.heard_ns + round(report.samples * NS_PER_S / report.sample_rate)
+        if report.late:
+            self.counters.playback_late_chunks += 1
+        if report.cut:
+            self._heard_until_ns = min(max(self._heard_until_ns, report.heard_ns), end_ns)
+            if self.aec is not None and self._playback_seen:
+                self.aec.drop_reference_after(end_ns)
+            return
+        self._heard_until_ns = max(self._heard_until_ns, end_ns)
+        if self.config.echo_reference == "schedule":
+            return
+        self._playback_seen = True
+        if self.aec is None:
+            return
+        samples = self._played_samples(report)
+        if samples is not None and len(samples):
+            self.aec.push_reference(report.heard_ns, samples, report.sample_rate)
+
+    def _played_samples(self, report: PlaybackReport) -> FloatArray | None:
+        """The samples of the speech a report names (by turn and scheduled stamp)."""
+        for speech in reversed(self._speech_log):
+            if speech.turn_id != report.turn_id or speech.sample_rate != report.sample_rate:
+                continue
+            offset = round((report.scheduled_ns - speech.stamp_ns) * speech.sample_rate / NS_PER_S)
+            if 0 <= offset < len(speech.samples):
+                return speech.samples[offset : offset + report.samples]
+        return None
 
     def _process_audio(self, block: AudioBlock) -> None:
         for mic in self._to_mic_rate(block):
@@ -766,6 +905,7 @@ class OmniFlow:
             except Exception as exc:
                 compute_ns = time.monotonic_ns() - t0
                 error = _as_backend_error(exc)
+                self._error = f"backend failed on unit {unit.index}: {exc}"
                 self._log.warning("backend", f"backend failed on unit {unit.index}: {exc!r}")
                 self._emit_all(self.session.on_error(unit, error))
                 if not isinstance(exc, BackendError) or isinstance(exc, BackendTimeout):
@@ -774,18 +914,37 @@ class OmniFlow:
             else:
                 compute_ns = time.monotonic_ns() - t0
                 self._fed_since_prepare += 1
-                self._emit_all(self.session.step(unit, result))
-        self._last_state = StateOut(
-            stamp_ns=unit.end_ns,
-            mode=self.session.mode,
-            unit_index=unit.index,
+                self._error = ""
+                self._emit_all(self.session.step(unit, result, self.clock.now_ns()))
+        self._last_state = self._emit_state(
+            unit.end_ns, unit.index, compute_ns, max(1, unit.duration_ns)
+        )
+
+    def _emit_state(
+        self, stamp_ns: int, unit_index: int, compute_ns: int, unit_ns: int = NS_PER_S
+    ) -> StateOut:
+        """Build and emit the one kind of ``StateOut`` (per unit, after a flush, on errors)."""
+        mode = self.session.mode
+        state = StateOut(
+            stamp_ns=stamp_ns,
+            mode=mode,
+            unit_index=unit_index,
             unit_compute_ms=compute_ns / 1e6,
-            real_time_factor=compute_ns / max(1, unit.duration_ns),
+            real_time_factor=compute_ns / unit_ns,
             counters=self.counters.snapshot(),
             backend=self.backend_name,
             turn_id=self.session.turn_id,
+            user_speaking=self._user_speaking,
+            playing=self._is_playing(self.clock.now_ns()),
+            error=self._error if mode is Mode.ERROR else "",
         )
-        self._emit(self._last_state)
+        self._emit(state)
+        return state
+
+    def _is_playing(self, now_ns: int) -> bool:
+        if self._playback_seen or self.config.echo_reference == "playback":
+            return self._heard_until_ns > now_ns
+        return self.session.speech_playing(now_ns)
 
     def _call(self, fn: Callable[[], T], deadline_ms: int) -> T:
         """Run ``fn`` on the backend thread; keep ingesting mic audio while waiting.
@@ -815,30 +974,34 @@ class OmniFlow:
     def _emit_all(self, events: list[OutputEvent]) -> None:
         flush: SpeechFlush | None = None
         for event in events:
-            self._emit(event)
             if isinstance(event, SpeechFlush):
+                event = dataclasses.replace(event, decided_ns=self.clock.now_ns())
                 flush = event
+            self._emit(event)
         if flush is not None:
-            # A flush must reach players now, not at the next unit's state: publish the mode
-            # change (INTERRUPTED / PAUSED) at once, repeating the last unit's compute figures.
+            # The mode change (INTERRUPTED / PAUSED) goes out at once too, repeating the last
+            # unit's compute figures.
             last = self._last_state
-            self._emit(
-                StateOut(
-                    stamp_ns=flush.stamp_ns,
-                    mode=self.session.mode,
-                    unit_index=last.unit_index if last is not None else -1,
-                    unit_compute_ms=last.unit_compute_ms if last is not None else 0.0,
-                    real_time_factor=last.real_time_factor if last is not None else 0.0,
-                    counters=self.counters.snapshot(),
-                    backend=self.backend_name,
-                    turn_id=self.session.turn_id,
-                )
+            self._emit_state(
+                flush.stamp_ns,
+                last.unit_index if last is not None else -1,
+                round(last.unit_compute_ms * 1e6) if last is not None else 0,
             )
 
     def _emit(self, event: OutputEvent) -> None:
+        if isinstance(event, SpeechOut):
+            self._speech_log.append(event)
+            while self._speech_log and (
+                self._speech_log[0].stamp_ns < event.stamp_ns - _SPEECH_LOG_NS
+            ):
+                self._speech_log.popleft()
         if self.aec is not None:
             if isinstance(event, SpeechOut):
-                self.aec.push_reference(event.stamp_ns, event.samples, event.sample_rate)
+                by_schedule = self.config.echo_reference == "schedule" or (
+                    self.config.echo_reference == "auto" and not self._playback_seen
+                )
+                if by_schedule:
+                    self.aec.push_reference(event.stamp_ns, event.samples, event.sample_rate)
             elif isinstance(event, SpeechFlush):
                 self.aec.drop_reference_after(event.dropped_from_ns)
         try:

@@ -3,10 +3,16 @@
 :class:`DuplexSession` consumes one ``(Unit, UnitResult)`` pair per step and turns it into output
 events on the input clock:
 
-* **Speech stamps.** Speech produced for the unit ``[start, end)`` can only exist after ``end``;
-  it is scheduled to play at ``end + output_latency`` or, if earlier speech is still scheduled then,
-  right after it. Output stamps are therefore monotonic and never overlap, and a player that
-  honours them plays speech exactly on the axis the microphone was stamped on.
+* **Speech stamps.** Speech produced for the unit ``[start, end)`` can only exist after ``end``
+  plus the time it took to close the unit (the timeline's watermark) and to compute it. The caller
+  passes the clock time of each step (``now_ns``); the session keeps the running p95 of that lag
+  (``now - end``) over the last ``lag_window_units`` units and schedules the first speech of a
+  block at ``end + p95 lag + output_latency`` (the margin covers publishing and the player's own
+  buffering), or, if earlier speech is still scheduled then, right after it. Speech that would
+  still be stamped before ``now + output_latency`` (a unit far slower than the p95) is moved there;
+  a turn's speech that cannot follow on from its previous speech without a gap is counted in
+  ``late_speech``: a pause the listener hears, never a late chunk the player has to skip through. Output stamps are therefore monotonic and never overlap, and a player that honours
+  them plays speech exactly on the axis the microphone was stamped on.
 * **Text** is stamped at the start of the unit that produced it.
 * **Turns.** A turn starts with the first speaking unit and ends with ``end_of_turn``, a listening
   unit (the model stopped without saying so), a barge-in, an interrupt, a backend error or a pause.
@@ -19,7 +25,13 @@ events on the input clock:
   scheduled speech from the user's first word on (a :class:`~omni_ros.core.types.SpeechFlush`
   reports the span), ends the turn, counts ``barge_ins`` and, if the model was mid-turn, moves to
   INTERRUPTED; the caller then interrupts the backend. Speaking results that still arrive for the
-  interrupted turn (a unit already in flight) are dropped until the model listens again.
+  interrupted turn (a unit already in flight) are dropped until the model listens again. The
+  flush is emitted whatever the mode: a turn whose last unit was already generated (mode
+  LISTENING again) still has speech queued, and that speech is cut the same way.
+* **Every cancelled span is a flush.** Barge-in (``barge_in``), :meth:`interrupt`
+  (``interrupt``, or ``reset`` when the conversation restarts), :meth:`on_error` (``error``) and
+  :meth:`pause` (``stop``) each emit a :class:`SpeechFlush` with that reason when speech was
+  scheduled or a turn was open.
 * **Errors.** :meth:`DuplexSession.on_error` moves to ERROR and counts it; the next good result
   recovers.
 
@@ -55,8 +67,10 @@ class SessionConfig:
     """Duplex session settings.
 
     Attributes:
-        output_latency_ms: speech for unit ``[start, end)`` is scheduled to play at
-            ``end + output_latency_ms`` at the earliest (covers publishing and player buffering).
+        output_latency_ms: margin added to the measured lag: speech for unit ``[start, end)`` is
+            scheduled to play at ``end + p95(lag) + output_latency_ms`` at the earliest, and never
+            before ``now + output_latency_ms`` (covers publishing and the player's buffering).
+        lag_window_units: how many recent units the p95 of the unit-end-to-result lag is taken over.
         proactive_silence_units: a turn started after this many consecutive units without user
             speech (including the unit the model answered) is proactive.
         proactive_enabled: emit proactive events at all.
@@ -66,7 +80,8 @@ class SessionConfig:
             turn even if the model never listened in between.
     """
 
-    output_latency_ms: int = 200
+    output_latency_ms: int = 50
+    lag_window_units: int = 20
     proactive_silence_units: int = 3
     proactive_enabled: bool = True
     strip_tags: bool = True
@@ -79,6 +94,8 @@ class SessionConfig:
             raise ConfigError("SessionConfig.proactive_silence_units must be >= 1")
         if self.max_interrupted_units < 0:
             raise ConfigError("SessionConfig.max_interrupted_units must be >= 0")
+        if self.lag_window_units < 1:
+            raise ConfigError("SessionConfig.lag_window_units must be >= 1")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None) -> SessionConfig:
@@ -104,10 +121,12 @@ class SessionState:
     silent_units: int = 0
     interrupted_units: int = 0
     last_unit_index: int | None = None
+    lags_ns: list[int] = field(default_factory=list)  # recent unit-end-to-result lags, oldest first
 
     def reset(self) -> None:
-        """Back to a fresh conversation (keeps ``turn_id`` so later turns get new ids)."""
-        fresh = SessionState(turn_id=self.turn_id)
+        """Back to a fresh conversation (keeps ``turn_id`` so later turns get new ids, and the
+        measured lags: the machine did not get faster)."""
+        fresh = SessionState(turn_id=self.turn_id, lags_ns=self.lags_ns)
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
 
@@ -170,7 +189,7 @@ class DuplexSession:
         st = self.state
         if st.mode is Mode.PAUSED:
             return []
-        events = self._cut_turn(stamp_ns)
+        events = self._cut_turn(stamp_ns, "stop")
         st.mode_before_pause = Mode.LISTENING if st.mode is Mode.INTERRUPTED else st.mode
         st.mode = Mode.PAUSED
         return events
@@ -197,21 +216,22 @@ class DuplexSession:
         if not (st.in_turn or self.speech_playing(stamp_ns)):
             return []
         self.counters.barge_ins += 1
-        return self.interrupt(stamp_ns)
+        return self.interrupt(stamp_ns, "barge_in")
 
-    def interrupt(self, stamp_ns: int) -> list[OutputEvent]:
-        """Stop speaking now (barge-in or an explicit interrupt request); see :meth:`on_user_speech`."""
+    def interrupt(self, stamp_ns: int, reason: str = "interrupt") -> list[OutputEvent]:
+        """Stop speaking now (barge-in, an explicit interrupt request, a restart); see
+        :meth:`on_user_speech`. ``reason`` goes into the :class:`SpeechFlush`."""
         st = self.state
         if st.mode is Mode.PAUSED:
             return []
         was_in_turn = st.in_turn
-        events = self._cut_turn(stamp_ns)
+        events = self._cut_turn(stamp_ns, reason)
         if was_in_turn:
             st.mode = Mode.INTERRUPTED
             st.interrupted_units = 0
         return events
 
-    def _cut_turn(self, stamp_ns: int) -> list[OutputEvent]:
+    def _cut_turn(self, stamp_ns: int, reason: str) -> list[OutputEvent]:
         """Flush speech scheduled from ``stamp_ns`` on and close an open turn."""
         st = self.state
         events: list[OutputEvent] = []
@@ -219,7 +239,9 @@ class DuplexSession:
             start = st.turn_speech_start_ns if st.in_turn else None
             dropped_from = max(stamp_ns, start if start is not None else stamp_ns)
             dropped_until = max(st.scheduled_end_ns or dropped_from, dropped_from)
-            events.append(SpeechFlush(stamp_ns, st.turn_id, dropped_from, dropped_until))
+            events.append(
+                SpeechFlush(stamp_ns, st.turn_id, dropped_from, dropped_until, reason, stamp_ns)
+            )
             if st.scheduled_end_ns is not None:
                 st.scheduled_end_ns = min(st.scheduled_end_ns, dropped_from)
         if st.in_turn:
@@ -229,8 +251,14 @@ class DuplexSession:
         return events
 
     # -------------------------------------------------------------------------------------- units
-    def step(self, unit: Unit, result: UnitResult) -> list[OutputEvent]:
+    def step(self, unit: Unit, result: UnitResult, now_ns: int | None = None) -> list[OutputEvent]:
         """Consume the backend's result for ``unit``; return the events to publish, in order.
+
+        Args:
+            unit: the unit the result is for.
+            result: the backend's result.
+            now_ns: the clock time the events will be published at (the lag ``now - end`` is
+                measured from it); None means "right at the unit's end" (tests, offline use).
 
         Raises:
             StateError: called while PAUSED (the caller must not run the backend then).
@@ -238,6 +266,9 @@ class DuplexSession:
         st = self.state
         if st.mode is Mode.PAUSED:
             raise StateError("DuplexSession.step() while PAUSED: call resume() first")
+        now = unit.end_ns if now_ns is None else now_ns
+        st.lags_ns.append(max(0, now - unit.end_ns))
+        del st.lags_ns[: -self.config.lag_window_units]
         st.last_unit_index = unit.index
         if unit.user_speech is True:
             st.silent_units = 0
@@ -260,7 +291,7 @@ class DuplexSession:
                 events += self._close_turn(unit.end_ns)
             st.mode = Mode.LISTENING
             return events
-        return self._speak(unit, result)
+        return self._speak(unit, result, now)
 
     def on_error(self, unit: Unit | None, error: Exception) -> list[OutputEvent]:
         """The backend failed for ``unit``: count it, end an open turn, go to ERROR."""
@@ -272,6 +303,21 @@ class DuplexSession:
         events: list[OutputEvent] = []
         stamp = unit.start_ns if unit is not None else (st.scheduled_end_ns or 0)
         if st.in_turn:
+            # The turn is cut short: its queued speech would stop mid-sentence anyway, and the
+            # player must learn of it from a flush, not from silence.
+            flush_ns = unit.end_ns if unit is not None else stamp
+            if self.speech_playing(flush_ns):
+                events.append(
+                    SpeechFlush(
+                        flush_ns,
+                        st.turn_id,
+                        flush_ns,
+                        max(st.scheduled_end_ns or flush_ns, flush_ns),
+                        "error",
+                        flush_ns,
+                    )
+                )
+                st.scheduled_end_ns = flush_ns
             index = unit.index if unit is not None else (st.last_unit_index or 0)
             events.append(self._text(stamp, index, "", end_of_turn=True))
             events += self._close_turn(unit.end_ns if unit is not None else stamp)
@@ -279,7 +325,19 @@ class DuplexSession:
             st.mode = Mode.ERROR
         return events
 
-    def _speak(self, unit: Unit, result: UnitResult) -> list[OutputEvent]:
+    def lag_p95_ns(self) -> int:
+        """p95 of the recent unit-end-to-result lags (0 before the first unit)."""
+        lags = sorted(self.state.lags_ns)
+        if not lags:
+            return 0
+        return lags[min(len(lags) - 1, (95 * len(lags) + 99) // 100 - 1)]
+
+    def on_recovered(self) -> None:
+        """The backend works again (a prepare succeeded after failures): leave ERROR."""
+        if self.state.mode is Mode.ERROR:
+            self.state.mode = Mode.LISTENING
+
+    def _speak(self, unit: Unit, result: UnitResult, now_ns: int) -> list[OutputEvent]:
         st = self.state
         cfg = self.config
         events: list[OutputEvent] = []
@@ -317,11 +375,20 @@ class DuplexSession:
             events.append(self._text(unit.start_ns, unit.index, text, result.end_of_turn))
         audio = result.audio
         if audio is not None and len(audio):
-            stamp = unit.end_ns + cfg.output_latency_ms * 1_000_000
-            if st.scheduled_end_ns is None or stamp > st.scheduled_end_ns:
-                st.playback_start_ns = stamp  # a gap: a new contiguous block of speech begins
+            margin_ns = cfg.output_latency_ms * 1_000_000
+            floor_ns = now_ns + margin_ns  # nothing may be due before it is published
+            end = st.scheduled_end_ns
+            if st.turn_speech_start_ns is not None and end is not None and end >= floor_ns:
+                stamp = end  # the turn goes on: its speech follows on without a gap
             else:
-                stamp = st.scheduled_end_ns
+                stamp = max(unit.end_ns + self.lag_p95_ns() + margin_ns, floor_ns)
+                if end is not None:
+                    stamp = max(stamp, end)  # never over speech still scheduled
+                if end is None or stamp > end:
+                    st.playback_start_ns = stamp  # a gap: a new contiguous block begins
+                if st.turn_speech_start_ns is not None:
+                    # Generated too late to follow on: the listener hears a pause mid-turn.
+                    self.counters.late_speech += 1
             if st.turn_speech_start_ns is None:
                 st.turn_speech_start_ns = stamp
             st.scheduled_end_ns = stamp + round(len(audio) * NS_PER_S / self.output_sample_rate)

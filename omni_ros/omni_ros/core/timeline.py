@@ -3,7 +3,9 @@
 Unit ``k`` covers ``[start_ns(k), end_ns(k))`` with ``start_ns(0) = origin_ns``, the first unit
 ``first_unit_ns`` long (MiniCPM-o 4.5 uses 1.035 s) and every later unit ``unit_ns`` long. A unit
 closes, and :meth:`Timeline.poll` returns it, once the clock passes its end plus ``watermark_ns``
-(late-arrival slack).
+(late-arrival slack), or, with ``close_when_complete`` (default), as soon as the clock has passed
+its end and its audio has arrived without a gap: a live microphone stream that arrives in order
+then costs no watermark at all, and the watermark only bounds the wait for audio that is missing.
 
 Design (why it is chunking invariant):
 
@@ -115,6 +117,9 @@ class TimelineConfig:
         max_catchup_units: most units one poll returns; older due units are skipped and counted
             (a clock that leapt forward must not make the backend chew through minutes of zeros).
         max_frames_buffered: most frames held at once; the oldest beyond it are dropped, counted.
+        close_when_complete: close a unit before its watermark once the clock has passed its end
+            and every one of its samples (plus the resampler's right context) has arrived. A
+            frame stamped after the unit's end is then not a candidate for it.
     """
 
     unit_ns: int = 1_000_000_000
@@ -133,6 +138,7 @@ class TimelineConfig:
     audio_snap_ns: int = 0
     max_catchup_units: int = 30
     max_frames_buffered: int = 600
+    close_when_complete: bool = True
 
     def __post_init__(self) -> None:
         positive = {
@@ -537,7 +543,21 @@ class Timeline:
         if due > self.config.max_catchup_units:
             self._skip_units(due - self.config.max_catchup_units)
             due = self.config.max_catchup_units
-        return [self._emit_next() for _ in range(due)]
+        units = [self._emit_next() for _ in range(due)]
+        while self.config.close_when_complete and self._next_complete(now_ns):
+            units.append(self._emit_next())
+        return units
+
+    def _next_complete(self, now_ns: int) -> bool:
+        """Whether the next unit's end has passed and all its audio (+ right context) is here."""
+        assert self._origin_ns is not None
+        start_ns, end_ns = self.unit_bounds_ns(self._next_index)
+        buf = self._buffers.get(self._current_rate) if self._current_rate else None
+        if now_ns < end_ns or buf is None or len(self._buffers) != 1:
+            return False
+        a = _pos(start_ns - self._origin_ns, buf.rate)
+        b = _pos(end_ns - self._origin_ns, buf.rate) + buf.keep
+        return buf.covered(max(a, buf.floor), b) == b - max(a, buf.floor)
 
     def _on_clock_jump(self, now_ns: int) -> None:
         self.counters.clock_jumps += 1

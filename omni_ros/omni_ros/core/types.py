@@ -199,6 +199,8 @@ class Counters:
     backend_errors: int = 0
     backend_timeouts: int = 0
     barge_ins: int = 0
+    late_speech: int = 0  # speech generated too late for its schedule: moved later (a pause)
+    playback_late_chunks: int = 0  # chunks the speaker reported as started late (speaker/playback)
 
     def snapshot(self) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -223,20 +225,59 @@ class StateOut:
     counters: Counters
     backend: str
     turn_id: int = 0
+    user_speaking: bool = False
+    playing: bool = False
+    error: str = ""
+
+
+#: Why speech was cancelled; the values are ``omni_ros_msgs/SpeechFlush`` reason names, lower case.
+FLUSH_REASONS = ("barge_in", "interrupt", "reset", "error", "stop")
 
 
 @dataclass(frozen=True)
 class SpeechFlush:
-    """Barge-in: speech scheduled in ``[dropped_from_ns, dropped_until_ns)`` must not play.
+    """Speech of turns up to ``turn_id`` that would play in ``[dropped_from_ns, dropped_until_ns)``
+    or later must not play: published for every cancelled span, whatever the session's mode.
 
-    The player stops and drops everything queued from ``dropped_from_ns`` on; ``stamp_ns`` is when the
-    user's speech that caused it started. An empty span (from == until) still ends the turn.
+    The player stops and drops everything queued (and arriving later) of those turns from
+    ``dropped_from_ns`` on. ``stamp_ns`` is the cause's time: for a barge-in the onset of the
+    user's speech, otherwise the decision time. ``decided_ns`` is the clock time the decision was
+    taken (a player's stop latency is measured from it). An empty span (from == until) still ends
+    the turn.
     """
 
     stamp_ns: int
     turn_id: int
     dropped_from_ns: int
     dropped_until_ns: int
+    reason: str = "barge_in"
+    decided_ns: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reason not in FLUSH_REASONS:
+            raise ValueError(f"SpeechFlush.reason {self.reason!r} not in {FLUSH_REASONS}")
 
 
-OutputEvent = SpeechOut | TextOut | ProactiveEvent | StateOut | SpeechFlush
+@dataclass(frozen=True)
+class PlaybackReport:
+    """The speaker really played ``samples`` samples of a chunk of ``turn_id`` from ``heard_ns`` on
+    (``cut``: a flush stopped it there). ``scheduled_ns`` is the chunk's own stamp."""
+
+    heard_ns: int
+    turn_id: int
+    scheduled_ns: int
+    sample_rate: int
+    samples: int
+    late: bool = False
+    cut: bool = False
+
+
+@dataclass(frozen=True)
+class VoiceActivity:
+    """The VAD's view changed: the user started (``speaking``, ``stamp_ns`` = onset) or stopped."""
+
+    stamp_ns: int
+    speaking: bool
+
+
+OutputEvent = SpeechOut | TextOut | ProactiveEvent | StateOut | SpeechFlush | VoiceActivity

@@ -188,6 +188,10 @@ class CaptureStamper:
 
 
 # --------------------------------------------------------------------------------- in-memory / wav
+#: How late a write may come after the previous one finished and still play without a gap.
+_DEVICE_SLACK_NS = 5_000_000
+
+
 def _pace(due_ns: int, monotonic_ns: Callable[[], int], stop: threading.Event) -> None:
     """Sleep until ``due_ns`` on ``monotonic_ns``'s clock, or until ``stop`` is set."""
     remaining = due_ns - monotonic_ns()
@@ -323,6 +327,7 @@ class RecordingSink:
         self._chunks: list[bytes] = []
         #: (monotonic ns when the write started, frames) for every write.
         self.writes: list[tuple[int, int]] = []
+        self._device_ns = 0  # when the audio written so far has finished playing
         self.flushes = 0
 
     def write(self, data: bytes) -> None:
@@ -332,7 +337,13 @@ class RecordingSink:
         with self._lock:
             self.writes.append((start, n_frames))
         if self._realtime:
-            _pace(start + self.format.duration_ns(n_frames), self._monotonic_ns, self._closed)
+            # Paced by the "device's" own clock, as a sound card with a small buffer is: writes
+            # that follow each other within _DEVICE_SLACK_NS play back-to-back, so the caller's
+            # overhead between writes does not accumulate as drift (a real device buffers that
+            # much). After a longer gap (the device ran dry) playback restarts at the write.
+            begin = self._device_ns if start - self._device_ns < _DEVICE_SLACK_NS else start
+            self._device_ns = begin + self.format.duration_ns(n_frames)
+            _pace(self._device_ns, self._monotonic_ns, self._closed)
 
     def _keep(self, data: bytes) -> None:
         with self._lock:

@@ -19,16 +19,26 @@ from std_msgs.msg import Header
 
 from omni_ros.core.audio import chunk_output, encode_audio
 from omni_ros.core.types import (
+    FLUSH_REASONS,
     Counters,
     Mode,
+    PlaybackReport,
     ProactiveEvent,
     RawAudio,
     RawImage,
+    SpeechFlush,
     SpeechOut,
     StateOut,
     TextOut,
 )
-from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
+from omni_ros_msgs.msg import (
+    AudioChunk,
+    OmniState,
+    OmniText,
+    Playback,
+    ProactiveAction,
+)
+from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 
 NS_PER_S = 1_000_000_000
 
@@ -48,6 +58,8 @@ WARN_COUNTERS = (
     "units_dropped_overrun",
     "backend_errors",
     "backend_timeouts",
+    "late_speech",
+    "playback_late_chunks",
 )
 
 
@@ -134,10 +146,62 @@ def speech_to_chunks(
             sample_rate=int(speech.sample_rate),
             channels=1,
             encoding=encoding.strip().upper(),
+            turn_id=int(speech.turn_id),
         )
         msg.data = array.array("B", encode_audio(samples, encoding))
         chunks.append(msg)
     return chunks
+
+
+def flush_to_msg(flush: SpeechFlush, frame_id: str = "omni") -> SpeechFlushMsg:
+    """:class:`SpeechFlush` -> ``omni_ros_msgs/SpeechFlush`` (header.stamp = decision time)."""
+    return SpeechFlushMsg(
+        header=header(flush.decided_ns or flush.stamp_ns, frame_id),
+        reason=FLUSH_REASONS.index(flush.reason),
+        turn_id=int(flush.turn_id),
+        dropped_from=ns_to_stamp(flush.dropped_from_ns),
+        dropped_until=ns_to_stamp(flush.dropped_until_ns),
+        onset=ns_to_stamp(flush.stamp_ns),
+    )
+
+
+def msg_to_flush(msg: SpeechFlushMsg) -> SpeechFlush:
+    """``omni_ros_msgs/SpeechFlush`` -> :class:`SpeechFlush` (an unknown reason reads as stop)."""
+    reason = FLUSH_REASONS[msg.reason] if msg.reason < len(FLUSH_REASONS) else "stop"
+    return SpeechFlush(
+        stamp_ns=stamp_to_ns(msg.onset),
+        turn_id=int(msg.turn_id),
+        dropped_from_ns=stamp_to_ns(msg.dropped_from),
+        dropped_until_ns=stamp_to_ns(msg.dropped_until),
+        reason=reason,
+        decided_ns=stamp_to_ns(msg.header.stamp),
+    )
+
+
+def playback_to_msg(report: PlaybackReport, frame_id: str = "speaker") -> Playback:
+    """:class:`PlaybackReport` -> ``omni_ros_msgs/Playback``."""
+    return Playback(
+        header=header(report.heard_ns, frame_id),
+        turn_id=int(report.turn_id),
+        scheduled=ns_to_stamp(report.scheduled_ns),
+        sample_rate=int(report.sample_rate),
+        samples=int(report.samples),
+        late=bool(report.late),
+        cut=bool(report.cut),
+    )
+
+
+def msg_to_playback(msg: Playback) -> PlaybackReport:
+    """``omni_ros_msgs/Playback`` -> :class:`PlaybackReport`."""
+    return PlaybackReport(
+        heard_ns=stamp_to_ns(msg.header.stamp),
+        turn_id=int(msg.turn_id),
+        scheduled_ns=stamp_to_ns(msg.scheduled),
+        sample_rate=int(msg.sample_rate),
+        samples=int(msg.samples),
+        late=bool(msg.late),
+        cut=bool(msg.cut),
+    )
 
 
 def text_to_msg(text: TextOut, frame_id: str = "omni") -> OmniText:
@@ -171,7 +235,7 @@ def state_to_msg(state: StateOut, frame_id: str = "omni") -> OmniState:
     return OmniState(
         header=header(state.stamp_ns, frame_id),
         mode=int(state.mode),
-        unit_index=int(state.unit_index),
+        unit_index=max(0, int(state.unit_index)),  # -1 (no unit yet, e.g. a failed prepare): 0
         unit_compute_ms=float(state.unit_compute_ms),
         real_time_factor=float(state.real_time_factor),
         dropped_frames=int(counters.dropped_frames),
@@ -179,6 +243,11 @@ def state_to_msg(state: StateOut, frame_id: str = "omni") -> OmniState:
         late_messages=int(counters.late_messages),
         gap_samples_filled=int(counters.gap_samples_filled),
         backend=state.backend,
+        turn_id=int(state.turn_id),
+        user_speaking=bool(state.user_speaking),
+        playing=bool(state.playing),
+        barge_ins=int(counters.barge_ins),
+        error=state.error,
     )
 
 
@@ -229,7 +298,7 @@ def diagnostic_status(
         problems.append(f"slower than real time (RTF {state.real_time_factor:.2f})")
     problems.extend(grown)
     if state.mode == Mode.ERROR:
-        level, message = DiagnosticStatus.ERROR, "backend error"
+        level, message = DiagnosticStatus.ERROR, state.error or "backend error"
     elif problems:
         level, message = DiagnosticStatus.WARN, ", ".join(problems)
     else:
@@ -244,6 +313,9 @@ def diagnostic_status(
         "unit_compute_ms": f"{state.unit_compute_ms:.2f}",
         "real_time_factor": f"{state.real_time_factor:.3f}",
         "latency_ms": "" if latency_ms is None else f"{latency_ms:.1f}",
+        "user_speaking": state.user_speaking,
+        "playing": state.playing,
+        "error": state.error,
         **now,
     }
     values = [KeyValue(key=k, value=str(v)) for k, v in pairs.items()] + values

@@ -33,9 +33,11 @@ from omni_ros.core.types import (
     OutputEvent,
     ProactiveEvent,
     RawImage,
+    SpeechFlush,
     SpeechOut,
     StateOut,
     TextOut,
+    VoiceActivity,
 )
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._ask import AskTracker
@@ -45,7 +47,8 @@ from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
 from omni_ros_msgs.action import Ask
-from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
+from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, Playback, ProactiveAction
+from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 from omni_ros_msgs.srv import SetPrompt
 
 RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
@@ -57,6 +60,7 @@ MIC_QOS = QoSProfile(
     durability=qos_profile_sensor_data.durability,
     history=qos_profile_sensor_data.history,
 )
+PLAYBACK_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
@@ -113,11 +117,16 @@ class OmniFlowNode(LifecycleNode):
     Subscribes (relative names; sensor-data QoS, depth 100 for the mic; robot_speaking reliable):
         camera/image_raw (sensor_msgs/Image) or camera/image_raw/compressed
         (sensor_msgs/CompressedImage), audio/mic (omni_ros_msgs/AudioChunk),
-        robot_speaking (std_msgs/Bool).
+        robot_speaking (std_msgs/Bool: OTHER speech on the robot, not ours),
+        speaker/playback (omni_ros_msgs/Playback, reliable: what the speaker really played; the
+        echo canceller's reference and OmniState.playing).
     Publishes:
-        omni/speech (omni_ros_msgs/AudioChunk, 24 kHz, reliable), omni/text (OmniText, reliable),
-        omni/proactive (ProactiveAction, reliable, when a proactive turn completes), omni/state
-        (OmniState, reliable + transient-local, every unit), /diagnostics (DiagnosticArray).
+        omni/speech (omni_ros_msgs/AudioChunk, 24 kHz, reliable, ``turn_id`` set),
+        omni/speech_flush (omni_ros_msgs/SpeechFlush, reliable: every cancelled span of speech),
+        omni/text (OmniText, reliable), omni/proactive (ProactiveAction, reliable, when a
+        proactive turn completes), omni/state (OmniState, reliable + transient-local, every unit,
+        after every flush and on backend errors), omni/user_speaking (std_msgs/Bool, reliable +
+        transient-local: the VAD hears the user), /diagnostics (DiagnosticArray).
     Services: omni/interrupt (std_srvs/Trigger), omni/set_prompt (omni_ros_msgs/SetPrompt),
         omni/reset (std_srvs/Trigger). Action: omni/ask (omni_ros_msgs/Ask).
 
@@ -236,14 +245,18 @@ class OmniFlowNode(LifecycleNode):
     def _create_entities(self) -> None:
         lc_pub, sub, group = self.create_lifecycle_publisher, self.create_subscription, self._group
         self._speech_pub = lc_pub(AudioChunk, "omni/speech", RELIABLE)
+        self._flush_pub = lc_pub(SpeechFlushMsg, "omni/speech_flush", RELIABLE)
         self._text_pub = lc_pub(OmniText, "omni/text", RELIABLE)
         self._proactive_pub = lc_pub(ProactiveAction, "omni/proactive", RELIABLE)
         self._state_pub = lc_pub(OmniState, "omni/state", LATCHED)
+        self._user_speaking_pub = lc_pub(Bool, "omni/user_speaking", LATCHED)
         self._publishers_lc = [
             self._speech_pub,
+            self._flush_pub,
             self._text_pub,
             self._proactive_pub,
             self._state_pub,
+            self._user_speaking_pub,
         ]
         if self._param("camera.compressed"):
             cam = (CompressedImage, "camera/image_raw/compressed", conv.compressed_to_raw)
@@ -256,6 +269,7 @@ class OmniFlowNode(LifecycleNode):
             ),
             sub(AudioChunk, "audio/mic", self._on_mic, MIC_QOS),
             sub(Bool, "robot_speaking", self._on_robot_speaking, 10),
+            sub(Playback, "speaker/playback", self._on_playback, PLAYBACK_QOS),
             self.create_service(
                 Trigger, "omni/interrupt", self._on_interrupt, callback_group=group
             ),
@@ -368,6 +382,9 @@ class OmniFlowNode(LifecycleNode):
         self._unstamped_images += 1
         return dataclasses.replace(raw, stamp_ns=self._omni_clock.now_ns())
 
+    def _on_playback(self, msg: Playback) -> None:
+        self._push("on_playback", conv.msg_to_playback(msg))
+
     def _on_robot_speaking(self, msg: Bool) -> None:
         self._push("set_robot_speaking", bool(msg.data))
 
@@ -438,7 +455,10 @@ class OmniFlowNode(LifecycleNode):
         elif isinstance(event, StateOut):
             self._state_pub.publish(conv.state_to_msg(event))
             self._diag.on_state(event, self._omni_clock.now_ns())
-        # SpeechFlush has no message of its own: players see mode INTERRUPTED in omni/state.
+        elif isinstance(event, SpeechFlush):
+            self._flush_pub.publish(conv.flush_to_msg(event))
+        elif isinstance(event, VoiceActivity):
+            self._user_speaking_pub.publish(Bool(data=event.speaking))
 
     def _publish_diagnostics(self) -> None:
         lifecycle = self._state_machine.current_state[1]

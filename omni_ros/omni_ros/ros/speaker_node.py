@@ -1,4 +1,4 @@
-"""``speaker_node``: ``omni/speech`` (AudioChunk) -> a speaker, on schedule; publishes ``robot_speaking``.
+"""``speaker_node``: ``omni/speech`` (AudioChunk) -> a speaker, on schedule; reports what it played.
 
 Run: ``ros2 run omni_ros speaker_node --ros-args -p device:=USB`` (or
 ``ros2 launch omni_ros omni_flow.launch.py with_speaker:=true``).
@@ -7,6 +7,7 @@ Run: ``ros2 run omni_ros speaker_node --ros-args -p device:=USB`` (or
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from std_srvs.srv import Trigger
 
 from omni_ros.core.audio import decode_audio, encode_audio, resample
 from omni_ros.core.errors import ConfigError, DecodeError
+from omni_ros.core.types import PlaybackReport
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._run import spin_node
 from omni_ros.ros.audio_io import (
@@ -29,7 +31,8 @@ from omni_ros.ros.audio_io import (
     PyAudioSink,
     WavFileSink,
 )
-from omni_ros_msgs.msg import AudioChunk, OmniState
+from omni_ros_msgs.msg import AudioChunk, Playback
+from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 
 #: name -> (default, description). The node declares exactly these; tests read this table.
 PARAMETERS: dict[str, tuple[Any, str]] = {
@@ -40,17 +43,17 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "block_ms": (20, "write granularity [ms]: a flush stops playback within one block"),
     "late_tolerance_ms": (30.0, "a chunk starting later than this after its stamp counts as late"),
     "max_ahead_s": (5.0, "stamps further ahead than this are a clock mismatch: play now"),
-    "release_ms": (150.0, "robot_speaking goes false after the queue stayed empty this long"),
+    "release_ms": (150.0, "speaker/playing goes false after the queue stayed empty this long"),
     "wav_path": ("", "output file for sink=wav"),
 }
 
-SPEAKING_QOS = QoSProfile(
+PLAYING_QOS = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
 SPEECH_QOS = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-# Volatile on purpose: a transient-local subscription would not match a volatile publisher, and a
-# latched INTERRUPTED from before we started must not flush anything.
-STATE_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+# Volatile on purpose: a flush from before this node started must not cut anything.
+FLUSH_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+PLAYBACK_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,19 @@ class _Queued:
     stamp_ns: int
     pcm: bytes
     generation: int
+    turn_id: int
+    sample_rate: int  # of the chunk as published (Playback reports count in it)
+    samples: int
+    end_ns: int  # stamp + duration: a flush from dropped_from on covers it if end > dropped_from
+
+
+def _covered(item: _Queued, turn_id: int, from_ns: int, now_ns: int) -> bool:
+    """Whether a flush of turns <= ``turn_id`` from ``from_ns`` on cancels this chunk: one that
+    would play after ``from_ns``, and, once that time has come, anything of those turns still
+    queued or playing (a player running behind its stamps must not finish them late)."""
+    return item.turn_id <= turn_id and (
+        item.stamp_ns <= 0 or item.end_ns > from_ns or now_ns >= from_ns
+    )
 
 
 def chunk_to_pcm(msg: AudioChunk, fmt: AudioFormat) -> bytes:
@@ -87,11 +103,17 @@ class SpeakerNode(Node):
         first sample should be heard (ROS clock; sim time works). A chunk is written
         ``sink.latency_ns`` before its stamp; a late chunk plays at once and is counted
         (``late_chunks``); a zero stamp means "now".
-        ``omni/state`` (omni_ros_msgs/OmniState): when ``mode`` becomes INTERRUPTED the queue is
-        flushed (barge-in or the interrupt service cut the model's speech).
+        ``omni/speech_flush`` (omni_ros_msgs/SpeechFlush, reliable): every queued chunk of a turn
+        up to ``turn_id`` that would play at or after ``dropped_from`` is dropped, the one
+        playing stops within one ``block_ms``, and chunks of those turns that arrive later are
+        dropped too (``dropped_after_flush``): whatever the model's mode was.
     Topics out:
-        ``robot_speaking`` (std_msgs/Bool, reliable, transient-local): true while audio plays,
-        false once the queue stayed empty for ``release_ms`` or right after a flush.
+        ``speaker/playback`` (omni_ros_msgs/Playback, reliable): one report per chunk when its
+        first sample is heard, and one with ``cut`` when a flush stops it early: the echo
+        canceller's reference and the conversation's ground truth.
+        ``speaker/playing`` (std_msgs/Bool, reliable, transient-local): true while our speech
+        plays, false once the queue stayed empty for ``release_ms`` or right after a flush.
+        (``robot_speaking`` is for OTHER speech on the robot; this node does not publish it.)
     Services:
         ``speaker/flush`` (std_srvs/Trigger): drop everything queued and stop playing; the
         response message also reports the late / clock-mismatch / decode-error counts.
@@ -120,15 +142,20 @@ class SpeakerNode(Node):
         self._queue: collections.deque[_Queued] = collections.deque()
         self._generation = 0
         self._speaking: bool | None = None
-        self._last_mode: int | None = None
+        self._playing: _Queued | None = None
+        self._flushed_turn = 0  # chunks of turns <= this ...
+        self._flushed_from_ns = 0  # ... playing at or after this are cancelled
+        self._frame_id = str(p["device"]) or str(p["sink"])
         self.late_chunks = 0
         self.clock_mismatches = 0
         self.decode_errors = 0
         self.flushes = 0
-        self._speaking_pub = self.create_publisher(Bool, "robot_speaking", SPEAKING_QOS)
+        self.dropped_after_flush = 0
+        self._speaking_pub = self.create_publisher(Bool, "speaker/playing", PLAYING_QOS)
+        self._playback_pub = self.create_publisher(Playback, "speaker/playback", PLAYBACK_QOS)
         self._set_speaking(False)
         self.create_subscription(AudioChunk, "omni/speech", self._on_speech, SPEECH_QOS)
-        self.create_subscription(OmniState, "omni/state", self._on_state, STATE_QOS)
+        self.create_subscription(SpeechFlushMsg, "omni/speech_flush", self._on_flush_msg, FLUSH_QOS)
         self.create_service(Trigger, "speaker/flush", self._on_flush)
         self._thread = threading.Thread(target=self._playback, name="speaker_playback", daemon=True)
         self._thread.start()
@@ -154,14 +181,22 @@ class SpeakerNode(Node):
             self.get_logger().warning(f"dropped a speech chunk: {exc}", throttle_duration_sec=5.0)
             return
         stamp_ns = conv.stamp_to_ns(msg.header.stamp)
+        rate = max(1, int(msg.sample_rate))
+        samples = len(msg.data) // max(1, int(msg.channels) * (4 if msg.encoding == "F32LE" else 2))
+        end_ns = stamp_ns + samples * NS_PER_S // rate
+        item = _Queued(stamp_ns, pcm, 0, int(msg.turn_id), rate, samples, end_ns)
+        now_ns = self._now_ns()
         with self._cond:
-            self._queue.append(_Queued(stamp_ns, pcm, self._generation))
+            flushed = _covered(item, self._flushed_turn, self._flushed_from_ns, now_ns)
+            if item.turn_id > 0 and flushed:
+                self.dropped_after_flush += 1  # published before the flush reached its producer
+                return
+            self._queue.append(dataclasses.replace(item, generation=self._generation))
             self._cond.notify_all()
 
-    def _on_state(self, msg: OmniState) -> None:
-        if msg.mode == OmniState.INTERRUPTED and self._last_mode != OmniState.INTERRUPTED:
-            self.flush()
-        self._last_mode = int(msg.mode)
+    def _on_flush_msg(self, msg: SpeechFlushMsg) -> None:
+        flush = conv.msg_to_flush(msg)
+        self.flush(flush.turn_id, flush.dropped_from_ns)
 
     def _on_flush(self, _req: Trigger.Request, res: Trigger.Response) -> Trigger.Response:
         dropped = self.flush()
@@ -172,15 +207,37 @@ class SpeakerNode(Node):
         )
         return res
 
-    def flush(self) -> int:
-        """Drop every queued chunk and stop the one playing; returns how many were dropped."""
+    def flush(self, turn_id: int | None = None, from_ns: int = 0) -> int:
+        """Drop queued chunks and stop the one playing; returns how many were dropped.
+
+        Args:
+            turn_id: only chunks of turns up to this one (and later arrivals of them); None = all
+                turns queued now (the ``speaker/flush`` service).
+            from_ns: only chunks that would still play at or after this time.
+        """
+        now_ns = self._now_ns()
         with self._cond:
-            dropped = len(self._queue)
-            self._queue.clear()
-            self._generation += 1
+            if turn_id is None:
+                turn_id = max((q.turn_id for q in self._queue), default=0)
+                if self._playing is not None:
+                    turn_id = max(turn_id, self._playing.turn_id)
+            if turn_id > self._flushed_turn or (
+                turn_id == self._flushed_turn and from_ns < self._flushed_from_ns
+            ):
+                self._flushed_turn, self._flushed_from_ns = turn_id, from_ns
+            kept = collections.deque(
+                q for q in self._queue if not _covered(q, turn_id, from_ns, now_ns)
+            )
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            playing = self._playing
+            cut = playing is not None and _covered(playing, turn_id, from_ns, now_ns)
+            if cut:
+                self._generation += 1
             self.flushes += 1
             self._cond.notify_all()
-        self._sink.flush()
+        if cut:
+            self._sink.flush()
         return dropped
 
     # --------------------------------------------------------------------- playback thread
@@ -192,6 +249,12 @@ class SpeakerNode(Node):
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
 
+    def _report(self, item: _Queued, heard_ns: int, samples: int, late: bool, cut: bool) -> None:
+        report = PlaybackReport(
+            heard_ns, item.turn_id, item.stamp_ns, item.sample_rate, samples, late, cut
+        )
+        self._playback_pub.publish(conv.playback_to_msg(report, self._frame_id))
+
     def _playback(self) -> None:
         while True:
             with self._cond:
@@ -201,23 +264,36 @@ class SpeakerNode(Node):
                     return
                 item = self._queue.popleft() if self._queue else None
                 current = self._generation
+                self._playing = item  # a flush covers the chunk waiting for its time too
             if item is None:  # idle for release_ms: whatever was written has been heard
                 self._sink.drain()
                 self._set_speaking(False)
                 continue
             if item.generation != current:
+                self._playing = None
                 continue
-            if not self._wait_until_due(item, current):
+            due = self._wait_until_due(item, current)
+            if due is None:
+                self._playing = None
                 self._set_speaking(False)
                 continue
             self._set_speaking(True)
-            if not self._play(item.pcm, current):
+            heard_ns = self._now_ns() + self._sink.latency_ns
+            self._report(item, heard_ns, item.samples, due, False)
+            played = self._play(item.pcm, current)
+            with self._cond:
+                self._playing = None
+            if not played:
+                # Cut by a flush: what was heard is what reached the speaker by now.
+                heard = (self._now_ns() - heard_ns) * item.sample_rate // NS_PER_S
+                self._report(item, heard_ns, int(min(max(heard, 0), item.samples)), due, True)
                 self._set_speaking(False)
 
-    def _wait_until_due(self, item: _Queued, generation: int) -> bool:
-        """Wait for the chunk's write time; False if flushed or stopping meanwhile."""
+    def _wait_until_due(self, item: _Queued, generation: int) -> bool | None:
+        """Wait for the chunk's write time; None if flushed or stopping meanwhile, else whether
+        the chunk starts late."""
         if item.stamp_ns <= 0:
-            return True
+            return False
         due_ns = item.stamp_ns - self._sink.latency_ns
         now = self._now_ns()
         if due_ns - now > self._max_ahead_ns:
@@ -226,7 +302,7 @@ class SpeakerNode(Node):
                 f"speech stamped {(due_ns - now) / 1e9:.1f} s ahead (clock mismatch?): playing now",
                 throttle_duration_sec=5.0,
             )
-            return True
+            return False
         if now - due_ns > self._late_ns:
             self.late_chunks += 1
             return True
@@ -237,9 +313,9 @@ class SpeakerNode(Node):
                 # Poll: under sim time the ROS clock does not follow the wall clock.
                 self._cond.wait(min((due_ns - now) / NS_PER_S, 0.01))
                 if self._stop or self._generation != generation:
-                    return False
+                    return None
             now = self._now_ns()
-        return True
+        return False
 
     def _play(self, pcm: bytes, generation: int) -> bool:
         step = self._block_frames * self._sink.format.bytes_per_frame

@@ -41,6 +41,8 @@ OUTPUT_TOPICS: dict[str, str] = {
     "/omni/text": "omni_ros_msgs/msg/OmniText",
     "/omni/proactive": "omni_ros_msgs/msg/ProactiveAction",
     "/omni/state": "omni_ros_msgs/msg/OmniState",
+    "/omni/speech_flush": "omni_ros_msgs/msg/SpeechFlush",
+    "/omni/user_speaking": "std_msgs/msg/Bool",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
 #: Default of ``--load-timeout``: how long graph replay waits for the node to load its backend.
@@ -149,11 +151,19 @@ def replay_direct(
     """
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.serialization import serialize_message
+    from std_msgs.msg import Bool
 
     from omni_ros.backends.base import create_backend
     from omni_ros.core.clock import ManualClock
     from omni_ros.core.flow import OmniFlow
-    from omni_ros.core.types import ProactiveEvent, SpeechOut, StateOut, TextOut
+    from omni_ros.core.types import (
+        ProactiveEvent,
+        SpeechFlush,
+        SpeechOut,
+        StateOut,
+        TextOut,
+        VoiceActivity,
+    )
     from omni_ros.ros import conversions as conv
     from omni_ros.ros._params import load_ref_voice
 
@@ -188,6 +198,14 @@ def replay_direct(
                 now,
                 serialize_message(conv.text_to_msg(event)),
             )
+        elif isinstance(event, SpeechFlush):
+            topic = "/omni/speech_flush"
+            msg = conv.flush_to_msg(event)
+            out.write_raw(topic, OUTPUT_TOPICS[topic], now, serialize_message(msg))
+        elif isinstance(event, VoiceActivity):
+            topic = "/omni/user_speaking"
+            msg = Bool(data=event.speaking)
+            out.write_raw(topic, OUTPUT_TOPICS[topic], now, serialize_message(msg))
         elif isinstance(event, ProactiveEvent) and event.completed:
             out.write_raw(
                 "/omni/proactive",
@@ -375,7 +393,9 @@ def replay_graph(
         recorded.update(
             {INPUT_TOPICS[r][0]: INPUT_TOPICS[r][1][0] for r in set(bag.roles.values())}
         )
-    recorder = TopicRecorder(node, OutputBag(outputs), recorded, latched=["/omni/state"])
+    recorder = TopicRecorder(
+        node, OutputBag(outputs), recorded, latched=["/omni/state", "/omni/user_speaking"]
+    )
     bridge: Any = None
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
     unit_ends: list[int] = [0]

@@ -189,6 +189,7 @@ def _write(path: Path, config: SynthConfig) -> None:
                 channels=channels,
                 encoding="S16LE",
                 data=np.frombuffer(pcm, dtype=np.uint8),
+                turn_id=0,
             )
             records.append((log_ns, mic, store.serialize_cdr(msg, "omni_ros_msgs/msg/AudioChunk")))
         n_frames = int(config.duration_s * config.fps)

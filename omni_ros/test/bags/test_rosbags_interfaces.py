@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from interface_samples import SAMPLES, build_rclpy
+from interface_samples import SAMPLES, TIME_FIELDS, build_rclpy
 from omni_ros.tools.typestore import omni_typestore
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
@@ -23,7 +23,7 @@ def _rosbags_msg(type_name: str) -> Any:
             if name == "header":
                 stamp = types["builtin_interfaces/msg/Time"](**value["stamp"])
                 kwargs[name] = types["std_msgs/msg/Header"](stamp=stamp, frame_id=value["frame_id"])
-            elif name == "trigger_stamp":
+            elif name in TIME_FIELDS:
                 kwargs[name] = types["builtin_interfaces/msg/Time"](**value)
             elif name == "data":
                 import numpy as np

@@ -58,13 +58,21 @@ class NodeProcess:
     shown when a test fails."""
 
     def __init__(
-        self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        beside: NodeProcess | None = None,
     ) -> None:
         self.log_path = log_path
-        self.domain_id = fresh_domain_id()
+        # ``beside``: share that process's domain and namespace (e.g. a speaker_node next to
+        # the omni_flow_node it plays for).
+        self.domain_id = beside.domain_id if beside is not None else fresh_domain_id()
         # A namespace of its own, /clock and /diagnostics included: with the domain, this keeps
         # concurrent test runs on this machine (other sessions, other suites) from mixing.
-        self.namespace = f"/omni_test_{os.getpid()}_{self.domain_id}"
+        self.namespace = (
+            beside.namespace if beside is not None else f"/omni_test_{os.getpid()}_{self.domain_id}"
+        )
         argv = [
             *argv,
             *("-r", f"__ns:={self.namespace}"),

@@ -199,11 +199,13 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
     from std_msgs.msg import Bool
 
-    from omni_ros_msgs.msg import AudioChunk, OmniState
+    from omni_ros_msgs.msg import AudioChunk, Playback, SpeechFlush
 
     out = tmp_path_factory.mktemp("speaker") / "played.wav"
     speaking: list[bool] = []
-    speaking_at: list[int] = []  # when each robot_speaking message arrived (ROS time)
+    speaking_at: list[int] = []  # when each speaker/playing message arrived (ROS time)
+    playback: list[Any] = []
+    other: list[bool] = []
 
     def on_speaking(msg: Any) -> None:
         speaking_at.append(peer.now_ns())
@@ -212,10 +214,16 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     latched = QoSProfile(
         depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
     )
-    sub = peer.node.create_subscription(Bool, "/spk_test/robot_speaking", on_speaking, latched)
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    subs = [
+        peer.node.create_subscription(Bool, "/spk_test/speaker/playing", on_speaking, latched),
+        peer.node.create_subscription(Playback, "/spk_test/speaker/playback", playback.append, 200),
+        peer.node.create_subscription(
+            Bool, "/spk_test/robot_speaking", lambda m: other.append(m.data), latched
+        ),
+    ]
     speech = peer.node.create_publisher(AudioChunk, "/spk_test/omni/speech", reliable)
-    state = peer.node.create_publisher(OmniState, "/spk_test/omni/state", reliable)
+    flush = peer.node.create_publisher(SpeechFlush, "/spk_test/omni/speech_flush", reliable)
     proc = _spawn(
         "omni_ros.ros.speaker_node",
         "/spk_test",
@@ -226,7 +234,7 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             lambda: (
                 bool(speaking)
                 and speech.get_subscription_count() > 0
-                and state.get_subscription_count() > 0
+                and flush.get_subscription_count() > 0
             ),
             proc,
         )
@@ -234,17 +242,20 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             "proc": proc,
             "speaking": speaking,
             "speaking_at": speaking_at,
+            "playback": playback,
+            "robot_speaking": other,
             "speech": speech,
-            "state": state,
+            "flush": flush,
             "out": out,
         }
     finally:
         _stop(proc)
-        peer.node.destroy_subscription(sub)
+        for sub in subs:
+            peer.node.destroy_subscription(sub)
 
 
 def _speech_chunks(
-    start_ns: int, n_chunks: int, chunk_ms: int = 100, first_frame: int = 0
+    start_ns: int, n_chunks: int, chunk_ms: int = 100, first_frame: int = 0, turn_id: int = 0
 ) -> list[Any]:
     from omni_ros_msgs.msg import AudioChunk
 
@@ -252,7 +263,7 @@ def _speech_chunks(
     frames = SPEECH_RATE * chunk_ms // 1000
     chunks = []
     for k in range(n_chunks):
-        msg = AudioChunk(sample_rate=SPEECH_RATE, channels=1, encoding="S16LE")
+        msg = AudioChunk(sample_rate=SPEECH_RATE, channels=1, encoding="S16LE", turn_id=turn_id)
         stamp = start_ns + k * chunk_ms * 1_000_000
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
         msg.header.frame_id = "omni"
@@ -261,15 +272,27 @@ def _speech_chunks(
     return chunks
 
 
-def test_speaker_plays_every_chunk_in_order_and_reports_robot_speaking(
+def _flush_msg(turn_id: int, from_ns: int) -> Any:
+    from omni_ros_msgs.msg import SpeechFlush
+
+    msg = SpeechFlush(reason=SpeechFlush.BARGE_IN, turn_id=turn_id)
+    msg.dropped_from.sec, msg.dropped_from.nanosec = divmod(from_ns, 1_000_000_000)
+    return msg
+
+
+def _ns(stamp: Any) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def test_speaker_plays_every_chunk_in_order_and_reports_each_when_heard(
     peer: Peer, speaker: dict[str, Any]
 ) -> None:
     speaking: list[bool] = speaker["speaking"]
-    assert speaking[0] is False, "robot_speaking is latched false before any speech"
+    assert speaking[0] is False, "speaker/playing is latched false before any speech"
     before = len(_wav_frames(speaker["out"]))
-    n_seen = len(speaking)
+    n_seen, n_reports = len(speaking), len(speaker["playback"])
     start_ns = peer.now_ns() + 300_000_000
-    for msg in _speech_chunks(start_ns, 5, first_frame=1000):
+    for msg in _speech_chunks(start_ns, 5, first_frame=1000, turn_id=3):
         speaker["speech"].publish(msg)
     _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
     # Played on schedule: the speaker started no earlier than the first chunk's stamp.
@@ -277,25 +300,54 @@ def test_speaker_plays_every_chunk_in_order_and_reports_robot_speaking(
     played = _wav_frames(speaker["out"])[before:]
     expected = np.frombuffer(pcm_sequence(5 * 2400, AudioFormat(SPEECH_RATE), start=1000), "<i2")
     assert np.array_equal(played, expected)
+    reports = speaker["playback"][n_reports:]
+    assert [(r.turn_id, r.samples, r.cut) for r in reports] == [(3, 2400, False)] * 5
+    # The first chunk had 300 ms of headroom: heard on schedule (the WAV sink has no latency of
+    # its own). The later ones follow back to back; on a loaded machine one may start a little
+    # late, which the report then says (late=True) rather than hides.
+    assert not reports[0].late
+    assert 0 <= _ns(reports[0].header.stamp) - start_ns < 30_000_000
+    for k, report in enumerate(reports):
+        scheduled = start_ns + k * 100_000_000
+        assert _ns(report.scheduled) == scheduled
+        assert report.late == (_ns(report.header.stamp) - scheduled > 30_000_000)
+    # Our own speech is not "other speech on the robot".
+    assert True not in speaker["robot_speaking"]
 
 
-def test_interrupted_state_flushes_the_queue_and_stops_playback(
+def test_a_flush_stops_playback_drops_the_queue_and_later_chunks_of_that_turn(
     peer: Peer, speaker: dict[str, Any]
 ) -> None:
-    from omni_ros_msgs.msg import OmniState
-
     speaking: list[bool] = speaker["speaking"]
     before = len(_wav_frames(speaker["out"]))
-    n_seen = len(speaking)
-    sent = _speech_chunks(peer.now_ns() + 100_000_000, 50)  # 5 s of speech
-    for msg in sent:
+    n_seen, n_reports = len(speaking), len(speaker["playback"])
+    start_ns = peer.now_ns() + 100_000_000
+    for msg in _speech_chunks(start_ns, 50, turn_id=7):  # 5 s of speech
         speaker["speech"].publish(msg)
     _wait_for(lambda: speaking[n_seen:] == [True], speaker["proc"])
-    speaker["state"].publish(OmniState(mode=OmniState.SPEAKING, backend="test"))
-    speaker["state"].publish(OmniState(mode=OmniState.INTERRUPTED, backend="test"))
+    flush_from = peer.now_ns()
+    speaker["flush"].publish(_flush_msg(7, flush_from))
     _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
-    played = len(_wav_frames(speaker["out"])) - before
-    assert 0 < played < 50 * 2400
+    stopped_ns = peer.now_ns()
+    # A chunk of the flushed turn published after the flush (it was in flight): dropped too.
+    for msg in _speech_chunks(stopped_ns + 50_000_000, 3, turn_id=7):
+        speaker["speech"].publish(msg)
+    # The next turn plays.
+    for msg in _speech_chunks(stopped_ns + 300_000_000, 2, first_frame=7000, turn_id=8):
+        speaker["speech"].publish(msg)
+    _wait_for(lambda: speaking[n_seen:] == [True, False, True, False], speaker["proc"])
+    reports = speaker["playback"][n_reports:]
+    turn7 = [r for r in reports if r.turn_id == 7]
+    assert turn7[-1].cut
+    assert 0 <= turn7[-1].samples < 2400
+    heard_ns = _ns(turn7[-1].header.stamp) + turn7[-1].samples * 1_000_000_000 // SPEECH_RATE
+    assert heard_ns - flush_from < 100_000_000, "stopped within a block or two of the flush"
+    assert len(turn7) - 1 < 50
+    assert [(r.turn_id, r.cut) for r in reports if r.turn_id == 8] == [(8, False)] * 2
+    played = _wav_frames(speaker["out"])[before:]
+    tail = np.frombuffer(pcm_sequence(2 * 2400, AudioFormat(SPEECH_RATE), start=7000), "<i2")
+    assert np.array_equal(played[-len(tail) :], tail)
+    assert len(played) < 50 * 2400
 
 
 def test_flush_service_drops_queued_speech(peer: Peer, speaker: dict[str, Any]) -> None:
@@ -305,7 +357,7 @@ def test_flush_service_drops_queued_speech(peer: Peer, speaker: dict[str, Any]) 
     n_seen = len(speaking)
     client = peer.node.create_client(Trigger, "/spk_test/speaker/flush")
     _wait_for(client.service_is_ready, speaker["proc"])
-    for msg in _speech_chunks(peer.now_ns() + 100_000_000, 50):
+    for msg in _speech_chunks(peer.now_ns() + 100_000_000, 50, turn_id=9):
         speaker["speech"].publish(msg)
     _wait_for(lambda: speaking[n_seen:] == [True], speaker["proc"])
     future = client.call_async(Trigger.Request())
@@ -332,7 +384,8 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
     before = len(_wav_frames(speaker["out"]))
     n_seen = len(speaking)
     # Stamped a second ago: it is late on arrival.
-    for msg in _speech_chunks(peer.now_ns() - 1_000_000_000, 2, first_frame=5000):
+    n_reports = len(speaker["playback"])
+    for msg in _speech_chunks(peer.now_ns() - 1_000_000_000, 2, first_frame=5000, turn_id=10):
         speaker["speech"].publish(msg)
     _wait_for(lambda: speaking[n_seen:] == [True, False], speaker["proc"])
     played = _wav_frames(speaker["out"])[before:]
@@ -341,4 +394,5 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
     )
     # Both are played at once and counted: even the second is still ~0.9 s behind its stamp.
     assert late_count() - before_late == 2
+    assert [r.late for r in speaker["playback"][n_reports:]] == [True, True]
     peer.node.destroy_client(client)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import dataclasses
 import io
 
 import numpy as np
@@ -18,7 +19,9 @@ from omni_ros.core.images import decode_image
 from omni_ros.core.types import (
     Counters,
     Mode,
+    PlaybackReport,
     ProactiveEvent,
+    SpeechFlush,
     SpeechOut,
     StateOut,
     TextOut,
@@ -28,7 +31,8 @@ from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from omni_ros_msgs.msg import AudioChunk, OmniState
+from omni_ros_msgs.msg import AudioChunk, OmniState, Playback
+from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 
 STAMP_NS = 1_000_123_456_789
 
@@ -260,6 +264,30 @@ def test_diagnostics_warn_when_slower_than_real_time_and_error_in_error_mode() -
     error = conv.diagnostic_status(_state(Mode.ERROR, backend_errors=1))
     assert error.level == DiagnosticStatus.ERROR
     assert "backend_errors +1" in error.message
+
+
+def test_an_error_state_before_any_unit_converts_and_its_reason_reaches_diagnostics() -> None:
+    state = dataclasses.replace(
+        _state(Mode.ERROR, backend_errors=2), unit_index=-1, error="backend prepare failed (2x): x"
+    )
+    msg = conv.state_to_msg(state)
+    assert (msg.mode, msg.unit_index, msg.error) == (OmniState.ERROR, 0, state.error)
+    status = conv.diagnostic_status(state)
+    assert status.level == DiagnosticStatus.ERROR
+    assert status.message.startswith("backend prepare failed (2x): x")
+
+
+def test_flush_and_playback_messages_round_trip_every_field() -> None:
+    flush = SpeechFlush(STAMP_NS, 5, STAMP_NS + 10, STAMP_NS + 20, "reset", STAMP_NS + 3)
+    msg = conv.flush_to_msg(flush)
+    assert msg.reason == SpeechFlushMsg.RESET
+    assert conv.stamp_to_ns(msg.header.stamp) == STAMP_NS + 3
+    assert conv.msg_to_flush(deserialize_message(serialize_message(msg), SpeechFlushMsg)) == flush
+    report = PlaybackReport(STAMP_NS, 6, STAMP_NS - 5, 24_000, 1234, late=True, cut=True)
+    back = deserialize_message(serialize_message(conv.playback_to_msg(report)), Playback)
+    assert conv.msg_to_playback(back) == report
+    speech = SpeechOut(STAMP_NS, 9, 0, 24_000, np.zeros(2400, np.float32))
+    assert {c.turn_id for c in conv.speech_to_chunks(speech, 1200)} == {9}
 
 
 def test_diagnostics_without_a_unit_warn_with_the_reason() -> None:

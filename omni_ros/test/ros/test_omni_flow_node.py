@@ -454,3 +454,43 @@ def test_class_docstring_lists_every_node_parameter_for_the_launch_files() -> No
     assert namespaces == {"timeline", "session", "vad", "aec", "flow"}
     for namespace in namespaces:
         assert f"{namespace}.*" in doc
+
+
+# ------------------------------------------------------------- backend down: visible, then recovered
+def test_a_backend_that_cannot_prepare_is_an_error_in_state_and_diagnostics_until_it_recovers(
+    tmp_path: Path,
+) -> None:
+    params = {
+        **SIM,
+        "backend": "down_server_double",
+        "down_server_double.control_dir": str(tmp_path),
+        "flow.prepare_retry_ms": 200,
+        "flow.prepare_retry_max_ms": 400,
+    }
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    with running(proc) as probe:
+        driver = SimDriver(probe, BAG_START_NS, lockstep=False)
+        driver.start(proc)
+        driver.run_until(lambda: 4 in _modes(probe), 30, "OmniState ERROR", proc)
+        error = next(s for s in probe.snapshot("state") if s.mode == 4)
+        assert "connection refused" in error.error, error.error
+
+        from diagnostic_msgs.msg import DiagnosticStatus
+
+        def diag_error() -> bool:
+            for d in probe.snapshot("diag"):
+                for status in d.status:
+                    if (
+                        status.name.endswith(": Omni-Flow")
+                        and status.level == DiagnosticStatus.ERROR
+                    ):
+                        return "connection refused" in status.message
+            return False
+
+        driver.run_until(diag_error, 30, "a /diagnostics ERROR naming the reason", proc)
+        (tmp_path / "up").touch()
+        n = probe.count("state")
+        driver.run_until(
+            lambda: any(s.mode == 0 for s in probe.snapshot("state")[n:]), 30, "recovery", proc
+        )
+        assert probe.snapshot("state")[-1].error == ""

@@ -12,6 +12,11 @@ the node at a time. Registered into ``omni_ros.backends.base.BACKENDS`` at runti
   it creates ``<control_dir>/blocked`` and waits until the test creates ``<control_dir>/release``
   (a signal across processes), then creates ``<control_dir>/released``. A test can therefore
   prove that something happened while the unit was provably still computing.
+- :class:`TurnsBackendDouble` (``turns_double``): listens and speaks by a fixed per-unit pattern
+  (e.g. ``LSE``: a turn whose last unit ends it), optionally taking 400-800 ms a unit: the duplex
+  tests drive barge-in in a turn's last unit and the speech schedule of a slow model with it.
+- :class:`DownServerBackendDouble` (``down_server_double``): prepare() fails like a client whose
+  server is down until the test creates ``<control_dir>/up``.
 """
 
 from __future__ import annotations
@@ -224,4 +229,101 @@ class FaultyBackendDouble(_ScriptedBase):
         deadline = time.monotonic() + 60
         while self._on("hang") and time.monotonic() < deadline:
             time.sleep(0.01)
+        return UnitResult(is_listen=True)
+
+
+@dataclass(frozen=True)
+class TurnsDoubleConfig:
+    """Attributes:
+    pattern: one letter per unit, repeated: ``L`` listen, ``S`` speak one unit of tone, ``E``
+        speak one unit and end the turn.
+    unit_ms: unit length.
+    min_compute_ms, max_compute_ms: each generate() takes a seeded uniform time in this range
+        (a slow model: 400-800 ms a unit is a 9B model on a small GPU).
+    seed: for the compute times.
+    last_unit_speech_ms: how much speech an ``E`` unit returns (0: one unit), e.g. a long last
+        sentence that is still playing seconds after the turn ended.
+    """
+
+    pattern: str = "LSE"
+    unit_ms: int = 1000
+    last_unit_speech_ms: int = 0  # speech an ``E`` unit returns; 0 = one unit
+    min_compute_ms: int = 0
+    max_compute_ms: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None) -> TurnsDoubleConfig:
+        config = from_mapping(cls, mapping)
+        if not config.pattern or set(config.pattern) - set("LSE"):
+            raise ConfigError("turns_double.pattern must be letters L, S, E")
+        return config
+
+
+class TurnsBackendDouble(_ScriptedBase):
+    """Listens and speaks by a fixed pattern, slowly if asked; an interrupt makes it listen until
+    the pattern's next turn starts (a new ``S``/``E`` after an ``L``)."""
+
+    name: ClassVar[str] = "turns_double"
+    config_class = TurnsDoubleConfig
+
+    def __init__(self, config: TurnsDoubleConfig) -> None:
+        super().__init__(config.unit_ms)
+        self.config = config
+        self._rng = np.random.default_rng(config.seed)
+
+    def generate(self) -> UnitResult:
+        self._take()
+        cfg = self.config
+        if cfg.max_compute_ms > 0:
+            time.sleep(self._rng.uniform(cfg.min_compute_ms, cfg.max_compute_ms) / 1000)
+        letter = cfg.pattern[(self._units - 1) % len(cfg.pattern)]
+        if letter == "L":
+            self._interrupted.clear()
+            return UnitResult(is_listen=True)
+        if self._interrupted.is_set():
+            return UnitResult(is_listen=True)
+        n = round(self.unit_ns * self.output_sample_rate / NS_PER_S)
+        if letter == "E" and cfg.last_unit_speech_ms > 0:
+            n = cfg.last_unit_speech_ms * self.output_sample_rate // 1000
+        tone = 0.3 * np.sin(2 * np.pi * 440.0 * np.arange(n) / self.output_sample_rate)
+        return UnitResult(False, "la ", tone.astype(np.float32), end_of_turn=letter == "E")
+
+
+@dataclass(frozen=True)
+class DownServerDoubleConfig:
+    """Attributes:
+    control_dir: ``prepare()`` fails (BackendUnavailable, like a client whose server is down)
+        until the test creates ``<control_dir>/up``.
+    unit_ms: unit length.
+    """
+
+    control_dir: str = ""
+    unit_ms: int = 1000
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, Any] | None) -> DownServerDoubleConfig:
+        config = from_mapping(cls, mapping)
+        if not config.control_dir:
+            raise ConfigError("down_server_double.control_dir must name a folder")
+        return config
+
+
+class DownServerBackendDouble(_ScriptedBase):
+    """A server backend whose server is down until the test says it is up; then it listens."""
+
+    name: ClassVar[str] = "down_server_double"
+    config_class = DownServerDoubleConfig
+
+    def __init__(self, config: DownServerDoubleConfig) -> None:
+        super().__init__(config.unit_ms)
+        self.config = config
+
+    def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
+        if not os.path.exists(os.path.join(self.config.control_dir, "up")):
+            raise BackendUnavailable("connect to ws://127.0.0.1:9 failed: connection refused")
+        super().prepare(system_prompt, ref_voice)
+
+    def generate(self) -> UnitResult:
+        self._take()
         return UnitResult(is_listen=True)

@@ -14,7 +14,14 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from omni_ros_msgs.action import Ask
-from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, ProactiveAction
+from omni_ros_msgs.msg import (
+    AudioChunk,
+    OmniState,
+    OmniText,
+    Playback,
+    ProactiveAction,
+    SpeechFlush,
+)
 from omni_ros_msgs.srv import SetPrompt
 
 QOS = QoSProfile(
@@ -26,7 +33,7 @@ class EchoPeer(Node):
     def __init__(self) -> None:
         super().__init__("echo_peer")
         self._keep = []
-        for msg_type in (AudioChunk, OmniText, ProactiveAction, OmniState):
+        for msg_type in (AudioChunk, OmniText, ProactiveAction, OmniState, SpeechFlush, Playback):
             name = msg_type.__name__
             pub = self.create_publisher(msg_type, f"/echo_out/{name}", QOS)
             self._keep.append(pub)

@@ -25,6 +25,8 @@ base.BACKENDS["speak_until_interrupted_double"] = (
 )
 base.BACKENDS["blocking_double"] = "backend_doubles:BlockingBackendDouble"
 base.BACKENDS["faulty_double"] = "backend_doubles:FaultyBackendDouble"
+base.BACKENDS["turns_double"] = "backend_doubles:TurnsBackendDouble"
+base.BACKENDS["down_server_double"] = "backend_doubles:DownServerBackendDouble"
 
 SPY_DIR = os.environ.get("OMNI_TEST_SPY_DIR", "")
 if SPY_DIR:

@@ -124,8 +124,8 @@ def test_barge_in_interrupts_the_backend_and_flushes_as_soon_as_the_user_is_hear
     assert T0 + 2 * S <= flushes[0].dropped_from_ns <= T0 + 2 * S + 500_000_000
     assert h.flow.session.mode is Mode.INTERRUPTED
     # Players learn about it at once, not at the next unit's end.
-    state = h.events[-1]
-    assert isinstance(state, StateOut)
+    state = h.of(StateOut)[-1]
+    assert h.events.index(state) > h.events.index(flushes[0])
     assert (state.mode, state.stamp_ns) == (Mode.INTERRUPTED, flushes[0].stamp_ns)
 
 
@@ -196,7 +196,9 @@ def test_a_hanging_backend_times_out_drops_units_and_is_restarted_when_it_return
     backend: ScriptedBackendDouble,
 ) -> None:
     backend.script = [HANG]
-    h = Harness(backend, backend_deadline_ms=50)
+    # Long enough that a loaded machine still gets the prefill in before the deadline (the hang
+    # is in generate()), short enough to keep the test quick.
+    h = Harness(backend, backend_deadline_ms=500)
     h.silence(1.0)
     h.run_to(T0 + S + WATERMARK)
     assert h.flow.counters.backend_timeouts == 1
@@ -383,7 +385,31 @@ def test_a_failing_prepare_is_an_error_retried_after_the_retry_interval(
     assert len(backend.prepares) == 1
     h.silence(1.0)
     h.run_to(T0 + S + WATERMARK + 500_000_000)
-    assert [s.mode for s in h.of(StateOut)] == [Mode.LISTENING]
+    # The failure is published at once with its reason (OmniState ERROR), the recovery too,
+    # then the unit.
+    states = h.of(StateOut)
+    assert [s.mode for s in states] == [Mode.ERROR, Mode.LISTENING, Mode.LISTENING]
+    assert "server not up yet" in states[0].error
+    assert states[1].error == ""
+    assert states[2].unit_index == 0
+
+
+def test_a_failing_prepare_backs_off_exponentially_up_to_the_maximum(
+    backend: ScriptedBackendDouble,
+) -> None:
+    backend.failing_prepares = 100
+    h = Harness(backend, prepare_retry_ms=100, prepare_retry_max_ms=400)
+    attempts: list[int] = []
+    for t_ms in range(0, 2_000, 10):
+        before = h.flow.counters.backend_errors
+        h.flow.step_once(T0 + t_ms * 1_000_000)
+        if h.flow.counters.backend_errors > before:
+            attempts.append(t_ms)
+    # 100, 200, 400, then 400 ms apart (never hammering a server that is down).
+    assert attempts[:6] == [0, 100, 300, 700, 1100, 1500]
+    errors = [s for s in h.of(StateOut) if s.mode is Mode.ERROR]
+    assert len(errors) == len(attempts)
+    assert "(6x)" in errors[5].error
 
 
 def _talk_over_the_robot(

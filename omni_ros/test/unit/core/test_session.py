@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -112,7 +114,9 @@ def test_user_speech_over_the_tail_of_a_finished_turn_still_flushes_it() -> None
     session, counters = make(output_latency_ms=200)
     session.step(unit(0, True), speak("Done.", 1.0, end=True))  # plays 11.2 .. 12.2 s
     events = session.on_user_speech(11_500_000_000)
-    assert events == [SpeechFlush(11_500_000_000, 1, 11_500_000_000, 12_200_000_000)]
+    assert events == [
+        SpeechFlush(11_500_000_000, 1, 11_500_000_000, 12_200_000_000, "barge_in", 11_500_000_000)
+    ]
     assert session.mode is Mode.LISTENING  # the backend already listens: nothing to interrupt
     assert counters.barge_ins == 1
 
@@ -245,3 +249,49 @@ def test_output_stamps_are_monotonic_and_never_overlap_within_a_turn(
             if previous is not None:
                 assert event.stamp_ns >= previous  # monotonic, no overlap
             last_end[event.turn_id] = event.stamp_ns + round(len(event.samples) * S / OUT)
+
+
+# ------------------------------------------------------------------ schedule: speech on time
+def test_speech_is_scheduled_after_the_measured_lag_plus_the_margin() -> None:
+    session, counters = make(output_latency_ms=50)
+    # The result for unit 0 (ends 11 s) is published 600 ms after the unit's end.
+    out = session.step(unit(0, True), speak("Hi", 0.5), now_ns=11 * S + 600_000_000)
+    (speech,) = [e for e in out if isinstance(e, SpeechOut)]
+    assert speech.stamp_ns == 11 * S + 650_000_000  # lag 600 ms + 50 ms margin: not yet due
+    assert counters.late_speech == 0
+
+
+def test_later_units_of_a_turn_continue_the_speech_without_a_gap_at_the_p95_lag() -> None:
+    session, counters = make(output_latency_ms=50, lag_window_units=20)
+    lags_ms = [400, 800, 500, 700, 450, 800, 600, 400]
+    stamps = []
+    for k, lag in enumerate(lags_ms):
+        out = session.step(unit(k, True), speak(" w", 1.0), now_ns=11 * S + k * S + lag * 1_000_000)
+        stamps += [e.stamp_ns for e in out if isinstance(e, SpeechOut)]
+    # The first unit's lag (400 ms) sets the start; unit 1 took 800 ms, so its speech could not
+    # follow on at 12.45 s: it is moved to 12.85 s (a pause, counted) and the p95 now holds it.
+    assert stamps[0] == 11 * S + 450_000_000
+    assert stamps[1] == 12 * S + 850_000_000
+    assert counters.late_speech == 1
+    # From then on every unit lands within the p95 (800 ms): contiguous speech, never late.
+    assert all(b - a == S for a, b in itertools.pairwise(stamps[1:]))
+    for k, (stamp, lag) in enumerate(zip(stamps, lags_ms, strict=True)):
+        assert stamp >= 11 * S + k * S + lag * 1_000_000 + 50_000_000  # published before due
+
+
+def test_every_cancelled_span_is_a_flush_with_its_reason() -> None:
+    session, _ = make()
+    session.step(unit(0, True), speak("Hi", 2.0))
+    (flush,) = [e for e in session.interrupt(11 * S, "interrupt") if isinstance(e, SpeechFlush)]
+    assert (flush.reason, flush.turn_id) == ("interrupt", 1)
+    session.step(unit(1, True), LISTEN)
+    session.step(unit(2, True), speak("Again", 2.0))
+    (flush,) = [e for e in session.pause(13 * S) if isinstance(e, SpeechFlush)]
+    assert (flush.reason, flush.turn_id) == ("stop", 2)
+    session.resume()
+    session.step(unit(4, True), speak("And again", 2.0))
+    events = session.on_error(unit(5, True), BackendError("boom"))
+    (flush,) = [e for e in events if isinstance(e, SpeechFlush)]
+    assert (flush.reason, flush.turn_id) == ("error", 3)
+    assert flush.dropped_from_ns == unit(5).end_ns
+    assert session.mode is Mode.ERROR

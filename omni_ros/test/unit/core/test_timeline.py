@@ -111,13 +111,35 @@ def test_units_have_exact_lengths_and_bounds_and_carry_the_input_samples() -> No
 
 
 def test_a_unit_closes_only_after_its_end_plus_the_watermark() -> None:
-    timeline = Timeline(TimelineConfig(), Counters())
+    timeline = Timeline(TimelineConfig(close_when_complete=False), Counters())
     timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, noise(16_000 * 3)))
     first_end = ORIGIN_NS + 1_035 * MS
     assert timeline.poll(first_end + WATERMARK_NS - 1) == []
     assert [u.index for u in timeline.poll(first_end + WATERMARK_NS)] == [0]
     assert timeline.poll(first_end + NS + WATERMARK_NS - 1) == []
     assert [u.index for u in timeline.poll(first_end + NS + WATERMARK_NS)] == [1]
+
+
+def test_a_unit_whose_audio_is_complete_closes_at_its_end_without_the_watermark() -> None:
+    timeline = Timeline(TimelineConfig(), Counters())
+    timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, noise(16_000 * 3)))
+    first_end = ORIGIN_NS + 1_035 * MS
+    assert timeline.poll(first_end - 1) == []
+    assert [u.index for u in timeline.poll(first_end)] == [0]
+    assert [u.index for u in timeline.poll(first_end + NS)] == [1]
+
+
+def test_a_unit_with_missing_audio_still_waits_for_the_watermark() -> None:
+    timeline = Timeline(TimelineConfig(), Counters())
+    audio = noise(16_000 * 3)
+    timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, audio[:8_000]))
+    timeline.push_audio(AudioBlock(ORIGIN_NS + 600 * MS, 16_000, audio[9_600:]))  # a 100 ms hole
+    first_end = ORIGIN_NS + 1_035 * MS
+    assert timeline.poll(first_end + WATERMARK_NS - 1) == []
+    # The missing piece arrives within the watermark: placed where it belongs.
+    timeline.push_audio(AudioBlock(ORIGIN_NS + 500 * MS, 16_000, audio[8_000:9_600]))
+    (unit0,) = timeline.poll(first_end + WATERMARK_NS - 1)
+    np.testing.assert_array_equal(unit0.audio, audio[:16_560])
 
 
 def test_explicit_start_fixes_the_origin_and_silence_yields_gap_filled_units() -> None:

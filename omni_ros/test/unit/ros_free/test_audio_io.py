@@ -372,3 +372,24 @@ def test_every_source_and_sink_satisfies_its_protocol(tmp_path: Path) -> None:
 def test_an_unknown_encoding_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="S16LE"):
         AudioFormat(16_000, 1, "MP3")
+
+
+def test_a_paced_sink_plays_back_to_back_writes_without_drift_from_the_callers_overhead() -> None:
+    clock = [1_000_000_000]
+
+    def monotonic_ns() -> int:
+        clock[0] += 1_000_000  # every look at the clock costs the caller 1 ms
+        return clock[0]
+
+    sink = NullSink(AudioFormat(24_000, 1, "S16LE"), monotonic_ns=monotonic_ns)
+    block = bytes(2 * 480)  # 20 ms
+    first = clock[0] + 1_000_000
+    for _ in range(10):
+        sink.write(block)
+    # 10 blocks of 20 ms end 200 ms after the first began, not 200 ms + the overhead.
+    assert sink._device_ns == first + 200_000_000
+    # After the device ran dry, playback restarts when the next write comes.
+    clock[0] += 500_000_000
+    sink.write(block)
+    restart = clock[0] - 1_000_000  # the write's own look at the clock (pacing took one more)
+    assert sink._device_ns == restart + 20_000_000
