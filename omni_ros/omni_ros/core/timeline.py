@@ -117,9 +117,13 @@ class TimelineConfig:
         max_catchup_units: most units one poll returns; older due units are skipped and counted
             (a clock that leapt forward must not make the backend chew through minutes of zeros).
         max_frames_buffered: most frames held at once; the oldest beyond it are dropped, counted.
-        close_when_complete: close a unit before its watermark once the clock has passed its end
-            and every one of its samples (plus the resampler's right context) has arrived. A
-            frame stamped after the unit's end is then not a candidate for it.
+        close_when_complete: close a unit before its watermark once the clock has passed its end,
+            every one of its samples (plus the resampler's right context) has arrived and, if a
+            camera feeds frames, a frame stamped at or after the unit's end has arrived. Audio
+            stays sample exact whatever the chunking and order; the frame choice is the same as
+            with the watermark for a camera whose frames arrive in stamp order (a frame that
+            arrives out of order after its unit closed is late). ``nearest_end`` cannot choose a
+            frame after the end.
     """
 
     unit_ns: int = 1_000_000_000
@@ -359,6 +363,7 @@ class Timeline:
         self._pending_audio: list[AudioBlock] = []
         self._pending_frames: list[VideoFrame | RawImage] = []
         self._earliest_ns: int | None = None
+        self._newest_frame_ns: int | None = None  # latest frame stamp seen (None: no camera)
         # Inputs stamped long before the open unit: late, or the first of a looping bag's new pass.
         self._stashed: list[AudioBlock | VideoFrame | RawImage] = []
         if origin_ns is not None:
@@ -452,6 +457,8 @@ class Timeline:
             self.counters.future_messages += 1
             self.counters.dropped_frames += 1
             return
+        if self._newest_frame_ns is None or frame.stamp_ns > self._newest_frame_ns:
+            self._newest_frame_ns = frame.stamp_ns
         if self._origin_ns is None:
             self._pending_frames.append(frame)
             self._note_earliest(frame.stamp_ns)
@@ -555,6 +562,8 @@ class Timeline:
         buf = self._buffers.get(self._current_rate) if self._current_rate else None
         if now_ns < end_ns or buf is None or len(self._buffers) != 1:
             return False
+        if self._newest_frame_ns is not None and self._newest_frame_ns < end_ns:
+            return False  # a camera is there and has not moved past the unit's end yet
         a = _pos(start_ns - self._origin_ns, buf.rate)
         b = _pos(end_ns - self._origin_ns, buf.rate) + buf.keep
         return buf.covered(max(a, buf.floor), b) == b - max(a, buf.floor)

@@ -129,6 +129,18 @@ def test_a_unit_whose_audio_is_complete_closes_at_its_end_without_the_watermark(
     assert [u.index for u in timeline.poll(first_end + NS)] == [1]
 
 
+def test_with_a_camera_a_complete_unit_closes_once_a_frame_past_its_end_arrived() -> None:
+    timeline = Timeline(TimelineConfig(), Counters())
+    timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, noise(16_000 * 3)))
+    timeline.push_frame(VideoFrame(ORIGIN_NS + 1_000 * MS, np.zeros((4, 4, 3), np.uint8)))
+    first_end = ORIGIN_NS + 1_035 * MS
+    assert timeline.poll(first_end + 10 * MS) == []  # the camera may still deliver for unit 0
+    timeline.push_frame(VideoFrame(ORIGIN_NS + 1_033 * MS, np.zeros((4, 4, 3), np.uint8)))
+    timeline.push_frame(VideoFrame(ORIGIN_NS + 1_066 * MS, np.zeros((4, 4, 3), np.uint8)))
+    (unit0,) = timeline.poll(first_end + 20 * MS)
+    assert [f.stamp_ns for f in unit0.frames] == [ORIGIN_NS + 1_033 * MS]
+
+
 def test_a_unit_with_missing_audio_still_waits_for_the_watermark() -> None:
     timeline = Timeline(TimelineConfig(), Counters())
     audio = noise(16_000 * 3)
@@ -199,8 +211,13 @@ def chunked_stream(draw: st.DrawFn) -> Stream:
 def replay(
     blocks: list[AudioBlock], frames: list[VideoFrame], delays: list[int], final_ns: int
 ) -> list[Unit]:
-    """Deliver inputs in arrival order, polling before each delivery and every 50 ms."""
-    timeline = Timeline(TimelineConfig(), Counters())
+    """Deliver inputs in arrival order, polling before each delivery and every 50 ms.
+
+    Units close by the watermark: that is the contract for ANY arrival order within it. (Closing
+    early once a unit is complete keeps the audio exact too, but a frame that arrives out of order
+    after that is late; see the tests of ``close_when_complete``.)
+    """
+    timeline = Timeline(TimelineConfig(close_when_complete=False), Counters())
     inputs: list[AudioBlock | VideoFrame] = [*blocks, *frames]
     arrivals = [
         (item.stamp_ns + d, i) for i, (item, d) in enumerate(zip(inputs, delays, strict=True))
