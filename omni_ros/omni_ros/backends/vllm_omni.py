@@ -635,6 +635,7 @@ class VllmOmniBackend:
             audio=result.audio,
             end_of_turn=result.end_of_turn,
             timings_ms={"unit": (time.perf_counter() - t0) * 1e3},
+            barge_in=got.server_barge_in,  # the session flushes what is still scheduled
         )
 
     def interrupt(self) -> None:
@@ -662,6 +663,14 @@ class VllmOmniBackend:
                 if response is not None and heard_here > 0:
                     heard = round((start + heard_here) * 1000 / OUTPUT_SAMPLE_RATE)
                     response.heard_ms = max(response.heard_ms, heard)
+
+    def metrics(self) -> dict[str, float | int | str]:
+        """Client figures for ``/diagnostics`` (a fresh flat dict; any thread may call it):
+        every counter of :attr:`stats`, ``recoveries`` and ``last_error``."""
+        out: dict[str, float | int | str] = dict(self.stats)
+        out["recoveries"] = self.recoveries
+        out["last_error"] = self.last_error
+        return out
 
     def reset(self) -> None:
         """Close the session (the server forgets it); prepare() must be called again."""

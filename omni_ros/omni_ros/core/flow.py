@@ -354,6 +354,8 @@ class OmniFlow:
         self._speech_log: collections.deque[SpeechOut] = collections.deque()
         self._playback_seen = False
         self._heard_until_ns = 0  # end of what the player reported as played
+        # Speech whose last reported chunk is still playing: (speech, when that chunk ends).
+        self._pending_played: tuple[SpeechOut, int] | None = None
         self._user_speaking = False
         self._va_last_end_ns = 0  # end of the last speech run reported as over
         self._last_prepare_ns: int | None = None
@@ -751,6 +753,7 @@ class OmniFlow:
         end_ns = report.heard_ns + round(report.samples * NS_PER_S / report.sample_rate)
         if report.late:
             self.counters.playback_late_chunks += 1
+        self._tell_backend_played(report)
         if report.cut:
             self._heard_until_ns = min(max(self._heard_until_ns, report.heard_ns), end_ns)
             if self.aec is not None and self._playback_seen:
@@ -762,19 +765,55 @@ class OmniFlow:
         self._playback_seen = True
         if self.aec is None:
             return
-        samples = self._played_samples(report)
-        if samples is not None and len(samples):
+        found = self._played_speech(report)
+        if found is None:
+            return
+        speech, offset = found
+        samples = speech.samples[offset : offset + report.samples]
+        if len(samples):
             self.aec.push_reference(report.heard_ns, samples, report.sample_rate)
 
-    def _played_samples(self, report: PlaybackReport) -> FloatArray | None:
-        """The samples of the speech a report names (by turn and scheduled stamp)."""
+    def _played_speech(self, report: PlaybackReport) -> tuple[SpeechOut, int] | None:
+        """The speech a report names (by turn and scheduled stamp) and the report's offset in it."""
         for speech in reversed(self._speech_log):
             if speech.turn_id != report.turn_id or speech.sample_rate != report.sample_rate:
                 continue
             offset = round((report.scheduled_ns - speech.stamp_ns) * speech.sample_rate / NS_PER_S)
             if 0 <= offset < len(speech.samples):
-                return speech.samples[offset : offset + report.samples]
+                return speech, offset
         return None
+
+    def _tell_backend_played(self, report: PlaybackReport) -> None:
+        """Backends that keep the server's history truthful (vllm-omni's playback acks) learn
+        how much of each unit's speech was really heard: a chunk counts once it has played to
+        its end (the next report, or the clock, says so), a cut chunk up to the cut."""
+        on_played = getattr(self.backend, "on_played", None)
+        found = self._played_speech(report) if on_played is not None else None
+        if on_played is None or found is None:
+            return
+        speech, offset = found
+        pending = self._pending_played
+        if pending is not None and pending[0] is not speech:
+            self._finish_played(pending[0], len(pending[0].samples))  # it played to its end
+        if report.cut:
+            self._pending_played = None
+            self._finish_played(speech, offset + report.samples)
+        else:
+            self._finish_played(speech, offset)  # everything before this chunk was heard
+            end_ns = report.heard_ns + round(report.samples * NS_PER_S / report.sample_rate)
+            self._pending_played = (speech, end_ns)
+
+    def _finish_pending_played(self, now_ns: int) -> None:
+        pending = self._pending_played
+        if pending is not None and pending[1] <= now_ns:
+            self._pending_played = None
+            self._finish_played(pending[0], len(pending[0].samples))
+
+    def _finish_played(self, speech: SpeechOut, samples: int) -> None:
+        try:
+            self.backend.on_played(speech.unit_index, samples)
+        except Exception as exc:  # a backend's bookkeeping must not stop the worker
+            self._log.warning("on_played", f"backend.on_played failed: {exc!r}")
 
     def _process_audio(self, block: AudioBlock) -> None:
         for mic in self._to_mic_rate(block):
@@ -886,6 +925,7 @@ class OmniFlow:
         texts, self._texts = tuple(self._texts), []
         unit = dataclasses.replace(unit, user_speech=user_speech, texts=unit.texts + texts)
         compute_ns = 0
+        self._finish_pending_played(self.clock.now_ns())
         if self._paused:
             pass
         elif self._hung is not None:

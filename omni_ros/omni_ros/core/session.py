@@ -40,6 +40,7 @@ Not thread-safe: the Omni-Flow worker owns it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -269,6 +270,11 @@ class DuplexSession:
         now = unit.end_ns if now_ns is None else now_ns
         st.lags_ns.append(max(0, now - unit.end_ns))
         del st.lags_ns[: -self.config.lag_window_units]
+        if result.barge_in:
+            # The backend heard the user over our speech itself: cut what is still scheduled
+            # from now on (its onset is the backend's; now is the earliest this side knows).
+            flushed = self.on_user_speech(now)
+            return flushed + self.step(unit, dataclasses.replace(result, barge_in=False), now_ns)
         st.last_unit_index = unit.index
         if unit.user_speech is True:
             st.silent_units = 0

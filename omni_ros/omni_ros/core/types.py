@@ -122,6 +122,9 @@ class UnitResult:
         audio: float32 mono speech at the backend's output rate (24 kHz), or None.
         end_of_turn: the model ended its turn in this unit.
         timings_ms: per-stage compute times in milliseconds (e.g. ``{"prefill": 12.0, "llm": 30.1}``).
+        barge_in: the backend's own voice activity detection cut the model's speech (e.g.
+            vllm-omni's server VAD): the session flushes the speech still scheduled, as for a
+            barge-in the flow detected itself.
     """
 
     is_listen: bool
@@ -129,6 +132,7 @@ class UnitResult:
     audio: FloatArray | None = None
     end_of_turn: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
+    barge_in: bool = False
 
 
 class Mode(enum.IntEnum):

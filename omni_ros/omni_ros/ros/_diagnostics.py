@@ -26,14 +26,25 @@ class DiagnosticsReporter:
         self.components: list[Any] = []
         #: the node's own input counters (unstamped input, refused goals), read at each report.
         self.inputs: Callable[[], dict[str, int]] = dict
+        #: the backend's own figures (``Backend.metrics()`` where it has one: llama.cpp-omni's
+        #: server metrics, vllm-omni's error and recovery counts), reported as ``backend.<key>``.
+        self.backend_metrics: Callable[[], dict[str, Any]] = dict
 
     def on_state(self, state: StateOut, now_ns: int) -> None:
         # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
         self.latency_ms = (now_ns - state.stamp_ns) / 1e6
         self.state = state
 
+    def _backend_values(self) -> dict[str, str]:
+        try:
+            metrics = self.backend_metrics()
+        except Exception as exc:  # a backend's figures must never stop the diagnostics
+            return {"backend.metrics_error": f"{type(exc).__name__}: {exc}"}
+        return {f"backend.{key}": str(value) for key, value in metrics.items()}
+
     def clear(self) -> None:
         self.state, self.latency_ms, self.previous, self.components = None, None, None, []
+        self.backend_metrics = dict
 
     def report(self, node_name: str, backend: str, lifecycle: str, now_ns: int) -> DiagnosticArray:
         """One ``DiagnosticArray``: the Omni-Flow status, then one status per TensorRT component."""
@@ -44,7 +55,11 @@ class DiagnosticsReporter:
             name=f"{node_name}: Omni-Flow",
             hardware_id=backend,
             latency_ms=self.latency_ms,
-            extra={"lifecycle": lifecycle, **{k: str(v) for k, v in self.inputs().items()}},
+            extra={
+                "lifecycle": lifecycle,
+                **{k: str(v) for k, v in self.inputs().items()},
+                **self._backend_values(),
+            },
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )
         self.previous = state.counters.snapshot() if state is not None else None

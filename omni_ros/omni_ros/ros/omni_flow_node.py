@@ -220,6 +220,8 @@ class OmniFlowNode(LifecycleNode):
             )
         voice = self._load_voice(str(self._param("ref_voice_path")))
         self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
+        metrics = getattr(self._backend, "metrics", None)
+        self._diag.backend_metrics = metrics if callable(metrics) else dict
         if voice is not None:
             self._flow.set_prompt(config.system_prompt, voice)
         self.get_logger().info(f"backend {name!r} ready in {time.monotonic() - started:.1f} s")

@@ -312,6 +312,24 @@ def test_diagnostics_reporter_compares_each_report_with_the_previous_one() -> No
     assert conv.stamp_to_ns(second.header.stamp) == STAMP_NS
 
 
+def test_the_backends_own_metrics_reach_diagnostics_and_a_failing_one_is_reported() -> None:
+    from omni_ros.ros._diagnostics import DiagnosticsReporter
+
+    reporter = DiagnosticsReporter()
+    reporter.on_state(_state(), STAMP_NS)
+    reporter.backend_metrics = lambda: {"server_kv_cache_length": 812, "transport": "websocket"}
+    values = _values(reporter.report("node", "llamacpp_omni", "active", STAMP_NS).status[0])
+    assert values["backend.server_kv_cache_length"] == "812"
+    assert values["backend.transport"] == "websocket"
+
+    def broken() -> dict[str, object]:
+        raise RuntimeError("socket closed")
+
+    reporter.backend_metrics = broken
+    values = _values(reporter.report("node", "llamacpp_omni", "active", STAMP_NS).status[0])
+    assert values["backend.metrics_error"] == "RuntimeError: socket closed"
+
+
 def test_tensorrt_component_statuses_become_their_own_diagnostics() -> None:
     from omni_ros.ros._diagnostics import DiagnosticsReporter
     from omni_ros.tensorrt.diagnostics import ComponentStatus

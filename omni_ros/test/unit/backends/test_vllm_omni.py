@@ -465,7 +465,9 @@ def test_server_vad_barge_in_cancels_the_response_and_the_unit_listens() -> None
         run(backend, 1)  # acknowledges 200 ms
         barged = run(backend, 2, speech=True)  # the server hears the user over the robot
         assert barged.is_listen
+        assert barged.barge_in  # the session flushes the speech still scheduled
         assert backend.stats["server_barge_ins"] == 1
+        assert backend.metrics()["server_barge_ins"] == 1
         assert server.session().history_ms.get("item_resp_01") == 200
         backend.close()
     finally:

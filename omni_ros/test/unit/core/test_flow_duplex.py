@@ -165,3 +165,33 @@ def test_in_order_mic_audio_closes_its_unit_at_the_unit_end_with_no_reorder_hold
     # Neither the 60 ms reorder window nor the 200 ms watermark was waited for.
     assert [u.index for u in backend.units] == [0]
     assert h.flow.counters.gap_samples_filled == 0
+
+
+class PlayedBackendDouble(ScriptedBackendDouble):
+    """Records ``on_played`` calls like vllm-omni's truthful playback acks want them."""
+
+    def __init__(self, script: list[Any]) -> None:
+        super().__init__(script)
+        self.played: list[tuple[int, int]] = []
+
+    def on_played(self, unit_index: int, samples: int) -> None:
+        self.played.append((unit_index, samples))
+
+
+def test_the_backend_is_told_what_was_really_heard_chunk_by_chunk_and_at_a_cut() -> None:
+    backend = PlayedBackendDouble([speak("Hi", seconds=1.0), speak(" there", seconds=1.0), LISTEN])
+    h = Harness(backend)
+    h.silence(1.0)
+    h.run_to(T0 + S)
+    (first,) = h.of(SpeechOut)
+    report = PlaybackReport
+    h.flow.on_playback(report(first.stamp_ns, 1, first.stamp_ns, 24_000, 12_000))
+    h.flow.on_playback(report(first.stamp_ns + S // 2, 1, first.stamp_ns + S // 2, 24_000, 12_000))
+    h.silence(1.0)
+    h.run_to(T0 + 2 * S)
+    second = h.of(SpeechOut)[1]
+    # Unit 1's speech starts: unit 0's played to its end. Then a flush cuts it 100 ms in.
+    h.flow.on_playback(report(second.stamp_ns, 1, second.stamp_ns, 24_000, 12_000))
+    h.flow.on_playback(report(second.stamp_ns, 1, second.stamp_ns, 24_000, 2_400, cut=True))
+    h.run_to(T0 + 2 * S + 10_000_000)
+    assert backend.played == [(0, 0), (0, 12_000), (0, 24_000), (1, 0), (1, 2_400)]

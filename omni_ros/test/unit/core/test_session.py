@@ -295,3 +295,14 @@ def test_every_cancelled_span_is_a_flush_with_its_reason() -> None:
     assert (flush.reason, flush.turn_id) == ("error", 3)
     assert flush.dropped_from_ns == unit(5).end_ns
     assert session.mode is Mode.ERROR
+
+
+def test_a_backend_side_barge_in_flushes_the_speech_still_scheduled() -> None:
+    session, counters = make(output_latency_ms=50)
+    session.step(unit(0, True), speak("A long answer", 3.0))  # plays 11.05 .. 14.05 s
+    events = session.step(unit(1, True), UnitResult(True, barge_in=True), now_ns=12 * S)
+    (flush,) = [e for e in events if isinstance(e, SpeechFlush)]
+    assert (flush.reason, flush.turn_id, flush.dropped_from_ns) == ("barge_in", 1, 12 * S)
+    assert flush.dropped_until_ns == 14 * S + 50_000_000
+    assert counters.barge_ins == 1
+    assert session.mode is Mode.LISTENING
