@@ -659,6 +659,9 @@ class OmniFlow:
             self._dropped_in_audio = self._dropped_in_frames = 0
         for report in playback:
             self._apply_playback(report)
+        # Judge stamps against the clock now, not at the last poll (a backend call can take
+        # seconds, and this runs during it).
+        self.timeline.observe_clock(self.clock.now_ns())
         for raw in audio:
             self._ingest_audio(raw)
         self._release_audio(self.clock.now_ns())

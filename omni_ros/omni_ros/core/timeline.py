@@ -364,6 +364,7 @@ class Timeline:
         self._pending_frames: list[VideoFrame | RawImage] = []
         self._earliest_ns: int | None = None
         self._newest_frame_ns: int | None = None  # latest frame stamp seen (None: no camera)
+        self._observed_ns = 0  # latest clock reading between polls (observe_clock)
         # Inputs stamped long before the open unit: late, or the first of a looping bag's new pass.
         self._stashed: list[AudioBlock | VideoFrame | RawImage] = []
         if origin_ns is not None:
@@ -471,8 +472,18 @@ class Timeline:
         if self._earliest_ns is None or stamp_ns < self._earliest_ns:
             self._earliest_ns = stamp_ns
 
+    def observe_clock(self, now_ns: int) -> None:
+        """The clock read ``now_ns`` (without closing units): input is judged "from the future"
+        against it. The caller keeps ingesting while the backend computes and does not poll
+        then; without this, audio captured after the last poll would be judged against a clock
+        seconds old and dropped as future. Only moves forward; jumps are for :meth:`poll`."""
+        if self._last_now_ns is not None and now_ns > self._observed_ns:
+            self._observed_ns = now_ns
+
     def _is_future(self, stamp_ns: int) -> bool:
         reference = self._last_now_ns if self._last_now_ns is not None else self._origin_ns
+        if reference is not None and self._observed_ns > reference:
+            reference = self._observed_ns
         return reference is not None and stamp_ns > reference + self.config.max_future_ns
 
     def _should_stash(self, stamp_ns: int) -> bool:

@@ -195,3 +195,28 @@ def test_the_backend_is_told_what_was_really_heard_chunk_by_chunk_and_at_a_cut()
     h.flow.on_playback(report(second.stamp_ns, 1, second.stamp_ns, 24_000, 2_400, cut=True))
     h.run_to(T0 + 2 * S + 10_000_000)
     assert backend.played == [(0, 0), (0, 12_000), (0, 24_000), (1, 0), (1, 2_400)]
+
+
+def test_audio_that_arrives_while_a_slow_unit_computes_is_judged_against_the_clock_now() -> None:
+    import threading
+
+    backend = ScriptedBackendDouble([LISTEN] * 8)
+    gate = backend.block = threading.Event()
+    h = Harness(backend, backend_deadline_ms=60_000)
+    h.silence(1.0)
+    h.clock.set_ns(T0 + S)
+    worker = threading.Thread(target=h.flow.run_until_idle, args=(T0 + S,))
+    worker.start()
+    assert backend.in_generate.wait(10)
+    # The model takes 3.5 s over unit 0; the microphone goes on meanwhile, on the clock.
+    for k in range(35):
+        h.clock.set_ns(T0 + S + (k + 1) * 100_000_000)
+        h.push_audio(np.zeros(RATE // 10, np.float32))
+    while h.flow._audio_in:  # the worker ingests while it waits for the backend
+        backend.in_generate.wait(0.01)
+    backend.block = None
+    gate.set()
+    worker.join(10)
+    h.run_to(T0 + 5 * S)
+    assert h.flow.counters.future_messages == 0
+    assert h.flow.counters.dropped_audio_samples == 0
