@@ -23,17 +23,22 @@ _SCALARS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_value(owner: str, key: str, annotation: str, value: Any) -> Any:
-    """Coerce/validate ``value`` against a simple string annotation (``int``, ``float | None``...)."""
-    options = [a.strip() for a in annotation.split("|")]
+def check_type(name: str, type_name: str, value: Any) -> Any:
+    """``value`` as a value of ``type_name`` (``int``, ``float | None``, ...), or a ConfigError
+    naming ``name``, the value and the expected type.
+
+    An int is accepted for a float (YAML writes ``1`` for 1.0); a bool is never an int.
+    Containers and nested types (``tuple[int, ...]``) are accepted as given: their config class's
+    ``__post_init__`` validates them.
+    """
+    options = [o.strip() for o in type_name.split("|")]
     if value is None:
         if "None" in options:
             return None
-        raise ConfigError(f"{owner}.{key} must not be empty (expected {annotation})")
+        raise ConfigError(f"{name} must not be empty (expected {type_name})")
     for option in options:
         allowed = _SCALARS.get(option)
         if allowed is None:
-            # Containers and nested types: accept as given (validated by the class's __post_init__).
             if option != "None":
                 return value
             continue
@@ -43,9 +48,7 @@ def _check_value(owner: str, key: str, annotation: str, value: Any) -> Any:
             return float(value)
         if isinstance(value, allowed):
             return value
-    raise ConfigError(
-        f"{owner}.{key} = {value!r} has type {type(value).__name__}; expected {annotation}"
-    )
+    raise ConfigError(f"{name} = {value!r} has type {type(value).__name__}; expected {type_name}")
 
 
 def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None) -> T:
@@ -68,7 +71,7 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None) -> T:
         annotation = hints.get(key)
         text = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
         text = text.replace("NoneType", "None")
-        kwargs[key] = _check_value(cls.__name__, key, text, value)
+        kwargs[key] = check_type(f"{cls.__name__}.{key}", text, value)
     try:
         return cls(**kwargs)
     except ConfigError:

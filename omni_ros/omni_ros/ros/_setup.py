@@ -26,6 +26,7 @@ from typing import Any
 
 from omni_ros.backends.base import BACKENDS, backend_class
 from omni_ros.core.audio import ENCODINGS
+from omni_ros.core.config import check_type
 from omni_ros.core.errors import ConfigError
 from omni_ros.core.flow import FlowConfig
 from omni_ros.ros._params import ParamSpec, build_config, config_params
@@ -105,40 +106,6 @@ def suggest(name: str, known: typing.Iterable[str]) -> str:
         leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
         close = [by_leaf[leaves[0]]] if leaves else []
     return f"; did you mean '{close[0]}'?" if close else ""
-
-
-_SCALARS: dict[str, tuple[type, ...]] = {
-    "int": (int,),
-    "float": (int, float),
-    "str": (str,),
-    "bool": (bool,),
-}
-
-
-def check_type(name: str, type_name: str, value: Any) -> Any:
-    """``value`` as a value of ``type_name`` (``int``, ``float | None``, ...), or a ConfigError.
-
-    An int is accepted for a float (YAML writes ``1`` for 1.0); a bool is never an int.
-    Containers (``tuple[int, ...]``) are checked by their config class.
-    """
-    options = [o.strip() for o in type_name.split("|")]
-    if value is None:
-        if "None" in options:
-            return None
-        raise ConfigError(f"{name} must not be empty (expected {type_name})")
-    for option in options:
-        allowed = _SCALARS.get(option)
-        if allowed is None:
-            if option != "None":
-                return value
-            continue
-        if option in ("int", "float") and isinstance(value, bool):
-            continue
-        if option == "float" and isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, allowed):
-            return value
-    raise ConfigError(f"{name} = {value!r} has type {type(value).__name__}; expected {type_name}")
 
 
 def _backend_fields(name: str) -> dict[str, str]:
