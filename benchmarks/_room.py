@@ -23,6 +23,7 @@ import soxr
 from omni_ros.ros.audio_io import AudioFormat
 
 NS = 1_000_000_000
+_DEVICE_SLACK_NS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,11 @@ class RoomSink:
     def write(self, data: bytes) -> None:
         samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
         now = time.time_ns()
-        # A device plays a block right after the previous one if it is still busy (no gap).
-        start = max(now, self._end_ns)
+        # Played by the "device's" own clock, as a sound card with a small buffer is: a write that
+        # comes within _DEVICE_SLACK_NS of the previous block's end plays right after it, so the
+        # caller's overhead between writes does not accumulate as drift (speaker_node's own
+        # RecordingSink does the same); after a longer gap playback restarts at the write.
+        start = self._end_ns if now - self._end_ns < _DEVICE_SLACK_NS else now
         self._end_ns = start + len(samples) * NS // self.format.sample_rate
         self.room.play(start, samples, data)
         remaining = self._end_ns - time.time_ns()
