@@ -6,6 +6,7 @@ Examples::
     ros2 launch omni_ros omni_flow.launch.py backend:=minicpmo model:=/models/MiniCPM-o-4_5
     ros2 launch omni_ros omni_flow.launch.py backend:=llamacpp_omni with_mic:=true with_speaker:=true
     ros2 launch omni_ros omni_flow.launch.py namespace:=robot1 engine_dir:=/data/engines
+    ros2 launch omni_ros omni_flow.launch.py with_mic:=true params_file:=robot.yaml   # see below
 
 Arguments:
     backend: reference | minicpmo | llamacpp_omni | vllm_omni. Picks the default params file
@@ -15,34 +16,42 @@ Arguments:
     params_file: a parameters YAML used instead of ``config/<backend>.yaml``.
     namespace: namespace of every node (topics become ``/<namespace>/audio/mic`` ...).
     use_sim_time: true when time comes from /clock (bag replay).
-    with_mic, with_speaker: also start mic_node / speaker_node (``config/mic.yaml``,
-        ``config/speaker.yaml``).
+    with_mic, with_speaker: also start mic_node / speaker_node.
     with_foxglove: also start omni_live_view: the conversation live in Foxglove on
         ``ws://127.0.0.1:<foxglove_port>`` (layout: ``share/omni_ros/config/foxglove_layout.json``).
     engine_dir: a TensorRT engine cache folder; non-empty turns ``tensorrt.enabled`` on.
-    log_level: debug | info | warn | error.
+    log_level: debug | info | warn | error | fatal.
     dds_profile: Fast DDS XML profile for the nodes started here (``FASTDDS_DEFAULT_PROFILES_FILE``);
         empty (default): the shipped ``config/fastdds_camera.xml``, unless the environment already
         names one; ``none``: Fast DDS's defaults. The camera driver must use the same profile
         (docs/RELIABILITY.md): with the defaults, 640x480 rgb8 frames mostly do not arrive.
 
+Every argument is checked before any node starts: a value outside its choices (``log_level:=verbose``,
+``with_mic:=yes``), an unknown backend or a params file that does not exist stops the launch with a
+message naming the argument, and ``ros2 launch`` exits non-zero.
+
 The params file's ``omni_flow_node:`` (or ``/**:``) section is read here and handed to the node as
 a parameter dictionary, which launch_ros writes under ``/**``: a plain ``omni_flow_node:`` key in a
-file would not match the node once it runs in a namespace.
+file would not match the node once it runs in a namespace. Its ``mic_node:`` and ``speaker_node:``
+sections, if any, are laid over ``config/mic.yaml`` / ``config/speaker.yaml`` the same way, so every
+parameter of those nodes (``source: wav``, ``wav_path``, ``device``, ...) is reachable from
+``params_file:=``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
+import yaml
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
-from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
-from omni_ros.ros._params import read_params_file
+from omni_ros.core.errors import ConfigError
+from omni_ros.ros._params import flatten_parameters, read_params_file
 
 PACKAGE = "omni_ros"
 #: The shipped Fast DDS transport profile (large shared-memory segments: camera frames arrive).
@@ -56,22 +65,58 @@ MODEL_PARAMETER = {
     "llamacpp_omni": "model_dir",
     "vllm_omni": "model",
 }
+#: What ``IfCondition`` and the ROS command line accept, spelled the ways users type them.
+BOOLEAN = ["true", "false", "True", "False"]
+#: rcutils' severities (``--log-level``); anything else makes rclpy.init raise in the node.
+LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
 
+#: (name, default, description, choices or None). launch checks the choices itself.
 ARGUMENTS = (
-    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni"),
-    ("model", "", "model folder / id (reference: tiny | full); empty: the params file's value"),
-    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml"),
-    ("namespace", "", "namespace of every node"),
-    ("use_sim_time", "false", "use /clock (bag replay)"),
-    ("with_mic", "false", "also start mic_node (config/mic.yaml)"),
-    ("with_speaker", "false", "also start speaker_node (config/speaker.yaml)"),
-    ("with_foxglove", "false", "also start omni_live_view (Foxglove WebSocket on localhost)"),
-    ("foxglove_port", "8765", "omni_live_view's port"),
-    ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT"),
-    ("log_level", "info", "debug | info | warn | error"),
-    ("dds_profile", "", "Fast DDS profile for every node started here; empty: the shipped "
-     "config/fastdds_camera.xml (camera-size frames arrive), none: Fast DDS defaults"),
-)  # fmt: skip
+    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni", None),
+    (
+        "model",
+        "",
+        "model folder / id (reference: tiny | full); empty: the params file's value",
+        None,
+    ),
+    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml", None),
+    ("namespace", "", "namespace of every node", None),
+    ("use_sim_time", "false", "use /clock (bag replay)", BOOLEAN),
+    (
+        "with_mic",
+        "false",
+        "also start mic_node (config/mic.yaml + params_file's mic_node:)",
+        BOOLEAN,
+    ),
+    (
+        "with_speaker",
+        "false",
+        "also start speaker_node (config/speaker.yaml + params_file's speaker_node:)",
+        BOOLEAN,
+    ),
+    (
+        "with_foxglove",
+        "false",
+        "also start omni_live_view (Foxglove WebSocket on localhost)",
+        BOOLEAN,
+    ),
+    ("foxglove_port", "8765", "omni_live_view's port", None),
+    ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT", None),
+    ("log_level", "info", "debug | info | warn | error | fatal", LOG_LEVELS),
+    (
+        "dds_profile",
+        "",
+        "Fast DDS profile for every node started here; empty: the shipped "
+        "config/fastdds_camera.xml (camera-size frames arrive), none: Fast DDS defaults",
+        None,
+    ),
+)
+
+_NAMESPACE = re.compile(r"^/?([A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*)?/?$")
+
+
+class LaunchArgumentError(RuntimeError):
+    """A launch argument that cannot work; launch prints the message and exits non-zero."""
 
 
 def node_section(path: str, node_name: str) -> dict[str, Any]:
@@ -79,8 +124,46 @@ def node_section(path: str, node_name: str) -> dict[str, Any]:
     return read_params_file(path, node_name)
 
 
+def own_section(path: str, node_name: str) -> dict[str, Any]:
+    """The flat parameters of the ``node_name:`` / ``/node_name:`` section only ({} if none).
+
+    ``/**`` is left out on purpose: in omni_ros params files it holds omni_flow_node's parameters.
+    """
+    with open(path, encoding="utf-8") as stream:
+        doc = yaml.safe_load(stream) or {}
+    flat: dict[str, Any] = {}
+    for key in (node_name, f"/{node_name}"):
+        section = doc.get(key) if isinstance(doc, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
+            flat.update(flatten_parameters(section["ros__parameters"]))
+    return flat
+
+
 def _is_true(text: str) -> bool:
-    return text.strip().lower() in ("true", "1", "yes", "on")
+    return text.strip().lower() == "true"
+
+
+def _arguments(context: LaunchContext) -> dict[str, str]:
+    """Every argument's value, checked beyond the choices launch already enforces."""
+    values = {name: LaunchConfiguration(name).perform(context) for name, *_ in ARGUMENTS}
+    if values["backend"] not in MODEL_PARAMETER:
+        raise LaunchArgumentError(
+            f"backend:={values['backend']} unknown; choose one of {sorted(MODEL_PARAMETER)}"
+        )
+    if values["params_file"] and not os.path.isfile(values["params_file"]):
+        raise LaunchArgumentError(f"params_file:={values['params_file']} is not a file")
+    if not _NAMESPACE.match(values["namespace"]):
+        raise LaunchArgumentError(
+            f"namespace:={values['namespace']} is not a ROS namespace "
+            "(letters, digits and _ in /-separated tokens, not starting with a digit)"
+        )
+    if not values["foxglove_port"].isdigit() or not 0 < int(values["foxglove_port"]) < 65536:
+        raise LaunchArgumentError(f"foxglove_port:={values['foxglove_port']} is not a port number")
+    for name, _default, _text, choices in ARGUMENTS:
+        # launch checks choices when the argument is declared; an including file may bypass that.
+        if choices is not None and values[name] not in choices:
+            raise LaunchArgumentError(f"{name}:={values[name]} is not one of {choices}")
+    return values
 
 
 def _dds_profile(context: LaunchContext) -> list[Any]:
@@ -89,97 +172,95 @@ def _dds_profile(context: LaunchContext) -> list[Any]:
         return []
     path = chosen or os.path.join(get_package_share_directory(PACKAGE), "config", DDS_PROFILE)
     if not os.path.isfile(path):
-        raise RuntimeError(f"dds_profile:={path}: no such file")
+        raise LaunchArgumentError(f"dds_profile:={path}: no such file")
     return [SetEnvironmentVariable(DDS_PROFILE_VARIABLE, path)]
 
 
-def _omni_flow(context: LaunchContext) -> list[Any]:
-    def arg(name: str) -> str:
-        return LaunchConfiguration(name).perform(context)
+def _ros_args(values: dict[str, str]) -> list[str]:
+    return ["--ros-args", "--log-level", values["log_level"]]
 
-    backend = arg("backend")
-    if backend not in MODEL_PARAMETER:
-        raise RuntimeError(f"backend:={backend} unknown; choose one of {sorted(MODEL_PARAMETER)}")
+
+def _audio_params(
+    values: dict[str, str], config_dir: str, node: str, config: str
+) -> dict[str, Any]:
+    """``config/<config>`` with the params file's own ``<node>:`` section laid over it."""
+    params = node_section(os.path.join(config_dir, config), node)
+    if values["params_file"]:
+        params.update(own_section(values["params_file"], node))
+    params["use_sim_time"] = _is_true(values["use_sim_time"])
+    return params
+
+
+def _nodes(context: LaunchContext) -> list[Any]:
+    values = _arguments(context)
+    backend = values["backend"]
     config_dir = os.path.join(get_package_share_directory(PACKAGE), "config")
-    params_file = arg("params_file") or os.path.join(config_dir, f"{backend}.yaml")
-    params = node_section(params_file, "omni_flow_node")
+    params_file = values["params_file"] or os.path.join(config_dir, f"{backend}.yaml")
+    try:
+        params = node_section(params_file, "omni_flow_node")
+    except ConfigError:
+        # A file holding only mic_node: / speaker_node: sections keeps the backend's own config.
+        if not values["params_file"] or not any(
+            own_section(params_file, name) for name in ("mic_node", "speaker_node")
+        ):
+            raise
+        params = node_section(os.path.join(config_dir, f"{backend}.yaml"), "omni_flow_node")
     params["backend"] = backend
-    params["use_sim_time"] = _is_true(arg("use_sim_time"))
-    if arg("model"):
-        params[f"{backend}.{MODEL_PARAMETER[backend]}"] = arg("model")
-    if arg("engine_dir"):
+    sim_time = _is_true(values["use_sim_time"])
+    params["use_sim_time"] = sim_time
+    if values["model"]:
+        params[f"{backend}.{MODEL_PARAMETER[backend]}"] = values["model"]
+    if values["engine_dir"]:
         params["tensorrt.enabled"] = True
-        params["tensorrt.engine_dir"] = arg("engine_dir")
-    ros_args = ["--ros-args", "--log-level", arg("log_level")]
-    return [
+        params["tensorrt.engine_dir"] = values["engine_dir"]
+    common = {"namespace": values["namespace"], "arguments": _ros_args(values), "output": "screen"}
+    actions: list[Any] = [
         LifecycleNode(
             package=PACKAGE,
             executable="omni_flow_node",
             name="omni_flow_node",
-            namespace=arg("namespace"),
             parameters=[params],
-            arguments=ros_args,
-            output="screen",
+            **common,
         )
     ]
-
-
-def _audio_nodes(context: LaunchContext) -> list[Any]:
-    config_dir = os.path.join(get_package_share_directory(PACKAGE), "config")
-    sim_time = _is_true(LaunchConfiguration("use_sim_time").perform(context))
-    common = {
-        "namespace": LaunchConfiguration("namespace").perform(context),
-        "arguments": [
-            "--ros-args",
-            "--log-level",
-            LaunchConfiguration("log_level").perform(context),
-        ],
-        "output": "screen",
-    }
-    mic_params = node_section(os.path.join(config_dir, "mic.yaml"), "mic_node")
-    speaker_params = node_section(os.path.join(config_dir, "speaker.yaml"), "speaker_node")
-    return [
-        Node(
-            package=PACKAGE,
-            executable="mic_node",
-            name="mic_node",
-            parameters=[{**mic_params, "use_sim_time": sim_time}],
-            condition=IfCondition(LaunchConfiguration("with_mic")),
-            **common,
-        ),
-        Node(
-            package=PACKAGE,
-            executable="speaker_node",
-            name="speaker_node",
-            parameters=[{**speaker_params, "use_sim_time": sim_time}],
-            condition=IfCondition(LaunchConfiguration("with_speaker")),
-            **common,
-        ),
-        Node(
-            package=PACKAGE,
-            executable="omni_live_view",
-            name="omni_live_view",
-            parameters=[
-                {
-                    "port": int(LaunchConfiguration("foxglove_port").perform(context)),
-                    "use_sim_time": sim_time,
-                }
-            ],
-            condition=IfCondition(LaunchConfiguration("with_foxglove")),
-            **common,
-        ),
-    ]
+    if _is_true(values["with_mic"]):
+        actions.append(
+            Node(
+                package=PACKAGE,
+                executable="mic_node",
+                name="mic_node",
+                parameters=[_audio_params(values, config_dir, "mic_node", "mic.yaml")],
+                **common,
+            )
+        )
+    if _is_true(values["with_speaker"]):
+        actions.append(
+            Node(
+                package=PACKAGE,
+                executable="speaker_node",
+                name="speaker_node",
+                parameters=[_audio_params(values, config_dir, "speaker_node", "speaker.yaml")],
+                **common,
+            )
+        )
+    if _is_true(values["with_foxglove"]):
+        actions.append(
+            Node(
+                package=PACKAGE,
+                executable="omni_live_view",
+                name="omni_live_view",
+                parameters=[{"port": int(values["foxglove_port"]), "use_sim_time": sim_time}],
+                **common,
+            )
+        )
+    return actions
 
 
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription(
         [
-            DeclareLaunchArgument(name, default_value=default, description=text)
-            for name, default, text in ARGUMENTS
+            DeclareLaunchArgument(name, default_value=default, description=text, choices=choices)
+            for name, default, text, choices in ARGUMENTS
         ]
-        + [
-            OpaqueFunction(function=_dds_profile),
-            OpaqueFunction(function=_omni_flow),
-            OpaqueFunction(function=_audio_nodes),
-        ]
+        + [OpaqueFunction(function=_dds_profile), OpaqueFunction(function=_nodes)]
     )

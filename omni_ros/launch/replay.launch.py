@@ -14,8 +14,9 @@ Examples::
     ros2 launch omni_ros replay.launch.py backend:=reference
     ros2 bag play demo_bag --clock --remap /robot/mic:=/audio/mic
 
-Arguments: backend, model, params_file, namespace, log_level, with_foxglove, as in
-omni_flow.launch.py.
+Arguments: every argument of omni_flow.launch.py, forwarded as given; only the defaults differ
+(``use_sim_time:=true``, ``with_mic:=false``, ``with_speaker:=false``). An explicit
+``use_sim_time:=false`` or ``with_mic:=true`` is honoured, never overridden.
 """
 
 from __future__ import annotations
@@ -29,14 +30,27 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 
 PACKAGE = "omni_ros"
+BOOLEAN = ["true", "false", "True", "False"]
 
+#: (name, default, description, choices): omni_flow.launch.py's arguments with replay defaults.
 ARGUMENTS = (
-    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni"),
-    ("model", "", "model folder / id (reference: tiny | full)"),
-    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml"),
-    ("namespace", "", "namespace of the node"),
-    ("log_level", "info", "debug | info | warn | error"),
-    ("with_foxglove", "false", "also start omni_live_view (Foxglove WebSocket on localhost)"),
+    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni", None),
+    ("model", "", "model folder / id (reference: tiny | full)", None),
+    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml", None),
+    ("namespace", "", "namespace of the node", None),
+    ("use_sim_time", "true", "use /clock (the bag player's --clock)", BOOLEAN),
+    ("with_mic", "false", "also start mic_node (not usual in a replay)", BOOLEAN),
+    ("with_speaker", "false", "also start speaker_node (hear the replayed robot)", BOOLEAN),
+    (
+        "with_foxglove",
+        "false",
+        "also start omni_live_view (Foxglove WebSocket on localhost)",
+        BOOLEAN,
+    ),
+    ("foxglove_port", "8765", "omni_live_view's port", None),
+    ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT", None),
+    ("log_level", "info", "debug | info | warn | error | fatal", None),
+    ("dds_profile", "", "Fast DDS profile; empty: the shipped config/fastdds_camera.xml", None),
 )
 
 
@@ -44,21 +58,16 @@ def generate_launch_description() -> LaunchDescription:
     main_launch = os.path.join(
         get_package_share_directory(PACKAGE), "launch", "omni_flow.launch.py"
     )
-    forwarded = {name: LaunchConfiguration(name) for name, _default, _text in ARGUMENTS}
+    forwarded = {name: LaunchConfiguration(name) for name, *_ in ARGUMENTS}
     return LaunchDescription(
         [
-            DeclareLaunchArgument(name, default_value=default, description=text)
-            for name, default, text in ARGUMENTS
+            DeclareLaunchArgument(name, default_value=default, description=text, choices=choices)
+            for name, default, text, choices in ARGUMENTS
         ]
         + [
             IncludeLaunchDescription(
                 PythonLaunchDescriptionSource(main_launch),
-                launch_arguments={
-                    **forwarded,
-                    "use_sim_time": "true",
-                    "with_mic": "false",
-                    "with_speaker": "false",
-                }.items(),
+                launch_arguments=forwarded.items(),
             )
         ]
     )

@@ -45,6 +45,7 @@ from omni_ros.ros._ask_server import AskHost
 from omni_ros.ros._diagnostics import DiagnosticsReporter
 from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
+from omni_ros.ros._run import install_interrupt_guard
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, Playback, ProactiveAction
@@ -475,6 +476,7 @@ def main(args: list[str] | None = None) -> None:
     stops its loop and closes the backend (waiting, bounded, for a call in flight). A second
     SIGINT while closing ends the wait without a traceback (backend threads are daemons).
     """
+    install_interrupt_guard()  # a second Ctrl-C during teardown must not kill it (see _run)
     rclpy.init(args=args)
     node: OmniFlowNode | None = None
     try:

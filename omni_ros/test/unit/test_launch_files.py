@@ -79,6 +79,32 @@ def _parameter_table(path: Path, name: str) -> dict[str, str]:
     return table
 
 
+def _argument_names(path: Path) -> set[str]:
+    """The names in a launch file's module-level ``ARGUMENTS`` (first element of each tuple)."""
+    expr = _assignment(path, "ARGUMENTS")
+    assert isinstance(expr, ast.Tuple | ast.List), f"{path.name}: ARGUMENTS is not a tuple"
+    names = set()
+    for row in expr.elts:
+        assert isinstance(row, ast.Tuple)
+        assert isinstance(row.elts[0], ast.Constant)
+        names.add(str(row.elts[0].value))
+    return names
+
+
+def _console_script_entries() -> dict[str, str]:
+    """console_scripts of setup.py: name -> ``module:function``."""
+    for node in ast.walk(_tree(PKG / "setup.py")):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values, strict=True):
+                if isinstance(key, ast.Constant) and key.value == "console_scripts":
+                    entries = ast.literal_eval(value)
+                    return {
+                        entry.split("=")[0].strip(): entry.split("=")[1].strip()
+                        for entry in entries
+                    }
+    raise AssertionError("setup.py declares no console_scripts")
+
+
 def _console_scripts() -> set[str]:
     for node in ast.walk(_tree(PKG / "setup.py")):
         if isinstance(node, ast.Dict):
@@ -233,7 +259,7 @@ def test_every_file_a_launch_file_names_exists(launch_file: Path) -> None:
 @pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
 def test_every_launch_argument_used_is_declared(launch_file: Path) -> None:
     tree = _tree(launch_file)
-    declared = {name for name, _default, _text in _module_literal(launch_file, "ARGUMENTS")}
+    declared = _argument_names(launch_file)
     for call in _calls(tree, "DeclareLaunchArgument"):
         if call.args and isinstance(call.args[0], ast.Constant):
             declared.add(call.args[0].value)
@@ -246,12 +272,9 @@ def test_every_launch_argument_used_is_declared(launch_file: Path) -> None:
 
 
 def test_replay_forwards_only_arguments_that_the_main_launch_file_declares() -> None:
-    main = {
-        name
-        for name, _d, _t in _module_literal(PKG / "launch" / "omni_flow.launch.py", "ARGUMENTS")
-    }
+    main = _argument_names(PKG / "launch" / "omni_flow.launch.py")
     replay_file = PKG / "launch" / "replay.launch.py"
-    forwarded = {name for name, _d, _t in _module_literal(replay_file, "ARGUMENTS")}
+    forwarded = _argument_names(replay_file)
     for call in _calls(_tree(replay_file), "IncludeLaunchDescription"):
         arguments = _keyword(call, "launch_arguments")
         assert arguments is not None
@@ -294,7 +317,21 @@ def test_the_parameter_check_rejects_what_ros_would_reject() -> None:
 # ------------------------------------------------------------- running them on a launch double
 class LaunchApiDouble:
     """A test double of the ``launch`` / ``launch_ros`` / ``ament_index_python`` APIs the launch
-    files use: every action records its arguments; OpaqueFunction runs on :meth:`run`."""
+    files use: every action records its arguments; OpaqueFunction runs on :meth:`run`.
+
+    Behaviours copied from ros2/launch (checked against the real thing, see README "ROS 2
+    distributions"):
+
+    - ``DeclareLaunchArgument.execute`` (launch/actions/declare_launch_argument.py): a value
+      already in the context wins over the default; a value outside ``choices`` raises
+      ``RuntimeError('Argument "NAME" provided value "V" is not valid. Valid options are: [...]')``.
+    - ``IncludeLaunchDescription.execute`` (launch/actions/include_launch_description.py): each
+      ``launch_arguments`` entry becomes a launch configuration before the included description
+      runs, so the included file's own defaults apply only to arguments not forwarded.
+    - arguments given on the command line but declared nowhere are still set (ros2launch's
+      ``launch_a_launch_file`` puts every ``name:=value`` into the context), so a launch file that
+      does not declare an argument silently ignores it.
+    """
 
     def __init__(self, share_dir: Path) -> None:
         self.share_dir = share_dir
@@ -369,8 +406,14 @@ class LaunchApiDouble:
                 setattr(module, attr, value)
             self.modules[name] = module
 
-    def run(self, launch_file: Path, **overrides: str) -> list[Any]:
-        """Load ``launch_file``, apply argument defaults + ``overrides``, run its OpaqueFunctions."""
+    def run(self, launch_file: Path, **arguments: str) -> list[Any]:
+        """Load ``launch_file`` with command-line ``arguments``; run it like ``ros2 launch`` does.
+
+        Returns the node actions created (includes are followed).
+        """
+        return self._execute(launch_file, dict(arguments))
+
+    def _execute(self, launch_file: Path, configurations: dict[str, str]) -> list[Any]:
         spec = importlib.util.spec_from_file_location(
             launch_file.stem.replace(".", "_"), launch_file
         )
@@ -379,21 +422,29 @@ class LaunchApiDouble:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         description = module.generate_launch_description()
-        actions = list(description.args[0])
-        values = {
-            a.args[0]: a.kwargs["default_value"]
-            for a in actions
-            if type(a).__name__ == "DeclareLaunchArgument"
-        }
-        unknown = set(overrides) - set(values)
-        assert not unknown, f"{launch_file.name} does not declare {unknown}"
-        values.update(overrides)
-        context = types.SimpleNamespace(launch_configurations=values)
+        context = types.SimpleNamespace(launch_configurations=configurations)
         created: list[Any] = []
-        for action in actions:
-            if type(action).__name__ == "OpaqueFunction":
+        for action in description.args[0]:
+            kind = type(action).__name__
+            if kind == "DeclareLaunchArgument":
+                name = action.args[0]
+                configurations.setdefault(name, action.kwargs["default_value"])
+                choices = action.kwargs.get("choices")
+                if choices is not None and configurations[name] not in choices:
+                    raise RuntimeError(
+                        f'Argument "{name}" provided value "{configurations[name]}" is not '
+                        f"valid. Valid options are: {choices}"
+                    )
+            elif kind == "OpaqueFunction":
                 created += action.kwargs["function"](context)
-            elif type(action).__name__ != "DeclareLaunchArgument":
+            elif kind == "IncludeLaunchDescription":
+                included = Path(action.args[0].args[0])
+                for name, value in action.kwargs["launch_arguments"]:
+                    configurations[name] = (
+                        value.perform(context) if hasattr(value, "perform") else value
+                    )
+                created += self._execute(included, configurations)
+            else:
                 created.append(action)
         return created
 
@@ -416,10 +467,18 @@ def _lifecycle(created: list[Any]) -> Any:
     return nodes[0]
 
 
+def _audio(created: list[Any]) -> dict[str, Any]:
+    return {a.kwargs["executable"]: a for a in created if type(a).__name__ == "Node"}
+
+
+MAIN = PKG / "launch" / "omni_flow.launch.py"
+REPLAY = PKG / "launch" / "replay.launch.py"
+
+
 def test_the_default_launch_runs_the_reference_backend_from_its_config(
     launch_double: LaunchApiDouble,
 ) -> None:
-    created = launch_double.run(PKG / "launch" / "omni_flow.launch.py")
+    created = launch_double.run(MAIN)
     node = _lifecycle(created)
     (params,) = node.kwargs["parameters"]
     assert node.kwargs["executable"] == "omni_flow_node"
@@ -429,24 +488,26 @@ def test_the_default_launch_runs_the_reference_backend_from_its_config(
     assert params["use_sim_time"] is False
     assert params["tensorrt.enabled"] is False
     assert node.kwargs["arguments"] == ["--ros-args", "--log-level", "info"]
-    audio = {a.kwargs["executable"]: a for a in created if type(a).__name__ == "Node"}
-    assert set(audio) == {"mic_node", "speaker_node", "omni_live_view"}
-    assert audio["mic_node"].kwargs["condition"].args[0].name == "with_mic"
+    assert _audio(created) == {}, "mic and speaker only with with_mic:=true / with_speaker:=true"
+    audio = _audio(launch_double.run(MAIN, with_mic="true", with_speaker="True"))
+    assert set(audio) == {"mic_node", "speaker_node"}
     assert audio["speaker_node"].kwargs["parameters"][0]["sample_rate"] == 24000
-    live = audio["omni_live_view"]
-    assert live.kwargs["condition"].args[0].name == "with_foxglove"
+    assert audio["mic_node"].kwargs["parameters"][0]["source"] == "pyaudio"
+    live = _audio(launch_double.run(MAIN, with_foxglove="true"))["omni_live_view"]
     assert live.kwargs["parameters"][0] == {"port": 8765, "use_sim_time": False}
 
 
 def test_launch_arguments_reach_the_node_parameters(launch_double: LaunchApiDouble) -> None:
     created = launch_double.run(
-        PKG / "launch" / "omni_flow.launch.py",
+        MAIN,
         backend="minicpmo",
         model="/models/MiniCPM-o-4_5",
         namespace="robot1",
         use_sim_time="true",
         engine_dir="/data/engines",
         log_level="debug",
+        with_mic="true",
+        with_speaker="true",
     )
     node = _lifecycle(created)
     (params,) = node.kwargs["parameters"]
@@ -457,7 +518,10 @@ def test_launch_arguments_reach_the_node_parameters(launch_double: LaunchApiDoub
     assert params["use_sim_time"] is True
     assert params["tensorrt.enabled"] is True
     assert params["tensorrt.engine_dir"] == "/data/engines"
-    for audio_node in (a for a in created if type(a).__name__ == "Node"):
+    assert node.kwargs["arguments"] == ["--ros-args", "--log-level", "debug"]
+    audio = _audio(created)
+    assert set(audio) == {"mic_node", "speaker_node"}
+    for audio_node in audio.values():
         assert audio_node.kwargs["namespace"] == "robot1"
         assert audio_node.kwargs["parameters"][0]["use_sim_time"] is True
 
@@ -467,31 +531,111 @@ def test_a_custom_params_file_replaces_the_backend_config(
 ) -> None:
     custom = tmp_path / "custom.yaml"
     custom.write_text("/**:\n  ros__parameters:\n    reference:\n      seed: 7\n")
-    node = _lifecycle(
-        launch_double.run(PKG / "launch" / "omni_flow.launch.py", params_file=str(custom))
-    )
+    node = _lifecycle(launch_double.run(MAIN, params_file=str(custom)))
     (params,) = node.kwargs["parameters"]
     assert params["reference.seed"] == 7
     assert "reference.size" not in params
 
 
-def test_replay_launch_includes_the_main_launch_file_with_sim_time(
-    launch_double: LaunchApiDouble,
+def test_every_mic_and_speaker_parameter_is_reachable_from_the_params_file(
+    launch_double: LaunchApiDouble, tmp_path: Path
 ) -> None:
-    (include,) = launch_double.run(PKG / "launch" / "replay.launch.py", backend="llamacpp_omni")
-    source = include.args[0]
-    assert Path(source.args[0]).name == "omni_flow.launch.py"
-    assert Path(source.args[0]).is_file()
-    forwarded = dict(include.kwargs["launch_arguments"])
-    assert forwarded["use_sim_time"] == "true"
-    assert forwarded["with_mic"] == "false"
-    assert forwarded["backend"].name == "backend"
-    node = _lifecycle(
-        launch_double.run(
-            PKG / "launch" / "omni_flow.launch.py", backend="llamacpp_omni", use_sim_time="true"
+    mic = declared_parameters("mic_node")
+    speaker = declared_parameters("speaker_node")
+    custom = tmp_path / "robot.yaml"
+    custom.write_text(
+        yaml.safe_dump(
+            {
+                "/**": {"ros__parameters": {"backend": "reference"}},
+                "mic_node": {"ros__parameters": {"source": "wav", "wav_path": "/data/in.wav"}},
+                "/speaker_node": {"ros__parameters": {"sink": "null", "max_ahead_s": 2.5}},
+            }
         )
     )
+    audio = _audio(
+        launch_double.run(MAIN, params_file=str(custom), with_mic="true", with_speaker="true")
+    )
+    mic_params = audio["mic_node"].kwargs["parameters"][0]
+    speaker_params = audio["speaker_node"].kwargs["parameters"][0]
+    assert mic_params["source"] == "wav"
+    assert mic_params["wav_path"] == "/data/in.wav"
+    assert mic_params["chunk_ms"] == 50, "keys the file leaves out keep config/mic.yaml's value"
+    assert speaker_params["sink"] == "null"
+    assert speaker_params["max_ahead_s"] == 2.5
+    assert "backend" not in mic_params, "/** holds omni_flow_node's parameters, not the mic's"
+    # config/*.yaml name every parameter, so a params file section can override each of them.
+    assert set(mic_params) == set(mic), sorted(set(mic) ^ set(mic_params))
+    assert set(speaker_params) == set(speaker), sorted(set(speaker) ^ set(speaker_params))
+
+
+def test_a_params_file_with_only_audio_sections_keeps_the_backend_config(
+    launch_double: LaunchApiDouble, tmp_path: Path
+) -> None:
+    custom = tmp_path / "mic_only.yaml"
+    custom.write_text("mic_node:\n  ros__parameters:\n    device: USB\n")
+    created = launch_double.run(MAIN, params_file=str(custom), with_mic="true")
+    assert _lifecycle(created).kwargs["parameters"][0]["reference.size"] == "tiny"
+    assert _audio(created)["mic_node"].kwargs["parameters"][0]["device"] == "USB"
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("log_level", "verbose", 'Argument "log_level" provided value "verbose" is not valid'),
+        ("with_mic", "yes", 'Argument "with_mic" provided value "yes" is not valid'),
+        ("use_sim_time", "on", 'Argument "use_sim_time" provided value "on" is not valid'),
+        ("backend", "gpt", "backend:=gpt unknown"),
+        ("params_file", "/no/such/file.yaml", "params_file:=/no/such/file.yaml is not a file"),
+        ("namespace", "robot 1", "namespace:=robot 1 is not a ROS namespace"),
+    ],
+)
+def test_a_bad_argument_stops_the_launch_with_a_message_naming_it(
+    launch_double: LaunchApiDouble, argument: str, value: str, message: str
+) -> None:
+    # Under ros2 launch these exceptions end the launch with "Caught exception in launch" and
+    # exit code 1 before any process starts (before the fix, log_level:=verbose started the
+    # node, which died in rclpy.init with a traceback while launch exited 0).
+    for launch_file in (MAIN, REPLAY):
+        with pytest.raises(RuntimeError) as excinfo:
+            launch_double.run(launch_file, **{argument: value})
+        assert message in str(excinfo.value)
+
+
+def test_replay_launch_defaults_to_sim_time_and_no_audio_nodes(
+    launch_double: LaunchApiDouble,
+) -> None:
+    created = launch_double.run(REPLAY, backend="llamacpp_omni")
+    node = _lifecycle(created)
     assert node.kwargs["parameters"][0]["use_sim_time"] is True
+    assert node.kwargs["parameters"][0]["backend"] == "llamacpp_omni"
+    assert _audio(created) == {}
+
+
+def test_replay_launch_honours_explicit_sim_time_and_audio_arguments(
+    launch_double: LaunchApiDouble,
+) -> None:
+    created = launch_double.run(
+        REPLAY, use_sim_time="false", with_mic="true", with_speaker="true", namespace="r2"
+    )
+    node = _lifecycle(created)
+    assert node.kwargs["parameters"][0]["use_sim_time"] is False
+    assert set(_audio(created)) == {"mic_node", "speaker_node"}
+    assert node.kwargs["namespace"] == "r2"
+
+
+def test_replay_declares_every_argument_of_the_main_launch_file() -> None:
+    assert _argument_names(REPLAY) == _argument_names(MAIN), (
+        "an argument replay.launch.py does not declare is silently ignored by ros2 launch"
+    )
+
+
+def test_every_console_script_points_at_a_function_that_exists() -> None:
+    for script, target in _console_script_entries().items():
+        module, _, function = target.partition(":")
+        path = SRC.parent / (module.replace(".", "/") + ".py")
+        assert path.is_file(), f"console script {script} -> {module}: {path} does not exist"
+        functions = {n.name for n in _tree(path).body if isinstance(n, ast.FunctionDef)}
+        assert function in functions, f"console script {script}: {path.name} has no {function}()"
 
 
 def test_the_launch_gives_its_nodes_the_shipped_fast_dds_profile_unless_told_otherwise(

@@ -1,0 +1,101 @@
+"""Ctrl-C under ``ros2 launch``: every node exits 0, however many SIGINTs arrive during teardown.
+
+Found under the real launch system: with ``ros2 launch -n`` a Ctrl-C reaches the node twice (the
+terminal signals the whole process group and launch forwards its own SIGINT), and Python's default
+handler turned the second one into a KeyboardInterrupt inside the node's teardown: a traceback and
+death by signal (exit code -2). The tests keep sending SIGINT every 20 ms until the process is
+gone, so at least one lands in the teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wav(path: Path) -> Path:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(b"\0\0" * 16000 * 5)
+    return path
+
+
+def _node_visible(
+    name: str, namespace: str, timeout_s: float, proc: subprocess.Popen[bytes]
+) -> None:
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    probe = rclpy.create_node("shutdown_probe", context=context)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while (name, namespace) not in probe.get_node_names_and_namespaces():
+            assert proc.poll() is None, f"{name} exited with {proc.returncode} before it was up"
+            assert time.monotonic() < deadline, f"{name} not in the ROS graph after {timeout_s} s"
+            time.sleep(0.05)
+    finally:
+        probe.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def _interrupt_until_gone(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    sent = 0
+    while proc.poll() is None and time.monotonic() < deadline:
+        proc.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"still running {timeout_s} s after {sent} SIGINTs")
+    assert sent >= 2, "the node exited before a second SIGINT could reach its teardown"
+    return proc.returncode
+
+
+@pytest.mark.parametrize(
+    ("module", "node_name", "params"),
+    [
+        ("omni_ros.ros.mic_node", "mic_node", {"source": "wav", "wav_path": "{wav}"}),
+        ("omni_ros.ros.speaker_node", "speaker_node", {"sink": "null"}),
+        ("omni_ros.ros.omni_flow_node", "omni_flow_node", {"backend": "reference"}),
+    ],
+)
+def test_repeated_sigint_during_teardown_still_exits_cleanly(
+    module: str, node_name: str, params: dict[str, str], tmp_path: Path
+) -> None:
+    wav = _wav(tmp_path / "silence.wav")
+    namespace = f"/shutdown_{os.getpid()}"
+    argv = [sys.executable, "-m", module, "--ros-args", "-r", f"__ns:={namespace}"]
+    for key, value in params.items():
+        argv += ["-p", f"{key}:={value.format(wav=wav)}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _node_visible(node_name, namespace, 120.0, proc)
+            time.sleep(0.3)  # let the node finish starting (omni_flow_node: configure)
+            code = _interrupt_until_gone(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log_path.read_text(errors="replace")
+    assert code == 0, f"{node_name} exited with {code}\n{output[-3000:]}"
+    assert "Traceback" not in output, output[-3000:]
