@@ -1,14 +1,29 @@
 # omni_ros: one command each. See README.md.
 #   make test   set up from nothing (Debian packages, venv with ROS 2 wheels), build, lint, test
 #   make demo   set up, build, synthesise a bag, replay it through omni_flow_node, summarise
+# DISTRO=kilted (default: Python 3.11, .venv, build/, install/) or DISTRO=jazzy (Python 3.12,
+# .venv-jazzy, build-jazzy/, install-jazzy/): one venv, build and install tree per ROS distro, so
+# `make test DISTRO=jazzy` never touches the Kilted workspace (see README "ROS 2 distributions").
 SHELL := /bin/bash
-VENV ?= .venv
+DISTRO ?= kilted
+ifeq ($(DISTRO),kilted)
+TREE_SUFFIX :=
+else ifeq ($(DISTRO),jazzy)
+TREE_SUFFIX := -jazzy
+else
+$(error DISTRO=$(DISTRO) unknown: use DISTRO=kilted (default) or DISTRO=jazzy)
+endif
+VENV ?= .venv$(TREE_SUFFIX)
+BUILD_BASE := build$(TREE_SUFFIX)
+INSTALL_BASE := install$(TREE_SUFFIX)
+LOG_BASE := log$(TREE_SUFFIX)
 PY := $(VENV)/bin/python
+export DISTRO VENV
 # Every ROS-facing step runs in a shell that sourced the built workspace (it chains the venv).
-IN_WS := set -eo pipefail; . install/setup.sh;
+IN_WS := set -eo pipefail; . $(INSTALL_BASE)/setup.sh;
 PYTEST_ARGS ?=
 
-.PHONY: all setup build lint test test-unit test-transformers-range demo bench clean node-deps soak faults
+.PHONY: all setup build lint test test-unit test-transformers-range test-py310 demo bench clean node-deps soak faults
 
 all: test
 
@@ -29,9 +44,11 @@ node-deps:
 
 build: setup node-deps
 	@set -eo pipefail; . $(VENV)/local_setup.sh; \
-	  colcon build --symlink-install --event-handlers console_cohesion- summary+ \
+	  colcon --log-base $(LOG_BASE) build --symlink-install \
+	    --build-base $(BUILD_BASE) --install-base $(INSTALL_BASE) \
+	    --event-handlers console_cohesion- summary+ \
 	    --cmake-args -DBUILD_TESTING=OFF 2>&1 | grep -v '^WARNING: Location' ; \
-	  test -f install/setup.sh
+	  test -f $(INSTALL_BASE)/setup.sh
 
 lint: setup
 	$(VENV)/bin/ruff check omni_ros benchmarks scripts
@@ -46,13 +63,25 @@ test: build lint
 # promises <6, so the transformers-facing tests also run against the newest release we allow.
 TRANSFORMERS_NEWEST ?= 5.23.0
 test-transformers-range: build
-	@$(IN_WS) dir=.cache/transformers-$(TRANSFORMERS_NEWEST); \
+	@$(IN_WS) dir=.cache/transformers-$(TRANSFORMERS_NEWEST)$(TREE_SUFFIX); \
 	  if [ ! -d $$dir/transformers ]; then \
 	    python -m pip install -q --disable-pip-version-check --target $$dir \
 	      "transformers==$(TRANSFORMERS_NEWEST)" 2>&1 | grep -v '^WARNING: Location' || true; fi; \
 	  PYTHONPATH=$$PWD/$$dir:$$PYTHONPATH python -c "import transformers as t; print('transformers', t.__version__)"; \
 	  PYTHONPATH=$$PWD/$$dir:$$PYTHONPATH python -m pytest -q -p no:cacheprovider \
 	    omni_ros/test/unit/backends/test_reference.py omni_ros/test/unit/trt
+
+# Python 3.10 (Humble's): no ROS wheels, no torch; the pins of requirements/py310.txt. Every module
+# must import (or need only ROS / torch / TensorRT), the ROS-free tests pass, ruff targets py310.
+PY310_TESTS := omni_ros/test/unit/test_imports.py omni_ros/test/unit/core \
+  omni_ros/test/unit/ros_free omni_ros/test/unit/test_core_is_ros_free.py \
+  omni_ros/test/unit/test_launch_files.py omni_ros/test/unit/trt/test_trt_cache.py
+test-py310:
+	@DISTRO=py310 VENV=.venv-py310 bash scripts/setup_env.sh
+	@set -eo pipefail; .venv-py310/bin/python --version; \
+	  .venv-py310/bin/python -m compileall -q omni_ros/omni_ros omni_ros/launch benchmarks scripts; \
+	  .venv-py310/bin/ruff check --target-version py310 omni_ros benchmarks scripts; \
+	  .venv-py310/bin/python -m pytest -q -p no:cacheprovider $(PY310_TESTS) $(PYTEST_ARGS)
 
 test-unit: build
 	@$(IN_WS) python -m pytest omni_ros/test/unit $(PYTEST_ARGS)
@@ -78,4 +107,4 @@ bench: build
 	@$(IN_WS) for b in benchmarks/*_bench.py; do python "$$b"; done
 
 clean:
-	rm -rf build install log demo_out
+	rm -rf $(BUILD_BASE) $(INSTALL_BASE) $(LOG_BASE) demo_out

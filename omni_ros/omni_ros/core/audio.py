@@ -137,7 +137,8 @@ def resample(samples: FloatArray, in_rate: int, out_rate: int, quality: str = "H
     _check_rates(in_rate, out_rate, quality)
     data = np.ascontiguousarray(samples, dtype=np.float32)
     if in_rate == out_rate:
-        return data.copy()
+        same: FloatArray = data.copy()  # annotated: numpy's stubs give Any under Python 3.10
+        return same
     out: FloatArray = soxr.resample(data, in_rate, out_rate, quality=quality).astype(
         np.float32, copy=False
     )
@@ -182,7 +183,7 @@ class StreamResampler:
             self.reset()
         data = np.ascontiguousarray(samples, dtype=np.float32)
         if self.in_rate == self.out_rate:
-            out = data.copy()
+            out: FloatArray = data.copy()  # annotated: numpy's stubs give Any under Python 3.10
         else:
             out = self._stream.resample_chunk(data, last=last).astype(np.float32, copy=False)
         self._finished = last

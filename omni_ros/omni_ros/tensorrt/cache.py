@@ -164,7 +164,7 @@ class Manifest:
 
 def utc_now_iso() -> str:
     """Creation stamp for manifests (informational only; never compared)."""
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass(frozen=True)

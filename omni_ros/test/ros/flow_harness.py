@@ -24,7 +24,20 @@ import numpy as np
 
 NS_PER_S = 1_000_000_000
 REPO = Path(__file__).resolve().parents[3]
-INSTALLED_NODE = REPO / "install" / "omni_ros" / "lib" / "omni_ros" / "omni_flow_node"
+
+
+def _installed_node() -> Path:
+    """The built omni_flow_node of the sourced workspace (install/ or install-<distro>/)."""
+    try:
+        from ament_index_python.packages import get_package_prefix
+
+        prefix = Path(get_package_prefix("omni_ros"))
+    except Exception:  # not sourced: the default tree, so the failure names a real path
+        prefix = REPO / "install" / "omni_ros"
+    return prefix / "lib" / "omni_ros" / "omni_flow_node"
+
+
+INSTALLED_NODE = _installed_node()
 RUNNER = Path(__file__).parent / "peers" / "flow_node_runner.py"
 
 
