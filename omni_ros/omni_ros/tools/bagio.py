@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rosbags.interfaces import (
+    Qos,
+    QosDurability,
+    QosHistory,
+    QosLiveliness,
+    QosReliability,
+    QosTime,
+)
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from omni_ros.core.errors import ConfigError
@@ -28,6 +36,94 @@ INPUT_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "camera_compressed": ("/camera/image_raw/compressed", ("sensor_msgs/msg/CompressedImage",)),
     "robot_speaking": ("/robot_speaking", ("std_msgs/msg/Bool",)),
 }
+
+
+# ------------------------------------------------------------------------------------ offered QoS
+#: rosbag2 metadata version of every bag written here. Version 8 stores each topic's offered QoS
+#: profiles as a YAML *string* with integer policies; version 9 (Kilted's own recorder) as a list.
+#: ros2/rosbag2 ``rosbag2_storage/yaml.hpp`` (jazzy, kilted, rolling) decodes both
+#: (``version >= 9``: list, ``version >= 4``: string); humble's ``metadata_io.cpp`` decodes only the
+#: string (``node["offered_qos_profiles"].as<std::string>()``) and its ``qos.cpp`` reads the
+#: policies with ``as<int>()``. So version 8 is the one every supported ``ros2 bag`` reads.
+BAG_VERSION = 8
+_ZERO = QosTime(0, 0)  # rmw's "default" deadline / lifespan / lease: unset, as rclpy's profiles
+
+
+def qos(
+    depth: int,
+    reliable: bool = True,
+    transient_local: bool = False,
+) -> Qos:
+    """A keep-last QoS profile in rosbags' terms (what a publisher offers)."""
+    return Qos(
+        history=QosHistory.KEEP_LAST,
+        depth=depth,
+        reliability=QosReliability.RELIABLE if reliable else QosReliability.BEST_EFFORT,
+        durability=QosDurability.TRANSIENT_LOCAL if transient_local else QosDurability.VOLATILE,
+        deadline=_ZERO,
+        lifespan=_ZERO,
+        liveliness=QosLiveliness.AUTOMATIC,
+        liveliness_lease_duration=_ZERO,
+        avoid_ros_namespace_conventions=False,
+    )
+
+
+#: What omni_ros' own publishers offer, by relative topic name (namespaces are stripped when
+#: matching). ``ros2 bag play`` republishes with these, so a latched (transient-local) subscriber
+#: of ``omni/state`` gets the last state. Keep in step with the nodes' publishers.
+OFFERED_QOS: dict[str, Qos] = {
+    "omni/speech": qos(50),  # omni_flow_node RELIABLE
+    "omni/text": qos(50),
+    "omni/proactive": qos(50),
+    "omni/state": qos(1, transient_local=True),  # omni_flow_node LATCHED
+    "diagnostics": qos(10),  # create_publisher(DiagnosticArray, "/diagnostics", 10)
+    "audio/mic": qos(5, reliable=False),  # mic_node qos_profile_sensor_data
+    "camera/image_raw": qos(5, reliable=False),  # camera drivers: sensor data
+    "camera/image_raw/compressed": qos(5, reliable=False),
+    "robot_speaking": qos(1, transient_local=True),  # speaker_node SPEAKING_QOS
+}
+DEFAULT_QOS = qos(10)
+
+
+def offered_qos(topic: str) -> Qos:
+    """The profile omni_ros' publisher of ``topic`` offers (reliable, depth 10 if unknown)."""
+    name = topic.strip("/")
+    for relative, profile in OFFERED_QOS.items():
+        if name == relative or name.endswith("/" + relative):
+            return profile
+    return DEFAULT_QOS
+
+
+def qos_from_rclpy(profile: Any, fallback_depth: int = 10) -> Qos:
+    """An rclpy ``QoSProfile`` (e.g. from ``get_publishers_info_by_topic``) in rosbags' terms.
+
+    rclpy's policy enums carry rmw's integer values, which are rosbags' (and rosbag2's) too.
+    Discovery does not carry a remote publisher's history and depth (the graph reports UNKNOWN
+    and 0); those become keep-last ``fallback_depth``. ``ros2 bag play`` takes only reliability
+    and durability from the recorded offers (rosbag2_transport ``adapt_offer_to_recorded_offers``).
+    """
+    history = QosHistory(int(profile.history))
+    depth = int(profile.depth)
+    if history in (QosHistory.UNKNOWN, QosHistory.SYSTEM_DEFAULT) or depth <= 0:
+        history, depth = QosHistory.KEEP_LAST, fallback_depth
+
+    def time(duration: Any) -> QosTime:
+        ns = int(getattr(duration, "nanoseconds", 0))
+        if ns >= 2**63 - 1:  # rmw's infinite duration: rosbag2 writes it as {sec: 9223372036, ...}
+            return QosTime(9223372036, 854775807)
+        return QosTime(ns // NS, ns % NS)
+
+    return Qos(
+        history=history,
+        depth=depth,
+        reliability=QosReliability(int(profile.reliability)),
+        durability=QosDurability(int(profile.durability)),
+        deadline=time(profile.deadline),
+        lifespan=time(profile.lifespan),
+        liveliness=QosLiveliness(int(profile.liveliness)),
+        liveliness_lease_duration=time(profile.liveliness_lease_duration),
+        avoid_ros_namespace_conventions=bool(profile.avoid_ros_namespace_conventions),
+    )
 
 
 def parse_remaps(rules: Sequence[str]) -> dict[str, str]:
@@ -151,18 +247,33 @@ class InputBag:
 
 
 class OutputBag:
-    """Writes serialized output messages into a rosbag2 folder with mcap storage."""
+    """Writes serialized messages into a rosbag2 folder with mcap storage (metadata version 8).
+
+    Every topic carries the QoS profiles its publishers offered: given with :meth:`offer` (a
+    recorder takes them from the graph, as ``ros2 bag record`` does), else :func:`offered_qos`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.store = omni_typestore()
-        self._writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
+        self._writer = Writer(path, version=BAG_VERSION, storage_plugin=StoragePlugin.MCAP)
         self._writer.open()
         self._conns: dict[str, Any] = {}
+        self._offered: dict[str, list[Qos]] = {}
+
+    def offer(self, topic: str, profiles: Sequence[Qos]) -> None:
+        """The profiles ``topic``'s publishers offer (before its first message is written)."""
+        if profiles:
+            self._offered[topic] = list(profiles)
 
     def write_raw(self, topic: str, msgtype: str, log_ns: int, raw: bytes) -> None:
         conn = self._conns.get(topic)
         if conn is None:
-            conn = self._writer.add_connection(topic, msgtype, typestore=self.store)
+            conn = self._writer.add_connection(
+                topic,
+                msgtype,
+                typestore=self.store,
+                offered_qos_profiles=self._offered.get(topic) or [offered_qos(topic)],
+            )
             self._conns[topic] = conn
         self._writer.write(conn, int(log_ns), raw)
 

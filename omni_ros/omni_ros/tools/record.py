@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_ros.core.errors import ConfigError
-from omni_ros.tools.bagio import INPUT_TOPICS, OutputBag
+from omni_ros.tools.bagio import INPUT_TOPICS, OutputBag, offered_qos, qos_from_rclpy
 
 #: What ``omni-ros record`` takes by default: every input and output of omni_flow_node.
 DEFAULT_TOPICS: tuple[str, ...] = (
@@ -111,6 +111,10 @@ class TopicRecorder:
             with self._lock:
                 if self._closed:
                     return
+                if not self.counts[topic]:  # the bag keeps what the publishers offer (QoS)
+                    infos = self.node.get_publishers_info_by_topic(topic)
+                    depth = offered_qos(topic).depth
+                    self.out.offer(topic, [qos_from_rclpy(i.qos_profile, depth) for i in infos])
                 self.out.write_raw(topic, type_name, self.node.get_clock().now().nanoseconds, raw)
                 self.counts[topic] += 1
 

@@ -21,6 +21,7 @@ import soxr
 from rosbags.rosbag2 import StoragePlugin, Writer
 
 from omni_ros.core.errors import ConfigError
+from omni_ros.tools.bagio import BAG_VERSION, offered_qos
 from omni_ros.tools.typestore import omni_typestore
 
 NS = 1_000_000_000
@@ -173,9 +174,20 @@ def _write(path: Path, config: SynthConfig) -> None:
     storage = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[config.storage]
     rate = 48_000 if config.messy else config.mic_rate
     channels = 2 if config.messy else config.mic_channels
-    with Writer(path, version=9, storage_plugin=storage) as writer:
-        mic = writer.add_connection(MIC_TOPIC, "omni_ros_msgs/msg/AudioChunk", typestore=store)
-        cam = writer.add_connection(CAMERA_TOPIC, "sensor_msgs/msg/Image", typestore=store)
+    # Metadata every supported `ros2 bag` reads, and the QoS a robot's publishers offer.
+    with Writer(path, version=BAG_VERSION, storage_plugin=storage) as writer:
+        mic = writer.add_connection(
+            MIC_TOPIC,
+            "omni_ros_msgs/msg/AudioChunk",
+            typestore=store,
+            offered_qos_profiles=[offered_qos(MIC_TOPIC)],
+        )
+        cam = writer.add_connection(
+            CAMERA_TOPIC,
+            "sensor_msgs/msg/Image",
+            typestore=store,
+            offered_qos_profiles=[offered_qos(CAMERA_TOPIC)],
+        )
         records: list[tuple[int, Any, Any]] = []
         for stamp_ns, log_ns, frames in _audio_messages(config):
             sec, nsec = _stamp(stamp_ns)
