@@ -75,7 +75,7 @@ test-transformers-range: build
 # must import (or need only ROS / torch / TensorRT), the ROS-free tests pass, ruff targets py310.
 PY310_TESTS := omni_ros/test/unit/test_imports.py omni_ros/test/unit/core \
   omni_ros/test/unit/ros_free omni_ros/test/unit/test_core_is_ros_free.py \
-  omni_ros/test/unit/test_launch_files.py omni_ros/test/unit/trt/test_trt_cache.py
+  omni_ros/test/unit/test_launch_files.py omni_ros/test/unit/test_python_versions.py
 test-py310:
 	@DISTRO=py310 VENV=.venv-py310 bash scripts/setup_env.sh
 	@set -eo pipefail; .venv-py310/bin/python --version; \

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rosbags.interfaces import (
     Qos,
@@ -45,7 +45,7 @@ INPUT_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
 #: (``version >= 9``: list, ``version >= 4``: string); humble's ``metadata_io.cpp`` decodes only the
 #: string (``node["offered_qos_profiles"].as<std::string>()``) and its ``qos.cpp`` reads the
 #: policies with ``as<int>()``. So version 8 is the one every supported ``ros2 bag`` reads.
-BAG_VERSION = 8
+BAG_VERSION: Literal[8] = 8
 _ZERO = QosTime(0, 0)  # rmw's "default" deadline / lifespan / lease: unset, as rclpy's profiles
 
 
