@@ -62,6 +62,9 @@ def spin_node(factory: Callable[[], Any], name: str, args: list[str] | None = No
         print(f"{name}: {exc}", file=sys.stderr)
         rclpy.try_shutdown()
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C while the node was still being built: a clean exit too
+        rclpy.try_shutdown()
+        return
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
