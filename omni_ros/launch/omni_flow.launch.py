@@ -7,6 +7,8 @@ Examples::
     ros2 launch omni_ros omni_flow.launch.py backend:=llamacpp_omni with_mic:=true with_speaker:=true
     ros2 launch omni_ros omni_flow.launch.py namespace:=robot1 engine_dir:=/data/engines
     ros2 launch omni_ros omni_flow.launch.py with_mic:=true params_file:=robot.yaml   # see below
+    ros2 launch omni_ros omni_flow.launch.py mic_topic:=/audio \
+        mic_type:=audio_common_msgs/msg/AudioStamped camera_topic:=/camera/camera/color/image_raw
 
 Arguments:
     backend: reference | minicpmo | llamacpp_omni | vllm_omni. Picks the default params file
@@ -21,6 +23,12 @@ Arguments:
         ``ws://127.0.0.1:<foxglove_port>`` (layout: ``share/omni_ros/config/foxglove_layout.json``).
     engine_dir: a TensorRT engine cache folder; non-empty turns ``tensorrt.enabled`` on.
     log_level: debug | info | warn | error | fatal.
+    camera_topic: remap the node's camera input onto a driver's topic (RealSense
+        ``/camera/camera/color/image_raw``, usb_cam / v4l2_camera ``/image_raw``); the compressed
+        input when the params set ``camera.compressed: true``.
+    mic_topic, mic_type: remap ``audio/mic`` onto a microphone driver's topic and set ``mic.type``
+        (``audio_common_msgs/msg/AudioStamped`` for mgonzs13/audio_common,
+        ``audio_common_msgs/msg/AudioDataStamped`` for ros-drivers/audio_common).
     dds_profile: Fast DDS XML profile for the nodes started here (``FASTDDS_DEFAULT_PROFILES_FILE``);
         empty (default): the shipped ``config/fastdds_camera.xml``, unless the environment already
         names one; ``none``: Fast DDS's defaults. The camera driver must use the same profile
@@ -67,6 +75,13 @@ MODEL_PARAMETER = {
 }
 #: What ``IfCondition`` and the ROS command line accept, spelled the ways users type them.
 BOOLEAN = ["true", "false", "True", "False"]
+#: ``mic.type`` values (omni_ros.ros.audio_common.MIC_TYPES; "" keeps the params file's).
+MIC_TYPES = [
+    "",
+    "omni_ros_msgs/msg/AudioChunk",
+    "audio_common_msgs/msg/AudioStamped",
+    "audio_common_msgs/msg/AudioDataStamped",
+]
 #: rcutils' severities (``--log-level``); anything else makes rclpy.init raise in the node.
 LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
 
@@ -103,6 +118,14 @@ ARGUMENTS = (
     ("foxglove_port", "8765", "omni_live_view's port", None),
     ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT", None),
     ("log_level", "info", "debug | info | warn | error | fatal", LOG_LEVELS),
+    ("camera_topic", "", "the camera driver's image topic; empty: camera/image_raw", None),
+    ("mic_topic", "", "the microphone driver's topic; empty: audio/mic", None),
+    (
+        "mic_type",
+        "",
+        "audio/mic message type (mic.type); empty: the params file's value",
+        MIC_TYPES,
+    ),
     (
         "dds_profile",
         "",
@@ -113,6 +136,9 @@ ARGUMENTS = (
 )
 
 _NAMESPACE = re.compile(r"^/?([A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*)?/?$")
+
+
+_TOPIC = re.compile(r"^/?[A-Za-z_~][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class LaunchArgumentError(RuntimeError):
@@ -152,6 +178,9 @@ def _arguments(context: LaunchContext) -> dict[str, str]:
         )
     if values["params_file"] and not os.path.isfile(values["params_file"]):
         raise LaunchArgumentError(f"params_file:={values['params_file']} is not a file")
+    for name in ("camera_topic", "mic_topic"):
+        if values[name] and not _TOPIC.match(values[name]):
+            raise LaunchArgumentError(f"{name}:={values[name]} is not a ROS topic name")
     if not _NAMESPACE.match(values["namespace"]):
         raise LaunchArgumentError(
             f"namespace:={values['namespace']} is not a ROS namespace "
@@ -213,6 +242,15 @@ def _nodes(context: LaunchContext) -> list[Any]:
     if values["engine_dir"]:
         params["tensorrt.enabled"] = True
         params["tensorrt.engine_dir"] = values["engine_dir"]
+    if values["mic_type"]:
+        params["mic.type"] = values["mic_type"]
+    remappings = []
+    if values["camera_topic"]:
+        compressed = params.get("camera.compressed") is True
+        camera = "camera/image_raw/compressed" if compressed else "camera/image_raw"
+        remappings.append((camera, values["camera_topic"]))
+    if values["mic_topic"]:
+        remappings.append(("audio/mic", values["mic_topic"]))
     common = {"namespace": values["namespace"], "arguments": _ros_args(values), "output": "screen"}
     actions: list[Any] = [
         LifecycleNode(
@@ -220,6 +258,7 @@ def _nodes(context: LaunchContext) -> list[Any]:
             executable="omni_flow_node",
             name="omni_flow_node",
             parameters=[params],
+            remappings=remappings,
             **common,
         )
     ]

@@ -50,6 +50,9 @@ ARGUMENTS = (
     ("foxglove_port", "8765", "omni_live_view's port", None),
     ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT", None),
     ("log_level", "info", "debug | info | warn | error | fatal", None),
+    ("camera_topic", "", "the bag's camera topic (ros2 bag play --remap does it too)", None),
+    ("mic_topic", "", "the bag's microphone topic", None),
+    ("mic_type", "", "audio/mic message type (mic.type); empty: the params file's value", None),
     ("dds_profile", "", "Fast DDS profile; empty: the shipped config/fastdds_camera.xml", None),
 )
 

@@ -38,6 +38,10 @@ NODE_PARAMS: dict[str, tuple[Any, str]] = {
     "system_prompt": (FlowConfig().system_prompt, "system prompt given to the backend"),
     "ref_voice_path": ("", "WAV file with the reference voice; empty = none"),
     "camera.compressed": (False, "subscribe camera/image_raw/compressed (CompressedImage)"),
+    # The microphone's message type (omni_ros.ros.audio_common: the two audio_common forks).
+    "mic.type": ("omni_ros_msgs/msg/AudioChunk", "audio/mic type: AudioChunk | audio_common's"),
+    "mic.info_topic": ("audio_info", "AudioInfo topic of an AudioDataStamped mic (ros-drivers)"),
+    "mic.format": ("", "RATE:CHANNELS:SAMPLE_FORMAT of an AudioDataStamped mic without audio_info"),
     "speech.chunk_ms": (100, "omni/speech chunk length [ms]"),
     "speech.encoding": ("S16LE", "omni/speech encoding: S16LE | F32LE"),
     "diagnostics.period_s": (1.0, "/diagnostics period [s] (read at startup)"),

@@ -32,6 +32,7 @@ from omni_ros.core.types import (
     FloatArray,
     OutputEvent,
     ProactiveEvent,
+    RawAudio,
     RawImage,
     SpeechFlush,
     SpeechOut,
@@ -47,6 +48,8 @@ from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
 from omni_ros.ros._run import install_interrupt_guard
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
+from omni_ros.ros.audio_common import mic_subscriptions
+from omni_ros.ros.graph_advice import GraphAdvisor
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, Playback, ProactiveAction
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
@@ -95,6 +98,12 @@ class OmniFlowNode(LifecycleNode):
         system_prompt (string, "Streaming Omni Conversation."): the backend's system prompt.
         ref_voice_path (string, ""): WAV file with the reference voice; empty = none.
         camera.compressed (bool, false): subscribe ``camera/image_raw/compressed`` instead.
+        mic.type (string, "omni_ros_msgs/msg/AudioChunk"): the ``audio/mic`` message type, or an
+            audio_common fork's ``audio_common_msgs/msg/AudioStamped`` (mgonzs13) /
+            ``audio_common_msgs/msg/AudioDataStamped`` (ros-drivers; :mod:`~omni_ros.ros.audio_common`).
+        mic.info_topic (string, "audio_info"), mic.format (string, ""): where an AudioDataStamped
+            stream's format comes from; ``mic.format`` (e.g. ``16000:1:S16LE``) if nothing
+            publishes AudioInfo.
         speech.chunk_ms (int, 100): length of each ``omni/speech`` chunk [ms].
         speech.encoding (string, "S16LE"): S16LE | F32LE.
         diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] of steady (wall) time,
@@ -117,7 +126,7 @@ class OmniFlowNode(LifecycleNode):
 
     Subscribes (relative names; sensor-data QoS, depth 100 for the mic; robot_speaking reliable):
         camera/image_raw (sensor_msgs/Image) or camera/image_raw/compressed
-        (sensor_msgs/CompressedImage), audio/mic (omni_ros_msgs/AudioChunk),
+        (sensor_msgs/CompressedImage), audio/mic (omni_ros_msgs/AudioChunk or ``mic.type``),
         robot_speaking (std_msgs/Bool: OTHER speech on the robot, not ours),
         speaker/playback (omni_ros_msgs/Playback, reliable: what the speaker really played; the
         echo canceller's reference and OmniState.playing).
@@ -171,6 +180,10 @@ class OmniFlowNode(LifecycleNode):
         self._diag = DiagnosticsReporter()
         self._diag.inputs = self._input_counts
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # Warns once when the camera / mic is in the graph under another name or type.
+        self._graph_advisor = GraphAdvisor(
+            self, lambda: self._active, self._camera_input, lambda: ("audio/mic", self._mic_type())
+        )
         try:
             period_s = max(float(self.get_parameter("diagnostics.period_s").value), 0.05)
         except (TypeError, ValueError):
@@ -270,7 +283,15 @@ class OmniFlowNode(LifecycleNode):
             sub(
                 cam[0], cam[1], lambda m: self._push("push_image", self._stamped(cam[2](m))), sensor
             ),
-            sub(AudioChunk, "audio/mic", self._on_mic, MIC_QOS),
+            *mic_subscriptions(
+                self,
+                self._mic_type(),
+                self._on_mic,
+                self._on_mic_raw,
+                MIC_QOS,
+                str(self.get_parameter("mic.info_topic").value),
+                str(self.get_parameter("mic.format").value),
+            ),
             sub(Bool, "robot_speaking", self._on_robot_speaking, 10),
             sub(Playback, "speaker/playback", self._on_playback, PLAYBACK_QOS),
             self.create_service(
@@ -281,6 +302,14 @@ class OmniFlowNode(LifecycleNode):
                 SetPrompt, "omni/set_prompt", self._on_prompt, callback_group=group
             ),
         ]
+
+    def _mic_type(self) -> str:
+        return str(self.get_parameter("mic.type").value)
+
+    def _camera_input(self) -> tuple[str, str]:
+        if self.get_parameter("camera.compressed").value:
+            return "camera/image_raw/compressed", "sensor_msgs/msg/CompressedImage"
+        return "camera/image_raw", "sensor_msgs/msg/Image"
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers first
@@ -376,7 +405,9 @@ class OmniFlowNode(LifecycleNode):
             getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
 
     def _on_mic(self, msg: AudioChunk) -> None:
-        raw = conv.audio_chunk_to_raw(msg)
+        self._on_mic_raw(conv.audio_chunk_to_raw(msg))
+
+    def _on_mic_raw(self, raw: RawAudio) -> None:  # AudioChunk, or audio_common converted
         self._push("push_audio", self._stamper.stamp(raw, self._omni_clock.now_ns()))
 
     def _stamped(self, raw: RawImage) -> RawImage:

@@ -1,18 +1,23 @@
 """Reading input bags and writing output bags with ``rosbags`` (no rosbag2_py needed).
 
 Input topics are matched by name (``/audio/mic``, ``/camera/image_raw``, ``/camera/image_raw/compressed``,
-``/robot_speaking``), remappable with ``FROM:=TO`` rules. Messages are converted from rosbags' message
+``/robot_speaking``), remappable with ``FROM:=TO`` rules. The microphone may be either audio_common fork
+(:mod:`omni_ros.ros.audio_common`): its messages are converted to ``AudioChunk`` while reading, with the
+message definitions the bag carries (or the installed ``audio_common_msgs``), so both replay modes and
+``ros2 bag``-free tools see one type. Messages are converted from rosbags' message
 objects to the core's raw types here; field names are the ROS ones, so the same accessors would work on
 rclpy messages (those are converted in ``omni_ros.ros.conversions``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from rosbags.interfaces import (
     Qos,
     QosDurability,
@@ -23,15 +28,18 @@ from rosbags.interfaces import (
 )
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-from omni_ros.core.errors import ConfigError
+from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio, RawImage
+from omni_ros.ros import audio_common as ac
 from omni_ros.tools.typestore import omni_typestore
+
+_log = logging.getLogger("omni_ros.bags")
 
 NS = 1_000_000_000
 
 #: Input topic role -> (default topic, accepted message types)
 INPUT_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mic": ("/audio/mic", ("omni_ros_msgs/msg/AudioChunk",)),
+    "mic": ("/audio/mic", (ac.AUDIO_CHUNK, ac.AUDIO_STAMPED, ac.AUDIO_DATA_STAMPED)),
     "camera": ("/camera/image_raw", ("sensor_msgs/msg/Image",)),
     "camera_compressed": ("/camera/image_raw/compressed", ("sensor_msgs/msg/CompressedImage",)),
     "robot_speaking": ("/robot_speaking", ("std_msgs/msg/Bool",)),
@@ -194,15 +202,77 @@ class BagMessage:
         return bool(self.msg.data)
 
 
-class InputBag:
-    """An input rosbag2 (mcap or sqlite3) seen through the topic roles omni_ros consumes."""
+def _register_bag_types(store: Any, conns: Sequence[Any], path: Path) -> None:
+    """Register the message types of ``conns`` from the definitions the bag carries; else from an
+    installed ``audio_common_msgs``; else a ConfigError naming the fix."""
+    from rosbags.interfaces import MessageDefinitionFormat
+    from rosbags.typesys import get_types_from_idl, get_types_from_msg
 
-    def __init__(self, path: Path, remaps: dict[str, str] | None = None) -> None:
+    for conn in conns:
+        if conn.msgtype in store.fielddefs:
+            continue
+        text = conn.msgdef.data if conn.msgdef is not None else ""
+        if text and conn.msgdef.format == MessageDefinitionFormat.MSG:
+            store.register(get_types_from_msg(text, conn.msgtype))
+        elif text and conn.msgdef.format == MessageDefinitionFormat.IDL:
+            sep = "=" * 80 + "\n"  # several IDL files, as rosbags' AnyReader splits them
+            for part in text.split(sep)[1:] if text.startswith(f"{sep}IDL: ") else [text]:
+                store.register(
+                    get_types_from_idl(part.split("\n", 1)[1] if part.startswith("IDL: ") else part)
+                )
+        elif not _register_installed(store, conn.msgtype):
+            hint = ac.INSTALL_HINT.get(conn.msgtype, f"install the package of {conn.msgtype}")
+            raise ConfigError(
+                f"{conn.topic} in {path} is {conn.msgtype} but the bag carries no message "
+                f"definitions (rosbag2 before Iron) and the package is not installed here: "
+                f"{hint}, or re-record the bag on ROS 2 Iron or newer"
+            )
+
+
+def _register_installed(store: Any, msgtype: str) -> bool:
+    """Register ``msgtype``'s package from its installed ``share/<pkg>/msg/*.msg`` (False: none)."""
+    from rosbags.typesys import get_types_from_msg
+
+    package = msgtype.split("/")[0]
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        msg_dir = Path(get_package_share_directory(package)) / "msg"
+    except Exception:  # ament_index missing or the package not on AMENT_PREFIX_PATH
+        return False
+    types: dict[str, Any] = {}
+    for msg_file in sorted(msg_dir.glob("*.msg")):
+        types.update(get_types_from_msg(msg_file.read_text(), f"{package}/msg/{msg_file.stem}"))
+    store.register(types)
+    return msgtype in store.fielddefs
+
+
+def _sibling(topic: str, name: str) -> str:
+    parent = topic.rsplit("/", 1)[0]
+    return f"{parent}/{name}"
+
+
+class InputBag:
+    """An input rosbag2 (mcap or sqlite3) seen through the topic roles omni_ros consumes.
+
+    Args:
+        path: the bag folder.
+        remaps: bag topic -> expected topic (``/audio:=/audio/mic``).
+        mic_format: ``RATE:CHANNELS:SAMPLE_FORMAT`` for a ros-drivers ``AudioDataStamped`` mic
+            when the bag has no ``AudioInfo`` topic (the node's ``mic.format`` parameter).
+    """
+
+    def __init__(
+        self, path: Path, remaps: dict[str, str] | None = None, mic_format: str = ""
+    ) -> None:
         self.path = Path(path)
         if not (self.path / "metadata.yaml").exists() and not self.path.is_file():
             raise ConfigError(f"{self.path} is not a rosbag2 folder (no metadata.yaml)")
         self.remaps = dict(remaps or {})
         self.store = omni_typestore()
+        self.info_topic = ""
+        self.dropped_mic = 0
+        self._tracker: ac.InfoTracker | None = None
         with Reader(self.path) as reader:
             self.start_ns = int(reader.start_time)
             self.end_ns = int(reader.end_time)
@@ -220,11 +290,77 @@ class InputBag:
                     )
                 self.roles[conn.topic] = role
                 self.message_count += conn.msgcount
+            if "mic" in self.roles.values():
+                self._prepare_audio_common(reader, mic_format)
         if "mic" not in self.roles.values():
             topics = self.topics()
+            audio = {t: k for t, k in topics.items() if k in INPUT_TOPICS["mic"][1]}
+            hint = " ".join(f"--remap {t}:=/audio/mic" for t in audio) or "--remap FROM:=/audio/mic"
             raise ConfigError(
                 f"no microphone topic in {self.path}: expected {INPUT_TOPICS['mic'][0]} "
-                f"(AudioChunk); the bag has {topics}; remap with --remap FROM:=/audio/mic"
+                f"(AudioChunk, AudioStamped or AudioDataStamped); the bag has {topics}; "
+                f"remap with {hint}"
+            )
+        self.unmapped_cameras = self._unmapped_cameras()
+        for topic, kind in self.unmapped_cameras.items():
+            target = INPUT_TOPICS[
+                "camera_compressed" if kind.endswith("CompressedImage") else "camera"
+            ][0]
+            _log.warning(
+                "%s has camera topic %s (%s) that no remap maps; replaying audio-only. "
+                "To see it: --remap %s:=%s",
+                self.path,
+                topic,
+                kind,
+                topic,
+                target,
+            )
+
+    def _unmapped_cameras(self) -> dict[str, str]:
+        if {"camera", "camera_compressed"} & set(self.roles.values()):
+            return {}
+        image_types = (*INPUT_TOPICS["camera"][1], *INPUT_TOPICS["camera_compressed"][1])
+        return {t: k for t, k in self.topics().items() if k in image_types}
+
+    def _prepare_audio_common(self, reader: Any, mic_format: str) -> None:
+        """A fresh typestore with the bag's audio_common definitions; ros-drivers' format."""
+        from rosbags.typesys import Stores, get_typestore
+
+        mic_conns = [c for c in reader.connections if self.roles.get(c.topic) == "mic"]
+        if all(c.msgtype == ac.AUDIO_CHUNK for c in mic_conns):
+            return
+        # Both forks name a different audio_common_msgs/msg/AudioData: never share a typestore.
+        store = get_typestore(Stores.ROS2_KILTED)
+        store.register(
+            {k: v for k, v in omni_typestore().fielddefs.items() if k.startswith("omni_ros_msgs/")}
+        )
+        _register_bag_types(store, mic_conns, self.path)
+        self.store = store
+        if not any(c.msgtype == ac.AUDIO_DATA_STAMPED for c in mic_conns):
+            return
+        infos = [c for c in reader.connections if c.msgtype == ac.AUDIO_INFO and c.msgcount]
+        siblings = [
+            c for c in infos if any(c.topic == _sibling(m.topic, "audio_info") for m in mic_conns)
+        ]
+        chosen = siblings or (infos if len(infos) == 1 else [])
+        fallback = ac.parse_format(mic_format)
+        self._tracker = ac.InfoTracker(fallback, chosen[0].topic if chosen else "")
+        if chosen:
+            _register_bag_types(store, chosen[:1], self.path)
+            self.info_topic = chosen[0].topic
+            for conn, _t, raw in reader.messages(connections=chosen[:1]):
+                self._tracker.on_info(store.deserialize_cdr(raw, conn.msgtype))
+                break  # the first audio_info also covers the chunks recorded before it
+            if self._tracker.current is not None:
+                self._tracker.fallback = self._tracker.current
+        elif fallback is None:
+            topics = [c.topic for c in mic_conns]
+            raise ConfigError(
+                f"{topics} in {self.path} is AudioDataStamped (ros-drivers/audio_common), whose "
+                f"format is on an audio_info topic, but the bag has "
+                f"{'several AudioInfo topics ' + str([c.topic for c in infos]) if infos else 'none'}"
+                "; record audio_info too, or give the format in --params: "
+                "'omni_flow_node: {ros__parameters: {mic: {format: \"16000:1:S16LE\"}}}'"
             )
 
     def topics(self) -> dict[str, str]:
@@ -235,15 +371,48 @@ class InputBag:
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
 
+    def _as_chunk(self, msgtype: str, msg: Any) -> tuple[Any, bytes] | None:
+        """An audio_common message as (AudioChunk message, its CDR); None if it was dropped."""
+        try:
+            if msgtype == ac.AUDIO_STAMPED:
+                audio: RawAudio | None = ac.audio_stamped_to_raw(msg)
+            else:
+                assert self._tracker is not None
+                audio = self._tracker.convert(msg)
+        except DecodeError as exc:
+            audio = None
+            _log.warning("%s: audio message dropped: %s", self.path, exc)
+        if audio is None:
+            self.dropped_mic += 1
+            return None
+        types = self.store.types
+        chunk = types[ac.AUDIO_CHUNK](
+            header=msg.header,
+            sample_rate=audio.sample_rate,
+            channels=audio.channels,
+            encoding=audio.encoding,
+            data=np.frombuffer(audio.data, dtype=np.uint8),
+        )
+        return chunk, bytes(self.store.serialize_cdr(chunk, ac.AUDIO_CHUNK))
+
     def __iter__(self) -> Iterator[BagMessage]:
         with Reader(self.path) as reader:
-            conns = [c for c in reader.connections if c.topic in self.roles]
+            conns = [
+                c for c in reader.connections if c.topic in self.roles or c.topic == self.info_topic
+            ]
             for conn, log_ns, raw in reader.messages(connections=conns):
+                if conn.topic == self.info_topic and self._tracker is not None:
+                    self._tracker.on_info(self.store.deserialize_cdr(raw, conn.msgtype))
+                    continue
                 role = self.roles[conn.topic]
                 msg = self.store.deserialize_cdr(raw, conn.msgtype)
-                yield BagMessage(
-                    role, int(log_ns), INPUT_TOPICS[role][0], conn.msgtype, bytes(raw), msg
-                )
+                msgtype, data = conn.msgtype, bytes(raw)
+                if role == "mic" and msgtype != ac.AUDIO_CHUNK:
+                    converted = self._as_chunk(msgtype, msg)
+                    if converted is None:
+                        continue
+                    (msg, data), msgtype = converted, ac.AUDIO_CHUNK
+                yield BagMessage(role, int(log_ns), INPUT_TOPICS[role][0], msgtype, data, msg)
 
 
 class OutputBag:

@@ -519,7 +519,9 @@ def replay_graph(
 
 
 # ---------------------------------------------------------------------------------------- frontend
-def open_input_bag(bag_path: Path, remaps: Mapping[str, str] | None = None) -> InputBag:
+def open_input_bag(
+    bag_path: Path, remaps: Mapping[str, str] | None = None, mic_format: str = ""
+) -> InputBag:
     """Open ``bag_path`` as an input bag; every way a bag can be unreadable is one ConfigError.
 
     Raises:
@@ -538,7 +540,7 @@ def open_input_bag(bag_path: Path, remaps: Mapping[str, str] | None = None) -> I
             f"{path} is not a rosbag2 bag: give the bag's folder (the one holding metadata.yaml)"
         )
     try:
-        bag = InputBag(path, dict(remaps or {}))
+        bag = InputBag(path, dict(remaps or {}), mic_format=mic_format)
         topics = bag.topics()
     except ConfigError:
         raise
@@ -602,8 +604,9 @@ def replay(
         raise ConfigError(f"--mode must be graph or direct, got {mode!r}")
     from rosbags.rosbag2 import ReaderError
 
-    bag = open_input_bag(bag_path, remaps)
     flat = load_params_file(params_file)
+    # An AudioDataStamped (ros-drivers) mic without audio_info in the bag takes the node's mic.format.
+    bag = open_input_bag(bag_path, remaps, mic_format=str(flat.get("mic.format") or ""))
     if backend is None and "backend" not in flat:
         backend = "reference"
     setup = flow_setup(flat, backend)  # the node's own checks, before any output exists

@@ -658,3 +658,53 @@ def test_the_launch_gives_its_nodes_the_shipped_fast_dds_profile_unless_told_oth
     assert profile(dds_profile=str(custom)) == [("FASTDDS_DEFAULT_PROFILES_FILE", str(custom))]
     monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/my_profile.xml")
     assert profile() == []
+
+
+def test_driver_topics_and_the_mic_type_are_launch_arguments(
+    launch_double: LaunchApiDouble, tmp_path: Path
+) -> None:
+    node = _lifecycle(
+        launch_double.run(
+            MAIN,
+            camera_topic="/camera/camera/color/image_raw",
+            mic_topic="/audio",
+            mic_type="audio_common_msgs/msg/AudioStamped",
+        )
+    )
+    assert node.kwargs["remappings"] == [
+        ("camera/image_raw", "/camera/camera/color/image_raw"),
+        ("audio/mic", "/audio"),
+    ]
+    assert node.kwargs["parameters"][0]["mic.type"] == "audio_common_msgs/msg/AudioStamped"
+    assert "mic.type" in declared_parameters("omni_flow_node")
+    compressed = tmp_path / "compressed.yaml"
+    compressed.write_text("/**:\n  ros__parameters:\n    camera:\n      compressed: true\n")
+    node = _lifecycle(
+        launch_double.run(MAIN, params_file=str(compressed), camera_topic="/image_raw/compressed")
+    )
+    assert node.kwargs["remappings"] == [("camera/image_raw/compressed", "/image_raw/compressed")]
+    assert _lifecycle(launch_double.run(MAIN)).kwargs["remappings"] == []
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        (
+            "mic_type",
+            "AudioStamped",
+            'Argument "mic_type" provided value "AudioStamped" is not valid',
+        ),
+        (
+            "camera_topic",
+            "/camera/color image",
+            "camera_topic:=/camera/color image is not a ROS topic",
+        ),
+        ("mic_topic", "9audio", "mic_topic:=9audio is not a ROS topic"),
+    ],
+)
+def test_bad_driver_arguments_stop_the_launch(
+    launch_double: LaunchApiDouble, argument: str, value: str, message: str
+) -> None:
+    with pytest.raises(RuntimeError) as excinfo:
+        launch_double.run(MAIN, **{argument: value})
+    assert message in str(excinfo.value)

@@ -5,7 +5,7 @@ added to ``BACKENDS`` at runtime (the package never lists them); everything else
 node's ``main()``, unchanged.
 
 With ``OMNI_TEST_SPY_DIR`` set, every microphone chunk that the node hands to
-``OmniFlow.push_audio`` also creates ``<dir>/audio_<stamp_ns>``: a test can then see, across
+``OmniFlow.push_audio`` also creates ``<dir>/audio_<stamp_ns>`` (holding rate, channels, encoding and size): a test can then see, across
 processes, that the node's subscription callback ran (e.g. while the backend is still blocked).
 """
 
@@ -35,8 +35,9 @@ if SPY_DIR:
     def _spied_push_audio(self: flow.OmniFlow, raw: object) -> None:
         _push_audio(self, raw)  # type: ignore[arg-type]
         path = os.path.join(SPY_DIR, f"audio_{raw.stamp_ns}")  # type: ignore[attr-defined]
-        with open(path, "w", encoding="utf-8"):
-            pass
+        with open(path, "w", encoding="utf-8") as spied:
+            # What the node handed to the flow: rate, channels, encoding, payload size.
+            spied.write(f"{raw.sample_rate} {raw.channels} {raw.encoding} {len(raw.data)}")  # type: ignore[attr-defined]
 
     flow.OmniFlow.push_audio = _spied_push_audio  # type: ignore[method-assign]
 
