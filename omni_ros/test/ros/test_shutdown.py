@@ -65,16 +65,24 @@ def _interrupt_until_gone(proc: subprocess.Popen[bytes], timeout_s: float = 30.0
     return proc.returncode
 
 
+def _logged(path: Path, text: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        assert proc.poll() is None, f"exited with {proc.returncode} before logging {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} in the log after {timeout_s} s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize(
-    ("module", "node_name", "params"),
+    ("module", "node_name", "params", "started"),
     [
-        ("omni_ros.ros.mic_node", "mic_node", {"source": "wav", "wav_path": "{wav}"}),
-        ("omni_ros.ros.speaker_node", "speaker_node", {"sink": "null"}),
-        ("omni_ros.ros.omni_flow_node", "omni_flow_node", {"backend": "reference"}),
+        ("omni_ros.ros.mic_node", "mic_node", {"source": "wav", "wav_path": "{wav}"}, "capturing"),
+        ("omni_ros.ros.speaker_node", "speaker_node", {"sink": "null"}, ""),
+        ("omni_ros.ros.omni_flow_node", "omni_flow_node", {"backend": "reference"}, "ready in"),
     ],
 )
 def test_repeated_sigint_during_teardown_still_exits_cleanly(
-    module: str, node_name: str, params: dict[str, str], tmp_path: Path
+    module: str, node_name: str, params: dict[str, str], started: str, tmp_path: Path
 ) -> None:
     wav = _wav(tmp_path / "silence.wav")
     namespace = f"/shutdown_{os.getpid()}"
@@ -90,7 +98,9 @@ def test_repeated_sigint_during_teardown_still_exits_cleanly(
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             _node_visible(node_name, namespace, 120.0, proc)
-            time.sleep(0.3)  # let the node finish starting (omni_flow_node: configure)
+            if started:  # fully built (the teardown is what this test is about)
+                _logged(log_path, started, 120.0, proc)
+            time.sleep(0.3)
             code = _interrupt_until_gone(proc)
         finally:
             if proc.poll() is None:
