@@ -11,6 +11,7 @@ rclpy messages (those are converted in ``omni_ros.ros.conversions``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -385,14 +386,17 @@ class InputBag:
         if audio is None:
             self.dropped_mic += 1
             return None
-        types = self.store.types
-        chunk = types[ac.AUDIO_CHUNK](
-            header=msg.header,
-            sample_rate=audio.sample_rate,
-            channels=audio.channels,
-            encoding=audio.encoding,
-            data=np.frombuffer(audio.data, dtype=np.uint8),
-        )
+        cls = self.store.types[ac.AUDIO_CHUNK]
+        fields = {
+            "header": msg.header,
+            "sample_rate": audio.sample_rate,
+            "channels": audio.channels,
+            "encoding": audio.encoding,
+            "data": np.frombuffer(audio.data, dtype=np.uint8),
+        }
+        # Fields a microphone has no value for (e.g. turn_id, set on speech only) stay 0.
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        chunk = cls(**{name: fields.get(name, 0) for name in names})
         return chunk, bytes(self.store.serialize_cdr(chunk, ac.AUDIO_CHUNK))
 
     def __iter__(self) -> Iterator[BagMessage]:
