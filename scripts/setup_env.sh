@@ -64,7 +64,7 @@ fi
 if [ -n "$ROS_REQ" ]; then
   REQS=("$ROS_REQ" requirements/base.txt requirements/dev.txt)
 else
-  REQS=(requirements/py310.txt)
+  REQS=(requirements/py310.txt requirements/py310-nodeps.txt)
 fi
 want=$(cat "${REQS[@]}" scripts/setup_env.sh scripts/fix_ros_wheels.py | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.omni_ros_setup"
@@ -81,6 +81,7 @@ pip install -q --upgrade "pip>=24"
 if [ -z "$ROS_REQ" ]; then
   log "installing the Python $WANT_PY check's dependencies (requirements/py310.txt; no ROS)"
   pip install -q -r requirements/py310.txt
+  pip install -q --no-deps -r requirements/py310-nodeps.txt
   "$VENV/bin/python" -c "import numpy, scipy, rosbags, soxr, webrtcvad, yaml" \
     || { echo "[setup] dependency install failed (see pip output above)" >&2; exit 1; }
   echo "$want" > "$stamp"
