@@ -244,7 +244,19 @@ class SpeakerNode(Node):
     def _set_speaking(self, speaking: bool) -> None:
         if speaking != self._speaking:
             self._speaking = speaking
-            self._speaking_pub.publish(Bool(data=speaking))
+            self._publish(self._speaking_pub, Bool(data=speaking))
+
+    def _publish(self, publisher: Any, msg: Any) -> None:
+        """Publish from the playback thread; after Ctrl-C shut the context down, stop quietly
+        (the thread can be mid-chunk when the context goes) instead of dying with a traceback."""
+        try:
+            publisher.publish(msg)
+        except Exception:
+            if self.context.ok():
+                raise
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
 
     def _now_ns(self) -> int:
         return self.get_clock().now().nanoseconds
@@ -253,7 +265,7 @@ class SpeakerNode(Node):
         report = PlaybackReport(
             heard_ns, item.turn_id, item.stamp_ns, item.sample_rate, samples, late, cut
         )
-        self._playback_pub.publish(conv.playback_to_msg(report, self._frame_id))
+        self._publish(self._playback_pub, conv.playback_to_msg(report, self._frame_id))
 
     def _playback(self) -> None:
         while True:

@@ -399,3 +399,16 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
     assert late_count() - before_late == 2
     assert [r.late for r in speaker["playback"][n_reports:]] == [True, True]
     peer.node.destroy_client(client)
+
+
+def test_the_playback_thread_stops_quietly_when_the_context_is_shut_down_under_it() -> None:
+    from omni_ros.ros.audio_io import NullSink
+    from omni_ros.ros.speaker_node import SpeakerNode
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = SpeakerNode(sink=NullSink(AudioFormat(SPEECH_RATE)), context=context)
+    rclpy.shutdown(context=context)  # Ctrl-C: the context goes while the thread still runs
+    node._set_speaking(True)  # raised RCLError ("publisher's context is invalid") before
+    assert node._stop
+    node.destroy_node()
