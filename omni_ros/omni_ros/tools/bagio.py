@@ -89,7 +89,12 @@ OFFERED_QOS: dict[str, Qos] = {
     "audio/mic": qos(5, reliable=False),  # mic_node qos_profile_sensor_data
     "camera/image_raw": qos(5, reliable=False),  # camera drivers: sensor data
     "camera/image_raw/compressed": qos(5, reliable=False),
-    "robot_speaking": qos(1, transient_local=True),  # speaker_node SPEAKING_QOS
+    "omni/speech_flush": qos(50),  # omni_flow_node RELIABLE
+    "omni/user_speaking": qos(1, transient_local=True),  # omni_flow_node LATCHED
+    "speaker/playback": qos(100),  # speaker_node PLAYBACK_QOS
+    "speaker/playing": qos(1, transient_local=True),  # speaker_node PLAYING_QOS
+    # OTHER speech on the robot (a TTS, a player): such publishers latch it like speaker/playing
+    "robot_speaking": qos(1, transient_local=True),
 }
 DEFAULT_QOS = qos(10)
 
