@@ -1,4 +1,5 @@
-"""The one ``main()`` shape of the audio nodes (STYLE rule 11), written once, and the SIGINT
+"""The one ``main()`` shape of the audio nodes (init, spin, KeyboardInterrupt and external shutdown,
+``destroy_node`` + ``try_shutdown`` in finally), written once, and the SIGINT
 guard every node's ``main()`` installs."""
 
 from __future__ import annotations

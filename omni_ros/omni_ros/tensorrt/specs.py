@@ -180,7 +180,7 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-# --- Spec factories for the boundaries documented in shared/notes/minicpmo-duplex-api.md ------------
+# --- Spec factories for the model boundaries described in docs/BACKEND_MINICPMO.md -----------------
 
 
 def vision_spec(
