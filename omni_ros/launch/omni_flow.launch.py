@@ -29,7 +29,8 @@ Arguments:
     mic_topic, mic_type: remap ``audio/mic`` onto a microphone driver's topic and set ``mic.type``
         (``audio_common_msgs/msg/AudioStamped`` for mgonzs13/audio_common,
         ``audio_common_msgs/msg/AudioDataStamped`` for ros-drivers/audio_common).
-    dds_profile: Fast DDS XML profile for the nodes started here (``FASTDDS_DEFAULT_PROFILES_FILE``);
+    dds_profile: Fast DDS XML profile for the nodes started here (``FASTDDS_DEFAULT_PROFILES_FILE``
+        and, for Fast DDS 2 on Jazzy/Humble, ``FASTRTPS_DEFAULT_PROFILES_FILE``);
         empty (default): the shipped ``config/fastdds_camera.xml``, unless the environment already
         names one; ``none``: Fast DDS's defaults. The camera driver must use the same profile
         (docs/RELIABILITY.md): with the defaults, 640x480 rgb8 frames mostly do not arrive.
@@ -64,7 +65,9 @@ from omni_ros.ros._params import flatten_parameters, read_params_file
 PACKAGE = "omni_ros"
 #: The shipped Fast DDS transport profile (large shared-memory segments: camera frames arrive).
 DDS_PROFILE = "fastdds_camera.xml"
-DDS_PROFILE_VARIABLE = "FASTDDS_DEFAULT_PROFILES_FILE"
+#: Fast DDS 3 (Kilted) reads FASTDDS_..., Fast DDS 2 (Jazzy, Humble) FASTRTPS_... (measured: on
+#: Jazzy a profile named only by the first was ignored and 0 of 90 640x480 frames arrived).
+DDS_PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 
 #: backend -> the parameter that the `model` argument sets.
 MODEL_PARAMETER = {
@@ -197,12 +200,13 @@ def _arguments(context: LaunchContext) -> dict[str, str]:
 
 def _dds_profile(context: LaunchContext) -> list[Any]:
     chosen = LaunchConfiguration("dds_profile").perform(context).strip()
-    if chosen.lower() == "none" or (not chosen and os.environ.get(DDS_PROFILE_VARIABLE)):
+    user_set = any(os.environ.get(v) for v in DDS_PROFILE_VARIABLES)
+    if chosen.lower() == "none" or (not chosen and user_set):
         return []
     path = chosen or os.path.join(get_package_share_directory(PACKAGE), "config", DDS_PROFILE)
     if not os.path.isfile(path):
         raise LaunchArgumentError(f"dds_profile:={path}: no such file")
-    return [SetEnvironmentVariable(DDS_PROFILE_VARIABLE, path)]
+    return [SetEnvironmentVariable(variable, path) for variable in DDS_PROFILE_VARIABLES]
 
 
 def _ros_args(values: dict[str, str]) -> list[str]:

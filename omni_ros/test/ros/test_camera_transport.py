@@ -28,9 +28,11 @@ PROFILE = REPO / "omni_ros" / "config" / "fastdds_camera.xml"
 
 def delivered(width: int, height: int, fps: int, count: int, profile: Path | None) -> int:
     env = {**os.environ, "ROS_DOMAIN_ID": str(fresh_domain_id())}
-    env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
-    if profile is not None:
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+    variables = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")  # FastDDS 3 / 2
+    for variable in variables:
+        env.pop(variable, None)
+        if profile is not None:
+            env[variable] = str(profile)
     topic = f"/camera_test_{os.getpid()}/image_raw"
     counter = subprocess.Popen(
         [sys.executable, str(PEER), "count", topic, "3.0"],

@@ -643,21 +643,25 @@ def test_the_launch_gives_its_nodes_the_shipped_fast_dds_profile_unless_told_oth
 ) -> None:
     """Camera-size frames only arrive with it (docs/RELIABILITY.md); a user's own is kept."""
     launch_file = PKG / "launch" / "omni_flow.launch.py"
-    monkeypatch.delenv("FASTDDS_DEFAULT_PROFILES_FILE", raising=False)
+    variables = ["FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"]
+    for variable in variables:
+        monkeypatch.delenv(variable, raising=False)
 
     def profile(**overrides: str) -> list[tuple[Any, ...]]:
         created = launch_double.run(launch_file, **overrides)
         return [a.args for a in created if type(a).__name__ == "SetEnvironmentVariable"]
 
-    ((name, path),) = profile()
-    assert name == "FASTDDS_DEFAULT_PROFILES_FILE"
+    # Both names: Fast DDS 3 (Kilted) reads the first, Fast DDS 2 (Jazzy, Humble) the second.
+    set_ = profile()
+    assert [name for name, _ in set_] == variables
+    (path,) = {path for _, path in set_}
     assert Path(path).name == "fastdds_camera.xml"
     assert Path(path).is_file()
     assert profile(dds_profile="none") == []
     custom = PKG / "config" / "fastdds_camera.xml"
-    assert profile(dds_profile=str(custom)) == [("FASTDDS_DEFAULT_PROFILES_FILE", str(custom))]
-    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/etc/my_profile.xml")
-    assert profile() == []
+    assert profile(dds_profile=str(custom)) == [(v, str(custom)) for v in variables]
+    monkeypatch.setenv("FASTRTPS_DEFAULT_PROFILES_FILE", "/etc/my_profile.xml")
+    assert profile() == []  # a user's own profile (either name) is kept
 
 
 def test_driver_topics_and_the_mic_type_are_launch_arguments(
