@@ -756,7 +756,8 @@ class OmniFlow:
         end_ns = report.heard_ns + round(report.samples * NS_PER_S / report.sample_rate)
         if report.late:
             self.counters.playback_late_chunks += 1
-        self._tell_backend_played(report)
+        found = self._played_speech(report)
+        self._tell_backend_played(report, found)
         if report.cut:
             self._heard_until_ns = min(max(self._heard_until_ns, report.heard_ns), end_ns)
             if self.aec is not None and self._playback_seen:
@@ -768,7 +769,6 @@ class OmniFlow:
         self._playback_seen = True
         if self.aec is None:
             return
-        found = self._played_speech(report)
         if found is None:
             return
         speech, offset = found
@@ -786,13 +786,13 @@ class OmniFlow:
                 return speech, offset
         return None
 
-    def _tell_backend_played(self, report: PlaybackReport) -> None:
+    def _tell_backend_played(
+        self, report: PlaybackReport, found: tuple[SpeechOut, int] | None
+    ) -> None:
         """Backends that keep the server's history truthful (vllm-omni's playback acks) learn
         how much of each unit's speech was really heard: a chunk counts once it has played to
         its end (the next report, or the clock, says so), a cut chunk up to the cut."""
-        on_played = getattr(self.backend, "on_played", None)
-        found = self._played_speech(report) if on_played is not None else None
-        if on_played is None or found is None:
+        if getattr(self.backend, "on_played", None) is None or found is None:
             return
         speech, offset = found
         pending = self._pending_played
