@@ -1,8 +1,8 @@
 """A simulated room for the conversation benchmark: what the robot plays comes back into its microphone.
 
 :class:`RoomSink` is an :class:`~omni_ros.ros.audio_io.AudioSink` for ``speaker_node``: it "plays"
-PCM at real-time pace like a sound card (``write`` blocks for the block's duration, zero output
-latency) and logs every block with the wall-clock time its first sample was heard. :class:`Room`
+PCM at real-time pace like a sound card with a 40 ms buffer (``write`` blocks until the block fits)
+and logs every block with the wall-clock time its first sample is heard. :class:`Room`
 turns that log into the echo part of the microphone signal: the played audio resampled to the
 microphone rate, convolved with a room impulse response (a direct path after ``delay_ms``, scaled
 by ``gain``, plus an exponentially decaying diffuse tail ``reverb_db`` below it) and summed with
@@ -70,45 +70,68 @@ ROOMS: dict[str, RoomConfig] = {
 
 
 class RoomSink:
-    """A speaker that plays into the :class:`Room` (real-time pace, zero latency).
+    """A sound card that plays into the :class:`Room`, with a device buffer.
+
+    Like a blocking PortAudio stream (``Pa_WriteStream`` returns once the frames fit in the host
+    buffer, portaudio.h), ``write`` returns as soon as what is queued fits in ``buffer_ms``, and
+    ``latency_ns`` is that buffer (``speaker_node`` writes a chunk that much before its stamp). A
+    write that comes before the queued audio has played out (within 5 ms) follows on without a
+    gap; after that the device ran dry (an underrun: the player was late to write) and the
+    block is heard ``buffer_ms`` after its write. :meth:`flush` cannot drop what the device
+    holds, like ``speaker_node``'s default PyAudio sink (no ``Pa_AbortStream`` in PyAudio):
+    the buffered audio plays out after a cut.
 
     Args:
         fmt: the speaker's PCM format (``speaker_node`` uses S16LE mono, 24 kHz by default).
         room: where the played audio goes.
+        buffer_ms: the device buffer: two of ``speaker_node``'s 20 ms blocks by default.
     """
 
-    def __init__(self, fmt: AudioFormat, room: Room) -> None:
+    def __init__(self, fmt: AudioFormat, room: Room, buffer_ms: float = 40.0) -> None:
         if fmt.encoding != "S16LE" or fmt.channels != 1:
             raise ValueError("RoomSink plays S16LE mono (speaker_node's default format)")
+        if buffer_ms < 0:
+            raise ValueError(f"buffer_ms = {buffer_ms}; must be >= 0")
         self.format = fmt
         self.room = room
+        self._buffer_ns = round(buffer_ms * 1e6)
         self._closed = threading.Event()
-        self._end_ns = 0
+        self._end_ns = 0  # when the audio written so far has played out (wall clock)
         self.flushes = 0
+        #: How late each write came after the device could take it (the queued audio fitted
+        #: into the buffer), for writes within 200 ms of that; over the buffer + 5 ms: underrun.
+        self.write_lag_ns: list[int] = []
+        self.underruns = 0
 
     def write(self, data: bytes) -> None:
         samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
         now = time.time_ns()
-        # Played by the "device's" own clock, as a sound card with a small buffer is: a write that
-        # comes within _DEVICE_SLACK_NS of the previous block's end plays right after it, so the
-        # caller's overhead between writes does not accumulate as drift (speaker_node's own
-        # RecordingSink does the same); after a longer gap playback restarts at the write.
-        start = self._end_ns if now - self._end_ns < _DEVICE_SLACK_NS else now
+        if self._end_ns > 0 and now - self._end_ns < 200_000_000:
+            self.write_lag_ns.append(now - (self._end_ns - self._buffer_ns))
+        if now <= self._end_ns + _DEVICE_SLACK_NS:
+            start = self._end_ns  # still playing what was queued: follows on
+        else:
+            if self._end_ns > 0 and now - self._end_ns < 200_000_000:
+                self.underruns += 1  # mid-speech: the device ran dry
+            start = now + self._buffer_ns
         self._end_ns = start + len(samples) * NS // self.format.sample_rate
         self.room.play(start, samples, data)
-        remaining = self._end_ns - time.time_ns()
+        remaining = self._end_ns - self._buffer_ns - time.time_ns()
         if remaining > 0:
             self._closed.wait(remaining / NS)
 
     def flush(self) -> None:
-        self.flushes += 1  # nothing is buffered: a written block has been heard
+        self.flushes += 1  # the device's buffer plays out (see the class docstring)
 
     def drain(self) -> None:
-        """Nothing is buffered."""
+        """Wait until everything written has been heard."""
+        remaining = self._end_ns - time.time_ns()
+        if remaining > 0:
+            self._closed.wait(remaining / NS)
 
     @property
     def latency_ns(self) -> int:
-        return 0
+        return self._buffer_ns
 
     def close(self) -> None:
         self._closed.set()

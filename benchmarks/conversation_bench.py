@@ -309,9 +309,8 @@ class Session:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.speaker = SpeakerNode(
-            sink=RoomSink(AudioFormat(OUT_RATE, 1, "S16LE"), self.room), context=bench.context
-        )
+        self.sink = RoomSink(AudioFormat(OUT_RATE, 1, "S16LE"), self.room)
+        self.speaker = SpeakerNode(sink=self.sink, context=bench.context)
         bench.executor.add_node(self.speaker)
         self._stop = threading.Event()
         self._mic = threading.Thread(target=self._mic_loop, name="bench-mic", daemon=True)
@@ -408,15 +407,21 @@ class Session:
             self.proc.wait()
         self.log.close()
         late = int(getattr(self.speaker, "late_chunks", 0))
+        resynced = int(getattr(self.speaker, "resynced_chunks", 0))
+        resync_ms = int(getattr(self.speaker, "resync_dropped_ns", 0)) / 1e6
         with self.probe.lock:
             playback = list(self.probe.playback)
         self.bench.executor.remove_node(self.speaker)
         self.speaker.destroy_node()
         return {
             "speaker_late_chunks": late,
+            "speaker_resynced_chunks": resynced,
+            "speaker_resync_dropped_ms": round(resync_ms, 1),
+            "sink_underruns": self.sink.underruns,
             # speaker/playback (issue 9's playback feedback), where the speaker publishes it.
             "playback_late": sum(p["late"] for p in playback) if playback else None,
             "playback_msgs": len(playback),
+            "write_lag_ms": [v / 1e6 for v in self.sink.write_lag_ns],
             **self.breakdown(),
         }
 
@@ -436,7 +441,11 @@ class Session:
         # Walk both in order, checking every block's bytes; a block that does not continue the
         # current chunk starts the next one that begins with it (chunks skipped were flushed).
         # Content alone is ambiguous: the reference voice repeats 40 ms speech tokens.
+        # A chunk whose start speaker_node dropped to get back on schedule after an underrun
+        # (resynced) begins inside its PCM: it is counted apart (its offset is as ambiguous as
+        # the content), not as played late or on time.
         played_chunks: dict[tuple[int, int, int], int] = {}
+        resynced = 0
         pointer, current, offset = 0, -1, 0
         for start, _end, data in self.played():
             if current >= 0 and datas[current][offset : offset + len(data)] == data:
@@ -449,6 +458,13 @@ class Session:
                     played_chunks[chunks[k]] = start
                     pointer, current, offset = k + 1, k, len(data)
                     break
+            else:
+                for k in range(pointer, min(pointer + 3, len(chunks))):
+                    at = datas[k].find(data)
+                    if at > 0 and at % 2 == 0 and chunks[k][0] <= start:
+                        resynced += 1
+                        pointer, current, offset = k + 1, k, at + len(data)
+                        break
         close_prefill, gen_publish, publish_play = [], [], []
         units.sort(key=lambda u: u["generated_ns"])
         for k, unit in enumerate(units):
@@ -463,6 +479,23 @@ class Session:
             if mine[0] in played_chunks:
                 publish_play.append((played_chunks[mine[0]] - mine[0][0]) / 1e6)
         late = [(v - c[1]) / 1e6 for c, v in played_chunks.items()]
+        # Every late chunk with where it was late: arrival here (recv) and first sample heard
+        # (start) relative to its stamp, and whether the chunk before it was heard late too.
+        late_detail = []
+        ordered = sorted(played_chunks.items(), key=lambda kv: kv[0][1])
+        prev_late = False
+        for (recv, stamp, _n), start in ordered:
+            is_late = (start - stamp) / 1e6 > 30.0
+            if is_late:
+                late_detail.append(
+                    {
+                        "stamp_ns": stamp,
+                        "recv_minus_stamp_ms": round((recv - stamp) / 1e6, 1),
+                        "start_minus_stamp_ms": round((start - stamp) / 1e6, 1),
+                        "after_late": prev_late,
+                    }
+                )
+            prev_late = is_late
         return {
             "close_to_prefill_ms": close_prefill,
             "generate_to_publish_ms": gen_publish,
@@ -470,7 +503,9 @@ class Session:
             "chunks_published": len(chunks),
             "chunks_played": len(late),
             "chunks_late": sum(1 for x in late if x > 30.0),
+            "chunks_resynced_at_sink": resynced,
             "chunk_start_minus_stamp_ms": late,
+            "late_detail": late_detail,
             "played_s": sum(e - s for s, e, _ in self.played()) / NS,
         }
 
@@ -561,6 +596,14 @@ class Results:
             "proactive_events": self.proactive,
             "planned_turns": self.planned_turns,
             "trials": {"response_ms": self.response_ms, "bargein": self.bargein},
+            "late_detail": [d for s in self.sessions for d in s["late_detail"]],
+            "write_lag_ms": [x for s in self.sessions for x in s["write_lag_ms"]],
+            "write_lag_ms_stats": stats([x for s in self.sessions for x in s["write_lag_ms"]]),
+            "speaker_resynced_chunks": sum(s["speaker_resynced_chunks"] for s in self.sessions),
+            "speaker_resync_dropped_ms": round(
+                sum(s["speaker_resync_dropped_ms"] for s in self.sessions), 1
+            ),
+            "sink_underruns": sum(s["sink_underruns"] for s in self.sessions),
         }
 
 
@@ -731,7 +774,10 @@ def run_silent(
         res.robot_speech_s += info["played_s"]
         progress(
             f"  {room.name}: {info['played_s']:.0f} s of robot speech, "
-            f"{res.false_bargeins - before} false barge-in(s)"
+            f"{res.false_bargeins - before} false barge-in(s), "
+            f"{info['speaker_late_chunks']} of {info['chunks_published']} chunks late, "
+            f"{info['sink_underruns']} underrun(s), {info['speaker_resynced_chunks']} resynced "
+            f"({info['speaker_resync_dropped_ms']:.0f} ms dropped)"
         )
     return res
 
@@ -780,7 +826,10 @@ def print_table(name: str, s: dict[str, Any]) -> None:
         f"{s['chunks_published']} published (speaker/playback late: {s['playback_late']}; "
         f"matched at the sink: {s['late_chunks']} of {s['chunks_played']}); false barge-ins: "
         f"{s['false_bargeins']} in {s['robot_speech_min']} min of robot speech "
-        f"({s['false_bargeins_per_min']} / min); missed responses: {s['missed_responses']}; "
+        f"({s['false_bargeins_per_min']} / min); device underruns: {s['sink_underruns']}, "
+        f"chunks resynced after them: {s['speaker_resynced_chunks']} "
+        f"({s['speaker_resync_dropped_ms']:.0f} ms of speech dropped); "
+        f"missed responses: {s['missed_responses']}; "
         f"proactive events {s['proactive_events']} for {s['planned_turns']} planned turns"
     )
 

@@ -41,7 +41,12 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "sample_rate": (24000, "playback rate [Hz]; chunks at other rates are resampled"),
     "channels": (1, "playback channels; mono speech is copied to every channel"),
     "block_ms": (20, "write granularity [ms]: a flush stops playback within one block"),
-    "late_tolerance_ms": (30.0, "a chunk starting later than this after its stamp counts as late"),
+    "late_tolerance_ms": (
+        30.0,
+        "a chunk that arrived later than this after its write time is late (played whole); one "
+        "that arrived in time but would be heard this much late (the device fell behind) has "
+        "its late start dropped so that the rest plays on its stamps",
+    ),
     "max_ahead_s": (5.0, "stamps further ahead than this are a clock mismatch: play now"),
     "release_ms": (150.0, "speaker/playing goes false after the queue stayed empty this long"),
     "wav_path": ("", "output file for sink=wav"),
@@ -56,6 +61,52 @@ FLUSH_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 PLAYBACK_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
+#: How late a write may come after the audio written before it has played out and still follow
+#: on without a gap (the paced sinks of ``audio_io`` allow the same).
+DEVICE_SLACK_NS = 5_000_000
+
+
+class Playhead:
+    """Where the device is in what it was given: when the next sample written will be heard.
+
+    Every write is heard right after the audio written before it if it comes before that audio
+    has played out (within ``slack_ns``: a device's buffer holds the rest), else, after an
+    underrun or a pause, ``latency_ns`` after the write. All times on the node's clock.
+
+    A blocking sink (PortAudio's blocking ``Pa_WriteStream``, the paced sinks of ``audio_io``)
+    returns from a write once the data fits in its buffer, so a player that is late to write
+    its next block (a busy machine, the GIL) makes the device run dry, and from then on
+    everything plays that much later than scheduled. The player uses this model to see that it
+    has fallen behind, and by how much, before it writes the next chunk.
+    """
+
+    def __init__(self, slack_ns: int = DEVICE_SLACK_NS) -> None:
+        self.slack_ns = slack_ns
+        self.end_ns: int | None = None  # when the audio written so far has played out
+
+    def heard_at(self, now_ns: int, latency_ns: int) -> int:
+        """When audio written at ``now_ns`` would start being heard."""
+        if self.end_ns is not None and now_ns <= self.end_ns + self.slack_ns:
+            return self.end_ns
+        return now_ns + latency_ns
+
+    def wrote(self, now_ns: int, latency_ns: int, duration_ns: int) -> int:
+        """A write of ``duration_ns`` of audio began at ``now_ns``; returns when it is heard."""
+        start = self.heard_at(now_ns, latency_ns)
+        self.end_ns = start + duration_ns
+        return start
+
+
+def resync_frames(heard_ns: int, stamp_ns: int, rate: int, tolerance_ns: int) -> int:
+    """Frames to drop from the start of a chunk stamped ``stamp_ns`` that would be heard at
+    ``heard_ns``, so that its remaining frames are heard on their stamps; 0 within
+    ``tolerance_ns``."""
+    behind = heard_ns - stamp_ns
+    if behind <= tolerance_ns:
+        return 0
+    return -(-behind * rate // NS_PER_S)  # rounded up: never early
+
+
 @dataclass(frozen=True)
 class _Queued:
     stamp_ns: int
@@ -65,6 +116,7 @@ class _Queued:
     sample_rate: int  # of the chunk as published (Playback reports count in it)
     samples: int
     end_ns: int  # stamp + duration: a flush from dropped_from on covers it if end > dropped_from
+    arrived_ns: int = 0  # when the node received it
 
 
 def _covered(item: _Queued, turn_id: int, from_ns: int, now_ns: int) -> bool:
@@ -101,16 +153,20 @@ class SpeakerNode(Node):
     Topics in:
         ``omni/speech`` (omni_ros_msgs/AudioChunk, reliable): ``header.stamp`` is the time the
         first sample should be heard (ROS clock; sim time works). A chunk is written
-        ``sink.latency_ns`` before its stamp; a late chunk plays at once and is counted
-        (``late_chunks``); a zero stamp means "now".
+        ``sink.latency_ns`` before its stamp; a chunk that arrived too late plays at once and is
+        counted (``late_chunks``); a zero stamp means "now". If the device ran dry mid-speech
+        (this node was late to write a block: a loaded machine), the next chunk's late start
+        is dropped so that the rest plays on its stamps (``resynced_chunks``,
+        ``resync_dropped_ns``; see :class:`Playhead`).
         ``omni/speech_flush`` (omni_ros_msgs/SpeechFlush, reliable): every queued chunk of a turn
         up to ``turn_id`` that would play at or after ``dropped_from`` is dropped, the one
         playing stops within one ``block_ms``, and chunks of those turns that arrive later are
         dropped too (``dropped_after_flush``): whatever the model's mode was.
     Topics out:
         ``speaker/playback`` (omni_ros_msgs/Playback, reliable): one report per chunk when its
-        first sample is heard, and one with ``cut`` when a flush stops it early: the echo
-        canceller's reference and the conversation's ground truth.
+        first sample is heard (``scheduled``: the stamp of that sample, the chunk's own stamp
+        unless its start was dropped), and one with ``cut`` when a flush stops it early: the
+        echo canceller's reference and the conversation's ground truth.
         ``speaker/playing`` (std_msgs/Bool, reliable, transient-local): true while our speech
         plays, false once the queue stayed empty for ``release_ms`` or right after a flush.
         (``robot_speaking`` is for OTHER speech on the robot; this node does not publish it.)
@@ -146,7 +202,12 @@ class SpeakerNode(Node):
         self._flushed_turn = 0  # chunks of turns <= this ...
         self._flushed_from_ns = 0  # ... playing at or after this are cancelled
         self._frame_id = str(p["device"]) or str(p["sink"])
+        self._playhead = Playhead()
+        # How late the speech now playing is because a chunk of it came late (played whole).
+        self._accepted_late_ns = 0
         self.late_chunks = 0
+        self.resynced_chunks = 0  # arrived in time; their late start dropped after an underrun
+        self.resync_dropped_ns = 0  # how much speech that dropped in all
         self.clock_mismatches = 0
         self.decode_errors = 0
         self.flushes = 0
@@ -157,6 +218,9 @@ class SpeakerNode(Node):
         self.create_subscription(AudioChunk, "omni/speech", self._on_speech, SPEECH_QOS)
         self.create_subscription(SpeechFlushMsg, "omni/speech_flush", self._on_flush_msg, FLUSH_QOS)
         self.create_service(Trigger, "speaker/flush", self._on_flush)
+        # Said from the executor, not the playback thread (a log call there can take 100+ ms).
+        self._resyncs_logged = 0
+        self.create_timer(5.0, self._log_resyncs)
         self._thread = threading.Thread(target=self._playback, name="speaker_playback", daemon=True)
         self._thread.start()
 
@@ -184,8 +248,8 @@ class SpeakerNode(Node):
         rate = max(1, int(msg.sample_rate))
         samples = len(msg.data) // max(1, int(msg.channels) * (4 if msg.encoding == "F32LE" else 2))
         end_ns = stamp_ns + samples * NS_PER_S // rate
-        item = _Queued(stamp_ns, pcm, 0, int(msg.turn_id), rate, samples, end_ns)
         now_ns = self._now_ns()
+        item = _Queued(stamp_ns, pcm, 0, int(msg.turn_id), rate, samples, end_ns, now_ns)
         with self._cond:
             flushed = _covered(item, self._flushed_turn, self._flushed_from_ns, now_ns)
             if item.turn_id > 0 and flushed:
@@ -203,9 +267,20 @@ class SpeakerNode(Node):
         res.success = True
         res.message = (
             f"dropped {dropped} queued chunk(s); so far: late_chunks={self.late_chunks} "
+            f"resynced_chunks={self.resynced_chunks} "
+            f"resync_dropped_ms={self.resync_dropped_ns / 1e6:.0f} "
             f"clock_mismatches={self.clock_mismatches} decode_errors={self.decode_errors}"
         )
         return res
+
+    def _log_resyncs(self) -> None:
+        if self.resynced_chunks > self._resyncs_logged:
+            self._resyncs_logged = self.resynced_chunks
+            self.get_logger().warning(
+                f"the device ran dry mid-speech: {self.resynced_chunks} chunk(s) so far had "
+                f"their late start dropped to play on time "
+                f"({self.resync_dropped_ns / 1e6:.0f} ms of speech in all)"
+            )
 
     def flush(self, turn_id: int | None = None, from_ns: int = 0) -> int:
         """Drop queued chunks and stop the one playing; returns how many were dropped.
@@ -289,17 +364,65 @@ class SpeakerNode(Node):
                 self._playing = None
                 self._set_speaking(False)
                 continue
+            item, late = self._resync(item, due)
+            if item is None:  # all of it would have been heard before now
+                with self._cond:
+                    self._playing = None
+                continue
             self._set_speaking(True)
-            heard_ns = self._now_ns() + self._sink.latency_ns
-            self._report(item, heard_ns, item.samples, due, False)
+            heard_ns = self._playhead.heard_at(self._now_ns(), self._sink.latency_ns)
+            self._report(item, heard_ns, item.samples, late, False)
             played = self._play(item.pcm, current)
             with self._cond:
                 self._playing = None
             if not played:
                 # Cut by a flush: what was heard is what reached the speaker by now.
                 heard = (self._now_ns() - heard_ns) * item.sample_rate // NS_PER_S
-                self._report(item, heard_ns, int(min(max(heard, 0), item.samples)), due, True)
+                self._report(item, heard_ns, int(min(max(heard, 0), item.samples)), late, True)
                 self._set_speaking(False)
+
+    def _resync(self, item: _Queued, behind: bool) -> tuple[_Queued | None, bool]:
+        """The chunk as it will play, and whether it counts as late.
+
+        A chunk that came too late to be written on time (the schedule or the way here was late)
+        plays whole, at once, and is counted in ``late_chunks``; so do the chunks that follow it
+        without a pause (they wait for it). One that arrived in time but would be heard more than
+        ``late_tolerance_ms`` later than that because the device ran dry (:class:`Playhead`) has
+        the excess dropped from its start: the rest is heard on its stamps, as scheduled (the
+        echo canceller's reference and the turn's timing stay right), and the drop is counted
+        (``resynced_chunks``, ``resync_dropped_ns``) and reported: its Playback report's
+        ``scheduled`` is the stamp of its first sample heard.
+        """
+        if not behind:
+            self._accepted_late_ns = 0  # on time: a new stretch of speech
+            return item, False
+        latency = self._sink.latency_ns
+        heard = self._playhead.heard_at(self._now_ns(), latency)
+        if item.arrived_ns > item.stamp_ns - latency + self._late_ns:
+            self._accepted_late_ns = max(0, heard - item.stamp_ns)
+            self.late_chunks += 1
+            return item, True
+        rate = self._sink.format.sample_rate
+        frames = resync_frames(heard - self._accepted_late_ns, item.stamp_ns, rate, self._late_ns)
+        late = self._accepted_late_ns > self._late_ns
+        if frames == 0:  # behind only as much as the late chunk before it
+            self.late_chunks += 1
+            return item, True
+        dropped_ns = frames * NS_PER_S // rate
+        self.resynced_chunks += 1
+        self.resync_dropped_ns += min(dropped_ns, item.end_ns - item.stamp_ns)
+        self.late_chunks += int(late)
+        offset = frames * self._sink.format.bytes_per_frame
+        if offset >= len(item.pcm):
+            return None, late
+        src = min(item.samples, frames * item.sample_rate // rate)
+        trimmed = dataclasses.replace(
+            item,
+            pcm=item.pcm[offset:],
+            stamp_ns=item.stamp_ns + src * NS_PER_S // item.sample_rate,
+            samples=item.samples - src,
+        )
+        return trimmed, late
 
     def _wait_until_due(self, item: _Queued, generation: int) -> bool | None:
         """Wait for the chunk's write time; None if flushed or stopping meanwhile, else whether
@@ -315,9 +438,9 @@ class SpeakerNode(Node):
                 throttle_duration_sec=5.0,
             )
             return False
-        if now - due_ns > self._late_ns:
-            self.late_chunks += 1
-            return True
+        heard = self._playhead.heard_at(now, self._sink.latency_ns)
+        if heard - item.stamp_ns > self._late_ns:
+            return True  # _resync: late, or the device fell behind
         if due_ns - now > self._release_s * NS_PER_S:
             self._set_speaking(False)  # a real pause in the speech, not a gap between chunks
         while now < due_ns:
@@ -330,11 +453,16 @@ class SpeakerNode(Node):
         return False
 
     def _play(self, pcm: bytes, generation: int) -> bool:
-        step = self._block_frames * self._sink.format.bytes_per_frame
+        fmt = self._sink.format
+        step = self._block_frames * fmt.bytes_per_frame
         for offset in range(0, len(pcm), step):
             if self._stop or self._generation != generation:
                 return False
-            self._sink.write(pcm[offset : offset + step])
+            block = pcm[offset : offset + step]
+            self._playhead.wrote(
+                self._now_ns(), self._sink.latency_ns, fmt.duration_ns(fmt.frames(block))
+            )
+            self._sink.write(block)
         return True
 
     def destroy_node(self) -> None:

@@ -301,19 +301,26 @@ def test_speaker_plays_every_chunk_in_order_and_reports_each_when_heard(
     # Played on schedule: the speaker started no earlier than the first chunk's stamp.
     assert speaker["speaking_at"][n_seen] >= start_ns
     played = _wav_frames(speaker["out"])[before:]
-    expected = np.frombuffer(pcm_sequence(5 * 2400, AudioFormat(SPEECH_RATE), start=1000), "<i2")
-    assert np.array_equal(played, expected)
     reports = speaker["playback"][n_reports:]
-    assert [(r.turn_id, r.samples, r.cut) for r in reports] == [(3, 2400, False)] * 5
+    assert [(r.turn_id, r.cut) for r in reports] == [(3, False)] * 5
     # The first chunk had 300 ms of headroom: heard on schedule (the WAV sink has no latency of
-    # its own). The later ones follow back to back; on a loaded machine one may start a little
-    # late, which the report then says (late=True) rather than hides.
+    # its own). The later ones follow back to back; on a loaded machine the device may run dry
+    # between two writes, and then the next chunk's late start is dropped so that the rest
+    # plays on its stamps: its report's ``scheduled`` says where it began (none on an idle
+    # machine). Every frame played is accounted for by the reports.
     assert not reports[0].late
     assert 0 <= _ns(reports[0].header.stamp) - start_ns < 30_000_000
+    expected = []
     for k, report in enumerate(reports):
-        scheduled = start_ns + k * 100_000_000
-        assert _ns(report.scheduled) == scheduled
-        assert report.late == (_ns(report.header.stamp) - scheduled > 30_000_000)
+        grid = start_ns + k * 100_000_000
+        skipped = round((_ns(report.scheduled) - grid) * SPEECH_RATE / 1e9)
+        assert 0 <= skipped < 2400
+        assert report.samples == 2400 - skipped
+        assert not report.late
+        expected.append(
+            pcm_sequence(2400 - skipped, AudioFormat(SPEECH_RATE), 1000 + k * 2400 + skipped)
+        )
+    assert np.array_equal(played, np.frombuffer(b"".join(expected), "<i2"))
     # Our own speech is not "other speech on the robot".
     assert True not in speaker["robot_speaking"]
 
