@@ -421,6 +421,7 @@ class Session:
             # speaker/playback (issue 9's playback feedback), where the speaker publishes it.
             "playback_late": sum(p["late"] for p in playback) if playback else None,
             "playback_msgs": len(playback),
+            "room": self.room.config.name,
             "write_lag_ms": [v / 1e6 for v in self.sink.write_lag_ns],
             **self.breakdown(),
         }
@@ -557,6 +558,36 @@ class Results:
     proactive: int = 0
     planned_turns: int = 0
 
+    def per_room(self) -> dict[str, dict[str, Any]]:
+        """Robot speech, false barge-ins and speaker timing per echo path (room)."""
+        rooms: dict[str, dict[str, Any]] = {}
+        for s in self.sessions:
+            r = rooms.setdefault(
+                s["room"],
+                {
+                    "robot_speech_min": 0.0,
+                    "false_bargeins": 0,
+                    "late_chunks": 0,
+                    "chunks_published": 0,
+                    "sink_underruns": 0,
+                    "resynced_chunks": 0,
+                    "resync_dropped_ms": 0.0,
+                },
+            )
+            r["robot_speech_min"] = round(r["robot_speech_min"] + s["played_s"] / 60, 2)
+            r["false_bargeins"] += s.get("false_bargeins", 0)
+            r["late_chunks"] += s["speaker_late_chunks"]
+            r["chunks_published"] += s["chunks_published"]
+            r["sink_underruns"] += s["sink_underruns"]
+            r["resynced_chunks"] += s["speaker_resynced_chunks"]
+            r["resync_dropped_ms"] = round(r["resync_dropped_ms"] + s["speaker_resync_dropped_ms"])
+        for r in rooms.values():
+            minutes = r["robot_speech_min"]
+            r["false_bargeins_per_min"] = (
+                round(r["false_bargeins"] / minutes, 2) if minutes else None
+            )
+        return rooms
+
     def summary(self) -> dict[str, Any]:
         by_phase: dict[str, dict[str, Any]] = {}
         for phase in dict.fromkeys(b["phase"] for b in self.bargein):
@@ -597,8 +628,8 @@ class Results:
             "planned_turns": self.planned_turns,
             "trials": {"response_ms": self.response_ms, "bargein": self.bargein},
             "late_detail": [d for s in self.sessions for d in s["late_detail"]],
-            "write_lag_ms": [x for s in self.sessions for x in s["write_lag_ms"]],
-            "write_lag_ms_stats": stats([x for s in self.sessions for x in s["write_lag_ms"]]),
+            "per_room": self.per_room(),
+            "write_lag_ms": stats([x for s in self.sessions for x in s["write_lag_ms"]]),
             "speaker_resynced_chunks": sum(s["speaker_resynced_chunks"] for s in self.sessions),
             "speaker_resync_dropped_ms": round(
                 sum(s["speaker_resync_dropped_ms"] for s in self.sessions), 1
@@ -715,6 +746,7 @@ def run_exchanges(
             )
     finally:
         info = sess.close()
+    info["false_bargeins"] = res.false_bargeins
     res.sessions.append(info)
     res.robot_speech_s += info["played_s"]
     return res
@@ -730,12 +762,14 @@ def run_startup(
     res = Results()
     for k in range(trials):
         sess = Session(bench, room, duration_s=75, seed=10 + k)  # the node loads for ~15-30 s
+        before = res.false_bargeins
         try:
             exchange(
                 sess, res, utts["q"][k % 4], utts["i"][k % 3], "first_seconds", first_turn=True
             )
         finally:
             info = sess.close()
+        info["false_bargeins"] = res.false_bargeins - before
         res.sessions.append(info)
         res.robot_speech_s += info["played_s"]
         b = res.bargein[-1] if res.bargein else None
@@ -755,6 +789,7 @@ def run_silent(
     for room in rooms:
         sess = Session(bench, room, duration_s=seconds + 60, seed=20)
         t_begin = time.time_ns()
+        before = res.false_bargeins
         try:
             end = time.time_ns() + int(seconds * NS)
             while time.time_ns() < end - 8 * NS:
@@ -764,12 +799,12 @@ def run_silent(
                 res.planned_turns += 1
                 sess.sleep_until(start + 7 * NS)
             sess.sleep_until(time.time_ns() + 2 * NS)
-            before = res.false_bargeins
             _count_flushes(sess, (t_begin, time.time_ns()), [], res)
             with sess.probe.lock:
                 res.proactive += sess.probe.proactive
         finally:
             info = sess.close()
+        info["false_bargeins"] = res.false_bargeins - before
         res.sessions.append(info)
         res.robot_speech_s += info["played_s"]
         progress(
@@ -821,6 +856,13 @@ def print_table(name: str, s: dict[str, Any]) -> None:
     print(f"| talk-over per exchange | {fmt(s['talk_over_ms'])} |")
     for k, v in s["breakdown_ms"].items():
         print(f"| breakdown: {k.replace('_ms', '').replace('_', ' ')} | {fmt(v)} |")
+    for name, r in s["per_room"].items():
+        print(
+            f"| `{name}`: false barge-ins {r['false_bargeins']} in {r['robot_speech_min']} min "
+            f"({r['false_bargeins_per_min']} / min); late chunks {r['late_chunks']} of "
+            f"{r['chunks_published']}; device underruns {r['sink_underruns']}, resynced "
+            f"{r['resynced_chunks']} ({r['resync_dropped_ms']:.0f} ms dropped) | |"
+        )
     print(
         f"\nlate chunks at the speaker (speaker_node's count): {s['speaker_late_chunks']} of "
         f"{s['chunks_published']} published (speaker/playback late: {s['playback_late']}; "

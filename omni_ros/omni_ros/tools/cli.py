@@ -81,6 +81,12 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_true",
         help="also write the input topics into outputs/ (one bag holds the whole conversation)",
     )
+    p.add_argument(
+        "--with-speaker",
+        action="store_true",
+        help="graph mode: speaker_node plays the speech on a null sink; its playback reports "
+        "go into outputs/, summary.json (late chunks) and timeline.png",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument(
         "--progress",

@@ -1,5 +1,8 @@
 """``make demo``: synthesise an input bag, replay it through omni_flow_node, say what happened.
 
+In graph mode (the default) ``speaker_node`` plays the speech on a null sink, as on a robot, so the
+summary and the timeline say what was heard when and how many chunks were late at the speaker.
+
 The input: two spoken questions (espeak-ng), camera frames of a changing scene, and a long silence
 in which a proactive turn can happen. The backend is the ``reference`` stack: MiniCPM-o 4.5's shape of
 computation with random weights, so its words are meaningless by design; the demo shows the ROS
@@ -37,7 +40,11 @@ def run_demo(out_dir: Path, mode: str = "graph") -> int:
     write_bag(bag, SynthConfig())
     params = demo_params()
     print(f"[demo] replaying it in {mode} mode through omni_flow_node with {params}")
-    summary = replay(bag, out_dir, mode=mode, params_file=params, progress=True)
+    if mode == "graph":
+        print("[demo] speaker_node plays the speech on a null sink and reports what it played")
+    summary = replay(
+        bag, out_dir, mode=mode, params_file=params, progress=True, with_speaker=mode == "graph"
+    )
     print("[demo] what happened (reference backend: random weights, meaningless words):")
     print_summary(summary, out_dir)
     return 0

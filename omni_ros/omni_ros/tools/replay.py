@@ -45,6 +45,11 @@ OUTPUT_TOPICS: dict[str, str] = {
     "/omni/user_speaking": "std_msgs/msg/Bool",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
 }
+#: What ``speaker_node`` publishes, recorded too when a replay plays the speech (``with_speaker``).
+SPEAKER_TOPICS: dict[str, str] = {
+    "/speaker/playback": "omni_ros_msgs/msg/Playback",
+    "/speaker/playing": "std_msgs/msg/Bool",
+}
 #: Default of ``--load-timeout``: how long graph replay waits for the node to load its backend.
 LOAD_TIMEOUT_S = 180.0
 _log = logging.getLogger(__name__)
@@ -298,11 +303,11 @@ class _TeeBag:
 
 
 # ------------------------------------------------------------------------------------------- graph
-def _node_executable() -> str:
+def _node_executable(name: str = "omni_flow_node") -> str:
     from ament_index_python.packages import PackageNotFoundError, get_package_prefix
 
     try:
-        exe = Path(get_package_prefix("omni_ros")) / "lib" / "omni_ros" / "omni_flow_node"
+        exe = Path(get_package_prefix("omni_ros")) / "lib" / "omni_ros" / name
     except PackageNotFoundError as exc:
         raise ConfigError(
             "omni_ros is not installed: run `make build` and `source install/setup.sh`"
@@ -347,11 +352,15 @@ def replay_graph(
     loops: int = 1,
     live_view: Any = None,
     with_inputs: bool = False,
+    with_speaker: bool = False,
 ) -> dict[str, Any]:
     """Publish ``bag`` with /clock into a real omni_flow_node process and record its outputs.
 
     With ``live_view`` every topic of the node (inputs as published here, outputs as received) is
-    served to Foxglove, stamped with sim time (the bag's axis), while the bag plays."""
+    served to Foxglove, stamped with sim time (the bag's axis), while the bag plays. With
+    ``with_speaker`` a real ``speaker_node`` process (null sink, sim time) plays the speech as a
+    robot would, and its reports (``speaker/playback``, ``speaker/playing``) are recorded: what
+    was heard when, and which chunks were late."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
@@ -372,6 +381,21 @@ def replay_graph(
         cmd += ["-p", f"backend:={backend}"]
     log: Any = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
     node_proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    speaker_proc: subprocess.Popen[bytes] | None = None
+    if with_speaker:
+        speaker_proc = subprocess.Popen(
+            [
+                _node_executable("speaker_node"),
+                "--ros-args",
+                "-p",
+                "use_sim_time:=true",
+                "-p",
+                "sink:=null",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node(
@@ -393,8 +417,13 @@ def replay_graph(
         recorded.update(
             {INPUT_TOPICS[r][0]: INPUT_TOPICS[r][1][0] for r in set(bag.roles.values())}
         )
+    if with_speaker:
+        recorded.update(SPEAKER_TOPICS)
     recorder = TopicRecorder(
-        node, OutputBag(outputs), recorded, latched=["/omni/state", "/omni/user_speaking"]
+        node,
+        OutputBag(outputs),
+        recorded,
+        latched=["/omni/state", "/omni/user_speaking", "/speaker/playing"],
     )
     bridge: Any = None
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
@@ -442,8 +471,14 @@ def replay_graph(
             if (
                 all(p.get_subscription_count() > 0 for p in pubs.values())
                 and recorder.publisher_count("/omni/state") > 0
+                and (not with_speaker or recorder.publisher_count("/speaker/playback") > 0)
             ):
                 break
+            if speaker_proc is not None and speaker_proc.poll() is not None:
+                raise ConfigError(
+                    f"speaker_node exited with {speaker_proc.returncode} before it was ready"
+                    + (f"; see {log_path}" if log_path else "")
+                )
             failure = _configure_failure(log_path)
             if failure:  # the node stays up, unconfigured: say why now instead of timing out
                 raise ConfigError(f"omni_flow_node could not start: {failure}")
@@ -499,12 +534,15 @@ def replay_graph(
         thread.join(5)
         if bridge is not None:
             bridge.close()
-        node_proc.send_signal(signal.SIGINT)
-        try:
-            node_proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            node_proc.kill()
-            node_proc.wait()
+        for proc in (node_proc, speaker_proc):
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if log is not subprocess.DEVNULL:
             log.close()
         recorder.close()
@@ -588,8 +626,12 @@ def replay(
     load_timeout_s: float = LOAD_TIMEOUT_S,
     foxglove_port: int | None = None,
     with_inputs: bool = False,
+    with_speaker: bool = False,
 ) -> dict[str, Any]:
     """Replay ``bag_path`` and write ``out_dir/{outputs/, summary.json, timeline.png}``.
+
+    ``with_speaker`` (graph mode): ``speaker_node`` on a null sink plays the speech and its
+    playback reports go into the outputs, the summary and the timeline.
 
     With ``foxglove_port`` the conversation is served live over the Foxglove WebSocket protocol
     on ``ws://127.0.0.1:PORT`` while it replays (:mod:`omni_ros.tools.live_view`).
@@ -602,6 +644,8 @@ def replay(
         raise ConfigError(f"--loop must be >= 1, got {loops}")
     if mode not in ("graph", "direct"):
         raise ConfigError(f"--mode must be graph or direct, got {mode!r}")
+    if with_speaker and mode != "graph":
+        raise ConfigError("--with-speaker needs --mode graph (speaker_node is a ROS node)")
     from rosbags.rosbag2 import ReaderError
 
     flat = load_params_file(params_file)
@@ -660,6 +704,7 @@ def replay(
                 loops=loops,
                 live_view=view,
                 with_inputs=with_inputs,
+                with_speaker=with_speaker,
             )
     except ReaderError as exc:  # damage past the index, found while reading
         raise ConfigError(f"cannot read the bag {bag.path}: {_why(exc)}") from exc
@@ -695,6 +740,7 @@ def main_replay(args: Any) -> int:
         load_timeout_s=args.load_timeout,
         foxglove_port=args.foxglove_port if args.with_foxglove else None,
         with_inputs=args.with_inputs,
+        with_speaker=getattr(args, "with_speaker", False),
     )
     print_summary(summary, Path(args.out))
     return 0
@@ -712,6 +758,14 @@ def print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     )
     nonzero = {k: v for k, v in summary["counters"].items() if v}
     print(f"counters: {nonzero or 'all zero'}")
+    spk = summary.get("speaker")
+    if spk:
+        d = spk["heard_minus_scheduled_ms"]
+        print(
+            f"speaker_node: {spk['chunks_heard']} chunks heard ({spk['heard_seconds']:.1f} s), "
+            f"{spk['late_chunks']} late, {spk['cut_chunks']} cut by a flush; first sample heard "
+            f"minus its stamp: median {d['median']} ms, p95 {d['p95']} ms"
+        )
     for turn in summary["turn_texts"][:8]:
         tag = " (proactive)" if turn["proactive"] else ""
         print(f"  turn {turn['turn_id']} at {turn['start_s']} s{tag}: {turn['text'][:70]!r}")

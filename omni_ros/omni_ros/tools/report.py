@@ -18,6 +18,9 @@ Conventions (all of them tested):
 - Flushes come from ``omni/speech_flush`` when the bag has it, else from those extra states.
 - ``gap_samples_filled`` leaves out the zero padding of the last unit past the end of the input
   audio (``tail_padding_samples``): a clean bag has no gap.
+- ``speaker`` (with ``speaker/playback`` in the outputs: ``replay --with-speaker``, ``make demo``):
+  what ``speaker_node`` reported it played, per chunk when it was heard, and how many were late;
+  the timeline draws it under the scheduled speech.
 - User speech segments are the core's VAD run on the input microphone, on the capture clock (the
   node's own decisions, ``omni/user_speaking``, come later by the VAD's debounce and hangover; they
   are reported and drawn beside them when the bag has them). A bag recorded on a robot has the
@@ -254,6 +257,30 @@ def analyse(input_bag: InputBag, outputs_path: Path) -> Conversation:
     )
 
 
+def _playback(conv: Conversation) -> list[dict[str, Any]]:
+    """What ``speaker_node`` reported it played (``speaker/playback``), one entry per chunk:
+    when it was heard from, how many seconds of it (a cut chunk up to the cut), late, cut."""
+    chunks: dict[tuple[int, int], dict[str, Any]] = {}
+    for _log, r in conv.out.get("playback", []):
+        key = (int(r.turn_id), _time_ns(r.scheduled))
+        rate = max(1, int(r.sample_rate))
+        entry = chunks.setdefault(
+            key,
+            {
+                "heard_ns": stamp_ns(r),
+                "scheduled_ns": key[1],
+                "turn_id": key[0],
+                "late": bool(r.late),
+                "cut": False,
+                "seconds": int(r.samples) / rate,
+            },
+        )
+        if bool(r.cut):  # the second report of a chunk a flush stopped: heard up to here
+            entry["cut"] = True
+            entry["seconds"] = int(r.samples) / rate
+    return sorted(chunks.values(), key=lambda c: c["heard_ns"])
+
+
 def _responses(conv: Conversation) -> list[dict[str, Any]]:
     """Per end of user speech: how long until the first speech sample was scheduled to play."""
     events = []
@@ -357,6 +384,21 @@ def summarize(
         modes["SPEAKING" if int(s.unit_index) in conv.spoke else name] += 1
     flushes = _flush_events(conv)
     responses = _responses(conv)
+    played = _playback(conv)
+    speaker: dict[str, Any] | None = None
+    if "playback" in out or "playing" in out:
+        starts = [c["heard_ns"] - c["scheduled_ns"] for c in played]
+        speaker = {
+            "chunks_heard": len(played),
+            "late_chunks": sum(1 for c in played if c["late"]),
+            "cut_chunks": sum(1 for c in played if c["cut"]),
+            "heard_seconds": round(sum(c["seconds"] for c in played), 3),
+            "heard_minus_scheduled_ms": _stats([d / 1e6 for d in starts]),
+            "played_s": [
+                [conv.s(c["heard_ns"]), conv.s(c["heard_ns"] + round(c["seconds"] * NS))]
+                for c in played
+            ],
+        }
     barge_ins = [f for f in flushes if f["reason"] in ("barge_in", "flush")]
     summary: dict[str, Any] = {
         "input": {
@@ -395,6 +437,8 @@ def summarize(
         "speech_seconds": round(speech_s, 3),
         "speech_seconds_cancelled": round(cancelled_s, 3),
         "speech_chunks": len(conv.speech),
+        # speaker_node's playback reports (replay --with-speaker, make demo); None without them.
+        "speaker": speaker,
         "counters": counters,
         "tail_padding_samples": int(tail),
         "unit_compute_ms": {
@@ -524,6 +568,13 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
             va="top",
             ha="left",
         )
+    # What the speaker reported it played (speaker/playback), as a bar under the speech.
+    played = _playback(conv)
+    for c in played:
+        colour = "black" if c["late"] else "tab:green"
+        ax_out.broken_barh(
+            [(s(c["heard_ns"]), c["seconds"])], (top * 0.02, top * 0.06), color=colour, lw=0
+        )
     for r in _responses(conv):
         y = top * 0.78
         ax_out.plot([r["user_speech_s"][1], r["speech_at_s"]], [y, y], color="tab:purple", lw=1.5)
@@ -543,7 +594,15 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
             Patch(color="tab:orange", alpha=0.3, label="flushed span"),
             Line2D([], [], color="tab:orange", lw=1.2, label="flush decided (onset -> decision)"),
             Line2D([], [], color="tab:purple", lw=1.5, label="response: user stops -> speech"),
-        ],
+        ]
+        + (
+            [
+                Patch(color="tab:green", label="heard (speaker/playback)"),
+                Patch(color="black", label="heard late (speaker/playback)"),
+            ]
+            if played
+            else []
+        ),
         loc="upper left",
         bbox_to_anchor=(1.005, 1.0),
         fontsize=8,
@@ -577,7 +636,12 @@ def plot_timeline(input_bag: InputBag, outputs_path: Path, png: Path) -> None:
     ax_lat.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
     ax_lat.set_xlim(left=0.0)
     backend = conv.units[-1][1].backend if conv.units else "?"
-    fig.suptitle(f"omni_ros replay of {input_bag.path.name} (backend: {backend})")
+    heard = (
+        f"; speaker_node: {len(played)} chunks heard, {sum(c['late'] for c in played)} late"
+        if played
+        else ""
+    )
+    fig.suptitle(f"omni_ros replay of {input_bag.path.name} (backend: {backend}){heard}")
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)

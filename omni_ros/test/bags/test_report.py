@@ -299,3 +299,58 @@ def test_the_timeline_plot_is_written(silent_bag: InputBag, tmp_path: Path) -> N
     png = tmp_path / "timeline.png"
     plot_timeline(silent_bag, _conversation(tmp_path / "out"), png)
     assert png.stat().st_size > 10_000
+
+
+def _playback(out: Outputs, heard_ns: int, scheduled_ns: int, samples: int, **flags: bool) -> None:
+    out.bag.write(
+        "/speaker/playback",
+        "omni_ros_msgs/msg/Playback",
+        heard_ns + 1_000_000,
+        _msg(
+            "omni_ros_msgs/msg/Playback",
+            header=_header(heard_ns),
+            turn_id=1,
+            scheduled=_time(scheduled_ns),
+            sample_rate=24_000,
+            samples=samples,
+            **flags,
+        ),
+    )
+
+
+@pytest.mark.skipif("omni_ros_msgs/msg/Playback" not in STORE.types, reason="no Playback message")
+def test_the_speakers_playback_reports_say_what_was_heard_and_how_many_chunks_were_late(
+    silent_bag: InputBag, tmp_path: Path
+) -> None:
+    out = Outputs(tmp_path / "out")
+    out.state(unit_end(0) + 20_000_000, unit_end(0), 0)
+    out.speech(unit_end(1) + 20_000_000, unit_end(1) + 200_000_000, turn_id=1)
+    out.state(unit_end(1) + 21_000_000, unit_end(1), 1, mode=1)
+    t0 = unit_end(1) + 200_000_000
+    _playback(out, t0 + 2_000_000, t0, 2400)  # on time (2 ms after its stamp)
+    _playback(out, t0 + 140_000_000, t0 + 100_000_000, 2400, late=True)  # 40 ms late
+    # The third is cut by a flush after 600 samples: two reports, one chunk heard 25 ms of.
+    _playback(out, t0 + 200_000_000, t0 + 200_000_000, 2400)
+    _playback(out, t0 + 200_000_000, t0 + 200_000_000, 600, cut=True)
+    out.state(unit_end(2) + 20_000_000, unit_end(2), 2)
+    summary = summarize(silent_bag, out.close())
+    spk = summary["speaker"]
+    assert spk["chunks_heard"] == 3
+    assert spk["late_chunks"] == 1
+    assert spk["cut_chunks"] == 1
+    assert spk["heard_seconds"] == pytest.approx(0.1 + 0.1 + 0.025)
+    assert spk["heard_minus_scheduled_ms"]["median"] == pytest.approx(2.0)
+    origin = summary["input"]["origin_ns"]
+    expected = [(t0 + 2_000_000 - origin) / NS, (t0 + 102_000_000 - origin) / NS]
+    assert spk["played_s"][0] == pytest.approx(expected, abs=1e-3)
+    png = tmp_path / "timeline.png"
+    plot_timeline(silent_bag, tmp_path / "out", png)
+    assert png.stat().st_size > 10_000
+
+
+def test_without_playback_reports_the_speaker_figures_are_none(
+    silent_bag: InputBag, tmp_path: Path
+) -> None:
+    out = Outputs(tmp_path / "out")
+    out.state(unit_end(0) + 20_000_000, unit_end(0), 0)
+    assert summarize(silent_bag, out.close())["speaker"] is None
