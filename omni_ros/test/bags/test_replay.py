@@ -253,3 +253,43 @@ def test_graph_replay_reports_why_the_node_could_not_configure(
             progress=False,
             plot=False,
         )
+
+
+@pytest.mark.ros
+def test_graph_replay_with_the_speaker_records_what_it_played_on_the_bags_axis(
+    clean_bag: Path, schedule_params: Path, tmp_path: Path
+) -> None:
+    summary = replay(
+        clean_bag,
+        tmp_path,
+        mode="graph",
+        params_file=schedule_params,
+        progress=False,
+        plot=False,
+        with_speaker=True,
+    )
+    outputs = _outputs(tmp_path)
+    speech = outputs["/omni/speech"]
+    reports = outputs["/speaker/playback"]
+    assert outputs["/speaker/playing"][0].data is False  # latched before any speech
+    assert speech
+    # One report per chunk heard (plus one per chunk a flush cut), each naming a published chunk
+    # of its turn, heard on the bag's axis (sim time), not before it was scheduled.
+    published = {(int(m.turn_id), _stamp(m)) for m in speech}
+    bag = InputBag(clean_bag)
+    for r in reports:
+        scheduled = r.scheduled.sec * NS + r.scheduled.nanosec
+        assert any(t == r.turn_id and s <= scheduled < s + 100_000_000 for t, s in published)
+        assert bag.start_ns <= _stamp(r) <= bag.end_ns + 5 * NS
+        assert _stamp(r) >= scheduled - 25_000_000  # the null sink has no latency: on its stamp
+    spk = summary["speaker"]
+    assert spk["chunks_heard"] == len(
+        {(r.turn_id, r.scheduled.sec, r.scheduled.nanosec) for r in reports}
+    )
+    assert 0 < spk["heard_seconds"] <= summary["speech_seconds"] + 1e-6
+    assert spk["late_chunks"] == sum(1 for r in reports if r.late and not r.cut)
+
+
+def test_the_speaker_needs_graph_mode(clean_bag: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="with-speaker"):
+        replay(clean_bag, tmp_path, mode="direct", progress=False, plot=False, with_speaker=True)
