@@ -54,6 +54,9 @@ _SPEEX_PREPROCESS_SET_ECHO_SUPPRESS_ACTIVE = 22
 _SPEEX_PREPROCESS_SET_ECHO_STATE = 24
 
 _GATE_MODES = ("off", "stricter", "suppress")
+# Reference gaps up to this long are zero-filled; a longer one (a forward clock jump) starts a
+# new run, so memory follows the speech written, never the size of a jump.
+_MAX_REF_GAP_S = 10
 
 
 @dataclass(frozen=True)
@@ -417,8 +420,10 @@ class EchoState:
     mic_samples: int = 0  # samples consumed into frames since the anchor
     remainder: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     ref_start_ns: int | None = None  # stamp of the reference grid's sample 0 (never moves)
-    ref_offset: int = 0  # grid index of ref[0] (samples trimmed from the front so far)
-    ref: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    ref_offset: int = 0  # grid index below which the reference was trimmed (or dropped)
+    # The reference as (grid index, samples) runs, sorted and apart by more than _MAX_REF_GAP_S:
+    # a gap that long is not zero-filled, so a forward clock jump costs no memory.
+    ref_segments: list[tuple[int, FloatArray]] = field(default_factory=list)
     ref_stream_next_ns: int | None = None  # where the open reference resampler stream continues
     ref_stream_out: int = 0  # samples the open stream has written since it began
     ref_stream_start_ns: int = 0
@@ -441,7 +446,7 @@ class EchoState:
         self.remainder = np.zeros(0, dtype=np.float32)
         self.ref_start_ns = None
         self.ref_offset = 0
-        self.ref = np.zeros(0, dtype=np.float32)
+        self.ref_segments = []
         self.ref_stream_next_ns = None
         self.ref_stream_out = 0
         self.ref_stream_start_ns = 0
@@ -579,8 +584,8 @@ class EchoCanceller:
         st = self.state
         if st.ref_start_ns is None:
             return
-        keep = max(0, self._ref_index(stamp_ns))
-        st.ref = st.ref[:keep]
+        keep = self._ref_index(stamp_ns)
+        st.ref_segments = [(i, x[: keep - i]) for i, x in st.ref_segments if keep > i]
 
     def _write_stream_output(self, out: FloatArray) -> None:
         st = self.state
@@ -599,27 +604,51 @@ class EchoCanceller:
         self.state.ref_stream_next_ns = None
 
     def _ref_index(self, stamp_ns: int) -> int:
+        """Grid index (samples at the canceller's rate since ``ref_start_ns``) of ``stamp_ns``."""
         st = self.state
         assert st.ref_start_ns is not None
-        grid = round((stamp_ns - st.ref_start_ns) * self.config.sample_rate / NS_PER_S)
-        return grid - st.ref_offset
+        return round((stamp_ns - st.ref_start_ns) * self.config.sample_rate / NS_PER_S)
 
     def _write_reference(self, stamp_ns: int, x: FloatArray) -> None:
+        """Store ``x`` from ``stamp_ns`` on the grid; later writes win where they overlap.
+
+        A run that starts more than ``_MAX_REF_GAP_S`` from every stored run is kept as a run of
+        its own instead of zero-filling the gap: a forward clock jump of any size (hours, days)
+        costs the samples written, not the jump (it used to allocate 220 MB per hour jumped).
+        Shorter gaps are zero-filled as before, so reads see the same samples either way.
+        """
         st = self.state
         if st.ref_start_ns is None:
             st.ref_start_ns = stamp_ns
-            st.ref = x.astype(np.float32, copy=True)
-            return
+            st.ref_offset = 0
         i = self._ref_index(stamp_ns)
-        if i < 0:  # older than what is kept: only the part still ahead of the buffer matters
-            x = x[-i:]
-            i = 0
-            if len(x) == 0:
-                return
+        if i < st.ref_offset:  # older than what is kept: only the part still ahead matters
+            x = x[st.ref_offset - i :]
+            i = st.ref_offset
+        if len(x) == 0:
+            return
         end = i + len(x)
-        if end > len(st.ref):
-            st.ref = np.concatenate([st.ref, np.zeros(end - len(st.ref), dtype=np.float32)])
-        st.ref[i:end] = x
+        gap = _MAX_REF_GAP_S * self.config.sample_rate
+        segments = st.ref_segments
+        near = [k for k, (j, y) in enumerate(segments) if j - gap <= end and i <= j + len(y) + gap]
+        if len(near) == 1 and segments[near[0]][0] <= i:  # the common case: in or after a run
+            j, y = segments[near[0]]
+            if end - j > len(y):
+                y = np.concatenate([y, np.zeros(end - j - len(y), dtype=np.float32)])
+                segments[near[0]] = (j, y)
+            y[i - j : end - j] = x
+            return
+        start = min([i] + [segments[k][0] for k in near])
+        stop = max([end] + [segments[k][0] + len(segments[k][1]) for k in near])
+        merged = np.zeros(stop - start, dtype=np.float32)
+        for k in near:
+            j, y = segments[k]
+            merged[j - start : j - start + len(y)] = y
+        merged[i - start : end - start] = x
+        kept = [seg for k, seg in enumerate(segments) if k not in near]
+        kept.append((start, merged))
+        kept.sort(key=lambda seg: seg[0])
+        st.ref_segments = kept
 
     def _reference_window(self, start_ns: int, n: int) -> FloatArray:
         """Reference samples for ``[start_ns, start_ns + n samples)``, zeros where none is known."""
@@ -628,9 +657,10 @@ class EchoCanceller:
         if st.ref_start_ns is None or n == 0:
             return out
         i0 = self._ref_index(start_ns)
-        lo, hi = max(i0, 0), min(i0 + n, len(st.ref))
-        if hi > lo:
-            out[lo - i0 : hi - i0] = st.ref[lo:hi]
+        for j, y in st.ref_segments:
+            lo, hi = max(i0, j), min(i0 + n, j + len(y))
+            if hi > lo:
+                out[lo - i0 : hi - i0] = y[lo - j : hi - j]
         return out
 
     # ------------------------------------------------------------------------------------ mic side
@@ -774,9 +804,11 @@ class EchoCanceller:
         keep_ms = cfg.max_delay_ms + cfg.delay_window_ms + cfg.filter_ms + 100
         horizon_ns = mic_start_ns - max(st.delay_ns, 0) - keep_ms * 1_000_000
         cut = self._ref_index(horizon_ns)
-        if cut > cfg.sample_rate:  # trim in >= 1 s steps to keep copies rare
-            st.ref = st.ref[cut:]
-            st.ref_offset += cut
+        if cut - st.ref_offset > cfg.sample_rate:  # trim in >= 1 s steps to keep copies rare
+            st.ref_offset = cut
+            st.ref_segments = [
+                (max(j, cut), y[max(0, cut - j) :]) for j, y in st.ref_segments if j + len(y) > cut
+            ]
 
 
 def _to_int16(x: FloatArray) -> Int16Array:

@@ -499,6 +499,12 @@ class Timeline:
 
     def _place_audio(self, block: AudioBlock) -> None:
         assert self._origin_ns is not None
+        # A stamp this far ahead was accepted, so the clock leapt forward: skip now the units the
+        # next poll skips anyway (max_catchup_units), instead of zero-filling the leap into the
+        # sample buffer first (+10 days tried to allocate 51.5 GiB).
+        leap = self.pending_units(block.stamp_ns - self.config.max_future_ns)
+        if leap > self.config.max_catchup_units + 1:
+            self._skip_units(leap - self.config.max_catchup_units - 1)
         rate = block.sample_rate
         self._current_rate = rate
         buf = self._buffers.get(rate)
