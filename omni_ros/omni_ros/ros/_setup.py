@@ -45,6 +45,7 @@ NODE_PARAMS: dict[str, tuple[Any, str]] = {
     "speech.chunk_ms": (100, "omni/speech chunk length [ms]"),
     "speech.encoding": ("S16LE", "omni/speech encoding: S16LE | F32LE"),
     "diagnostics.period_s": (1.0, "/diagnostics period [s] (read at startup)"),
+    "diagnostics.clock_stall_s": (2.0, "clock standing still this long is a WARN [s]; 0 = off"),
     "ask.default_timeout_s": (30.0, "omni/ask timeout when the goal's timeout_s is 0 [s]"),
     "ask.max_goals": (2, "omni/ask goals served at once; more are rejected"),
     "prompt.max_bytes": (16_384, "longest system prompt [UTF-8 bytes] (checked before embedding)"),

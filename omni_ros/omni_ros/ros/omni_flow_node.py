@@ -20,13 +20,14 @@ from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from omni_ros.backends.base import create_backend
 from omni_ros.core.audio import ArrivalStamper
-from omni_ros.core.errors import OmniError
+from omni_ros.core.errors import DecodeError, OmniError
 from omni_ros.core.flow import OmniFlow
 from omni_ros.core.types import (
     FloatArray,
@@ -43,6 +44,8 @@ from omni_ros.core.types import (
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._ask import AskTracker
 from omni_ros.ros._ask_server import AskHost
+from omni_ros.ros._camera import compressed_from_cdr, image_from_cdr
+from omni_ros.ros._clock_watch import ClockWatch, mark_stall
 from omni_ros.ros._diagnostics import DiagnosticsReporter
 from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
@@ -108,6 +111,10 @@ class OmniFlowNode(LifecycleNode):
         speech.encoding (string, "S16LE"): S16LE | F32LE.
         diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] of steady (wall) time,
             so reports continue while a replayed bag is paused (read at startup).
+        diagnostics.clock_stall_s (double, 2.0): while active, a node clock that has not advanced
+            for this long (steady time: ``/clock`` paused or its publisher gone under
+            ``use_sim_time``) makes ``/diagnostics`` WARN with how long and whether input still
+            arrives (``clock_stalled_s``); OK again once it moves. 0 disables it.
         ask.default_timeout_s (double, 30.0): ``omni/ask`` timeout when the goal gives 0 [s].
         ask.max_goals (int, 2): ``omni/ask`` goals served at once; a goal beyond it is rejected
             at once (the caller sees ``accepted: false``), never left pending.
@@ -177,6 +184,7 @@ class OmniFlowNode(LifecycleNode):
         )
         self._stamper = ArrivalStamper()
         self._unstamped_images = 0
+        self._oversize_images = 0  # refused from the serialized header, never deserialized
         self._diag = DiagnosticsReporter()
         self._diag.inputs = self._input_counts
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -189,6 +197,12 @@ class OmniFlowNode(LifecycleNode):
         except (TypeError, ValueError):
             self.get_logger().error("diagnostics.period_s must be a number; using 1.0")
             period_s = 1.0
+        try:
+            stall_s = float(self.get_parameter("diagnostics.clock_stall_s").value)
+        except (TypeError, ValueError):
+            self.get_logger().error("diagnostics.clock_stall_s must be a number; using 2.0")
+            stall_s = 2.0
+        self._clock_watch = ClockWatch(stall_s)
         # Steady time: diagnostics keep coming while a replayed bag (sim time) is paused.
         self.create_timer(
             period_s, self._publish_diagnostics, clock=Clock(clock_type=ClockType.STEADY_TIME)
@@ -255,6 +269,7 @@ class OmniFlowNode(LifecycleNode):
         return {
             "unstamped_audio": self._stamper.unstamped,
             "unstamped_images": self._unstamped_images,
+            "oversize_images": self._oversize_images,
             "ask_goals_rejected": self._ask_host.rejected if self._ask_host is not None else 0,
         }
 
@@ -280,9 +295,9 @@ class OmniFlowNode(LifecycleNode):
             cam = (Image, "camera/image_raw", conv.image_to_raw)
         sensor = qos_profile_sensor_data
         self._entities = [
-            sub(
-                cam[0], cam[1], lambda m: self._push("push_image", self._stamped(cam[2](m))), sensor
-            ),
+            # Serialized (raw=True): the size is read from the bytes before anything is
+            # deserialized, so a huge frame never holds the executor (ros/_camera.py).
+            sub(cam[0], cam[1], lambda buf: self._on_camera(buf, cam[0], cam[2]), sensor, raw=True),
             *mic_subscriptions(
                 self,
                 self._mic_type(),
@@ -401,6 +416,8 @@ class OmniFlowNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------ inputs
     def _push(self, method: str, raw: Any) -> None:
+        if method in ("push_audio", "push_image"):
+            self._clock_watch.inputs += 1
         if self._flow is not None and self._active:
             getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
 
@@ -409,6 +426,24 @@ class OmniFlowNode(LifecycleNode):
 
     def _on_mic_raw(self, raw: RawAudio) -> None:  # AudioChunk, or audio_common converted
         self._push("push_audio", self._stamper.stamp(raw, self._omni_clock.now_ns()))
+
+    def _on_camera(self, buf: bytes, msg_type: Any, convert: Any) -> None:
+        try:
+            frame = (compressed_from_cdr if msg_type is CompressedImage else image_from_cdr)(buf)
+        except DecodeError:
+            # Not the CDR layout read here (another middleware's encoding?): the slow way.
+            self._push("push_image", self._stamped(convert(deserialize_message(buf, msg_type))))
+            return
+        if frame.refused:
+            self._oversize_images += 1
+            self.get_logger().warning(
+                f"camera: refused a frame before deserializing it: {frame.refused} "
+                f"({self._oversize_images} so far)",
+                throttle_duration_sec=5.0,
+            )
+        # A refused frame goes on without its pixels: the core counts it (decode_errors,
+        # dropped_frames) like any frame it refuses.
+        self._push("push_image", self._stamped(frame.image))
 
     def _stamped(self, raw: RawImage) -> RawImage:
         if raw.stamp_ns != 0:
@@ -497,7 +532,12 @@ class OmniFlowNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         lifecycle = self._state_machine.current_state[1]
         backend, now_ns = str(self._param("backend")), self._omni_clock.now_ns()
-        self._diag_pub.publish(self._diag.report(self.get_name(), backend, lifecycle, now_ns))
+        array = self._diag.report(self.get_name(), backend, lifecycle, now_ns)
+        if self._active:
+            mark_stall(array.status[0], self._clock_watch.observe(now_ns, time.monotonic_ns()))
+        else:
+            self._clock_watch.reset()
+        self._diag_pub.publish(array)
 
 
 def main(args: list[str] | None = None) -> None:

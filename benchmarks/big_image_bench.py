@@ -1,0 +1,86 @@
+"""How long huge camera frames hold omni_flow_node's executor (issue 16).
+
+Runs the real node (test backend double, so only the ROS side is measured) and a camera process
+publishing ``--side`` x ``--side`` rgb8 frames (4624: 64 MB, refused by the 3840x2160 limit) at
+``--fps``, both with the shipped Fast DDS profile. Meanwhile a probe calls the node's lifecycle
+``get_state`` back to back; an answer takes as long as the executor is busy with something else.
+Prints the get_state latencies (median, p95, max) and what the node counted.
+
+    python benchmarks/big_image_bench.py [--side 4624] [--fps 2] [--count 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "omni_ros" / "test" / "ros")]
+
+from flow_harness import NodeProcess, diag_values, running, wait_for  # noqa: E402
+
+PEER = ROOT / "omni_ros" / "test" / "ros" / "peers" / "camera_peer.py"
+PROFILE = ROOT / "omni_ros" / "config" / "fastdds_camera.xml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=4624)
+    parser.add_argument("--fps", type=int, default=2)
+    parser.add_argument("--count", type=int, default=20)
+    args = parser.parse_args()
+    env = {
+        "FASTDDS_DEFAULT_PROFILES_FILE": str(PROFILE),
+        "FASTRTPS_DEFAULT_PROFILES_FILE": str(PROFILE),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        control = Path(tmp) / "control"
+        control.mkdir()
+        params = {"backend": "faulty_double", "faulty_double.control_dir": str(control),
+                  "diagnostics.period_s": 0.5}  # fmt: skip
+        proc = NodeProcess.with_doubles(params, Path(tmp) / "node.log", env=env)
+        with running(proc) as probe:
+            from lifecycle_msgs.srv import GetState
+
+            client = probe.node.create_client(
+                GetState, f"{proc.namespace}/omni_flow_node/get_state"
+            )
+            probe.call(client, GetState.Request(), proc, timeout_s=60)
+            wait_for(lambda: probe.count("diag") > 0, 60, "diagnostics", proc)
+            topic = f"{proc.namespace}/camera/image_raw"
+            peer_env = {**os.environ, **env, "ROS_DOMAIN_ID": str(proc.domain_id)}
+            sender = subprocess.Popen(
+                [sys.executable, str(PEER), "pub", topic, str(args.side), str(args.side),
+                 str(args.fps), str(args.count)],
+                stdout=subprocess.PIPE, text=True, env=peer_env,
+            )  # fmt: skip
+            latencies: list[float] = []
+            while sender.poll() is None:
+                started = time.monotonic()
+                future = client.call_async(GetState.Request())
+                wait_for(future.done, 30, "get_state", proc)
+                latencies.append((time.monotonic() - started) * 1000)
+                time.sleep(0.02)
+            time.sleep(1.5)  # the last diagnostics
+            values = next((v for v in map(diag_values, reversed(probe.snapshot("diag"))) if v), {})
+            proc.interrupt_and_wait()
+    latencies.sort()
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    print(
+        f"frames {args.side}x{args.side} rgb8 ({args.side * args.side * 3 / 1e6:.1f} MB) x "
+        f"{args.count} at {args.fps} fps: get_state n={len(latencies)} median "
+        f"{statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms; "
+        f"node counted oversize_images={values.get('oversize_images', '-')}, "
+        f"decode_errors={values.get('decode_errors', '-')}, "
+        f"dropped_frames={values.get('dropped_frames', '-')}"
+    )
+
+
+if __name__ == "__main__":
+    main()
