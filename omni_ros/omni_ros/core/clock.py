@@ -6,7 +6,6 @@ A ROS node injects ROS time (which is sim time under bag replay); tests inject :
 from __future__ import annotations
 
 import threading
-import time
 from typing import Protocol, runtime_checkable
 
 NS_PER_S = 1_000_000_000
@@ -43,10 +42,3 @@ class ManualClock:
         with self._lock:
             self._now_ns += int(delta_ns)
             return self._now_ns
-
-
-class MonotonicClock:
-    """Process-local monotonic time. Used only to *measure* compute durations, never to place data."""
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns()

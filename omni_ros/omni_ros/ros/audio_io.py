@@ -696,18 +696,6 @@ class PyAudioSink:
             self._pa.terminate()
 
 
-def pcm_sequence(n_frames: int, fmt: AudioFormat, start: int = 0) -> bytes:
-    """Test signal whose every frame says where it is: frame i holds ``(start + i) % 32000``.
-
-    Useful to prove that no frame is lost, duplicated or reordered between a source and a sink.
-    """
-    values = (np.arange(start, start + n_frames) % 32000).astype(np.int64)
-    frames = np.repeat(values[:, None], fmt.channels, axis=1)
-    if fmt.encoding == "S16LE":
-        return frames.astype("<i2").tobytes()
-    return (frames / 32768.0).astype("<f4").tobytes()
-
-
 __all__: Sequence[str] = (
     "ArraySource",
     "AudioDeviceError",
@@ -724,7 +712,6 @@ __all__: Sequence[str] = (
     "WavFileSource",
     "describe_devices",
     "list_devices",
-    "pcm_sequence",
     "read_wav",
     "resolve_device",
 )

@@ -80,11 +80,6 @@ def tensorrt_major(version: str) -> int:
         raise EngineError(f"cannot parse the TensorRT version {version!r}") from exc
 
 
-def uses_strong_typing(version: str) -> bool:
-    """True where precision must come from the ONNX dtypes (TensorRT 11 and later)."""
-    return tensorrt_major(version) >= 11
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildRequest:
     """One engine build: the ONNX file to parse and how to build it."""

@@ -27,7 +27,6 @@ from torch import nn
 
 from omni_ros.core.errors import EngineError
 from omni_ros.tensorrt.specs import (
-    PRECISION_FLOAT_DTYPE,
     ComponentSpec,
     Shape,
     check_precision,
@@ -291,14 +290,6 @@ def convert_onnx_precision(src: str | Path, dst: str | Path, precision: str) -> 
     finally:
         tmp.unlink(missing_ok=True)
     return dst
-
-
-def engine_io_dtypes(spec: ComponentSpec, precision: str) -> dict[str, str]:
-    """The dtype each engine I/O tensor has after conversion for ``precision`` (TensorRT 11 path)."""
-    target = PRECISION_FLOAT_DTYPE[check_precision(precision)]
-    return {
-        t.name: (target if t.dtype == "float32" else t.dtype) for t in (*spec.inputs, *spec.outputs)
-    }
 
 
 # --- Wrappers around the real MiniCPM-o 4.5 submodules (need the weights; GPU test only) ----------

@@ -24,7 +24,8 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from omni_ros.ros.audio_io import AudioFormat, pcm_sequence  # noqa: E402
+from omni_ros.ros.audio_io import AudioFormat  # noqa: E402
+from pcm_samples import pcm_sequence  # noqa: E402
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 MIC_RATE = 16_000

@@ -22,8 +22,8 @@ from omni_ros.ros.audio_io import (
     RecordingSink,
     WavFileSink,
     WavFileSource,
-    pcm_sequence,
 )
+from pcm_samples import pcm_sequence
 
 MIC = AudioFormat(16_000, 1, "S16LE")
 
