@@ -35,7 +35,8 @@ Arguments:
         names one; ``none``: Fast DDS's defaults. The camera driver must use the same profile
         (docs/RELIABILITY.md): with the defaults, 640x480 rgb8 frames mostly do not arrive.
 
-Every argument is checked before any node starts: a value outside its choices (``log_level:=verbose``,
+The argument table and the optional nodes are ``omni_ros.ros.launch_arguments`` (replay.launch.py
+declares the same table). Every argument is checked before any node starts: a value outside its choices (``log_level:=verbose``,
 ``with_mic:=yes``), an unknown backend or a params file that does not exist stops the launch with a
 message naming the argument, and ``ros2 launch`` exits non-zero.
 
@@ -50,7 +51,6 @@ parameter of those nodes (``source: wav``, ``wav_path``, ``device``, ...) is rea
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import yaml
@@ -59,8 +59,15 @@ from launch import LaunchContext, LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import LifecycleNode, Node
+from omni_ros.backends.base import MODEL_PARAMETER
 from omni_ros.core.errors import ConfigError
 from omni_ros.ros._params import flatten_parameters, read_params_file
+from omni_ros.ros.launch_arguments import (
+    ARGUMENTS,
+    OPTIONAL_NODES,
+    LaunchArgumentError,
+    check_arguments,
+)
 
 PACKAGE = "omni_ros"
 #: The shipped Fast DDS transport profile (large shared-memory segments: camera frames arrive).
@@ -68,84 +75,6 @@ DDS_PROFILE = "fastdds_camera.xml"
 #: Fast DDS 3 (Kilted) reads FASTDDS_..., Fast DDS 2 (Jazzy, Humble) FASTRTPS_... (measured: on
 #: Jazzy a profile named only by the first was ignored and 0 of 90 640x480 frames arrived).
 DDS_PROFILE_VARIABLES = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
-
-#: backend -> the parameter that the `model` argument sets.
-MODEL_PARAMETER = {
-    "reference": "size",
-    "minicpmo": "model",
-    "llamacpp_omni": "model_dir",
-    "vllm_omni": "model",
-}
-#: What ``IfCondition`` and the ROS command line accept, spelled the ways users type them.
-BOOLEAN = ["true", "false", "True", "False"]
-#: ``mic.type`` values (omni_ros.ros.audio_common.MIC_TYPES; "" keeps the params file's).
-MIC_TYPES = [
-    "",
-    "omni_ros_msgs/msg/AudioChunk",
-    "audio_common_msgs/msg/AudioStamped",
-    "audio_common_msgs/msg/AudioDataStamped",
-]
-#: rcutils' severities (``--log-level``); anything else makes rclpy.init raise in the node.
-LOG_LEVELS = ["debug", "info", "warn", "error", "fatal"]
-
-#: (name, default, description, choices or None). launch checks the choices itself.
-ARGUMENTS = (
-    ("backend", "reference", "reference | minicpmo | llamacpp_omni | vllm_omni", None),
-    (
-        "model",
-        "",
-        "model folder / id (reference: tiny | full); empty: the params file's value",
-        None,
-    ),
-    ("params_file", "", "parameters YAML; empty: share/omni_ros/config/<backend>.yaml", None),
-    ("namespace", "", "namespace of every node", None),
-    ("use_sim_time", "false", "use /clock (bag replay)", BOOLEAN),
-    (
-        "with_mic",
-        "false",
-        "also start mic_node (config/mic.yaml + params_file's mic_node:)",
-        BOOLEAN,
-    ),
-    (
-        "with_speaker",
-        "false",
-        "also start speaker_node (config/speaker.yaml + params_file's speaker_node:)",
-        BOOLEAN,
-    ),
-    (
-        "with_foxglove",
-        "false",
-        "also start omni_live_view (Foxglove WebSocket on localhost)",
-        BOOLEAN,
-    ),
-    ("foxglove_port", "8765", "omni_live_view's port", None),
-    ("engine_dir", "", "TensorRT engine folder; non-empty enables TensorRT", None),
-    ("log_level", "info", "debug | info | warn | error | fatal", LOG_LEVELS),
-    ("camera_topic", "", "the camera driver's image topic; empty: camera/image_raw", None),
-    ("mic_topic", "", "the microphone driver's topic; empty: audio/mic", None),
-    (
-        "mic_type",
-        "",
-        "audio/mic message type (mic.type); empty: the params file's value",
-        MIC_TYPES,
-    ),
-    (
-        "dds_profile",
-        "",
-        "Fast DDS profile for every node started here; empty: the shipped "
-        "config/fastdds_camera.xml (camera-size frames arrive), none: Fast DDS defaults",
-        None,
-    ),
-)
-
-_NAMESPACE = re.compile(r"^/?([A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*)?/?$")
-
-
-_TOPIC = re.compile(r"^/?[A-Za-z_~][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-class LaunchArgumentError(RuntimeError):
-    """A launch argument that cannot work; launch prints the message and exits non-zero."""
 
 
 def node_section(path: str, node_name: str) -> dict[str, Any]:
@@ -174,27 +103,8 @@ def _is_true(text: str) -> bool:
 
 def _arguments(context: LaunchContext) -> dict[str, str]:
     """Every argument's value, checked beyond the choices launch already enforces."""
-    values = {name: LaunchConfiguration(name).perform(context) for name, *_ in ARGUMENTS}
-    if values["backend"] not in MODEL_PARAMETER:
-        raise LaunchArgumentError(
-            f"backend:={values['backend']} unknown; choose one of {sorted(MODEL_PARAMETER)}"
-        )
-    if values["params_file"] and not os.path.isfile(values["params_file"]):
-        raise LaunchArgumentError(f"params_file:={values['params_file']} is not a file")
-    for name in ("camera_topic", "mic_topic"):
-        if values[name] and not _TOPIC.match(values[name]):
-            raise LaunchArgumentError(f"{name}:={values[name]} is not a ROS topic name")
-    if not _NAMESPACE.match(values["namespace"]):
-        raise LaunchArgumentError(
-            f"namespace:={values['namespace']} is not a ROS namespace "
-            "(letters, digits and _ in /-separated tokens, not starting with a digit)"
-        )
-    if not values["foxglove_port"].isdigit() or not 0 < int(values["foxglove_port"]) < 65536:
-        raise LaunchArgumentError(f"foxglove_port:={values['foxglove_port']} is not a port number")
-    for name, _default, _text, choices in ARGUMENTS:
-        # launch checks choices when the argument is declared; an including file may bypass that.
-        if choices is not None and values[name] not in choices:
-            raise LaunchArgumentError(f"{name}:={values[name]} is not one of {choices}")
+    values = {a.name: LaunchConfiguration(a.name).perform(context) for a in ARGUMENTS}
+    check_arguments(values, is_file=os.path.isfile)
     return values
 
 
@@ -266,33 +176,19 @@ def _nodes(context: LaunchContext) -> list[Any]:
             **common,
         )
     ]
-    if _is_true(values["with_mic"]):
+    for extra in OPTIONAL_NODES:
+        if not _is_true(values[extra.flag]):
+            continue
+        if extra.config is not None:
+            parameters = _audio_params(values, config_dir, extra.executable, extra.config)
+        else:  # omni_live_view
+            parameters = {"port": int(values["foxglove_port"]), "use_sim_time": sim_time}
         actions.append(
             Node(
                 package=PACKAGE,
-                executable="mic_node",
-                name="mic_node",
-                parameters=[_audio_params(values, config_dir, "mic_node", "mic.yaml")],
-                **common,
-            )
-        )
-    if _is_true(values["with_speaker"]):
-        actions.append(
-            Node(
-                package=PACKAGE,
-                executable="speaker_node",
-                name="speaker_node",
-                parameters=[_audio_params(values, config_dir, "speaker_node", "speaker.yaml")],
-                **common,
-            )
-        )
-    if _is_true(values["with_foxglove"]):
-        actions.append(
-            Node(
-                package=PACKAGE,
-                executable="omni_live_view",
-                name="omni_live_view",
-                parameters=[{"port": int(values["foxglove_port"]), "use_sim_time": sim_time}],
+                executable=extra.executable,
+                name=extra.executable,
+                parameters=[parameters],
                 **common,
             )
         )
@@ -302,8 +198,10 @@ def _nodes(context: LaunchContext) -> list[Any]:
 def generate_launch_description() -> LaunchDescription:
     return LaunchDescription(
         [
-            DeclareLaunchArgument(name, default_value=default, description=text, choices=choices)
-            for name, default, text, choices in ARGUMENTS
+            DeclareLaunchArgument(
+                a.name, default_value=a.default, description=a.description, choices=a.choices
+            )
+            for a in ARGUMENTS
         ]
         + [OpaqueFunction(function=_dds_profile), OpaqueFunction(function=_nodes)]
     )

@@ -31,11 +31,12 @@ Rules every backend follows (checked by the shared contract suite, test/unit/bac
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
 from omni_ros.core.types import FloatArray, Unit, UnitResult
 
@@ -45,6 +46,8 @@ class Backend(Protocol):
     """A duplex model driven one unit at a time."""
 
     name: ClassVar[str]
+    #: The backend's config dataclass; ``create_backend`` builds it with ``from_mapping``.
+    config_class: ClassVar[type[Any]]
     #: Sample rate the backend wants in ``Unit.audio`` (MiniCPM-o: 16 kHz).
     input_sample_rate: int
     #: Sample rate of ``UnitResult.audio`` (MiniCPM-o: 24 kHz).
@@ -79,13 +82,21 @@ class Backend(Protocol):
         ...
 
 
-#: name -> "module:Class". Imported lazily, so choosing ``llamacpp_omni`` never imports torch.
-BACKENDS: dict[str, str] = {
-    "reference": "omni_ros.backends.reference:ReferenceBackend",
-    "minicpmo": "omni_ros.backends.minicpmo:MiniCPMOBackend",
-    "llamacpp_omni": "omni_ros.backends.llamacpp_omni:LlamaCppOmniBackend",
-    "vllm_omni": "omni_ros.backends.vllm_omni:VllmOmniBackend",
+#: The one list of backends: name -> ("module:Class", the config field a launch file's
+#: ``model:=`` argument sets). Classes are imported lazily, so choosing ``llamacpp_omni`` never
+#: imports torch. Everything else that lists backends derives from this table.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "reference": ("omni_ros.backends.reference:ReferenceBackend", "size"),
+    "minicpmo": ("omni_ros.backends.minicpmo:MiniCPMOBackend", "model"),
+    "llamacpp_omni": ("omni_ros.backends.llamacpp_omni:LlamaCppOmniBackend", "model_dir"),
+    "vllm_omni": ("omni_ros.backends.vllm_omni:VllmOmniBackend", "model"),
 }
+#: name -> "module:Class" (tests register doubles here at runtime).
+BACKENDS: dict[str, str] = {name: target for name, (target, _) in REGISTRY.items()}
+#: name -> the config field that ``model:=`` sets (``reference.size``, ``minicpmo.model``...).
+MODEL_PARAMETER: dict[str, str] = {name: field for name, (_, field) in REGISTRY.items()}
+#: "reference | minicpmo | llamacpp_omni | vllm_omni", for parameter and argument descriptions.
+BACKEND_CHOICES = " | ".join(REGISTRY)
 
 
 def backend_class(name: str) -> type[Any]:
@@ -110,6 +121,52 @@ def create_backend(name: str, params: Mapping[str, Any] | None = None) -> Backen
     config = cls.config_class.from_mapping(dict(params or {}))
     backend: Backend = cls(config)
     return backend
+
+
+def check_unit(
+    unit: Unit,
+    backend: str,
+    sample_rate: int,
+    durations_ns: Collection[int],
+    which: str,
+    why: str = "",
+) -> FloatArray:
+    """The contract's one unit check, run before any state changes.
+
+    Args:
+        unit: what ``prefill()`` was given.
+        backend: the backend's name, for the message.
+        sample_rate: the backend's ``input_sample_rate``.
+        durations_ns: the unit lengths allowed now (``first_unit_ns`` for the first unit after
+            ``prepare()``, else ``unit_ns``; both while a backend recovers mid-stream).
+        which: how the message names the unit ("the first unit after prepare()", "a unit").
+        why: appended to the length message (what would go wrong with another length).
+
+    Returns:
+        The unit's audio as a 1-D array.
+
+    Raises:
+        ConfigError: not a ``Unit``, another sample rate, not mono 1-D, or another length.
+    """
+    if not isinstance(unit, Unit):
+        raise ConfigError(f"prefill() takes a Unit, not {type(unit).__name__}")
+    if unit.sample_rate != sample_rate:
+        raise ConfigError(
+            f"unit {unit.index} audio is {unit.sample_rate} Hz; {backend} takes {sample_rate} Hz "
+            "(build units at backend.input_sample_rate)"
+        )
+    audio = np.asarray(unit.audio)
+    if audio.ndim != 1:
+        raise ConfigError(f"unit {unit.index} audio has shape {audio.shape}; expected mono 1-D")
+    allowed = sorted({int(d) * sample_rate // NS_PER_S for d in durations_ns})
+    if audio.shape[0] not in allowed:
+        seconds = " or ".join(f"{n / sample_rate:g} s" for n in allowed)
+        raise ConfigError(
+            f"unit {unit.index} has {audio.shape[0]} samples; {which} must have exactly "
+            f"{' or '.join(str(n) for n in allowed)} ({seconds} at {sample_rate} Hz)"
+            + (f": {why}" if why else "")
+        )
+    return audio
 
 
 def silence(n_samples: int) -> FloatArray:

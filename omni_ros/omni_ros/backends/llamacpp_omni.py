@@ -95,6 +95,7 @@ import httpx
 import numpy as np
 
 from omni_ros.backends import _wire
+from omni_ros.backends.base import check_unit
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
     BackendError,
@@ -1507,23 +1508,13 @@ class LlamaCppOmniBackend:
 
     def _check_unit(self, unit: Unit) -> None:
         """Reject a unit of the wrong rate or length before any state changes."""
-        if unit.sample_rate != INPUT_SAMPLE_RATE:
-            raise ConfigError(
-                f"unit audio is {unit.sample_rate} Hz; llamacpp_omni wants {INPUT_SAMPLE_RATE} Hz"
-            )
-        first_n = self.first_unit_ns * INPUT_SAMPLE_RATE // 1_000_000_000
-        unit_n = self.unit_ns * INPUT_SAMPLE_RATE // 1_000_000_000
         if self._needs_reopen:
             # Recovering after a failure: the caller's timeline may restart or carry on; either is fine.
-            allowed = {first_n, unit_n}
+            durations: tuple[int, ...] = (self.first_unit_ns, self.unit_ns)
         else:
-            allowed = {first_n} if self._units_since_prepare == 0 else {unit_n}
-        if len(unit.audio) not in allowed:
-            which = "the first unit after prepare()" if self._units_since_prepare == 0 else "a unit"
-            raise ConfigError(
-                f"{which} must hold exactly {sorted(allowed)} samples at {INPUT_SAMPLE_RATE} Hz, "
-                f"got {len(unit.audio)}"
-            )
+            durations = (self.first_unit_ns if self._units_since_prepare == 0 else self.unit_ns,)
+        which = "the first unit after prepare()" if self._units_since_prepare == 0 else "a unit"
+        check_unit(unit, self.name, INPUT_SAMPLE_RATE, durations, which)
 
     def _open_session(self) -> None:
         self._prepared = False

@@ -74,6 +74,7 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import numpy as np
 
+from omni_ros.backends.base import check_unit
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
     BackendError,
@@ -935,24 +936,16 @@ class MiniCPMOBackend:
 
     def _check_unit(self, unit: Unit) -> None:
         """Reject a unit the API would mis-handle, before any state changes."""
-        if unit.sample_rate != INPUT_SAMPLE_RATE:
-            raise ConfigError(
-                f"unit {unit.index} has sample_rate {unit.sample_rate}; minicpmo takes "
-                f"{INPUT_SAMPLE_RATE} Hz: build units at backend.input_sample_rate"
-            )
-        audio = np.asarray(unit.audio)
-        if audio.ndim != 1:
-            raise ConfigError(f"unit {unit.index} audio has shape {audio.shape}; expected mono 1-D")
         # The caller's timeline restarts at prepare(): its first unit is 1.035 s, the rest 1.0 s.
         first = self._caller_units == 0
-        expected = FIRST_UNIT_SAMPLES if first else UNIT_SAMPLES
-        if audio.size != expected:
-            which = "the first unit after prepare()" if first else "a unit after the first"
-            raise ConfigError(
-                f"unit {unit.index} has {audio.size} samples; {which} must have {expected} at "
-                f"{INPUT_SAMPLE_RATE} Hz (first_unit_ns = 1.035 s, unit_ns = 1.0 s): the duplex "
-                "API consumes exactly one unit per call and would queue the rest"
-            )
+        check_unit(
+            unit,
+            self.name,
+            INPUT_SAMPLE_RATE,
+            (self.first_unit_ns if first else self.unit_ns,),
+            "the first unit after prepare()" if first else "a unit after the first",
+            why="the duplex API consumes exactly one unit per call and would queue the rest",
+        )
 
     def _unit_audio(self, unit: Unit) -> FloatArray:
         """Exactly the samples the API consumes in one call, so no backlog ever builds."""

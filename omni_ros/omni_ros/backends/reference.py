@@ -74,6 +74,7 @@ import torch
 import transformers
 from PIL import Image
 
+from omni_ros.backends.base import check_unit
 from omni_ros.backends.reference_model import (
     AUDIO_POOL,
     INPUT_SAMPLE_RATE,
@@ -524,25 +525,14 @@ class ReferenceBackend:
         session.prepared = True
 
     def _validate(self, unit: Unit) -> None:
-        if not isinstance(unit, Unit):
-            raise ConfigError(f"prefill() takes a Unit, not {type(unit).__name__}")
-        if unit.sample_rate != self.input_sample_rate:
-            raise ConfigError(
-                f"unit {unit.index} audio is at {unit.sample_rate} Hz; the reference backend needs "
-                f"{self.input_sample_rate} Hz (resample on the timeline)"
-            )
-        audio = unit.audio
-        if not isinstance(audio, np.ndarray) or audio.ndim != 1:
-            raise ConfigError(f"unit {unit.index} audio must be a 1-D float32 array")
         first = self._session.units == 0
-        duration_ns = self.first_unit_ns if first else self.unit_ns
-        expected = duration_ns * self.input_sample_rate // _NS_PER_S
-        if audio.shape[0] != expected:
-            which = "the first unit after prepare()" if first else "a unit"
-            raise ConfigError(
-                f"unit {unit.index} has {audio.shape[0]} samples; {which} must have exactly "
-                f"{expected} ({duration_ns / 1e9:g} s at {self.input_sample_rate} Hz)"
-            )
+        check_unit(
+            unit,
+            self.name,
+            self.input_sample_rate,
+            (self.first_unit_ns if first else self.unit_ns,),
+            "the first unit after prepare()" if first else "a unit",
+        )
         for frame in unit.frames:
             rgb = frame.rgb
             if (

@@ -89,6 +89,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from omni_ros.backends import _wire
+from omni_ros.backends.base import check_unit
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
     BackendError,
@@ -521,20 +522,14 @@ class VllmOmniBackend:
             raise StateError(
                 "prefill() before prepare(): call backend.prepare(system_prompt) first"
             )
-        if unit.sample_rate != INPUT_SAMPLE_RATE:
-            raise ConfigError(
-                f"unit audio is {unit.sample_rate} Hz; vllm_omni wants {INPUT_SAMPLE_RATE} Hz"
-            )
         first = self._flow_first_unit
-        expected = (
-            (self.first_unit_ns if first else self.unit_ns) * INPUT_SAMPLE_RATE // 1_000_000_000
+        check_unit(
+            unit,
+            self.name,
+            INPUT_SAMPLE_RATE,
+            (self.first_unit_ns if first else self.unit_ns,),
+            "the first unit of a session" if first else "a unit",
         )
-        if len(unit.audio) != expected:
-            which = "the first unit of a session" if first else "a unit"
-            raise ConfigError(
-                f"{which} must hold exactly {expected} samples at {INPUT_SAMPLE_RATE} Hz, "
-                f"got {len(unit.audio)}"
-            )
         if self._needs_new_session:
             self._open_new_session()
         if unit.texts:

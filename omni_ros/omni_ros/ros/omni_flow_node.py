@@ -92,44 +92,14 @@ class OmniFlowNode(LifecycleNode):
     the OmniFlow runner; activate starts the loop; deactivate stops it; cleanup / shutdown close
     the backend (releasing the GPU). With ``autostart`` the node configures and activates itself.
 
-    Parameters (read at configure; change them, then cleanup + configure to apply):
-        autostart (bool, true): configure + activate at startup, for use without a lifecycle
-            manager. Set false to drive the transitions from a lifecycle manager.
-        backend (string, "reference"): reference | minicpmo | llamacpp_omni | vllm_omni.
-        <backend>.* (any): that backend's config fields, e.g. ``reference.size: tiny``
-            (validated by the backend's config class; an unknown key fails configure).
-        system_prompt (string, "Streaming Omni Conversation."): the backend's system prompt.
-        ref_voice_path (string, ""): WAV file with the reference voice; empty = none.
-        camera.compressed (bool, false): subscribe ``camera/image_raw/compressed`` instead.
-        mic.type (string, "omni_ros_msgs/msg/AudioChunk"): the ``audio/mic`` message type, or an
-            audio_common fork's ``audio_common_msgs/msg/AudioStamped`` (mgonzs13) /
-            ``audio_common_msgs/msg/AudioDataStamped`` (ros-drivers; :mod:`~omni_ros.ros.audio_common`).
-        mic.info_topic (string, "audio_info"), mic.format (string, ""): where an AudioDataStamped
-            stream's format comes from; ``mic.format`` (e.g. ``16000:1:S16LE``) if nothing
-            publishes AudioInfo.
-        speech.chunk_ms (int, 100): length of each ``omni/speech`` chunk [ms].
-        speech.encoding (string, "S16LE"): S16LE | F32LE.
-        diagnostics.period_s (double, 1.0): ``/diagnostics`` period [s] of steady (wall) time,
-            so reports continue while a replayed bag is paused (read at startup).
-        diagnostics.clock_stall_s (double, 2.0): while active, a node clock that has not advanced
-            for this long (steady time: ``/clock`` paused or its publisher gone under
-            ``use_sim_time``) makes ``/diagnostics`` WARN with how long and whether input still
-            arrives (``clock_stalled_s``); OK again once it moves. 0 disables it.
-        ask.default_timeout_s (double, 30.0): ``omni/ask`` timeout when the goal gives 0 [s].
-        ask.max_goals (int, 2): ``omni/ask`` goals served at once; a goal beyond it is rejected
-            at once (the caller sees ``accepted: false``), never left pending.
-        prompt.max_bytes (int, 16384): longest system prompt (UTF-8 bytes), checked before the
-            backend embeds it (``system_prompt`` at configure, ``omni/set_prompt``).
-        ref_voice.min_s (double, 0.1), ref_voice.max_s (double, 30.0): reference voice
-            duration bounds [s], checked from the WAV header before the samples are decoded.
-        tensorrt.enabled (bool, false): swap backend components for verified TensorRT engines,
-            with a per-component torch fallback reported in ``/diagnostics``.
-        tensorrt.engine_dir (string, ""): engine cache; empty = the package's tensorrt_engines/.
-        tensorrt.components (string, "vision,audio,vocoder"): components to accelerate.
-        timeline.*, session.*, vad.*, aec.*, flow.*: every field of ``FlowConfig`` (``flow.*``) and
-            of its nested configs, same names, types and defaults (``OmniFlowNode.param_specs``);
-            ``flow.system_prompt`` is ``system_prompt`` above, and ``timeline.unit_ns``,
-            ``first_unit_ns`` and ``sample_rate`` are dictated by the backend.
+    Parameters (read at configure; change them, then cleanup + configure to apply): the node's
+    own are ``omni_ros.ros._setup.NODE_PARAMS`` (name -> default, description; README's table is
+    tested against it), plus ``<backend>.*`` (the chosen backend's config fields, ``omni-ros
+    backends`` lists them) and ``timeline.*``, ``session.*``, ``vad.*``, ``aec.*``, ``flow.*``
+    (every field of ``FlowConfig`` and its nested configs, same names, types and defaults;
+    ``flow.system_prompt`` is ``system_prompt``, and ``timeline.unit_ns``, ``first_unit_ns`` and
+    ``sample_rate`` are dictated by the backend). Every name and type is checked by
+    ``omni_ros.ros._setup.node_setup``.
 
     Subscribes (relative names; sensor-data QoS, depth 100 for the mic; robot_speaking reliable):
         camera/image_raw (sensor_msgs/Image) or camera/image_raw/compressed
@@ -509,7 +479,22 @@ class OmniFlowNode(LifecycleNode):
 
     # ----------------------------------------------------------------------------------- outputs
     def _emit(self, event: OutputEvent) -> None:
-        """Called on the OmniFlow worker thread, in order."""
+        """Called on the OmniFlow worker thread, in order.
+
+        After Ctrl-C / SIGTERM shut the context down, the worker can still be finishing a unit
+        (the loop stops after the spin returns): its events are dropped quietly instead of each
+        printing an RCLError traceback ("publisher's context is invalid", seen under the real
+        ``ros2 launch`` on Ctrl-C).
+        """
+        if not self.context.ok():
+            return
+        try:
+            self._publish_event(event)
+        except Exception:
+            if self.context.ok():
+                raise
+
+    def _publish_event(self, event: OutputEvent) -> None:
         if isinstance(event, SpeechOut):
             chunk = max(1, int(self._param("speech.chunk_ms")) * event.sample_rate // 1000)
             for msg in conv.speech_to_chunks(event, chunk, str(self._param("speech.encoding"))):
@@ -530,6 +515,8 @@ class OmniFlowNode(LifecycleNode):
             self._user_speaking_pub.publish(Bool(data=event.speaking))
 
     def _publish_diagnostics(self) -> None:
+        if not self.context.ok():
+            return  # the steady-time timer can fire once more after Ctrl-C shut the context down
         lifecycle = self._state_machine.current_state[1]
         backend, now_ns = str(self._param("backend")), self._omni_clock.now_ns()
         array = self._diag.report(self.get_name(), backend, lifecycle, now_ns)

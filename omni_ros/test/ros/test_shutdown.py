@@ -109,3 +109,29 @@ def test_repeated_sigint_during_teardown_still_exits_cleanly(
     output = log_path.read_text(errors="replace")
     assert code == 0, f"{node_name} exited with {code}\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_events_after_the_context_is_shut_down_are_dropped_without_a_traceback() -> None:
+    """Seen under the real ``ros2 launch`` on Ctrl-C: the flow worker was still finishing a unit
+    when the context went, and each of its events printed an RCLError traceback ("publisher's
+    context is invalid"); the /diagnostics timer could fire once more the same way."""
+    from omni_ros.core.types import VoiceActivity
+    from omni_ros.ros.omni_flow_node import OmniFlowNode
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = OmniFlowNode(context=context)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        node._emit(VoiceActivity(stamp_ns=0, speaking=True))  # a live context publishes
+        rclpy.shutdown(context=context)  # Ctrl-C: the context goes while the worker still runs
+        node._emit(VoiceActivity(stamp_ns=1, speaking=False))  # raised RCLError before
+        node._publish_diagnostics()  # raised RCLError before
+    finally:
+        if context.ok():
+            rclpy.shutdown(context=context)
+        node.trigger_deactivate()
+        node.trigger_cleanup()
+        node.destroy_node()

@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 import yaml
-from omni_ros.backends.base import BACKENDS
+from omni_ros.backends.base import BACKENDS, MODEL_PARAMETER
 from omni_ros.ros._params import flatten_parameters
+from omni_ros.ros.launch_arguments import ARGUMENTS, OPTIONAL_NODES
 
 PKG = Path(__file__).resolve().parents[2]
 SRC = PKG / "omni_ros"
@@ -80,15 +81,54 @@ def _parameter_table(path: Path, name: str) -> dict[str, str]:
 
 
 def _argument_names(path: Path) -> set[str]:
-    """The names in a launch file's module-level ``ARGUMENTS`` (first element of each tuple)."""
-    expr = _assignment(path, "ARGUMENTS")
-    assert isinstance(expr, ast.Tuple | ast.List), f"{path.name}: ARGUMENTS is not a tuple"
-    names = set()
-    for row in expr.elts:
-        assert isinstance(row, ast.Tuple)
-        assert isinstance(row.elts[0], ast.Constant)
-        names.add(str(row.elts[0].value))
-    return names
+    """The arguments a launch file declares: every ``DeclareLaunchArgument`` it returns.
+
+    Its Python runs against a minimal stand-in of the launch API (only what declaring needs).
+    """
+    declared: list[str] = []
+
+    class Recorder:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.args, self.kwargs = args, kwargs
+
+    class Declare(Recorder):
+        def __init__(self, name: str, **kwargs: Any) -> None:
+            super().__init__(name, **kwargs)
+            declared.append(name)
+
+    stand_in = {
+        "launch": {"LaunchContext": object, "LaunchDescription": Recorder},
+        "launch.actions": {
+            "DeclareLaunchArgument": Declare,
+            "OpaqueFunction": Recorder,
+            "IncludeLaunchDescription": Recorder,
+            "SetEnvironmentVariable": Recorder,
+        },
+        "launch.substitutions": {"LaunchConfiguration": Recorder},
+        "launch.launch_description_sources": {"PythonLaunchDescriptionSource": Recorder},
+        "launch_ros.actions": {"Node": Recorder, "LifecycleNode": Recorder},
+        "ament_index_python.packages": {"get_package_share_directory": lambda _: str(PKG)},
+    }
+    saved = {
+        name: sys.modules.get(name) for name in (*stand_in, "launch_ros", "ament_index_python")
+    }
+    try:
+        for name, attrs in stand_in.items():
+            sys.modules[name] = types.SimpleNamespace(**attrs)  # type: ignore[assignment]
+        spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.generate_launch_description()
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
+    assert len(declared) == len(set(declared)), f"{path.name} declares an argument twice"
+    return set(declared)
 
 
 def _console_script_entries() -> dict[str, str]:
@@ -222,10 +262,12 @@ def test_every_launched_executable_is_an_installed_console_script(launch_file: P
     tree = _tree(launch_file)
     for call in _calls(tree, "Node", "LifecycleNode"):
         executable, package = _keyword(call, "executable"), _keyword(call, "package")
-        assert isinstance(executable, ast.Constant), "executable must be a literal"
-        assert executable.value in scripts, (
-            f"{executable.value!r} is not in setup.py console_scripts"
-        )
+        if isinstance(executable, ast.Constant):
+            assert executable.value in scripts, (
+                f"{executable.value!r} is not in setup.py console_scripts"
+            )
+        else:  # the optional nodes' loop
+            assert ast.unparse(executable) == "extra.executable", ast.unparse(executable)
         assert isinstance(package, ast.Name | ast.Constant)
         package_name = (
             package.value
@@ -233,6 +275,9 @@ def test_every_launched_executable_is_an_installed_console_script(launch_file: P
             else _module_literal(launch_file, package.id)
         )
         assert package_name == "omni_ros"
+    for extra in OPTIONAL_NODES:
+        assert extra.executable in scripts, f"{extra.executable!r} is not a console script"
+        assert extra.flag in {a.name for a in ARGUMENTS}
 
 
 @pytest.mark.parametrize("launch_file", LAUNCH_FILES, ids=lambda p: p.name)
@@ -249,9 +294,10 @@ def test_every_file_a_launch_file_names_exists(launch_file: Path) -> None:
         if text.endswith(".launch.py"):
             assert (PKG / "launch" / text).is_file(), f"launch/{text} is missing"
     if launch_file.name == "omni_flow.launch.py":
-        backends = _module_literal(launch_file, "MODEL_PARAMETER")
-        assert set(backends) == set(BACKENDS), "every backend has a model parameter mapping"
-        for backend, param in backends.items():
+        for extra in OPTIONAL_NODES:
+            assert extra.config is None or (PKG / "config" / extra.config).is_file()
+        assert set(MODEL_PARAMETER) == set(BACKENDS), "every backend has a model parameter"
+        for backend, param in MODEL_PARAMETER.items():
             assert param in _backend_fields(backend), f"{backend} has no config field {param}"
             assert (PKG / "config" / f"{backend}.yaml").is_file()
 

@@ -30,6 +30,7 @@ What the contract pins down (the protocol text lives in ``omni_ros.backends.base
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from typing import Any
@@ -250,6 +251,15 @@ class BackendContract:
         backend.prefill(good)
         check_result(backend.generate())
 
+    def test_stereo_unit_is_rejected_with_a_clear_error(self, backend: Any) -> None:
+        backend.prepare(self.system_prompt)
+        good = make_unit(backend, 0)
+        stereo = dataclasses.replace(good, audio=np.stack([good.audio, good.audio], axis=1))
+        with pytest.raises(OmniError, match="mono"):
+            backend.prefill(stereo)
+        backend.prefill(good)
+        check_result(backend.generate())
+
     # ------------------------------------------------------------------------ interrupt / reset
     def test_interrupt_from_another_thread_makes_the_next_unit_listen(self, backend: Any) -> None:
         backend.prepare(self.system_prompt)
@@ -315,6 +325,17 @@ class BackendContract:
         self.run_unit(backend, 0)
         backend.close()
         backend.close()
+
+    def test_a_closed_backend_refuses_work_with_a_state_error(self, backend: Any) -> None:
+        backend.prepare(self.system_prompt)
+        self.run_unit(backend, 0)
+        backend.close()
+        # Never a call into released GPU memory or a closed socket: a clear StateError.
+        with pytest.raises(StateError, match="closed"):
+            backend.prepare(self.system_prompt)
+        with pytest.raises(StateError, match="closed"):
+            backend.prefill(make_unit(backend, 1))
+        backend.interrupt()  # the barge-in path may race a shutdown: never raises
 
     def test_close_without_prepare_is_fine(self, backend: Any) -> None:
         backend.close()
