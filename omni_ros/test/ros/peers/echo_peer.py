@@ -7,6 +7,8 @@ feedback messages and the result. Runs until killed.
 
 from __future__ import annotations
 
+import time
+
 import rclpy
 from rclpy.action import ActionServer
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -56,6 +58,11 @@ class EchoPeer(Node):
         text = goal_handle.request.text
         for part in (text[: len(text) // 2], text):
             goal_handle.publish_feedback(Ask.Feedback(partial_text=part))
+        # Feedback and result travel on different topics, and rclpy's ActionClient forgets a
+        # goal's feedback callback once its result is in (rclpy/action/client.py,
+        # ActionClient._remove_pending_result_request): a feedback that lands after the result is
+        # dropped (seen under load: 'what do ' was the last one). Leave the feedback time first.
+        time.sleep(0.3)
         goal_handle.succeed()
         return Ask.Result(reply=f"{text}|{goal_handle.request.timeout_s:.1f}", spoken=True)
 
