@@ -1,4 +1,7 @@
-"""The one Protocol every model backend implements, and the ``BACKENDS`` name -> class table.
+"""The backend registry (``REGISTRY``) and the contract's shared checks.
+
+The Protocol every model backend implements is :class:`omni_ros.core.backend.Backend` (the core
+calls it; it is re-exported here).
 
 Call order per session::
 
@@ -32,55 +35,16 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from omni_ros.core.backend import Backend
 from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
-from omni_ros.core.types import FloatArray, Unit, UnitResult
+from omni_ros.core.types import FloatArray, Unit
 
-
-@runtime_checkable
-class Backend(Protocol):
-    """A duplex model driven one unit at a time."""
-
-    name: ClassVar[str]
-    #: The backend's config dataclass; ``create_backend`` builds it with ``from_mapping``.
-    config_class: ClassVar[type[Any]]
-    #: Sample rate the backend wants in ``Unit.audio`` (MiniCPM-o: 16 kHz).
-    input_sample_rate: int
-    #: Sample rate of ``UnitResult.audio`` (MiniCPM-o: 24 kHz).
-    output_sample_rate: int
-    #: Length of every unit but the first, in nanoseconds (MiniCPM-o: 1.0 s).
-    unit_ns: int
-    #: Length of the first unit after prepare(), in nanoseconds (MiniCPM-o: 1.035 s).
-    first_unit_ns: int
-
-    def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
-        """Start a session: system prompt and optional reference voice (mono float32 at input rate)."""
-        ...
-
-    def prefill(self, unit: Unit) -> None:
-        """Feed exactly one unit of audio (+ frames, + injected text)."""
-        ...
-
-    def generate(self) -> UnitResult:
-        """Decide listen/speak for the last prefilled unit and return its output."""
-        ...
-
-    def interrupt(self) -> None:
-        """Force listen and drop queued speech (barge-in). Thread-safe."""
-        ...
-
-    def reset(self) -> None:
-        """Forget the conversation (KV caches, turn state); prepare() must be called again."""
-        ...
-
-    def close(self) -> None:
-        """Release resources. Idempotent."""
-        ...
-
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "MODEL_PARAMETER", "REGISTRY", "Backend"]
 
 #: The one list of backends: name -> ("module:Class", the config field a launch file's
 #: ``model:=`` argument sets). Classes are imported lazily, so choosing ``llamacpp_omni`` never

@@ -61,6 +61,7 @@ runs only when the config sets ``trust_remote_code: true`` and a ``revision``; s
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import math
 import os
@@ -551,6 +552,14 @@ def _ms(owner: str, key: str, seconds: Any) -> float:
 
 
 # ----------------------------------------------------------------------------------- backend
+class _Pending(enum.Enum):
+    """Between ``prefill()`` and ``generate()``: what the unit prefilled last became."""
+
+    NONE = "none"  #: nothing prefilled since the last generate()
+    PREFILLED = "prefilled"  #: the API took the unit: generate() asks the model to decide
+    LOST = "lost"  #: an interrupt made the API skip it: generate() answers listen
+
+
 class MiniCPMOBackend:
     """MiniCPM-o 4.5 duplex through its own API (see the module docstring).
 
@@ -619,7 +628,7 @@ class MiniCPMOBackend:
         self._temp_voice_path: str | None = None
         self._units_fed = 0  # units the API accepted since its last prepare()
         self._caller_units = 0  # units the caller prefilled since its last prepare()
-        self._pending: str | None = None  # None | "prefilled" | "lost"
+        self._pending = _Pending.NONE  # what the next generate() answers for
         self._prefill_timings: dict[str, float] = {}
         self._in_turn = False
         self._mute_turn = False
@@ -669,7 +678,7 @@ class MiniCPMOBackend:
         self._check_usable()
         if not self._prepared:
             raise StateError("prefill() before prepare(): call prepare(system_prompt) first")
-        if self._pending is not None:
+        if self._pending is not _Pending.NONE:
             raise StateError(
                 "prefill() twice without generate(): call generate() after each prefill()"
             )
@@ -718,7 +727,7 @@ class MiniCPMOBackend:
         self._prefill_timings = timings
         if bool(result["success"]):
             self._units_fed += 1
-            self._pending = "prefilled"
+            self._pending = _Pending.PREFILLED
             self._carried_texts = []
             return
         if self._duplex.is_session_stop_set():
@@ -735,7 +744,7 @@ class MiniCPMOBackend:
                 self._interrupt_requested = True
             self.units_lost_to_interrupt += 1
             self._close_turn = self._close_turn or self._in_turn
-            self._pending = "lost"
+            self._pending = _Pending.LOST
             if texts:
                 # The API returned before feeding anything: keep the words for the next unit.
                 self.texts_carried += 1
@@ -754,13 +763,13 @@ class MiniCPMOBackend:
         self._check_usable()
         if not self._prepared:
             raise StateError("generate() before prepare(): call prepare(system_prompt) first")
-        if self._pending is None:
+        if self._pending is _Pending.NONE:
             raise StateError(
                 "generate() without prefill(): call prefill(unit) before each generate()"
             )
-        pending, self._pending = self._pending, None
+        pending, self._pending = self._pending, _Pending.NONE
         timings = dict(self._prefill_timings)
-        if pending == "lost":
+        if pending is _Pending.LOST:
             return self._listen_result(timings)
 
         # An interrupt between our prefill and this generate: honour it now.
@@ -815,7 +824,7 @@ class MiniCPMOBackend:
             self._interrupt_requested = False
         self._prepared = False
         self._needs_reset = ""
-        self._pending = None
+        self._pending = _Pending.NONE
         self._carried_texts = []
         if self._closed:
             return
@@ -879,7 +888,7 @@ class MiniCPMOBackend:
 
     def _prepare_duplex(self) -> None:
         self._units_fed = 0
-        self._pending = None
+        self._pending = _Pending.NONE
         self._in_turn = False
         self._mute_turn = False
         self._close_turn = False

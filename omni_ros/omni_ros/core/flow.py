@@ -64,6 +64,7 @@ import numpy as np
 
 from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
 from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
+from omni_ros.core.backend import Backend
 from omni_ros.core.bargein import BargeInDetector
 from omni_ros.core.clock import Clock
 from omni_ros.core.config import from_mapping
@@ -288,7 +289,7 @@ class OmniFlow:
 
     Args:
         config: runner settings.
-        backend: a :class:`~omni_ros.backends.base.Backend` (not yet prepared).
+        backend: a :class:`~omni_ros.core.backend.Backend` (not yet prepared).
         clock: the clock that closes units (ROS time, sim time, or a ManualClock in tests).
         emit: called with every output event, in order, from the worker thread.
         classifier: proactive-turn classifier (default: the tag classifier).
@@ -297,7 +298,7 @@ class OmniFlow:
     def __init__(
         self,
         config: FlowConfig,
-        backend: Any,
+        backend: Backend,
         clock: Clock,
         emit: Callable[[OutputEvent], None],
         classifier: ProactiveClassifier | None = None,
@@ -813,8 +814,11 @@ class OmniFlow:
             self._finish_played(pending[0], len(pending[0].samples))
 
     def _finish_played(self, speech: SpeechOut, samples: int) -> None:
+        on_played = getattr(self.backend, "on_played", None)  # optional hook, not in the Protocol
+        if on_played is None:
+            return
         try:
-            self.backend.on_played(speech.unit_index, samples)
+            on_played(speech.unit_index, samples)
         except Exception as exc:  # a backend's bookkeeping must not stop the worker
             self._log.warning("on_played", f"backend.on_played failed: {exc!r}")
 

@@ -25,7 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
-from omni_ros.backends.base import create_backend
+from omni_ros.backends.base import Backend, create_backend
 from omni_ros.core.audio import ArrivalStamper
 from omni_ros.core.errors import DecodeError, OmniError
 from omni_ros.core.flow import OmniFlow
@@ -139,7 +139,7 @@ class OmniFlowNode(LifecycleNode):
         self._group = ReentrantCallbackGroup()
         self._omni_clock = RosClock(self)
         self._flow: OmniFlow | None = None
-        self._backend: Any = None
+        self._backend: Backend | None = None
         self._entities: list[Any] = []
         self._publishers_lc: list[Any] = []
         self._active: bool = False
@@ -226,6 +226,8 @@ class OmniFlowNode(LifecycleNode):
         self._create_entities()
 
     def _load_voice(self, path: str) -> FloatArray | None:
+        if self._backend is None:
+            raise OmniError("no backend: configure the node before loading a reference voice")
         return read_voice(path, int(self._backend.input_sample_rate), self._limits())
 
     def _limits(self) -> PromptLimits:
