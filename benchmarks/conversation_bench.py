@@ -6,8 +6,9 @@ What runs (all on the wall clock, real time):
   the ``bench_planned`` backend registered): the ``reference`` tiny model, told by this benchmark in
   which units to speak (random weights cannot choose; see ``_bench_backend.py``), optionally
   stretched to 400-800 ms a unit (the slow backend).
-- ``speaker_node`` (the real node class, in this process) with a :class:`_room.RoomSink`: what it
-  plays goes through a simulated room (delay 40-300 ms, attenuation, a reverberant tail, noise)
+- ``speaker_node`` (the real node class, in this process) with a :class:`_room.RoomSink` (a sound
+  card with a 40 ms buffer, like a blocking PortAudio stream): what it plays goes through a
+  simulated room (delay 40-300 ms, attenuation, a reverberant tail, noise)
   back into the microphone.
 - A microphone thread that publishes ``omni_ros_msgs/AudioChunk`` on ``audio/mic`` every 20 ms,
   stamped at capture time: the user's espeak-ng utterances placed at known times, plus the echo,
@@ -27,12 +28,14 @@ Scenarios (each trial is one exchange):
 Figures (median / p95 over the trials): response latency (end of user speech to the first robot
 sample played), barge-in latency (user onset to robot audio stopped at the sink) and success by
 phase (the speaker stopped before the turn's natural end), talk-over, false barge-ins per minute
-of robot speech, late chunks at the speaker, and the per-unit breakdown (unit close -> prefill,
-generate -> publish, publish -> play).
+of robot speech (per echo path in ``silent``), late chunks at the speaker, the device underruns
+and the chunks ``speaker_node`` resynced after them (speech dropped), and the per-unit breakdown
+(unit close -> prefill, generate -> publish, publish -> play).
 
     python benchmarks/conversation_bench.py              # default run, ~10 min on 2 cores
     python benchmarks/conversation_bench.py --quick      # ~5 min
     python benchmarks/conversation_bench.py --trials 20 --scenarios duplex slow --json out.json
+    python benchmarks/conversation_bench.py --scenarios silent --silent-s 300   # 5 min a path
 
 Needs a built and sourced workspace (``make build``; ``. install/setup.sh``) and espeak-ng.
 """
@@ -892,6 +895,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--silent-s", type=float, default=None, help="seconds per echo path, silent (default 50)"
     )
+    parser.add_argument(
+        "--silent-rooms",
+        nargs="+",
+        default=list(ROOMS),
+        choices=sorted(ROOMS),
+        help="echo paths of the silent scenario (default: all)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args(argv)
@@ -929,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif scenario == "startup":
                 res = run_startup(bench, startup_trials, room, utts, progress)
             else:
-                res = run_silent(bench, silent_s, list(ROOMS.values()), progress)
+                res = run_silent(bench, silent_s, [ROOMS[r] for r in args.silent_rooms], progress)
             summary = res.summary()
             results["scenarios"][scenario] = summary
             print_table(

@@ -385,13 +385,15 @@ class SpeakerNode(Node):
         """The chunk as it will play, and whether it counts as late.
 
         A chunk that came too late to be written on time (the schedule or the way here was late)
-        plays whole, at once, and is counted in ``late_chunks``; so do the chunks that follow it
-        without a pause (they wait for it). One that arrived in time but would be heard more than
-        ``late_tolerance_ms`` later than that because the device ran dry (:class:`Playhead`) has
-        the excess dropped from its start: the rest is heard on its stamps, as scheduled (the
-        echo canceller's reference and the turn's timing stay right), and the drop is counted
-        (``resynced_chunks``, ``resync_dropped_ns``) and reported: its Playback report's
-        ``scheduled`` is the stamp of its first sample heard.
+        plays whole, at once, and is counted in ``late_chunks``. One that arrived in time but
+        would be heard more than ``late_tolerance_ms`` after its stamp (the device ran dry, see
+        :class:`Playhead`, or a late chunk before it delayed it) has its late start dropped: the
+        rest is heard on its stamps, as scheduled (the echo canceller's reference and the turn's
+        timing stay right), and the drop is counted (``resynced_chunks``, ``resync_dropped_ns``)
+        and reported: its Playback report's ``scheduled`` is the stamp of its first sample heard.
+        Behind late chunks, a chunk that would have to be dropped whole to catch up plays whole
+        and late instead (a burst of late speech is not thrown away); after an underrun it is
+        dropped (the device, not the speech, was late).
         """
         if not behind:
             self._accepted_late_ns = 0  # on time: a new stretch of speech
@@ -403,18 +405,18 @@ class SpeakerNode(Node):
             self.late_chunks += 1
             return item, True
         rate = self._sink.format.sample_rate
-        frames = resync_frames(heard - self._accepted_late_ns, item.stamp_ns, rate, self._late_ns)
-        late = self._accepted_late_ns > self._late_ns
-        if frames == 0:  # behind only as much as the late chunk before it
-            self.late_chunks += 1
+        bpf = self._sink.format.bytes_per_frame
+        frames = resync_frames(heard, item.stamp_ns, rate, self._late_ns)
+        if frames * bpf >= len(item.pcm) and self._accepted_late_ns > self._late_ns:
+            self.late_chunks += 1  # waits behind late speech: played late, not thrown away
             return item, True
+        self._accepted_late_ns = 0
         dropped_ns = frames * NS_PER_S // rate
         self.resynced_chunks += 1
         self.resync_dropped_ns += min(dropped_ns, item.end_ns - item.stamp_ns)
-        self.late_chunks += int(late)
-        offset = frames * self._sink.format.bytes_per_frame
+        offset = frames * bpf
         if offset >= len(item.pcm):
-            return None, late
+            return None, False
         src = min(item.samples, frames * item.sample_rate // rate)
         trimmed = dataclasses.replace(
             item,
@@ -422,7 +424,7 @@ class SpeakerNode(Node):
             stamp_ns=item.stamp_ns + src * NS_PER_S // item.sample_rate,
             samples=item.samples - src,
         )
-        return trimmed, late
+        return trimmed, False
 
     def _wait_until_due(self, item: _Queued, generation: int) -> bool | None:
         """Wait for the chunk's write time; None if flushed or stopping meanwhile, else whether

@@ -161,6 +161,22 @@ def test_a_chunk_that_arrives_too_late_plays_whole_and_is_counted_late() -> None
     assert frames == [k * 480 for k in range(25)], "every frame of every chunk played"
 
 
+def test_after_one_late_chunk_the_next_drops_the_delay_instead_of_the_whole_turn_playing_late() -> (
+    None
+):
+    # The first chunk is stamped 60 ms in the past (the schedule missed it), the rest are in time.
+    # In the benchmark's silent scenario one such first chunk of a proactive turn made all 60
+    # chunks of the turn late; now only it is.
+    counters, sink, start = _run(stall_at=10_000, stall_ns=0, late_by_ns=210_000_000)
+    assert counters["late"] == 1, counters
+    assert counters["resynced"] == 1, counters
+    lateness = _frames_heard(sink, start)
+    assert [f for _, f in lateness[:5]] == [k * 480 for k in range(5)]  # the late one, whole
+    after = [(late, frame) for late, frame in lateness if frame >= 2400]
+    assert after[0][1] > 2400, "the second chunk's start was dropped"
+    assert all(late < 25_000_000 for late, _ in after), after
+
+
 def test_playhead_follows_on_until_the_device_runs_dry() -> None:
     from omni_ros.ros.speaker_node import Playhead, resync_frames
 
