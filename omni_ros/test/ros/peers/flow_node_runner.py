@@ -7,6 +7,10 @@ node's ``main()``, unchanged.
 With ``OMNI_TEST_SPY_DIR`` set, every microphone chunk that the node hands to
 ``OmniFlow.push_audio`` also creates ``<dir>/audio_<stamp_ns>`` (holding rate, channels, encoding and size): a test can then see, across
 processes, that the node's subscription callback ran (e.g. while the backend is still blocked).
+
+With ``OMNI_TEST_AEC_SPY`` set to a file path, the echo canceller's delay bookkeeping is written
+there whenever it changes (``<accepted estimates> <filter resets> <refused for no echo> <delay ns>``):
+a test can see across processes whether the node believed a delay (and re-aligned its filter).
 """
 
 from __future__ import annotations
@@ -40,6 +44,26 @@ if SPY_DIR:
             spied.write(f"{raw.sample_rate} {raw.channels} {raw.encoding} {len(raw.data)}")  # type: ignore[attr-defined]
 
     flow.OmniFlow.push_audio = _spied_push_audio  # type: ignore[method-assign]
+
+AEC_SPY = os.environ.get("OMNI_TEST_AEC_SPY", "")
+if AEC_SPY:
+    _process_audio = flow.OmniFlow._process_audio
+
+    def _spied_process_audio(self: flow.OmniFlow, block: object) -> None:
+        _process_audio(self, block)  # type: ignore[arg-type]
+        aec = self.aec
+        if aec is None:
+            return
+        line = (
+            f"{aec.delay_estimates} {aec.filter_resets} {aec.delay_rejected_no_echo} {aec.delay_ns}"
+        )
+        if line != getattr(self, "_aec_spy_line", None):
+            self._aec_spy_line = line  # type: ignore[attr-defined]
+            with open(AEC_SPY + ".tmp", "w", encoding="utf-8") as spied:
+                spied.write(line)
+            os.replace(AEC_SPY + ".tmp", AEC_SPY)  # the test never reads half a line
+
+    flow.OmniFlow._process_audio = _spied_process_audio  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     omni_flow_node.main()
