@@ -19,6 +19,12 @@ only with echo evidence: the magnitude-squared coherence of the microphone and t
 by that lag, averaged over the speech band, must reach ``delay_min_coherence`` (measured: unrelated
 speech 0.01-0.12, echo alone 0.78-0.84, echo under the user's double talk 0.27-0.59).
 
+Speex's filter needs 2-3 s of our speech to converge, after a start and again after every
+re-alignment. An accepted estimate that finds the filter young therefore replays the last
+``delay_window_ms`` of microphone audio into it (``replay_passes``): the estimate was just measured
+on that audio, so its echo path is the one to learn (measured: 4-8 dB of echo reduction in the second
+after the first estimate without, 11-26 dB with it).
+
 A :class:`RobotSpeakingGate` covers speech the canceller has no reference for (another TTS on the
 robot, announced on the ``robot_speaking`` topic): while it is set, barge-in needs a longer speech run,
 or is suppressed entirely, as configured.
@@ -57,6 +63,7 @@ _GATE_MODES = ("off", "stricter", "suppress")
 # Reference gaps up to this long are zero-filled; a longer one (a forward clock jump) starts a
 # new run, so memory follows the speech written, never the size of a jump.
 _MAX_REF_GAP_S = 10
+_REPLAY_TEST_MS = 480  # at most this much of a replay runs once, for an a-priori residual
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,12 @@ class AecConfig:
             aligned reference; the alignment moves only when an estimate falls outside
             ``[align, align + filter_ms - delay_headroom_ms]`` (the headroom keeps room for the
             reverberation tail), because every move makes Speex re-converge.
+        replay_passes: after an accepted delay estimate while the filter is young (it was just
+            reset by a re-alignment, or has seen less than ``warmup_ms`` of our speech), the last
+            ``delay_window_ms`` of microphone audio is run through the filter again this many
+            times with the reference at the (new) alignment, outputs discarded: the filter starts
+            from seconds of adaptation instead of none (the echo path is known to be the one in
+            that audio: the estimate was just measured on it). 0 turns it off.
         reference_gain: scale applied to the published speech before it becomes the reference.
         warmup_ms: active reference the filter must have processed after a reset (or after the
             delay estimate moved the alignment) before :attr:`EchoCanceller.converged` says so
@@ -141,6 +154,7 @@ class AecConfig:
     delay_coherence_high_hz: int = 3400
     delay_tolerance_ms: int = 4
     delay_headroom_ms: int = 100
+    replay_passes: int = 2
     reference_gain: float = 1.0
     warmup_ms: int = 3000
     echo_tail_ms: int = 200
@@ -186,6 +200,8 @@ class AecConfig:
             raise ConfigError("AecConfig.echo_tail_ms must be >= 0 and dtd_history_ms > 0")
         if self.gate_mode not in _GATE_MODES:
             raise ConfigError(f"AecConfig.gate_mode = {self.gate_mode!r}; use one of {_GATE_MODES}")
+        if self.replay_passes < 0:
+            raise ConfigError("AecConfig.replay_passes must be >= 0")
         if self.gate_min_speech_ms < 0 or self.warmup_ms < 0:
             raise ConfigError("AecConfig.gate_min_speech_ms and warmup_ms must be >= 0")
 
@@ -436,6 +452,11 @@ class EchoState:
     since_estimate: int = 0  # mic samples since the last estimate attempt
     active_ref_samples: int = 0  # frames with an active reference processed since the reset
     filter_resets: int = 0  # Speex filter resets (re-alignments, reset()) since construction
+    replayed: bool = False  # the history was replayed into the filter since its last reset
+    replays: int = 0  # replays since construction
+    replay_start_ns: int = 0  # mic time of the last replay's first sample
+    replay_mic: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    replay_out: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     full_resets: int = 0  # reset() calls: every stamp and estimate was forgotten
     last_mic: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
@@ -458,6 +479,9 @@ class EchoState:
         self.mic_hist = np.zeros(0, dtype=np.float32)
         self.since_estimate = 0
         self.active_ref_samples = 0
+        self.replayed = False
+        self.replay_mic = np.zeros(0, dtype=np.float32)
+        self.replay_out = np.zeros(0, dtype=np.float32)
         self.last_mic = np.zeros(0, dtype=np.float32)
 
 
@@ -529,6 +553,31 @@ class EchoCanceller:
     def filter_resets(self) -> int:
         """How often the adaptive filter was reset (it has to converge again after each)."""
         return self.state.filter_resets
+
+    @property
+    def replays(self) -> int:
+        """How often the microphone history was replayed into a young filter (replay_passes)."""
+        return self.state.replays
+
+    @property
+    def replay_end_ns(self) -> int:
+        """Mic time just after the last replay's final sample (0 before any replay)."""
+        st = self.state
+        if len(st.replay_out) == 0:
+            return 0
+        return st.replay_start_ns + round(len(st.replay_out) * NS_PER_S / self.config.sample_rate)
+
+    def replayed_span(self, start_ns: int, n: int) -> tuple[FloatArray, FloatArray] | None:
+        """Microphone and residual of the last replay's final pass for ``[start_ns, + n)``.
+
+        The residual is what the filter, as adapted by the replay, leaves of that audio: what
+        the echo there looks like to the filter now. None unless the span lies inside the replay.
+        """
+        st = self.state
+        i = round((start_ns - st.replay_start_ns) * self.config.sample_rate / NS_PER_S)
+        if i < 0 or i + n > len(st.replay_out):
+            return None
+        return st.replay_mic[i : i + n], st.replay_out[i : i + n]
 
     @property
     def full_resets(self) -> int:
@@ -794,6 +843,43 @@ class EchoCanceller:
             self._speex.reset()  # the adapted taps belong to the old alignment
             st.filter_resets += 1
             st.active_ref_samples = 0  # ...so the filter has to converge again
+            st.replayed = False
+        if not st.replayed and not self.converged:
+            st.replayed = True
+            self._replay(end_ns)
+
+    def _replay(self, end_ns: int) -> None:
+        """Adapt the filter on the microphone history again (see ``AecConfig.replay_passes``).
+
+        The older part of the history (all but its last half, at most ``_REPLAY_TEST_MS``) is
+        run ``replay_passes`` times, then the newest part once: its residual
+        (``replayed_span``) is the trained filter's a-priori error on audio it had not been
+        trained on, what the next frames can expect (a pass over audio the filter was already
+        trained on measured up to 15 dB lower than the frames after it). The history ends with
+        the block just processed, so after the replay the filter's memory of the far end
+        continues with the next block as if nothing happened.
+        """
+        cfg = self.config
+        st = self.state
+        fl = cfg.frame_len
+        n = (len(st.mic_hist) // fl) * fl
+        if cfg.replay_passes == 0 or n == 0:
+            return
+        start_ns = end_ns - round(n * NS_PER_S / cfg.sample_rate)
+        ref = self._reference_window(start_ns - st.align_ns, n)
+        mic, play = _to_int16(st.mic_hist[-n:]), _to_int16(ref)
+        active = np.abs(ref.reshape(-1, fl)).max(axis=1) > 1e-3
+        test = min(cfg.sample_rate * _REPLAY_TEST_MS // 1000, n // 2) // fl * fl or n
+        train = n - test
+        for _ in range(cfg.replay_passes if train else 0):
+            self._speex.process(mic[:train], play[:train])
+            st.active_ref_samples += int(np.count_nonzero(active[: train // fl])) * fl
+        out = self._speex.process(mic[train:], play[train:])
+        st.active_ref_samples += int(np.count_nonzero(active[train // fl :])) * fl
+        st.replays += 1
+        st.replay_start_ns = start_ns + round(train * NS_PER_S / cfg.sample_rate)
+        st.replay_mic = st.mic_hist[len(st.mic_hist) - test :].copy()
+        st.replay_out = out.astype(np.float32) / 32768.0
 
     def _trim_reference(self, mic_start_ns: int) -> None:
         """Drop reference older than anything the filter or the delay estimator can still need."""

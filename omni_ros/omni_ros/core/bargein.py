@@ -19,7 +19,18 @@ echo-cancelled signal, two questions:
    conservative ``dtd_prior_db``. When the canceller resets its filter (a re-alignment), the history's residual
    energies are replaced by the raw microphone energies (what an unconverged filter passes), and
    when the delay estimate moves, every ratio is recomputed against the new window, so neither
-   event blinds the detector or lets echo through.
+   event blinds the detector or lets echo through. A reset also ends the current run: what the
+   old filter heard as near-end is as often the changed echo path itself.
+3. **After a replay.** At a delay estimate that finds the filter young (the first one, or a
+   re-alignment), the canceller adapts it on its last second of microphone audio
+   (``aec.replay_passes``), so it is converged at once instead of after 2-3 s of our speech.
+   The history is then learned again from the replay's untrained end (its a-priori residual,
+   what the next frames can expect): the frames where our echo's direct path had arrived, that
+   did not count as the user (after a re-alignment every frame, the old filter's verdicts do
+   not count), and that lie within the margin of the lower quartile of their ratios (the user,
+   if they were already talking, sits above it). The user who starts 0.5 s into our first turn,
+   or 0.1 s after a re-alignment, is heard (docs/BENCHMARKS.md); one who starts as our first
+   echo arrives is not: nothing tells their voice from an echo path not heard yet.
 
 ``barge_in_min_speech_ms`` of consecutive near-end frames make a barge-in run; the flow decides with
 it and the session's speech span (:meth:`omni_ros.core.flow.OmniFlow._check_barge_in`). Frames with
@@ -119,8 +130,11 @@ class BargeInState:
     history: collections.deque[tuple[int, float, float]] = field(default_factory=collections.deque)
     ratios: FloatArray | None = None  # cached E_e / E_x of ``history`` under ``window``
     window: tuple[int, int] | None = None  # (lo_ns, hi_ns): echo delays the envelope covers
+    # Every recent frame, for a replay to re-learn from: (start_ns, near-end).
+    recent: collections.deque[tuple[int, bool]] = field(default_factory=collections.deque)
     filter_resets: int = 0  # the canceller's counts at the last look
     full_resets: int = 0
+    replays: int = 0
     frames: int = 0
     near_end_frames: int = 0
 
@@ -135,10 +149,12 @@ class BargeInState:
         self.run_frames = 0
         self.gap_frames = 0
         self.history.clear()
+        self.recent.clear()
         self.ratios = None
         self.window = None
         self.filter_resets = 0
         self.full_resets = 0
+        self.replays = 0
         self.frames = 0
         self.near_end_frames = 0
 
@@ -177,6 +193,8 @@ class BargeInDetector:
         self.frame_ns = round(self.frame_len * NS_PER_S / self.sample_rate)
         aec_cfg = self.aec_config
         self._history_frames = max(1, round(aec_cfg.dtd_history_ms * 1_000_000 / self.frame_ns))
+        # Frames a replay can cover (the canceller replays its delay window).
+        self._recent_frames = 2 + aec_cfg.delay_window_ms * 1_000_000 // self.frame_ns
         # Echo-only frames needed before the learned ratio replaces the prior (~250 ms of echo).
         self._min_learned = min(self._history_frames, 8)
         self._min_frames = max(
@@ -268,6 +286,7 @@ class BargeInDetector:
         st = self.state
         if st.anchor_ns is not None and stamp_ns < self._stamp(st.samples_done):
             st.history.clear()
+            st.recent.clear()
             st.ratios = None
         st.anchor_ns = stamp_ns
         st.samples_done = 0
@@ -337,13 +356,22 @@ class BargeInDetector:
             st.full_resets = echo.full_resets
             st.history.clear()
             st.ratios = None
-        if echo.filter_resets != st.filter_resets:
+        reset = echo.filter_resets != st.filter_resets
+        if reset:
             # The filter starts over: until it converges, it passes about what the mic hears.
             st.filter_resets = echo.filter_resets
+            # A new alignment, so a new echo path: a run heard through the old filter (often the
+            # echo of the changed path itself) is not evidence for the user.
+            st.run_start_ns = None
+            st.run_frames = 0
+            st.gap_frames = 0
             st.history = collections.deque(
                 ((t, e_mic, e_mic) for t, e_mic, _ in st.history), maxlen=self._history_frames
             )
             st.ratios = None
+        if echo.replays != st.replays:
+            st.replays = echo.replays
+            self._relearn(echo, window, reset)
         if window != st.window:
             st.window = window
             st.ratios = None
@@ -353,6 +381,51 @@ class BargeInDetector:
                 env = self._envelope(echo, t, window)
                 values.append(e_res / env if env > _REF_FLOOR else 0.0)
             st.ratios = np.asarray(values, dtype=np.float64)
+
+    def _after_replay(self, echo: EchoCanceller, start_ns: int, clean: FloatArray) -> FloatArray:
+        """The frame's residual as the filter leaves it now: a frame the canceller cleaned just
+        before a replay adapted it takes the replay's residual over the span the replay covered
+        (the learned ratio is the replayed filter's)."""
+        k = min(len(clean), round((echo.replay_end_ns - start_ns) * self.sample_rate / NS_PER_S))
+        span = echo.replayed_span(start_ns, k) if k > 0 else None
+        return clean if span is None else np.concatenate([span[1], clean[k:]])
+
+    def _relearn(self, echo: EchoCanceller, window: tuple[int, int], reset: bool) -> None:
+        """Learn the residual ratio again from the audio the canceller just replayed.
+
+        A replay (``AecConfig.replay_passes``) adapts the filter in one go, so what the history
+        says about the residual (an unconverged filter's, or the raw mic after a reset) is
+        stale: the residuals of the replay's final pass are what echo leaves now. Its frames are
+        learned where echo had arrived and the frame did not count as the user; frames more
+        than the margin above the median ratio (the user masked while nothing was learned) are
+        left out. After a re-alignment (``reset``) the frames' own verdicts do not count: they
+        were judged through the filter of the old echo path. Without such frames the history
+        stays as it was.
+        """
+        st = self.state
+        found: list[tuple[int, float, float, float]] = []
+        # The direct path has arrived (the delay is known: it was just estimated); the
+        # reverberation tail only adds to a frame's echo later.
+        direct = (window[0], window[0] + 2 * _DELAY_TOLERANCE_NS)
+        for start_ns, near in st.recent:
+            span = None if near and not reset else echo.replayed_span(start_ns, self.frame_len)
+            if span is None or not self._arrived(echo, start_ns, direct):
+                continue
+            env = self._envelope(echo, start_ns, window)
+            if env <= _REF_FLOOR:
+                continue
+            e_mic = float(np.mean(span[0].astype(np.float64) ** 2))
+            e_res = float(np.mean(span[1].astype(np.float64) ** 2))
+            found.append((start_ns, e_mic, e_res, e_res / env))
+        if not found:
+            return
+        bound = float(np.quantile([f[3] for f in found], 0.25)) * self._margin
+        kept = [(t, e_mic, e_res) for t, e_mic, e_res, ratio in found if ratio <= bound]
+        st.history = collections.deque(kept[-self._history_frames :], maxlen=self._history_frames)
+        st.window = window
+        st.ratios = np.asarray(
+            [r for *_, r in found if r <= bound][-self._history_frames :], dtype=np.float64
+        )
 
     def _frame(
         self, clean: FloatArray, raw: FloatArray, echo: EchoCanceller | None
@@ -369,6 +442,8 @@ class BargeInDetector:
         if st.run_start_ns is not None and st.run_frames >= self._min_frames:
             threshold_p = max(0.01, threshold_p - 0.15)
         speech = prob >= threshold_p
+        if echo is not None:
+            clean = self._after_replay(echo, start_ns, clean)
         e_res = float(np.mean(clean.astype(np.float64) ** 2))
         e_mic = float(np.mean(raw.astype(np.float64) ** 2))
         ratio_db = threshold_db = None
@@ -395,6 +470,9 @@ class BargeInDetector:
             suspect = speech and ratio > threshold / np.sqrt(self._margin)
             if not near and not suspect and self._arrived(echo, start_ns, window):
                 self._learn(start_ns, e_mic, e_res, ratio)
+        if st.recent.maxlen != self._recent_frames:
+            st.recent = collections.deque(st.recent, maxlen=self._recent_frames)
+        st.recent.append((start_ns, near))
         if near:
             st.near_end_frames += 1
             if st.run_start_ns is None:
