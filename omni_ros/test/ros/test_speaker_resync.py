@@ -22,7 +22,8 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from omni_ros.ros.audio_io import AudioFormat, pcm_sequence  # noqa: E402
+from omni_ros.ros.audio_io import AudioFormat  # noqa: E402
+from pcm_samples import pcm_sequence  # noqa: E402
 
 RATE = 24_000
 NS = 1_000_000_000
