@@ -111,6 +111,9 @@ SERVER_FIRST_UNIT_MS = 1030
 SERVER_UNIT_MS = 1000
 _MAX_EVENTS_PER_CALL = 100_000
 _UNIT_HISTORY = 256  # units whose returned audio on_played() can still be told about
+#: A receive waits in slices of this length and checks, between slices, whether close() or (in
+#: generate) interrupt() wants the call back: websockets cannot wake a blocked recv() otherwise.
+_RECV_SLICE_S = 0.05
 
 #: Capacity codes: the replica is full, try the next one (``manager.py: DuplexSessionManager.open``
 #: raises ``resource_exhausted``; ``duplex_session_busy`` is the older spelling).
@@ -382,6 +385,14 @@ class _DroppedError(Exception):
     """The socket closed under us (internal; converted to a resume attempt or BackendUnavailable)."""
 
 
+class _ClosingError(BackendUnavailable):
+    """close() was called while this call waited on the server (another thread is closing)."""
+
+
+class _InterruptedError(Exception):
+    """interrupt() was called while generate() waited (internal: generate returns a listen)."""
+
+
 class _BusyError(Exception):
     """A replica answered with a capacity error."""
 
@@ -421,9 +432,9 @@ class _Collected:
 class VllmOmniBackend:
     """MiniCPM-o 4.5 through a vllm-omni realtime duplex session (fleet). See the module docstring.
 
-    Thread model: the Omni-Flow worker calls prefill/generate/reset/close; :meth:`interrupt` and
-    :meth:`on_played` may come from any thread; a daemon thread sends heartbeats. Every socket send
-    holds ``_send_lock``; only the worker receives.
+    Thread model: the Omni-Flow worker calls prepare/prefill/generate/reset; :meth:`interrupt`,
+    :meth:`on_played` and :meth:`close` may come from any thread; a daemon thread sends heartbeats.
+    Every socket send holds ``_send_lock``; one thread receives at a time (``_call_lock``).
     """
 
     name: ClassVar[str] = "vllm_omni"
@@ -439,6 +450,12 @@ class VllmOmniBackend:
         self._interrupt = threading.Event()
         self._interrupt_at: float | None = None
         self._send_lock = threading.RLock()
+        #: Held by every worker-side call (prepare/prefill/generate/reset) and by close(): the
+        #: connection has one reader at a time (websockets raises ConcurrencyError otherwise).
+        self._call_lock = threading.RLock()
+        #: Set by close(): a call in flight stops waiting and no reconnect or resume starts.
+        self._closing = threading.Event()
+        self._closer: int | None = None
         self._ledger_lock = threading.Lock()
         self._conn: Any = None
         self._url = config.urls[0]
@@ -490,7 +507,26 @@ class VllmOmniBackend:
     # ------------------------------------------------------------------------------------ protocol
     def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
         """Open a duplex session on the first replica that has room."""
-        self._check_open()
+        with self._call_lock:
+            self._check_open()
+            self._prepare(system_prompt, ref_voice)
+
+    def prefill(self, unit: Unit) -> None:
+        """Append one unit of 16 kHz audio (+ its newest frame) to the session."""
+        with self._call_lock:
+            self._check_open()
+            self._prefill(unit)
+
+    def generate(self) -> UnitResult:
+        """Read what the server said since the last call (see the module docstring).
+
+        An :meth:`interrupt` while this waits ends the wait: the result is a listen.
+        """
+        with self._call_lock:
+            self._check_open()
+            return self._generate()
+
+    def _prepare(self, system_prompt: str, ref_voice: FloatArray | None) -> None:
         self._prompt = system_prompt
         if ref_voice is not None:
             voice = np.asarray(ref_voice, dtype=np.float32).reshape(-1)
@@ -515,9 +551,7 @@ class VllmOmniBackend:
         self._end_session()
         self._open_new_session()
 
-    def prefill(self, unit: Unit) -> None:
-        """Append one unit of 16 kHz audio (+ its newest frame) to the session."""
-        self._check_open()
+    def _prefill(self, unit: Unit) -> None:
         if not self._prepared and not self._needs_new_session:
             raise StateError(
                 "prefill() before prepare(): call backend.prepare(system_prompt) first"
@@ -575,9 +609,7 @@ class VllmOmniBackend:
         self._flow_first_unit = False
         self._prefilled = True
 
-    def generate(self) -> UnitResult:
-        """Read what the server said since the last call (see the module docstring)."""
-        self._check_open()
+    def _generate(self) -> UnitResult:
         if not self._prefilled:
             raise StateError("generate() without a prefilled unit: call prefill(unit) first")
         self._prefilled = False
@@ -601,6 +633,12 @@ class VllmOmniBackend:
             event = self._recv_with_resume(wait_until)
             if event is None:
                 continue  # a replayed duplicate
+            if event.get("type") == "_interrupted":
+                # A barge-in (or a node stopping) while this unit waited: the unit is a listen;
+                # take what already arrived and return now (the next call tells the server).
+                forced = True
+                wait_until = time.monotonic()
+                continue
             if event.get("type") == "_timeout":
                 if forced or self._active is not None or self._satisfied(got):
                     break
@@ -669,20 +707,56 @@ class VllmOmniBackend:
 
     def reset(self) -> None:
         """Close the session (the server forgets it); prepare() must be called again."""
-        self._check_open()
-        self._end_session()
-        self._prepared = False
-        self._needs_new_session = False
-        self._interrupt.clear()
+        with self._call_lock:
+            self._check_open()
+            self._end_session()
+            self._prepared = False
+            self._needs_new_session = False
+            self._interrupt.clear()
 
     def close(self) -> None:
-        """Close the session and socket. Idempotent."""
+        """Close the session and socket. Idempotent; safe from any thread, with a call in flight.
+
+        A call still running on another thread (the flow's backend-call thread at shutdown or
+        cleanup) may be inside ``recv()``. websockets allows one reader per connection: a second
+        ``recv()`` raises ``ConcurrencyError`` ("cannot call recv while another thread is already
+        running recv", websockets 17.4 ``sync/connection.py: Connection.recv`` over
+        ``sync/messages.py: Assembler.get``), which is what reading ``session.closed`` here did.
+        So ``close()`` never reads while a call is in flight: it tells the call to stop (the
+        call's ``recv()`` waits in slices of ``_RECV_SLICE_S`` and checks for it between them),
+        waits for it to leave (``close_timeout_s``), then closes the session politely from this
+        thread, the only reader left. If the call does not leave (a send blocked on a dead
+        socket), the socket is shut down under it (``Assembler.close`` and a socket shutdown are
+        safe concurrently with ``get()``: the reader gets ``EOFError`` -> ``ConnectionClosed``)
+        and the session is left to the server's disconnect grace.
+        """
         if self._closed:
             return
         self._heartbeat_stop.set()
-        self._end_session()
-        self._closed = True
-        if self._heartbeat is not None:
+        self._closer = threading.get_ident()  # this thread's own reads are not stopped
+        if not self._call_lock.acquire(blocking=False):
+            self._closing.set()  # the call in flight returns (BackendUnavailable) at its next slice
+            if not self._call_lock.acquire(timeout=self.config.close_timeout_s):
+                log.warning(
+                    "vllm_omni: a call was still running %.1f s after close(); dropping the "
+                    "connection under it (session %s is left to the server's disconnect grace)",
+                    self.config.close_timeout_s,
+                    self._session_id or "?",
+                )
+                self._closed = True
+                self._abort_socket()
+                self._join_heartbeat()
+                return
+        try:
+            self._closing.set()
+            self._end_session()
+        finally:
+            self._closed = True
+            self._call_lock.release()
+        self._join_heartbeat()
+
+    def _join_heartbeat(self) -> None:
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2.0)
 
     # ---------------------------------------------------------------------------- introspection
@@ -1091,8 +1165,13 @@ class VllmOmniBackend:
         busy_seen = False
         while True:
             for url in order:
+                if self._stopping():
+                    raise self._closing_error()
                 try:
                     self._handshake_new(url)
+                except _ClosingError:
+                    self._close_socket()
+                    raise
                 except _BusyError as exc:
                     busy_seen = True
                     failures.append(f"{url}: busy ({exc})")
@@ -1118,7 +1197,7 @@ class VllmOmniBackend:
             delay = next(delays, None)
             if delay is None:
                 break
-            time.sleep(delay)
+            self._closing.wait(delay)  # a close() ends the backoff
         self._needs_new_session = True
         self._prepared = False
         self._failed_opens += len(failures)
@@ -1217,7 +1296,8 @@ class VllmOmniBackend:
         ):
             return False
         for delay in [0.0, *self.config.backoff.delays()]:
-            time.sleep(delay)
+            if self._closing.wait(delay) and self._stopping():
+                return False  # closing: no new socket behind close()'s back
             try:
                 self._connect(self._url, resume=True)
                 self._send(
@@ -1244,6 +1324,9 @@ class VllmOmniBackend:
                     if kind == "error" or kind in _SESSION_GONE_EVENTS:
                         self._close_socket()
                         return False  # expired / unknown / journal gap: a new session is needed
+            except _ClosingError:
+                self._close_socket()
+                return False
             except (_DroppedError, BackendUnavailable, BackendTimeout):
                 self._close_socket()
                 continue
@@ -1264,7 +1347,9 @@ class VllmOmniBackend:
             self._send_quiet({"type": "session.close"})
         if self._conn is not None and wait:
             deadline = time.monotonic() + self.config.close_timeout_s
-            with contextlib.suppress(_DroppedError, BackendTimeout, BackendProtocolError):
+            with contextlib.suppress(
+                _DroppedError, BackendTimeout, BackendProtocolError, _ClosingError
+            ):
                 for _ in range(_MAX_EVENTS_PER_CALL):
                     if self._recv(deadline, "session.close").get("type") in (
                         "session.closed",
@@ -1317,22 +1402,46 @@ class VllmOmniBackend:
         with contextlib.suppress(_DroppedError):
             self._send(message)
 
-    def _recv(self, deadline: float, what: str) -> dict[str, Any]:
-        from websockets.exceptions import ConnectionClosed
+    def _recv(self, deadline: float, what: str, interruptible: bool = False) -> dict[str, Any]:
+        """The next event, waiting until ``deadline`` (monotonic s).
+
+        Raises:
+            BackendTimeout: nothing arrived by ``deadline``.
+            _ClosingError: close() was called from another thread meanwhile.
+            _InterruptedError: ``interruptible`` and interrupt() was called meanwhile.
+            _DroppedError: the socket closed.
+        """
+        from websockets.exceptions import ConcurrencyError, ConnectionClosed
 
         conn = self._conn
         if conn is None:
-            raise _DroppedError("no socket")
-        remaining = deadline - time.monotonic()
-        try:
-            raw = conn.recv(timeout=max(0.0, remaining))
-        except TimeoutError:
-            raise BackendTimeout(
-                f"vllm-omni {what} at {self._url} did not answer within its deadline"
-            ) from None
-        except (ConnectionClosed, OSError) as exc:
-            self._close_socket()
-            raise _DroppedError(str(exc)) from None
+            raise self._closing_error() if self._stopping() else _DroppedError("no socket")
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                raw = conn.recv(timeout=max(0.0, min(remaining, _RECV_SLICE_S)))
+                break
+            except TimeoutError:
+                if self._stopping():
+                    raise self._closing_error() from None
+                if remaining <= _RECV_SLICE_S:
+                    raise BackendTimeout(
+                        f"vllm-omni {what} at {self._url} did not answer within its deadline"
+                    ) from None
+                if interruptible and self._interrupt.is_set():
+                    raise _InterruptedError from None
+            except ConcurrencyError as exc:
+                # Another thread is reading this connection (websockets allows one reader:
+                # sync/messages.py: Assembler.get). Never expected with _call_lock; if it happens
+                # the connection's state is unknown to this call: a new session is the safe way.
+                raise BackendUnavailable(
+                    f"vllm-omni {what}: the connection is being read by another thread ({exc})"
+                ) from None
+            except (ConnectionClosed, OSError) as exc:
+                self._close_socket()
+                if self._stopping():
+                    raise self._closing_error() from None
+                raise _DroppedError(str(exc)) from None
         try:
             event = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
@@ -1344,6 +1453,25 @@ class VllmOmniBackend:
                 f"vllm-omni event without a type during {what}: {str(raw)[:200]!r}"
             )
         return event
+
+    def _stopping(self) -> bool:
+        """close() runs on another thread: this call must give up (no wait, resume or reopen)."""
+        return self._closing.is_set() and self._closer != threading.get_ident()
+
+    def _closing_error(self) -> _ClosingError:
+        return _ClosingError(f"vllm_omni backend is closing (session {self._session_id or '?'})")
+
+    def _abort_socket(self) -> None:
+        """Shut the TCP socket down without the close handshake or any lock (close() fallback):
+        a send or recv blocked on it returns at once."""
+        import socket
+
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.socket.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                conn.socket.close()
 
     def _send_with_resume(self, message: dict[str, Any]) -> None:
         try:
@@ -1366,9 +1494,12 @@ class VllmOmniBackend:
             ) from None
 
     def _recv_with_resume(self, deadline: float) -> dict[str, Any] | None:
-        """The next new event; ``{"type": "_timeout"}`` at ``deadline``; None for a replay."""
+        """The next new event; ``{"type": "_timeout"}`` at ``deadline``, ``{"type":
+        "_interrupted"}`` when interrupt() was called meanwhile; None for a replay."""
         try:
-            event = self._recv(deadline, "unit")
+            event = self._recv(deadline, "unit", interruptible=True)
+        except _InterruptedError:
+            return {"type": "_interrupted"}
         except _DroppedError:
             if not self._resume():
                 self._lose_session()

@@ -210,6 +210,8 @@ class LoopbackVllmServer:
         self.refused: list[str] = []
         self.resumes = 0
         self.idle_disconnects = 0
+        #: Sessions closed politely: ``session.close`` answered with ``session.closed``.
+        self.closed_sessions = 0
         self._port = port
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -1035,6 +1037,7 @@ class LoopbackVllmServer:
         def finish() -> None:
             s.closed = True
             self.sessions.pop(s.id, None)
+            self.closed_sessions += 1
             self._emit(
                 s,
                 {

@@ -24,6 +24,7 @@ from omni_ros.core.errors import (
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
+    StateError,
 )
 from unit.backends.contract import BackendContract, check_result, make_unit
 from unit.backends.loopback_duplex_model import DuplexModelDouble, tone
@@ -808,3 +809,96 @@ def test_without_server_barge_in_the_client_cancels_the_active_response() -> Non
         backend.close()
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ close and interrupt mid-call
+class _Call:
+    """Run one backend call on another thread (as the flow's backend-call thread does)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self.result = fn()
+        except BaseException as exc:  # the test inspects it
+            self.error = exc
+
+    def join(self, timeout_s: float) -> None:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"the call did not return within {timeout_s} s"
+
+
+def _hung_generate(server: LoopbackVllmServer, backend: VllmOmniBackend) -> _Call:
+    """A generate() waiting for a decision that never comes (the server swallows the append)."""
+    backend.prepare(PROMPT, ref_voice=voice())
+    check_result(run(backend, 0))
+    server.fault = "hang"
+    appends = len(sent(server, "input_audio_buffer.append"))
+    backend.prefill(make_unit(backend, 1))
+    wait_for(lambda: len(sent(server, "input_audio_buffer.append")) > appends)
+    call = _Call(backend.generate)
+    time.sleep(0.2)  # let it enter recv(); nothing below depends on the exact moment
+    return call
+
+
+def test_close_from_another_thread_while_generate_waits_closes_the_session_politely(
+    vllm_server: LoopbackVllmServer,
+) -> None:
+    # On the code before the fix, close() read session.closed while generate() was in recv():
+    # websockets raised ConcurrencyError (sync/messages.py: Assembler.get, one reader at a time),
+    # the session was never closed, and the call in flight went on to resume it on a new socket.
+    backend = make_backend(vllm_server.url, unit_timeout_s=30.0)
+    call = _hung_generate(vllm_server, backend)
+    backend.close()  # must not raise
+    call.join(5.0)
+    assert isinstance(call.error, BackendUnavailable), call.error
+    assert "closing" in str(call.error)
+    # manager.py: _close_runner frees the slot once session.closed is sent: the close was polite.
+    wait_for(lambda: vllm_server.closed_sessions == 1)
+    assert vllm_server.live_sessions() == []
+    assert vllm_server.resumes == 0
+    assert len(sent(vllm_server, "session.update")) == 1  # no session opened behind close()
+    with pytest.raises(StateError):
+        backend.prefill(make_unit(backend, 2))
+
+
+def test_interrupt_ends_a_generate_that_waits_for_a_decision_with_a_listen(
+    vllm_server: LoopbackVllmServer,
+) -> None:
+    # Before the fix interrupt() only set a flag for the next call: the call in flight waited
+    # unit_timeout_s and raised BackendTimeout (the node's close then gave up waiting for it).
+    backend = make_backend(vllm_server.url, unit_timeout_s=30.0)
+    call = _hung_generate(vllm_server, backend)
+    backend.interrupt()
+    call.join(5.0)
+    assert call.error is None, call.error
+    result = check_result(call.result)
+    assert result.is_listen
+    vllm_server.fault = None
+    check_result(run(backend, 2))  # the next call tells the server (barge_in) and goes on
+    wait_for(lambda: bool(sent(vllm_server, "barge_in")))
+    backend.close()
+
+
+def test_close_during_the_backoff_between_replicas_ends_prepare_at_once() -> None:
+    backend = make_backend(f"ws://127.0.0.1:{free_port()}", retries=3, backoff_s=20.0)
+    call = _Call(lambda: backend.prepare(PROMPT, ref_voice=voice()))
+    time.sleep(0.3)  # the first connect is refused; prepare sleeps 20 s before the next round
+    backend.close()
+    call.join(5.0)
+    assert isinstance(call.error, BackendUnavailable), call.error
+
+
+def test_close_on_the_calling_thread_still_waits_for_session_closed(
+    vllm_server: LoopbackVllmServer,
+) -> None:
+    vllm_server.teardown_s = 0.3  # the stage cleanup; the slot is free only after it
+    backend = make_backend(vllm_server.url)
+    backend.prepare(PROMPT, ref_voice=voice())
+    backend.close()
+    assert vllm_server.closed_sessions == 1  # close() returned after session.closed
+    assert vllm_server.live_sessions() == []
