@@ -61,13 +61,14 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -258,6 +259,24 @@ class _Session:
             setattr(self, name, getattr(fresh, name))
 
 
+_CLOSE_WAIT_S = 30.0
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_call_at_a_time(
+    method: Callable[Concatenate[ReferenceBackend, _P], _R],
+) -> Callable[Concatenate[ReferenceBackend, _P], _R]:
+    """Run a backend call under its call lock, so that close() never drops what it uses."""
+
+    def wrapper(self: ReferenceBackend, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._call_lock:
+            return method(self, *args, **kwargs)
+
+    functools.update_wrapper(wrapper, method)  # name and docstring of the method
+    return wrapper
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -304,6 +323,9 @@ class ReferenceBackend:
         self._interrupt = threading.Event()
         self._session = _Session()
         self._closed = False
+        #: Held by prepare/prefill/generate/reset; close() waits for it (a call in flight on the
+        #: flow's backend-call thread must not find its networks gone: KeyError mid-generate).
+        self._call_lock = threading.RLock()
         self._allowed_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------- model
@@ -478,6 +500,7 @@ class ReferenceBackend:
             raise StateError(f"{call}() before prepare(); call prepare(system_prompt) first")
 
     # --------------------------------------------------------------------------------- protocol
+    @_one_call_at_a_time
     def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
         """Start a session: the system prompt (and reference voice) become the cache's fixed head."""
         if self._closed:
@@ -544,6 +567,7 @@ class ReferenceBackend:
             ):
                 raise ConfigError(f"unit {unit.index}: frames must be uint8 RGB arrays (H, W, 3)")
 
+    @_one_call_at_a_time
     def prefill(self, unit: Unit) -> None:
         """Encode one unit and append it to the KV cache (sliding the window first if needed)."""
         self._check_live("prefill")
@@ -628,6 +652,7 @@ class ReferenceBackend:
         ]
         session.cache = cache_from_tensors(kept)
 
+    @_one_call_at_a_time
     def generate(self) -> UnitResult:
         """Decide listen/speak for the prefilled unit; when speaking, decode text and speech."""
         self._check_live("generate")
@@ -761,13 +786,26 @@ class ReferenceBackend:
         """Barge-in: the next (or the running) generate() returns listen and the turn is closed."""
         self._interrupt.set()
 
+    @_one_call_at_a_time
     def reset(self) -> None:
         """Forget the conversation (KV cache, turn state); prepare() must be called again."""
         self._session.reset()
         self._interrupt.clear()
 
     def close(self) -> None:
-        """Drop the networks and caches (frees GPU memory). Idempotent."""
+        """Drop the networks and caches (frees GPU memory). Idempotent; safe from any thread: a
+        call in flight is asked to stop (``interrupt``) and waited for (at most
+        ``_CLOSE_WAIT_S``) before its networks are dropped; later calls raise StateError."""
+        self._closed = True
+        self._interrupt.set()
+        held = self._call_lock.acquire(timeout=_CLOSE_WAIT_S)
+        try:
+            self._drop()
+        finally:
+            if held:
+                self._call_lock.release()
+
+    def _drop(self) -> None:
         self._session.reset()
         self._components.clear()
         self._allowed_cache.clear()

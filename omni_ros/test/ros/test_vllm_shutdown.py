@@ -163,3 +163,45 @@ def test_a_signal_with_a_vllm_unit_in_flight_exits_cleanly_and_closes_the_sessio
             wait_for(lambda: server.status()["closed_politely"] >= 1, 10, "session.closed", server)
             assert server.status()["live_sessions"] == 0, server.status()
         print(f"{[s.name for s in signals]}: exit {code} after {took:.2f} s")
+
+
+def test_cleanup_with_a_vllm_unit_in_flight_leaves_the_node_usable(
+    tmp_path: Path, server: ServerPeer
+) -> None:
+    """Issue 16: deactivate + cleanup while a unit waits for the server, then configure +
+    activate: units flow again on a new session, the old one was closed politely, nothing failed.
+
+    Before the fix the cleanup waited 5 s for the call, then the close raised ConcurrencyError
+    (logged), and the call in flight went on reading a socket its backend no longer owned.
+    """
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    proc = _node(tmp_path, server)
+    with running(proc) as probe:
+        change = probe.node.create_client(
+            ChangeState, f"{proc.namespace}/omni_flow_node/change_state"
+        )
+
+        def transition(tid: int) -> None:
+            req = ChangeState.Request(transition=Transition(id=tid))
+            assert probe.call(change, req, proc, timeout_s=30).success, (tid, proc.log())
+
+        driver = SimDriver(probe, BAG_START_NS, frame_every=5, lockstep=False)
+        driver.start(proc)
+        _unit_in_flight(server, driver, proc)
+        transition(Transition.TRANSITION_DEACTIVATE)
+        transition(Transition.TRANSITION_CLEANUP)
+        wait_for(lambda: server.status()["live_sessions"] == 0, 10, "the old session closed", proc)
+        assert server.status()["closed_politely"] == 1, server.status()
+        server.set_fault("")
+        transition(Transition.TRANSITION_CONFIGURE)
+        transition(Transition.TRANSITION_ACTIVATE)
+        states = probe.count("state")
+        driver.run_until(lambda: probe.count("state") >= states + 2, 90, "units again", proc)
+        assert server.status()["live_sessions"] == 1, server.status()
+        assert server.received("session.update") == 2  # the old session was never resumed
+        assert server.received("session.resume") == 0
+        log = proc.log()
+        for bad in ("Traceback", "ConcurrencyError", "closing the backend failed", "still running"):
+            assert bad not in log, log

@@ -33,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -156,6 +158,13 @@ class BackendContract:
     system_prompt: str = "Streaming Omni Conversation."
     #: How many units the interrupt test runs at most while waiting for the backend to speak.
     max_units_to_speak: int = 3
+
+    @pytest.fixture
+    def stall(self) -> Callable[[], None] | None:
+        """For a server backend: a switch that makes its server stop answering units, so that a
+        call stays in flight (its double's ``hang`` fault). None: calls are compute-bound and a
+        loop of them is in flight anyway."""
+        return None
 
     # ------------------------------------------------------------------------------------ helpers
     def run_unit(self, backend: Any, index: int, **kwargs: Any) -> UnitResult:
@@ -340,3 +349,41 @@ class BackendContract:
     def test_close_without_prepare_is_fine(self, backend: Any) -> None:
         backend.close()
         backend.close()
+
+    def test_close_from_another_thread_while_units_run_ends_them_with_an_omni_error(
+        self, backend: Any, stall: Callable[[], None] | None
+    ) -> None:
+        # A lifecycle cleanup or a signal closes the backend from the node's thread while the
+        # flow's backend-call thread may be inside prefill/generate (issue 16: with vllm_omni
+        # that left the connection read by two threads). The call in flight must end with a
+        # result or an OmniError (StateError, BackendUnavailable...), close() must return, and
+        # the closed backend must refuse further calls.
+        backend.prepare(self.system_prompt)
+        self.run_unit(backend, 0, speech=True)
+        if stall is not None:
+            stall()  # the next generate() waits for the server: close() lands mid-call
+        started = threading.Event()
+        outcome: list[BaseException] = []
+
+        def units() -> None:
+            index = 1
+            try:
+                while index < 10_000:
+                    backend.prefill(make_unit(backend, index, speech=index % 3 == 0))
+                    started.set()
+                    check_result(backend.generate())
+                    index += 1
+            except BaseException as exc:  # surfaced in the main thread below
+                outcome.append(exc)
+
+        thread = threading.Thread(target=units, daemon=True)
+        thread.start()
+        assert started.wait(30.0), "no unit started"
+        time.sleep(0.2)  # well inside the loop of calls (or the stalled call)
+        backend.close()
+        thread.join(timeout=30.0)
+        assert not thread.is_alive(), "a call went on after close()"
+        assert len(outcome) == 1, outcome
+        assert isinstance(outcome[0], OmniError), outcome
+        with pytest.raises(StateError):
+            backend.prefill(make_unit(backend, 0))

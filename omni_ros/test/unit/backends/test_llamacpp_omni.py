@@ -145,6 +145,10 @@ class TestLlamaServerHttpContract(BackendContract):
         yield backend
         backend.close()
 
+    @pytest.fixture
+    def stall(self, llama_server: LoopbackLlamaServer) -> Any:
+        return lambda: setattr(llama_server, "fault", "hang")
+
 
 class TestLlamaOmniServerHttpContract(BackendContract):
     @pytest.fixture
@@ -155,6 +159,10 @@ class TestLlamaOmniServerHttpContract(BackendContract):
         yield backend
         backend.close()
 
+    @pytest.fixture
+    def stall(self, omni_server: LoopbackLlamaServer) -> Any:
+        return lambda: setattr(omni_server, "fault", "hang")
+
 
 class TestLlamaOmniServerWebSocketContract(BackendContract):
     @pytest.fixture
@@ -162,6 +170,10 @@ class TestLlamaOmniServerWebSocketContract(BackendContract):
         backend = ws_backend(omni_server)
         yield backend
         backend.close()
+
+    @pytest.fixture
+    def stall(self, omni_server: LoopbackLlamaServer) -> Any:
+        return lambda: setattr(omni_server, "fault", "hang")
 
 
 # ---------------------------------------------------------------------------- findings: WebSocket

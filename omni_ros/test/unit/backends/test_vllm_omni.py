@@ -117,6 +117,10 @@ class TestVllmOmniContract(BackendContract):
         yield backend
         backend.close()
 
+    @pytest.fixture
+    def stall(self, vllm_server: LoopbackVllmServer) -> Any:
+        return lambda: setattr(vllm_server, "fault", "hang")
+
 
 # ------------------------------------------------------------------------------------ the session
 
