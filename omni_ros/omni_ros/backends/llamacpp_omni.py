@@ -416,8 +416,42 @@ class _Http:
             timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s),
             trust_env=False,  # a robot's HTTP(S)_PROXY must never capture a local inference server
         )
+        self._streams_lock = threading.Lock()
+        self._stream_sockets: set[Any] = set()
+
+    @contextlib.contextmanager
+    def stream(self, method: str, url: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """``client.stream`` whose socket :meth:`close` can shut down from another thread."""
+        with self.client.stream(method, url, **kwargs) as resp:
+            # httpcore 1.0 puts its network stream in the response extensions
+            # (_sync/http11.py: handle_request) and SyncStream.get_extra_info("socket") returns
+            # the socket (_backends/sync.py).
+            stream = resp.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with self._streams_lock:
+                    self._stream_sockets.add(sock)
+            try:
+                yield resp
+            finally:
+                if sock is not None:
+                    with self._streams_lock:
+                        self._stream_sockets.discard(sock)
 
     def close(self) -> None:
+        """Close the client; a streamed decode still reading on another thread ends at once.
+
+        ``httpx.Client.close()`` does not wake a read blocked in another thread: that read went
+        on until ``decode_timeout_s`` (then ``EBADF``). Shutting its socket down does (POSIX:
+        a blocked ``recv`` returns), and the decode raises BackendUnavailable.
+        """
+        import socket
+
+        with self._streams_lock:
+            sockets = list(self._stream_sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.client.close()
 
     def wait_health(self) -> None:
@@ -771,7 +805,7 @@ class _HttpSession:
         timeout = httpx.Timeout(self._cfg.decode_timeout_s, connect=self._cfg.connect_timeout_s)
         deadline = time.monotonic() + self._cfg.decode_timeout_s
         try:
-            with self._http.client.stream("POST", url, json=body, timeout=timeout) as resp:
+            with self._http.stream("POST", url, json=body, timeout=timeout) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     raise_for_error(self._http.base, "decode", resp)
@@ -1167,10 +1201,11 @@ class _WsSession:
     def _send(self, message: dict[str, Any]) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        if self._conn is None:
+        conn = self._conn  # close() on another thread may set it to None meanwhile
+        if conn is None:
             raise BackendUnavailable(f"no connection to {self._cfg.ws_url}; call prepare()")
         try:
-            self._conn.send(json.dumps(message))
+            conn.send(json.dumps(message))
         except (ConnectionClosed, OSError) as exc:
             self.close()
             raise BackendUnavailable(
@@ -1182,13 +1217,17 @@ class _WsSession:
     ) -> Any:
         from websockets.exceptions import ConnectionClosed
 
-        if self._conn is None:
+        conn = self._conn  # close() on another thread may set it to None meanwhile
+        if conn is None:
             raise BackendUnavailable(f"no connection to {self._cfg.ws_url}; call prepare()")
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise TimeoutError
-            raw = self._conn.recv(timeout=remaining)
+            # One reader per connection (websockets: a second recv() is ConcurrencyError); close()
+            # never reads here (its session close is an HTTP POST), and websockets' close() is safe
+            # while this recv() waits (it raises ConnectionClosed: sync/messages.py: Assembler.close).
+            raw = conn.recv(timeout=remaining)
         except TimeoutError:
             if quiet_ok:
                 return None

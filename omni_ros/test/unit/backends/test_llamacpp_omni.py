@@ -931,3 +931,48 @@ def test_config_derives_http_and_ws_urls_from_one_base() -> None:
     config = LlamaCppOmniConfig(url="ws://10.0.0.5:9000/", transport="websocket")
     assert config.http_base == "http://10.0.0.5:9000"
     assert config.ws_url == "ws://10.0.0.5:9000/backend"
+
+
+# ------------------------------------------------------------------ close with a call in flight
+@pytest.mark.parametrize("generation", ["llama-server", "llama-omni-server"])
+def test_close_from_another_thread_ends_a_hung_http_decode_at_once(
+    generation: str,
+    llama_server: LoopbackLlamaServer,
+    omni_server: LoopbackLlamaServer,
+    tmp_path: Path,
+    model_dir: Path,
+) -> None:
+    # Before the fix httpx.Client.close() left the decode's blocking read running on the call's
+    # thread until decode_timeout_s (then EBADF): a node's cleanup waited for it.
+    if generation == "llama-server":
+        server, backend = (
+            llama_server,
+            http_backend(
+                llama_server, tmp_path, model_dir, decode_timeout_s=30.0, read_timeout_s=30.0
+            ),
+        )
+    else:
+        server, backend = omni_server, http_backend(
+            omni_server, tmp_path, server=LLAMA_OMNI_SERVER, model_dir="",
+            decode_timeout_s=30.0, read_timeout_s=30.0,
+        )  # fmt: skip
+    backend.prepare("You are a robot.")
+    run(backend, 0)
+    server.fault = "hang"
+    backend.prefill(make_unit(backend, 1))
+    outcome: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            backend.generate()
+        except BaseException as exc:  # inspected below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=decode, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # inside the decode's read (the server holds the answer)
+    backend.close()
+    thread.join(10.0)
+    assert not thread.is_alive(), "the decode went on after close()"
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], BackendUnavailable), outcome
