@@ -4,7 +4,8 @@ Runs the real node (test backend double, so only the ROS side is measured) and a
 publishing ``--side`` x ``--side`` rgb8 frames (4624: 64 MB, refused by the 3840x2160 limit) at
 ``--fps``, both with the shipped Fast DDS profile. Meanwhile a probe calls the node's lifecycle
 ``get_state`` back to back; an answer takes as long as the executor is busy with something else.
-Prints the get_state latencies (median, p95, max) and what the node counted.
+Prints the get_state latencies (median, p95, max), the CPU time of the node's executor thread
+(its main thread) over the run, and what the node counted.
 
     python benchmarks/big_image_bench.py [--side 4624] [--fps 2] [--count 20]
 """
@@ -24,6 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "omni_ros" / "test" / "ros")]
 
 from flow_harness import NodeProcess, diag_values, running, wait_for  # noqa: E402
+
+
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of a process's main thread, the one that spins its executor."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 PEER = ROOT / "omni_ros" / "test" / "ros" / "peers" / "camera_peer.py"
 PROFILE = ROOT / "omni_ros" / "config" / "fastdds_camera.xml"
@@ -61,6 +69,7 @@ def main() -> None:
                 stdout=subprocess.PIPE, text=True, env=peer_env,
             )  # fmt: skip
             latencies: list[float] = []
+            cpu_before = main_thread_cpu_s(proc.proc.pid)
             while sender.poll() is None:
                 started = time.monotonic()
                 future = client.call_async(GetState.Request())
@@ -68,6 +77,7 @@ def main() -> None:
                 latencies.append((time.monotonic() - started) * 1000)
                 time.sleep(0.02)
             time.sleep(1.5)  # the last diagnostics
+            cpu = main_thread_cpu_s(proc.proc.pid) - cpu_before
             values = next((v for v in map(diag_values, reversed(probe.snapshot("diag"))) if v), {})
             proc.interrupt_and_wait()
     latencies.sort()
@@ -76,6 +86,7 @@ def main() -> None:
         f"frames {args.side}x{args.side} rgb8 ({args.side * args.side * 3 / 1e6:.1f} MB) x "
         f"{args.count} at {args.fps} fps: get_state n={len(latencies)} median "
         f"{statistics.median(latencies):.1f} ms, p95 {p95:.1f} ms, max {latencies[-1]:.1f} ms; "
+        f"the node's executor thread used {cpu * 1000:.0f} ms of CPU meanwhile; "
         f"node counted oversize_images={values.get('oversize_images', '-')}, "
         f"decode_errors={values.get('decode_errors', '-')}, "
         f"dropped_frames={values.get('dropped_frames', '-')}"
