@@ -23,6 +23,7 @@ from typing import Any
 import py_trees
 from py_trees.common import Access, Status
 
+from omni_ros import topics
 from omni_ros.core.types import ProactiveEvent
 
 NAMESPACE = "/omni"
@@ -70,7 +71,7 @@ class ProactiveToBlackboard(py_trees.behaviour.Behaviour):
     def __init__(
         self,
         name: str = "ProactiveToBlackboard",
-        topic: str = "omni/proactive",
+        topic: str = topics.PROACTIVE.name,
         max_events: int = 16,
     ) -> None:
         super().__init__(name)
@@ -158,7 +159,7 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         self,
         name: str = "Ask",
         question: str | Callable[[], str] = "",
-        action_name: str = "omni/ask",
+        action_name: str = topics.ASK,
         timeout_s: float = 0.0,
         server_timeout_s: float = 2.0,
         reply_key: str = REPLY_KEY,

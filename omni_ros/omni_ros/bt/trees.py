@@ -21,6 +21,7 @@ from typing import Any
 import py_trees
 from py_trees.common import Access, Status
 
+from omni_ros import topics
 from omni_ros.bt.behaviours import (
     CURRENT_KEY,
     NAMESPACE,
@@ -63,8 +64,8 @@ def question_about(event: ProactiveEvent | None) -> str:
 
 def create_proactive_tree(
     kinds: tuple[str, ...] = ("alert", "reminder"),
-    ask_action: str = "omni/ask",
-    proactive_topic: str = "omni/proactive",
+    ask_action: str = topics.ASK,
+    proactive_topic: str = topics.PROACTIVE.name,
     ask_timeout_s: float = 0.0,
     server_timeout_s: float = 2.0,
 ) -> py_trees.trees.BehaviourTree:

@@ -11,6 +11,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 
+from omni_ros import topics
 from omni_ros_msgs.action import Ask
 
 
@@ -40,7 +41,7 @@ class AskHost:
         self._running = 0
         self._lock = threading.Lock()
         self._execute, self._accepting = execute, accepting
-        name = node.resolve_topic_name("omni/ask")
+        name = node.resolve_topic_name(topics.ASK)
         self.node = rclpy.create_node(
             f"{node.get_name()}_ask",
             namespace=node.get_namespace(),

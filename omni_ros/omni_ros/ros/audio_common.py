@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from omni_ros import topics
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
 
@@ -289,7 +290,7 @@ def mic_subscriptions(
     if mic_type == AUDIO_CHUNK:
         from omni_ros_msgs.msg import AudioChunk
 
-        return [node.create_subscription(AudioChunk, "audio/mic", on_chunk, qos)]
+        return [node.create_subscription(AudioChunk, topics.MIC.name, on_chunk, qos)]
     logger = node.get_logger()
     fallback = parse_format(fallback_format)
     cls = message_class(mic_type)
@@ -301,7 +302,7 @@ def mic_subscriptions(
             except DecodeError as exc:
                 logger.warning(f"AudioStamped dropped: {exc}", throttle_duration_sec=5.0)
 
-        return [node.create_subscription(cls, "audio/mic", on_stamped, qos)]
+        return [node.create_subscription(cls, topics.MIC.name, on_stamped, qos)]
     tracker = InfoTracker(fallback, info_topic)
     node.audio_info_tracker = tracker  # for diagnostics and tests
 
@@ -324,6 +325,6 @@ def mic_subscriptions(
     # Volatile + reliable matches audio_capture's publisher (depth 1, republished every 5 s).
     info_qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE)
     return [
-        node.create_subscription(cls, "audio/mic", on_data, qos),
+        node.create_subscription(cls, topics.MIC.name, on_data, qos),
         node.create_subscription(info_cls, info_topic, tracker.on_info, info_qos),
     ]

@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from rclpy.node import Node
-from rclpy.qos import qos_profile_sensor_data
 
+from omni_ros import topics
 from omni_ros.core.errors import ConfigError
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._run import spin_node
@@ -24,6 +24,7 @@ from omni_ros.ros.audio_io import (
     PyAudioSource,
     WavFileSource,
 )
+from omni_ros.ros.qos import profile
 from omni_ros_msgs.msg import AudioChunk
 
 #: name -> (default, description). The node declares exactly these; tests read this table.
@@ -76,7 +77,7 @@ class MicNode(Node):
         fmt = self._source.format
         self._chunk_frames = max(1, fmt.sample_rate * int(p["chunk_ms"]) // 1000)
         self._stamper = CaptureStamper(fmt.sample_rate, int(float(p["resync_ms"]) * 1e6))
-        self._pub = self.create_publisher(AudioChunk, "audio/mic", qos_profile_sensor_data)
+        self._pub = self.create_publisher(AudioChunk, topics.MIC.name, profile(topics.MIC))
         self.chunks_published = 0
         self.overflows = 0
         self._thread = threading.Thread(target=self._capture, name="mic_capture", daemon=True)

@@ -18,17 +18,12 @@ from rclpy.clock import Clock, ClockType
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
+from omni_ros import topics
 from omni_ros.tools.live_view import DEFAULT_PORT, LiveView
 
-#: Topics watched besides everything under omni/ and speaker/ (relative names).
-WATCHED = (
-    "camera/image_raw",
-    "camera/image_raw/compressed",
-    "audio/mic",
-    "robot_speaking",
-    "/diagnostics",
-)
 PREFIXES = ("omni/", "speaker/")
+#: Topics watched besides everything under omni/ and speaker/ (relative names).
+WATCHED = tuple(t.name for t in topics.TOPICS if not t.name.startswith(PREFIXES))
 
 #: Parameters: name -> (default, description).
 PARAMETERS: dict[str, tuple[Any, str]] = {

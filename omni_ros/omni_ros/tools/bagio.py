@@ -29,6 +29,7 @@ from rosbags.interfaces import (
 )
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
+from omni_ros import topics
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio, RawImage
 from omni_ros.ros import audio_common as ac
@@ -40,10 +41,10 @@ NS = 1_000_000_000
 
 #: Input topic role -> (default topic, accepted message types)
 INPUT_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mic": ("/audio/mic", (ac.AUDIO_CHUNK, ac.AUDIO_STAMPED, ac.AUDIO_DATA_STAMPED)),
-    "camera": ("/camera/image_raw", ("sensor_msgs/msg/Image",)),
-    "camera_compressed": ("/camera/image_raw/compressed", ("sensor_msgs/msg/CompressedImage",)),
-    "robot_speaking": ("/robot_speaking", ("std_msgs/msg/Bool",)),
+    "mic": ("/" + topics.MIC.name, (ac.AUDIO_CHUNK, ac.AUDIO_STAMPED, ac.AUDIO_DATA_STAMPED)),
+    "camera": ("/" + topics.CAMERA.name, (topics.CAMERA.type,)),
+    "camera_compressed": ("/" + topics.CAMERA_COMPRESSED.name, (topics.CAMERA_COMPRESSED.type,)),
+    "robot_speaking": ("/" + topics.ROBOT_SPEAKING.name, (topics.ROBOT_SPEAKING.type,)),
 }
 
 
@@ -78,34 +79,19 @@ def qos(
 
 
 #: What omni_ros' own publishers offer, by relative topic name (namespaces are stripped when
-#: matching). ``ros2 bag play`` republishes with these, so a latched (transient-local) subscriber
-#: of ``omni/state`` gets the last state. Keep in step with the nodes' publishers.
+#: matching): the topic table's offers. ``ros2 bag play`` republishes with these, so a latched
+#: (transient-local) subscriber of ``omni/state`` gets the last state.
 OFFERED_QOS: dict[str, Qos] = {
-    "omni/speech": qos(50),  # omni_flow_node RELIABLE
-    "omni/text": qos(50),
-    "omni/proactive": qos(50),
-    "omni/state": qos(1, transient_local=True),  # omni_flow_node LATCHED
-    "diagnostics": qos(10),  # create_publisher(DiagnosticArray, "/diagnostics", 10)
-    "audio/mic": qos(5, reliable=False),  # mic_node qos_profile_sensor_data
-    "camera/image_raw": qos(5, reliable=False),  # camera drivers: sensor data
-    "camera/image_raw/compressed": qos(5, reliable=False),
-    "omni/speech_flush": qos(50),  # omni_flow_node RELIABLE
-    "omni/user_speaking": qos(1, transient_local=True),  # omni_flow_node LATCHED
-    "speaker/playback": qos(100),  # speaker_node PLAYBACK_QOS
-    "speaker/playing": qos(1, transient_local=True),  # speaker_node PLAYING_QOS
-    # OTHER speech on the robot (a TTS, a player): such publishers latch it like speaker/playing
-    "robot_speaking": qos(1, transient_local=True),
+    t.name.strip("/"): qos(t.depth, reliable=t.reliable, transient_local=t.latched)
+    for t in topics.TOPICS
 }
 DEFAULT_QOS = qos(10)
 
 
 def offered_qos(topic: str) -> Qos:
     """The profile omni_ros' publisher of ``topic`` offers (reliable, depth 10 if unknown)."""
-    name = topic.strip("/")
-    for relative, profile in OFFERED_QOS.items():
-        if name == relative or name.endswith("/" + relative):
-            return profile
-    return DEFAULT_QOS
+    known = topics.find(topic)
+    return OFFERED_QOS[known.name.strip("/")] if known is not None else DEFAULT_QOS
 
 
 def qos_from_rclpy(profile: Any, fallback_depth: int = 10) -> Qos:

@@ -14,17 +14,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from omni_ros import topics
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.bagio import INPUT_TOPICS, OutputBag, offered_qos, qos_from_rclpy
 
-#: What ``omni-ros record`` takes by default: every input and output of omni_flow_node.
+#: What ``omni-ros record`` takes by default: every input and output of omni_flow_node (the topic
+#: table's; omni/speech_flush and omni/user_speaking were missing from a hand-written list).
 DEFAULT_TOPICS: tuple[str, ...] = (
     *(topic for topic, _types in INPUT_TOPICS.values()),
-    "/omni/speech",
-    "/omni/text",
-    "/omni/proactive",
-    "/omni/state",
-    "/diagnostics",
+    *("/" + t.name.lstrip("/") for t in topics.TOPICS if t.publisher == "omni_flow_node"),
 )
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from omni_ros import topics
 from omni_ros.core.audio import audio_frames
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
@@ -36,20 +37,20 @@ from omni_ros.tools.bagio import INPUT_TOPICS, NS, InputBag, OutputBag, to_raw_a
 from omni_ros.tools.record import TopicRecorder, message_class
 from omni_ros.tools.report import plot_timeline, summarize, write_summary
 
+#: Everything omni_flow_node publishes (absolute name -> type), from the topic table.
 OUTPUT_TOPICS: dict[str, str] = {
-    "/omni/speech": "omni_ros_msgs/msg/AudioChunk",
-    "/omni/text": "omni_ros_msgs/msg/OmniText",
-    "/omni/proactive": "omni_ros_msgs/msg/ProactiveAction",
-    "/omni/state": "omni_ros_msgs/msg/OmniState",
-    "/omni/speech_flush": "omni_ros_msgs/msg/SpeechFlush",
-    "/omni/user_speaking": "std_msgs/msg/Bool",
-    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    "/" + t.name.lstrip("/"): t.type for t in topics.TOPICS if t.publisher == "omni_flow_node"
 }
 #: What ``speaker_node`` publishes, recorded too when a replay plays the speech (``with_speaker``).
 SPEAKER_TOPICS: dict[str, str] = {
-    "/speaker/playback": "omni_ros_msgs/msg/Playback",
-    "/speaker/playing": "std_msgs/msg/Bool",
+    "/" + t.name: t.type for t in topics.TOPICS if t.publisher == "speaker_node"
 }
+#: The latched (transient-local) ones among them.
+LATCHED_TOPICS: list[str] = [
+    "/" + t.name
+    for t in topics.TOPICS
+    if t.latched and t.publisher in ("omni_flow_node", "speaker_node")
+]
 #: Default of ``--load-timeout``: how long graph replay waits for the node to load its backend.
 LOAD_TIMEOUT_S = 180.0
 _log = logging.getLogger(__name__)
@@ -423,7 +424,7 @@ def replay_graph(
         node,
         OutputBag(outputs),
         recorded,
-        latched=["/omni/state", "/omni/user_speaking", "/speaker/playing"],
+        latched=LATCHED_TOPICS,
     )
     bridge: Any = None
     reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
