@@ -214,6 +214,9 @@ class FlowConfig:
         return dataclasses.replace(base, **nested)
 
 
+_PromptTrial = tuple[tuple[str, FloatArray | None], "concurrent.futures.Future[None]"]
+
+
 class _StoppedError(Exception):
     """Internal: stop() was called while the worker waited for the backend."""
 
@@ -333,6 +336,7 @@ class OmniFlow:
         self._robot_speaking = False
         self._playback_in: list[PlaybackReport] = []
         self._dropped_in_audio = 0
+        self._in_audio = 0  # samples pushed since the worker last took them (audio_samples_in)
         self._dropped_in_frames = 0
         self._wake = threading.Event()
         # ---- worker state ----
@@ -345,8 +349,9 @@ class OmniFlow:
         self._needs_prepare = True
         self._prepared_once = False
         self._timeline_fresh = False  # set after a clock jump: the timeline already restarted
-        # Decoded mic blocks waiting to be put back in stamp order: (stamp_ns, seq, block).
-        self._reorder: list[tuple[int, int, AudioBlock]] = []
+        # Decoded mic blocks waiting to be put back in stamp order: (stamp_ns, seq, block,
+        # received_ns).
+        self._reorder: list[tuple[int, int, AudioBlock, int]] = []
         self._reorder_seq = 0
         self._reorder_newest_ns = 0
         self._released_end_ns: int | None = None  # end of the mic audio released last
@@ -363,6 +368,8 @@ class OmniFlow:
         self._fed_since_prepare = 0
         self._prompt = config.system_prompt
         self._ref_voice: FloatArray | None = None
+        # A set_prompt being tried: (the prompt and voice to go back to, the caller's future).
+        self._prompt_trial: _PromptTrial | None = None
         self._texts: list[str] = []
         self._mic_rs: StreamResampler | None = None
         self._mic_rs_anchor_ns = 0
@@ -376,11 +383,18 @@ class OmniFlow:
 
     # ============================================================ input methods (any thread, cheap)
     def push_audio(self, raw: RawAudio) -> None:
-        """Queue a microphone chunk (decoded on the worker)."""
+        """Queue a microphone chunk (decoded on the worker).
+
+        A chunk without ``received_ns`` is marked received now (see :class:`RawAudio`).
+        """
+        if raw.received_ns <= 0:
+            raw = dataclasses.replace(raw, received_ns=self.clock.now_ns())
+        frames = _frames_of(raw)
         with self._lock:
+            self._in_audio += frames
             if len(self._audio_in) >= self.config.max_queued_audio:
                 old = self._audio_in.popleft()
-                self._dropped_in_audio += len(old.data) // max(1, 2 * old.channels)
+                self._dropped_in_audio += _frames_of(old)
             self._audio_in.append(raw)
         self._wake.set()
 
@@ -415,9 +429,26 @@ class OmniFlow:
             self._texts_in.append(str(text))
         self._wake.set()
 
-    def set_prompt(self, text: str, ref_voice: FloatArray | None = None) -> None:
-        """Restart the conversation with a new system prompt (and reference voice)."""
-        self._control("prompt", (str(text), ref_voice))
+    def set_prompt(
+        self, text: str, ref_voice: FloatArray | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Restart the conversation with a new system prompt (and reference voice).
+
+        Prepare, then swap: the worker prepares the backend with the new prompt; only when that
+        succeeds does it become the prompt. When the backend refuses it (its ``prepare``
+        raises), the previous prompt and voice are prepared again at once and stay in force,
+        ``prompt_errors`` is counted, a ``StateOut`` in mode ERROR says why, and the returned
+        future fails with the backend's error. (A backend holds one conversation, so the
+        conversation itself restarts either way; what a refused prompt cannot do is leave the
+        robot without one.)
+
+        Returns:
+            A future: its result is None once the new prompt is prepared; its exception is the
+            backend's error (or :class:`StateError` if the flow stopped first).
+        """
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._control("prompt", (str(text), ref_voice, future))
+        return future
 
     def reset(self) -> None:
         """Forget the conversation: timeline, session, VAD/AEC state; the backend is prepared again."""
@@ -465,6 +496,17 @@ class OmniFlow:
             # The worker is gone, so this thread may touch the session: speech still queued at
             # the player belongs to a loop that no longer runs (a deactivated node).
             self._emit_all(self.session.interrupt(self.clock.now_ns(), "stop"))
+        self._fail_prompt_requests(StateError("the flow stopped before the prompt was prepared"))
+
+    def _fail_prompt_requests(self, error: Exception) -> None:
+        """A stopped flow answers every set_prompt still waiting (queued or being tried)."""
+        with self._lock:
+            queued = [arg for kind, arg in self._controls if kind == "prompt"]
+        futures = [arg[2] for arg in queued]
+        if self._prompt_trial is not None:
+            futures.append(self._prompt_trial[1])
+        for future in futures:
+            _settle(future, error)
 
     def close(self) -> None:
         """Stop the worker and release the backend helper thread. Does not close the backend."""
@@ -539,7 +581,12 @@ class OmniFlow:
                 self._paused = False
                 self.session.resume()
             elif kind == "prompt":
-                self._prompt, self._ref_voice = arg
+                text, voice, future = arg
+                if self._prompt_trial is not None:  # superseded before it was tried
+                    _settle(self._prompt_trial[1], StateError("superseded by a newer prompt"))
+                    self._prompt, self._ref_voice = self._prompt_trial[0]
+                self._prompt_trial = ((self._prompt, self._ref_voice), future)
+                self._prompt, self._ref_voice = text, voice
                 self._restart_conversation(now_ns)
             elif kind == "reset":
                 self._restart_conversation(now_ns)
@@ -558,8 +605,9 @@ class OmniFlow:
         if new_time_base:
             self._mic_rs = None
             if self.aec is not None:
+                self.counters.drop_audio("reset", len(self.aec.state.remainder))
                 self.aec.reset()
-        self._pending.clear()
+        self._drop_units(self._pending, "reset")
         self._barged_run_start = None
         self._needs_prepare = True
         self._last_prepare_ns = None
@@ -573,9 +621,9 @@ class OmniFlow:
         # What is left (the new pass, already arriving) stays held for the new time base.
         limit_ns = now_ns + self.timeline.config.max_future_ns
         kept = [item for item in self._reorder if item[0] <= limit_ns]
-        for _stamp, _seq, block in self._reorder:
-            if _stamp > limit_ns:
-                self.counters.dropped_audio_samples += len(block.samples)
+        for item in self._reorder:
+            if item[0] > limit_ns:
+                self.counters.drop_audio("reset", len(item[2].samples))
         heapq.heapify(kept)
         self._reorder = kept
         self._reorder_newest_ns = max((i[0] + i[2].duration_ns for i in kept), default=0)
@@ -612,19 +660,34 @@ class OmniFlow:
         if not self._timeline_fresh:
             self.timeline.reset()
         self._timeline_fresh = False
-        self._pending.clear()
+        self._drop_units(self._pending, "reset")
         try:
             self._call(prepare, self.config.prepare_deadline_ms)
         except _StoppedError:
             raise
         except Exception as exc:
             self._prepare_failures += 1
-            self._error = f"backend prepare failed ({self._prepare_failures}x): {exc}"
-            retry_s = self._retry_ms() / 1000
-            self._log.warning("prepare", f"{self._error}; retrying in {retry_s:g} s")
+            trial, self._prompt_trial = self._prompt_trial, None
+            if trial is not None:
+                # Prepare-then-swap: the new prompt was refused; the previous one is prepared
+                # again at the next step (no backoff: it is the prompt, not the server).
+                (self._prompt, self._ref_voice), future = trial
+                self.counters.prompt_errors += 1
+                self._error = f"set_prompt refused by the backend (previous prompt kept): {exc}"
+                self._last_prepare_ns = None
+                self._timeline_fresh = True  # reset just now: keep what arrives for the retry
+                self._log.warning("prompt", self._error)
+                _settle(future, exc)
+            else:
+                self._error = f"backend prepare failed ({self._prepare_failures}x): {exc}"
+                retry_s = self._retry_ms() / 1000
+                self._log.warning("prepare", f"{self._error}; retrying in {retry_s:g} s")
             self._emit_all(self.session.on_error(None, _as_backend_error(exc)))
             self._emit_state(now_ns, -1, 0)
             return False
+        trial, self._prompt_trial = self._prompt_trial, None
+        if trial is not None:
+            _settle(trial[1])
         if self._prepare_failures:
             _LOG.warning(
                 "backend prepared again after %d failed attempt(s)", self._prepare_failures
@@ -655,9 +718,10 @@ class OmniFlow:
             self._texts_in.clear()
             self.gate.robot_speaking = self._robot_speaking
             playback, self._playback_in = self._playback_in, []
-            self.counters.dropped_audio_samples += self._dropped_in_audio
+            self.counters.audio_samples_in += self._in_audio
+            self.counters.drop_audio("queue_full", self._dropped_in_audio)
             self.counters.dropped_frames += self._dropped_in_frames
-            self._dropped_in_audio = self._dropped_in_frames = 0
+            self._dropped_in_audio = self._dropped_in_frames = self._in_audio = 0
         for report in playback:
             self._apply_playback(report)
         # Judge stamps against the clock now, not at the last poll (a backend call can take
@@ -692,7 +756,6 @@ class OmniFlow:
         try:
             frames = audio_frames(raw)
             if frames * 1_000 > self.config.max_chunk_ms * raw.sample_rate:
-                self.counters.dropped_audio_samples += frames
                 raise DecodeError(
                     f"an audio chunk of {frames / raw.sample_rate:.2f} s is longer than "
                     f"flow.max_chunk_ms = {self.config.max_chunk_ms}: dropped whole"
@@ -700,17 +763,26 @@ class OmniFlow:
             block = decode_audio(raw, self.counters)
         except OmniError as exc:
             self.counters.decode_errors += 1
+            self.counters.drop_audio("bad_input", _frames_of(raw))
             self._log.warning("decode_audio", f"dropped an undecodable audio chunk: {exc}")
             return
         if len(block.samples) == 0:
             return
+        if self.timeline.is_future(block.stamp_ns, self.clock.now_ns()):
+            # Before the reorder buffer (issue 16): a chunk stamped an hour ahead must not sit
+            # there uncounted and make every later chunk "old enough" to release at once.
+            self.counters.future_messages += 1
+            self.counters.drop_audio("future", len(block.samples))
+            self._log.warning("future_audio", "dropped an audio chunk stamped in the future")
+            return
+        received = raw.received_ns
         if self.config.audio_reorder_ms == 0 or (
             not self._reorder and self._continues_stream(block)
         ):
             self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block)
+            self._process_audio(block, received)
             return
-        heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block))
+        heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block, received))
         self._reorder_seq += 1
         self._reorder_newest_ns = max(self._reorder_newest_ns, block.stamp_ns + block.duration_ns)
 
@@ -722,9 +794,9 @@ class OmniFlow:
             self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon
             or self._continues_stream(self._reorder[0][2])  # the missing piece arrived
         ):
-            block = heapq.heappop(self._reorder)[2]
+            _, _, block, received = heapq.heappop(self._reorder)
             self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block)
+            self._process_audio(block, received)
         self._update_voice_activity(now_ns)
 
     def _continues_stream(self, block: AudioBlock) -> bool:
@@ -822,12 +894,14 @@ class OmniFlow:
         except Exception as exc:  # a backend's bookkeeping must not stop the worker
             self._log.warning("on_played", f"backend.on_played failed: {exc!r}")
 
-    def _process_audio(self, block: AudioBlock) -> None:
+    def _process_audio(self, block: AudioBlock, received_ns: int = 0) -> None:
         for mic in self._to_mic_rate(block):
             if self.aec is not None:
+                if len(mic.samples):
+                    self._count_aec_restart(mic)
                 mic = self.aec.process(mic) if len(mic.samples) else mic
                 if len(mic.samples):
-                    self._push_timeline(mic)
+                    self._push_timeline(mic, received_ns)
             if self.vad is not None and len(mic.samples):
                 self.vad.process(mic)
                 if self.bargein is not None:
@@ -835,13 +909,25 @@ class OmniFlow:
                     self.bargein.process(mic, raw, self.aec)
                 self._check_barge_in()
         if self.aec is None:
-            self._push_timeline(block)  # the timeline resamples whole units itself
+            self._push_timeline(block, received_ns)  # the timeline resamples whole units itself
 
-    def _push_timeline(self, block: AudioBlock) -> None:
+    def _count_aec_restart(self, mic: AudioBlock) -> None:
+        """The canceller restarts its stream at a discontinuity (a chunk outside the reorder
+        hold, a gap) and forgets the unfinished frame it held: count those samples."""
+        assert self.aec is not None
+        st = self.aec.state
+        if st.mic_anchor_ns is None or not len(st.remainder):
+            return
+        n = st.mic_samples + len(st.remainder)
+        expected = st.mic_anchor_ns + round(n * NS_PER_S / self.mic_rate)
+        if abs(mic.stamp_ns - expected) > NS_PER_S // self.mic_rate:  # as EchoCanceller does
+            self.counters.drop_audio("reorder", len(st.remainder))
+
+    def _push_timeline(self, block: AudioBlock, received_ns: int = 0) -> None:
         try:
-            self.timeline.push_audio(block)
+            self.timeline.push_audio(block, received_ns)
         except OmniError as exc:
-            self.counters.dropped_audio_samples += len(block.samples)
+            self.counters.drop_audio("bad_input", len(block.samples))
             self._log.warning("timeline", f"audio not placed on the timeline: {exc}")
 
     def _to_mic_rate(self, block: AudioBlock) -> list[AudioBlock]:
@@ -920,9 +1006,11 @@ class OmniFlow:
             oldest = self._pending[0]
             if oldest.index == 0 and self._fed_since_prepare == 0 and len(self._pending) > 1:
                 # The backend needs unit 0 (the longer first unit) first: drop the next one.
+                dropped = self._pending[1]
                 del self._pending[1]
             else:
-                self._pending.popleft()
+                dropped = self._pending.popleft()
+            self._drop_units([dropped], "overrun")
             self.counters.units_dropped_overrun += 1
 
     def _process_unit(self, unit: Unit) -> None:
@@ -934,8 +1022,9 @@ class OmniFlow:
         compute_ns = 0
         self._finish_pending_played(self.clock.now_ns())
         if self._paused:
-            pass
+            self._drop_units([unit], "paused")
         elif self._hung is not None:
+            self._drop_units([unit], "overrun")
             self.counters.units_dropped_overrun += 1  # the backend is still stuck in a call
         else:
             backend = self.backend
@@ -966,6 +1055,40 @@ class OmniFlow:
         self._last_state = self._emit_state(
             unit.end_ns, unit.index, compute_ns, max(1, unit.duration_ns)
         )
+
+    def _drop_units(self, units: collections.deque[Unit] | list[Unit], cause: str) -> None:
+        """Units the timeline emitted (their samples counted as used) that never reach the
+        backend: their received samples move to ``audio_dropped_<cause>``. Empties a deque."""
+        for unit in list(units):
+            received = len(unit.audio) - unit.gap_samples
+            self.counters.audio_samples_used -= received
+            self.counters.drop_audio(cause, received)
+        if isinstance(units, collections.deque):
+            units.clear()
+
+    def audio_accounting(self) -> dict[str, int]:
+        """Where the microphone samples went, read on the worker thread (or a stopped flow):
+        ``in`` = ``used`` + ``dropped`` (the sum of ``dropped_<cause>``) + ``held`` (queued,
+        waiting in the reorder buffer, the canceller's unfinished frame, open units, closed
+        units waiting for the backend)."""
+        c = self.counters
+        with self._lock:
+            queued = sum(_frames_of(r) for r in self._audio_in)
+            pending_in, pending_dropped = self._in_audio, self._dropped_in_audio
+        waiting = sum(len(u.audio) - u.gap_samples for u in self._pending)
+        held = queued + waiting + sum(len(i[2].samples) for i in self._reorder)
+        held += self.timeline.held_samples()
+        if self.aec is not None:
+            held += len(self.aec.state.remainder)
+        drops = c.audio_drops()
+        drops["queue_full"] += pending_dropped
+        return {
+            "in": c.audio_samples_in + pending_in,
+            "used": c.audio_samples_used - waiting,
+            "dropped": c.dropped_audio_samples + pending_dropped,
+            "held": held,
+            **{f"dropped_{k}": v for k, v in drops.items()},
+        }
 
     def _emit_state(
         self, stamp_ns: int, unit_index: int, compute_ns: int, unit_ns: int = NS_PER_S
@@ -1055,6 +1178,26 @@ class OmniFlow:
             self._emit_cb(event)
         except Exception:
             _LOG.exception("omni_flow emit callback failed for %s", type(event).__name__)
+
+
+def _settle(future: concurrent.futures.Future[None], error: BaseException | None = None) -> None:
+    """Answer a set_prompt future once (a stopped flow may already have answered it)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _frames_of(raw: RawAudio) -> int:
+    """Sample frames in a message, also for one that does not decode (its whole byte length in
+    frames of its stated format), so that what is counted in is what is counted dropped."""
+    try:
+        return audio_frames(raw)
+    except OmniError:
+        width = 4 if raw.encoding == "F32LE" else 2
+        return len(raw.data) // (width * max(1, raw.channels))
 
 
 def _as_backend_error(exc: BaseException) -> BackendError:

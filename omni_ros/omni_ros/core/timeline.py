@@ -55,6 +55,7 @@ shared :class:`~omni_ros.core.types.Counters`:
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,6 +80,8 @@ NS_PER_S = 1_000_000_000
 FRAME_POLICIES = ("last", "nearest_end", "up_to_n")
 RESAMPLE_QUALITIES = ("HQ", "VHQ")
 _MAX_STASHED = 4096  # inputs held while deciding whether they are late or a clock jump's first
+_MAX_CLOSED_GAPS = 256  # holes of closed units remembered to attribute late samples
+_MAX_CLOSE_TIMES = 256  # (unit end, clock when it closed) of the latest closed units
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -238,6 +241,9 @@ class _SampleBuffer:
         self.data: FloatArray = np.zeros(0, np.float32)
         self.mask: BoolArray = np.zeros(0, np.bool_)
         self.hi = self.base  # one past the highest written position
+        # Holes of closed units (zero-filled), newest last: late samples landing in them tell
+        # why the unit had a gap (Counters.gap_filled_*).
+        self.closed_gaps: collections.deque[tuple[int, int]] = collections.deque()
 
     def _ensure(self, end: int) -> None:
         need = end - self.base
@@ -310,15 +316,48 @@ class _SampleBuffer:
         lo, hi = max(a, self.base), min(b, self.base + len(self.mask))
         return int(np.count_nonzero(self.mask[lo - self.base : hi - self.base])) if hi > lo else 0
 
-    def close_until(self, floor: int) -> None:
-        """Positions below ``floor`` are closed; keep only the resampler's left context."""
-        self.floor = max(self.floor, floor)
+    def close_until(self, floor: int, record_gaps: bool = False) -> int:
+        """Positions below ``floor`` are closed; keep only the resampler's left context.
+
+        Returns:
+            How many received samples the closed range held. With ``record_gaps`` the closed
+            range's holes are remembered (:meth:`fill_closed_gaps`): they were zero-filled.
+        """
+        floor = max(self.floor, floor)
+        consumed = self.covered(self.floor, floor)
+        if record_gaps and floor > self.floor:
+            _, mask = self.read(self.floor, floor)
+            edges = np.flatnonzero(np.diff(np.concatenate([[True], mask, [True]]).astype(np.int8)))
+            for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+                self.closed_gaps.append((self.floor + a, self.floor + b))
+            while len(self.closed_gaps) > _MAX_CLOSED_GAPS:
+                self.closed_gaps.popleft()
+        self.floor = floor
         new_base = self.floor - self.keep
         if new_base > self.base:
             cut = min(new_base - self.base, len(self.data))
             self.data, self.mask = self.data[cut:], self.mask[cut:]
             self.base = new_base
             self.hi = max(self.hi, self.base)
+        return consumed
+
+    def fill_closed_gaps(self, a: int, b: int) -> int:
+        """Late samples for closed positions ``[a, b)`` arrived: how many of them fall in holes
+        that were zero-filled (each hole position is counted once)."""
+        hit = 0
+        kept: collections.deque[tuple[int, int]] = collections.deque()
+        for lo, hi in self.closed_gaps:
+            x, y = max(lo, a), min(hi, b)
+            if x >= y:
+                kept.append((lo, hi))
+                continue
+            hit += y - x
+            if lo < x:
+                kept.append((lo, x))
+            if y < hi:
+                kept.append((y, hi))
+        self.closed_gaps = kept
+        return hit
 
     def render(self, j0: int, j1: int, out_rate: int, quality: str) -> tuple[FloatArray, BoolArray]:
         """Audio and coverage of output positions ``[j0, j1)`` at ``out_rate``."""
@@ -381,6 +420,9 @@ class Timeline:
         self._earliest_ns: int | None = None
         self._newest_frame_ns: int | None = None  # latest frame stamp seen (None: no camera)
         self._observed_ns = 0  # latest clock reading between polls (observe_clock)
+        # (end_ns, clock at closing) of the latest closed units: was a late chunk already at the
+        # node when its unit closed (an executor stall) or not (late input)?
+        self._close_times: collections.deque[tuple[int, int]] = collections.deque()
         # Inputs stamped long before the open unit: late, or the first of a looping bag's new pass.
         self._stashed: list[AudioBlock | VideoFrame | RawImage] = []
         if origin_ns is not None:
@@ -419,8 +461,8 @@ class Timeline:
     def _count_buffered_as_dropped(self) -> None:
         c = self.counters
         for buf in self._buffers.values():
-            c.dropped_audio_samples += buf.covered(buf.floor, buf.hi)
-        c.dropped_audio_samples += sum(len(b.samples) for b in self._pending_audio)
+            c.drop_audio("reset", buf.covered(buf.floor, buf.hi))
+        c.drop_audio("reset", sum(len(b.samples) for b in self._pending_audio))
         c.dropped_frames += len(self._frames) + len(self._pending_frames)
         self._count_stash_late()
 
@@ -428,16 +470,25 @@ class Timeline:
         for item in self._stashed:
             self.counters.late_messages += 1
             if isinstance(item, AudioBlock):
-                self.counters.dropped_audio_samples += len(item.samples)
+                self.counters.drop_audio("late", len(item.samples))
             else:
                 self.counters.dropped_frames += 1
         self._stashed = []
 
+    def held_samples(self) -> int:
+        """Received audio samples held for units not closed yet (audio accounting)."""
+        held = sum(b.covered(b.floor, b.hi) for b in self._buffers.values())
+        held += sum(len(b.samples) for b in self._pending_audio)
+        return held + sum(len(i.samples) for i in self._stashed if isinstance(i, AudioBlock))
+
     # ------------------------------------------------------------------ input
-    def push_audio(self, block: AudioBlock) -> None:
+    def push_audio(self, block: AudioBlock, received_ns: int = 0) -> None:
         """Place mono audio sample-exactly from its first-sample stamp and rate.
 
-        Bad data is counted, never raised (see the module docstring).
+        Bad data is counted, never raised (see the module docstring). ``received_ns`` (clock time
+        the node had the chunk; 0 if unknown) decides why samples for a closed unit were lost:
+        received before that unit closed is ``audio_dropped_stall`` (the node was behind),
+        otherwise ``audio_dropped_late``.
 
         Raises:
             AlignmentError: ``block.sample_rate`` is not positive (no position can be computed).
@@ -453,9 +504,9 @@ class Timeline:
             samples = np.where(finite, samples, np.float32(0.0))
         if samples is not block.samples:
             block = AudioBlock(block.stamp_ns, block.sample_rate, samples)
-        if self._is_future(block.stamp_ns):
+        if self.is_future(block.stamp_ns):
             self.counters.future_messages += 1
-            self.counters.dropped_audio_samples += len(samples)
+            self.counters.drop_audio("future", len(samples))
             return
         if self._origin_ns is None:
             self._pending_audio.append(block)
@@ -463,14 +514,14 @@ class Timeline:
             return
         if self._should_stash(block.stamp_ns):
             return self._stash(block)
-        self._place_audio(block)
+        self._place_audio(block, received_ns)
 
     def push_frame(self, frame: VideoFrame | RawImage) -> None:
         """Keep a frame (decoded, or raw to be decoded only if a policy chooses it).
 
         Late, future, duplicate-stamp and overflowing frames are dropped and counted.
         """
-        if self._is_future(frame.stamp_ns):
+        if self.is_future(frame.stamp_ns):
             self.counters.future_messages += 1
             self.counters.dropped_frames += 1
             return
@@ -496,10 +547,15 @@ class Timeline:
         if self._last_now_ns is not None and now_ns > self._observed_ns:
             self._observed_ns = now_ns
 
-    def _is_future(self, stamp_ns: int) -> bool:
+    def is_future(self, stamp_ns: int, now_ns: int | None = None) -> bool:
+        """Whether ``stamp_ns`` is more than ``max_future_ns`` ahead of the clock: the latest
+        poll or :meth:`observe_clock` reading, or ``now_ns`` if later (before the first poll the
+        origin, or ``now_ns``, or nothing)."""
         reference = self._last_now_ns if self._last_now_ns is not None else self._origin_ns
         if reference is not None and self._observed_ns > reference:
             reference = self._observed_ns
+        if now_ns is not None and (reference is None or now_ns > reference):
+            reference = now_ns
         return reference is not None and stamp_ns > reference + self.config.max_future_ns
 
     def _should_stash(self, stamp_ns: int) -> bool:
@@ -513,7 +569,7 @@ class Timeline:
     def _open_start_ns(self) -> int:
         return self.unit_bounds_ns(self._next_index)[0]
 
-    def _place_audio(self, block: AudioBlock) -> None:
+    def _place_audio(self, block: AudioBlock, received_ns: int = 0) -> None:
         assert self._origin_ns is not None
         # A stamp this far ahead was accepted, so the clock leapt forward: skip now the units the
         # next poll skips anyway (max_catchup_units), instead of zero-filling the leap into the
@@ -536,11 +592,32 @@ class Timeline:
         if pos < buf.floor:
             late = min(buf.floor - pos, len(samples))
             self.counters.late_messages += 1
-            self.counters.dropped_audio_samples += late
+            cause = "stall" if self._at_node_before_close(block.stamp_ns, received_ns) else "late"
+            self.counters.drop_audio(cause, late)
+            # Holes these samples would have filled were zero-filled for the same reason.
+            filled = buf.fill_closed_gaps(pos, pos + late)
+            if rate != self.config.sample_rate:
+                filled = _pos(filled * NS_PER_S // rate, self.config.sample_rate)
+            filled = min(filled, self.counters.gap_filled_missing)
+            self.counters.gap_filled_missing -= filled
+            name = f"gap_filled_{cause}"
+            setattr(self.counters, name, getattr(self.counters, name) + filled)
             samples, pos = samples[late:], pos + late
             if not len(samples):
                 return
-        self.counters.duplicate_samples += buf.write(pos, samples)
+        overlap = buf.write(pos, samples)
+        self.counters.duplicate_samples += overlap
+        self.counters.drop_audio("duplicate", overlap)
+
+    def _at_node_before_close(self, stamp_ns: int, received_ns: int) -> bool:
+        """Whether a chunk received at ``received_ns`` was there before the unit holding
+        ``stamp_ns`` closed (so only the node's own delay made it late)."""
+        if received_ns <= 0:
+            return False
+        for end_ns, closed_ns in self._close_times:
+            if stamp_ns < end_ns:
+                return received_ns <= closed_ns
+        return False
 
     def _place_frame(self, frame: VideoFrame | RawImage) -> None:
         if frame.stamp_ns < self._open_start_ns():
@@ -649,19 +726,25 @@ class Timeline:
         """Drop the oldest ``count`` due units (clock far ahead), counting what they held."""
         assert self._origin_ns is not None
         _, end_ns = self.unit_bounds_ns(self._next_index + count - 1)
-        for buf in self._buffers.values():
-            end_pos = _pos(end_ns - self._origin_ns, buf.rate)
-            self.counters.dropped_audio_samples += buf.covered(buf.floor, end_pos)
         i = bisect.bisect_left(self._frame_stamps, end_ns)
         self.counters.dropped_frames += i
         self.counters.units_dropped_overrun += count
         self._next_index += count
-        self._close_before(end_ns)
+        self._close_before(end_ns, "overrun")
 
-    def _close_before(self, end_ns: int) -> None:
+    def _close_before(self, end_ns: int, drop_cause: str | None = None) -> None:
+        """Close everything before ``end_ns``: its received samples were used (a unit was
+        emitted) or are dropped for ``drop_cause``."""
         assert self._origin_ns is not None
         for rate, buf in list(self._buffers.items()):
-            buf.close_until(_pos(end_ns - self._origin_ns, rate))
+            consumed = buf.close_until(_pos(end_ns - self._origin_ns, rate), drop_cause is None)
+            if drop_cause is None:
+                self.counters.audio_samples_used += consumed
+            else:
+                self.counters.drop_audio(drop_cause, consumed)
+        self._close_times.append((end_ns, self._last_now_ns or 0))
+        while len(self._close_times) > _MAX_CLOSE_TIMES:
+            self._close_times.popleft()
         for rate, buf in list(self._buffers.items()):
             # A buffer for a rate the source no longer uses goes once it holds nothing open.
             if rate != self._current_rate and buf.hi <= buf.floor:
@@ -696,6 +779,7 @@ class Timeline:
             # Resampling rings into gap edges; a gap is silence by definition.
             audio[~covered] = 0.0
             self.counters.gap_samples_filled += gaps
+            self.counters.gap_filled_missing += gaps  # until late samples say otherwise
         frames = self._choose_frames(start_ns, end_ns)
         self._next_index = index + 1
         self._close_before(end_ns)

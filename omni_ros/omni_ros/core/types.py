@@ -30,6 +30,9 @@ class RawAudio:
         encoding: ``"S16LE"`` or ``"F32LE"`` (interleaved little-endian PCM).
         data: the raw bytes.
         source: device / frame_id, used to keep separate streams apart.
+        received_ns: clock time the node had the message (the middleware's receive time where
+            known, else the callback's); 0: unknown, :meth:`OmniFlow.push_audio` uses its own
+            time. It tells an executor stall from late input (docs/RELIABILITY.md).
     """
 
     stamp_ns: int
@@ -38,6 +41,7 @@ class RawAudio:
     encoding: str
     data: bytes
     source: str = ""
+    received_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,23 @@ class ProactiveEvent:
     completed: bool
 
 
+#: Causes of dropped microphone samples (``Counters.audio_dropped_<cause>``, OmniState order).
+AUDIO_DROP_CAUSES = (
+    "late",
+    "stall",
+    "queue_full",
+    "reorder",
+    "overrun",
+    "paused",
+    "reset",
+    "future",
+    "duplicate",
+    "bad_input",
+)
+#: Causes of zero-filled unit samples (``Counters.gap_filled_<cause>``, OmniState order).
+GAP_FILL_CAUSES = ("missing", "late", "stall")
+
+
 @dataclass
 class Counters:
     """Every drop / late / gap counter. They surface in OmniState and /diagnostics.
@@ -205,6 +226,43 @@ class Counters:
     barge_ins: int = 0
     late_speech: int = 0  # speech generated too late for its schedule: moved later (a pause)
     playback_late_chunks: int = 0  # chunks the speaker reported as started late (speaker/playback)
+    prompt_errors: int = 0  # set_prompt requests whose prepare failed (the old prompt stayed)
+    # ---- where every microphone sample went (docs/RELIABILITY.md, "Audio accounting") ----
+    # audio_samples_in = audio_samples_used + sum(audio_dropped_*) + samples still held;
+    # dropped_audio_samples is the sum of the audio_dropped_* counters.
+    audio_samples_in: int = 0  # samples (frames) of every audio message given to the flow
+    audio_samples_used: int = 0  # received samples in units given to the backend (no gap fill)
+    audio_dropped_late: int = 0  # arrived after their unit had closed (publisher or network late)
+    audio_dropped_stall: int = 0  # reached the node before their unit closed, processed after it
+    audio_dropped_queue_full: int = 0  # the flow's input queue overflowed (oldest dropped)
+    audio_dropped_reorder: int = 0  # the mic stream broke (a chunk outside the reorder hold, a gap)
+    audio_dropped_overrun: int = 0  # in units the overrun policy dropped or skipped
+    audio_dropped_paused: int = 0  # in units consumed while paused
+    audio_dropped_reset: int = 0  # buffered when a reset, new prompt or clock jump restarted
+    audio_dropped_future: int = 0  # stamped beyond clock + max_future_ns
+    audio_dropped_duplicate: int = 0  # a second copy of samples already received (first wins)
+    audio_dropped_bad_input: int = 0  # undecodable, over flow.max_chunk_ms, not placeable
+    # gap_samples_filled = gap_filled_missing + gap_filled_late + gap_filled_stall
+    gap_filled_missing: int = 0  # zero-filled: nothing arrived for them (yet)
+    gap_filled_late: int = 0  # zero-filled: they arrived later, late (audio_dropped_late)
+    gap_filled_stall: int = 0  # zero-filled: they were at the node in time (audio_dropped_stall)
+
+    def drop_audio(self, cause: str, samples: int) -> None:
+        """Count ``samples`` dropped for ``cause`` (an ``audio_dropped_<cause>`` counter) and in
+        the total ``dropped_audio_samples``."""
+        if samples <= 0:
+            return
+        name = f"audio_dropped_{cause}"
+        setattr(self, name, getattr(self, name) + samples)
+        self.dropped_audio_samples += samples
+
+    def audio_drops(self) -> dict[str, int]:
+        """The dropped samples by cause (the ``audio_dropped_`` counters without the prefix)."""
+        return {c: getattr(self, f"audio_dropped_{c}") for c in AUDIO_DROP_CAUSES}
+
+    def gap_fills(self) -> dict[str, int]:
+        """The zero-filled samples by cause (the ``gap_filled_`` counters without the prefix)."""
+        return {c: getattr(self, f"gap_filled_{c}") for c in GAP_FILL_CAUSES}
 
     def snapshot(self) -> Counters:
         return Counters(**{f.name: getattr(self, f.name) for f in fields(self)})
