@@ -51,6 +51,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "playing": True,
         "barge_ins": 2**34 + 1,
         "error": "backend prepare failed (3x): connection refused",
+        "audio_samples_in": 2**35 + 3,
+        "audio_samples_used": 2**35,
+        "audio_drop_causes": ["late", "stall"],
+        "audio_drop_samples": [1, 2**33],
+        "gap_fill_causes": ["missing"],
+        "gap_fill_samples": [160],
+        "prompt_errors": 1,
     },
     "SpeechFlush": {
         "header": HEADER,

@@ -450,6 +450,19 @@ class OmniFlow:
         self._control("prompt", (str(text), ref_voice, future))
         return future
 
+    def withdraw_prompt(self, future: concurrent.futures.Future[None]) -> bool:
+        """Take back a :meth:`set_prompt` the worker has not started on yet (it is busy in a
+        backend call): nothing changes, the future fails. False if it is being tried already."""
+        with self._lock:
+            for item in self._controls:
+                if item[0] == "prompt" and item[1][2] is future:
+                    self._controls.remove(item)
+                    break
+            else:
+                return False
+        _settle(future, StateError("withdrawn: the backend stayed busy"))
+        return True
+
     def reset(self) -> None:
         """Forget the conversation: timeline, session, VAD/AEC state; the backend is prepared again."""
         self._control("reset")

@@ -33,13 +33,18 @@ Bad input never crashes the timeline and is never lost silently; each case is co
 shared :class:`~omni_ros.core.types.Counters`:
 
 * out-of-order chunks within the watermark: placed where they belong, identical units;
-* data for units already closed: ``late_messages`` +1, the late samples in
-  ``dropped_audio_samples`` (the part of a chunk that is still open is kept), late frames in
-  ``dropped_frames``;
+* data for units already closed: ``late_messages`` +1, the late samples dropped as
+  ``audio_dropped_late`` or, if the chunk was received before that unit closed,
+  ``audio_dropped_stall`` (the part of a chunk that is still open is kept); the zero-filled
+  gap they would have filled moves from ``gap_filled_missing`` to ``gap_filled_late`` /
+  ``gap_filled_stall``; late frames in ``dropped_frames``;
 * duplicate / overlapping samples: the first writer wins, the overlap is counted in
   ``duplicate_samples``, the non-overlapping part is kept; duplicate frame stamps: first wins,
   ``dropped_frames``;
-* gaps: zero-filled, ``gap_samples_filled`` and ``Unit.gap_samples``;
+* gaps: zero-filled, ``gap_samples_filled`` (``gap_filled_missing`` until late samples say
+  otherwise) and ``Unit.gap_samples``;
+* every received sample is used (``audio_samples_used``, when its unit closes) or dropped by
+  cause (``Counters.drop_audio``); :meth:`Timeline.held_samples` is what is still open;
 * stamps more than ``max_future_ns`` ahead of the clock: ``future_messages`` +1 and dropped;
 * clock jumps backwards by more than ``clock_jump_ns`` (a looping bag): the timeline resets
   (new origin from the next input), ``clock_jumps`` +1, pending data counted as dropped, and

@@ -58,7 +58,9 @@ class AskHost:
         )  # fmt: skip
         # One thread per goal that may run, plus one that always answers goal and cancel requests
         # (with every thread blocked in a goal, new requests were left pending, never answered).
-        self.executor = MultiThreadedExecutor(num_threads=self.max_goals + 1, context=node.context)
+        # (+1 more for omni/set_prompt, which the main node serves here and which waits for the
+        # backend's prepare.)
+        self.executor = MultiThreadedExecutor(num_threads=self.max_goals + 2, context=node.context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, name="omni-ask", daemon=True)
         self.thread.start()

@@ -48,6 +48,10 @@ NODE_PARAMS: dict[str, tuple[Any, str]] = {
     "diagnostics.clock_stall_s": (2.0, "clock standing still this long is a WARN [s]; 0 = off"),
     "ask.default_timeout_s": (30.0, "omni/ask timeout when the goal's timeout_s is 0 [s]"),
     "ask.max_goals": (2, "omni/ask goals served at once; more are rejected"),
+    "prompt.answer_timeout_s": (
+        10.0,
+        "omni/set_prompt waits this long for a busy backend to start preparing [s]",
+    ),
     "prompt.max_bytes": (16_384, "longest system prompt [UTF-8 bytes] (checked before embedding)"),
     "ref_voice.min_s": (0.1, "shortest reference voice [s]"),
     "ref_voice.max_s": (30.0, "longest reference voice [s]"),

@@ -264,7 +264,7 @@ def message_class(type_name: str) -> Any:
 def mic_subscriptions(
     node: Any,
     mic_type: str,
-    on_chunk: Callable[[Any], None],
+    on_chunk: Callable[..., None],
     push: Callable[[RawAudio], None],
     qos: Any,
     info_topic: str = "audio_info",
@@ -272,7 +272,8 @@ def mic_subscriptions(
 ) -> list[Any]:
     """The subscriptions that feed the microphone of ``node`` (relative topic ``audio/mic``).
 
-    ``AudioChunk`` goes to ``on_chunk`` unchanged (the node's own callback); audio_common messages
+    ``AudioChunk`` goes to ``on_chunk`` unchanged (the node's own callback, which may take rclpy's
+    MessageInfo as a second argument); audio_common messages
     are converted here and handed to ``push``. A message that cannot be converted is logged
     (throttled) and counted in ``node``'s log, never raised into the executor.
 

@@ -60,6 +60,7 @@ WARN_COUNTERS = (
     "backend_timeouts",
     "late_speech",
     "playback_late_chunks",
+    "prompt_errors",
 )
 
 
@@ -248,6 +249,13 @@ def state_to_msg(state: StateOut, frame_id: str = "omni") -> OmniState:
         playing=bool(state.playing),
         barge_ins=int(counters.barge_ins),
         error=state.error,
+        audio_samples_in=int(counters.audio_samples_in),
+        audio_samples_used=int(counters.audio_samples_used),
+        audio_drop_causes=list(counters.audio_drops()),
+        audio_drop_samples=[int(v) for v in counters.audio_drops().values()],
+        gap_fill_causes=list(counters.gap_fills()),
+        gap_fill_samples=[int(v) for v in counters.gap_fills().values()],
+        prompt_errors=int(counters.prompt_errors),
     )
 
 

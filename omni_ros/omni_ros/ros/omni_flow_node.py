@@ -8,6 +8,7 @@ publishes the outputs itself (rclpy publishing is thread-safe).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from typing import Any, ClassVar
@@ -73,6 +74,10 @@ LATCHED = QoSProfile(
 )
 #: Longest wait for a backend call in flight before the backend is closed anyway [s].
 CLOSE_WAIT_S = 5.0
+#: How much longer than the flow's prepare deadline omni/set_prompt waits for its outcome [s].
+PROMPT_ANSWER_MARGIN_S = 5.0
+#: A middleware receive time further back than this is not believed (clock skew) [ns].
+MAX_WAITED_NS = 60_000_000_000
 
 
 class RosClock:
@@ -120,8 +125,11 @@ class OmniFlowNode(LifecycleNode):
     Unstamped input (``header.stamp`` 0, which many drivers publish) is stamped on arrival (audio
     laid end to end, see :class:`~omni_ros.core.audio.ArrivalStamper`) and counted in
     ``/diagnostics`` (``unstamped_audio``, ``unstamped_images``). ``omni/set_prompt`` answers
-    success only after the prompt and the voice passed every check; a refused request leaves the
-    running conversation untouched.
+    success only after the prompt and the voice passed every check and the backend prepared
+    them (it is served by the ``omni/ask`` companion's executor, since it waits); a request
+    refused by a check leaves the running conversation untouched, one the backend refuses
+    leaves the previous prompt in force (``prompt_errors``). Every dropped or zero-filled mic
+    sample is counted by cause in OmniState and ``/diagnostics`` (docs/RELIABILITY.md).
     """
 
     param_specs: ClassVar[list[ParamSpec]] = FLOW_PARAM_SPECS
@@ -151,6 +159,15 @@ class OmniFlowNode(LifecycleNode):
             self._execute_ask,
             lambda: self._active,
             max_goals=int(self.get_parameter("ask.max_goals").value),
+        )
+        # omni/set_prompt waits for the backend to prepare the new prompt (the flow prepares,
+        # then swaps), so it is served by the companion's executor: the callbacks of this node's
+        # single-threaded executor (mic, clock, camera) must never wait.
+        self._prompt_service = self._ask_host.node.create_service(
+            SetPrompt,
+            self.resolve_service_name("omni/set_prompt"),
+            self._on_prompt,
+            callback_group=ReentrantCallbackGroup(),
         )
         self._stamper = ArrivalStamper()
         self._unstamped_images = 0
@@ -285,9 +302,6 @@ class OmniFlowNode(LifecycleNode):
                 Trigger, "omni/interrupt", self._on_interrupt, callback_group=group
             ),
             self.create_service(Trigger, "omni/reset", self._on_reset, callback_group=group),
-            self.create_service(
-                SetPrompt, "omni/set_prompt", self._on_prompt, callback_group=group
-            ),
         ]
 
     def _mic_type(self) -> str:
@@ -393,11 +407,15 @@ class OmniFlowNode(LifecycleNode):
         if self._flow is not None and self._active:
             getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
 
-    def _on_mic(self, msg: AudioChunk) -> None:
-        self._on_mic_raw(conv.audio_chunk_to_raw(msg))
+    def _on_mic(self, msg: AudioChunk, info: Any) -> None:
+        """``info`` (rclpy's MessageInfo) says when the middleware received the chunk: a chunk
+        that waited for this callback past its unit's close is an executor stall, not late."""
+        self._on_mic_raw(conv.audio_chunk_to_raw(msg), _waited_ns(info))
 
-    def _on_mic_raw(self, raw: RawAudio) -> None:  # AudioChunk, or audio_common converted
-        self._push("push_audio", self._stamper.stamp(raw, self._omni_clock.now_ns()))
+    def _on_mic_raw(self, raw: RawAudio, waited_ns: int = 0) -> None:  # or audio_common's
+        now = self._omni_clock.now_ns()
+        raw = dataclasses.replace(self._stamper.stamp(raw, now), received_ns=now - waited_ns)
+        self._push("push_audio", raw)
 
     def _on_camera(self, buf: bytes, msg_type: Any, convert: Any) -> None:
         try:
@@ -438,7 +456,9 @@ class OmniFlowNode(LifecycleNode):
         return resp
 
     def _on_prompt(self, req: SetPrompt.Request, resp: SetPrompt.Response) -> SetPrompt.Response:
-        """Checks everything first; only a request that passed them all replaces the prompt."""
+        """Checks everything first; only a request that passed them all goes to the backend,
+        and the answer waits for its prepare: a prompt the backend refuses is ``success: false``
+        with the backend's reason, and the previous prompt stays in force."""
         if self._flow is None or self._backend is None or not self._active:
             resp.success, resp.message = self._call("set_prompt")  # the "not active" answer
             return resp
@@ -450,7 +470,33 @@ class OmniFlowNode(LifecycleNode):
             self.get_logger().warning(f"omni/set_prompt refused: {kind}{exc}")
             resp.success, resp.message = False, f"refused (conversation unchanged): {kind}{exc}"
             return resp
-        resp.success, resp.message = self._call("set_prompt", prompt, voice)
+        flow = self._flow
+        if flow is None or not self._active:
+            resp.success, resp.message = self._call("set_prompt")
+            return resp
+        future = flow.set_prompt(prompt, voice)
+        busy_s = float(self._param("prompt.answer_timeout_s"))
+        wait_s = flow.config.prepare_deadline_ms / 1000 + PROMPT_ANSWER_MARGIN_S
+        try:
+            try:
+                future.result(timeout=busy_s)
+            except concurrent.futures.TimeoutError:
+                if flow.withdraw_prompt(future):  # never started: the backend is in a call
+                    resp.success = False
+                    resp.message = (
+                        f"the backend stayed busy for {busy_s:g} s (a call in flight): nothing "
+                        "changed, try again (prompt.answer_timeout_s)"
+                    )
+                    return resp
+                future.result(timeout=wait_s)  # being prepared: its own deadline bounds it
+        except concurrent.futures.TimeoutError:
+            resp.success = False
+            resp.message = f"no answer from the backend's prepare within {wait_s:.0f} s"
+        except Exception as exc:
+            resp.success = False
+            resp.message = f"refused by the backend (previous prompt kept): {exc}"
+        else:
+            resp.success, resp.message = True, "set_prompt: prepared, conversation restarted"
         return resp
 
     def _call(self, method: str, *args: Any) -> tuple[bool, str]:
@@ -527,6 +573,17 @@ class OmniFlowNode(LifecycleNode):
         else:
             self._clock_watch.reset()
         self._diag_pub.publish(array)
+
+
+def _waited_ns(info: Any) -> int:
+    """How long a message waited between the middleware's receipt and its callback [ns]
+    (``received_timestamp`` is system time; 0 if the middleware does not say)."""
+    try:
+        received = int(info["received_timestamp"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+    waited = time.time_ns() - received
+    return waited if received > 0 and 0 <= waited < MAX_WAITED_NS else 0
 
 
 def main(args: list[str] | None = None) -> None:

@@ -9,8 +9,11 @@ simulated minute: RSS, threads, open fds. At the end:
 
 * RSS slope (MB per hour of robot time, least squares after the first 10 % warm-up);
 * threads and fds at start and end (must be equal);
-* every input sample accounted for: ``received = in units (not gap) + dropped`` within the
-  resampler / reorder edges; no decode error, no backend error, no future stamp, no overrun.
+* every input sample accounted for by cause (``OmniFlow.audio_accounting()``): fed = used +
+  dropped (the sum of ``audio_dropped_<cause>``) + still held, exactly; used = what reached the
+  backend (not gap fill); the gap fills by cause add up to ``gap_samples_filled``; no decode
+  error, no backend error, no future stamp, no overrun. (Graph mode: the causes add up, and
+  fed = in units + dropped within the tail still buffered.)
 
 Graph mode (``--graph-min``): the same scene as a bag, replayed in a loop through the real
 ``omni_flow_node`` process (``omni-ros replay --mode graph``), the node's RSS / threads / fds read
@@ -169,14 +172,46 @@ def run_direct(robot_s: float, jump_every_s: float, params: dict[str, Any]) -> d
         clock.set_ns(clock.now_ns() + NS)
         flow.run_until_idle(clock.now_ns())
     counters = flow.counters.as_dict()
+    accounting = flow.audio_accounting()
     flow.close()
     backend.close()
     rss, threads, fds = proc_stats()
     tally.samples.append(Sample(total_s, time.monotonic() - wall0, rss, threads, fds))
-    return report("direct", tally, counters, robot_s)
+    return report("direct", tally, counters, robot_s, accounting)
 
 
-def report(mode: str, tally: Tally, counters: dict[str, int], robot_s: float) -> dict[str, Any]:
+def check_accounting(
+    tally: Tally, counters: dict[str, int], accounting: dict[str, int] | None
+) -> list[str]:
+    """The per-cause audio accounting (docs/RELIABILITY.md): the causes add up to the totals,
+    and (direct mode, where the flow is at hand) every sample fed is used, dropped for a cause
+    or still held, and what the flow counts as used is what reached the backend."""
+    problems = []
+    causes = {k: v for k, v in counters.items() if k.startswith("audio_dropped_")}
+    if causes and sum(causes.values()) != counters.get("dropped_audio_samples", 0):
+        problems.append(f"drops by cause {sum(causes.values())} != dropped_audio_samples")
+    gaps = {k: v for k, v in counters.items() if k.startswith("gap_filled_")}
+    if gaps and sum(gaps.values()) != counters.get("gap_samples_filled", 0):
+        problems.append(f"gap fills by cause {sum(gaps.values())} != gap_samples_filled")
+    if accounting is None:
+        return problems
+    if accounting["in"] != tally.audio_samples:
+        problems.append(f"audio_samples_in {accounting['in']} != {tally.audio_samples} fed")
+    total = accounting["used"] + accounting["dropped"] + accounting["held"]
+    if total != accounting["in"]:
+        problems.append(f"used + dropped + held = {total} != in = {accounting['in']}")
+    if accounting["used"] != tally.unit_samples - tally.unit_gap_samples:
+        problems.append(f"audio_samples_used {accounting['used']} != what reached the backend")
+    return problems
+
+
+def report(
+    mode: str,
+    tally: Tally,
+    counters: dict[str, int],
+    robot_s: float,
+    accounting: dict[str, int] | None = None,
+) -> dict[str, Any]:
     # Threads and fds are compared from the end of the warm-up (the first 10 %, where a graph-mode
     # node is still loading its model and creating its DDS entities).
     first, last = tally.samples[len(tally.samples) // 10], tally.samples[-1]
@@ -192,15 +227,16 @@ def report(mode: str, tally: Tally, counters: dict[str, int], robot_s: float) ->
     expected_units = robot_s + FLUSH_S
     if tally.units and not 0.9 * expected_units <= tally.units <= 1.0 * expected_units:
         problems.append(f"{tally.units} units for {robot_s:.0f} s of input")
-    if tally.unit_samples:
-        # Every sample fed is in a unit (not as gap fill) or counted as dropped; what is left
-        # is the tail still buffered at the end and the prepare-time windows after each reset.
+    if tally.unit_samples and accounting is None:
+        # Graph mode (counters from OmniState / diagnostics only): every sample fed is in a
+        # unit (not as gap fill) or counted as dropped, but for the tail still buffered.
         accounted = tally.unit_samples - tally.unit_gap_samples
         accounted += counters.get("dropped_audio_samples", 0)
         unaccounted = tally.audio_samples - accounted
         tally_note = f"{unaccounted} of {tally.audio_samples} samples unaccounted"
         if not 0 <= unaccounted <= (3 + 2 * tally.jumps) * MIC_RATE:
             problems.append(tally_note)
+    problems += check_accounting(tally, counters, accounting)
     if max(s.threads for s in tally.samples[len(tally.samples) // 10 :]) > first.threads + 1:
         problems.append("thread count grew")
     if last.fds > first.fds + 2:
@@ -225,6 +261,7 @@ def report(mode: str, tally: Tally, counters: dict[str, int], robot_s: float) ->
         "units": tally.units,
         "omni_state_messages": tally.states,
         "samples_in_units_not_gap": tally.unit_samples - tally.unit_gap_samples,
+        "audio_accounting": accounting,
         "counters": counters,
         "problems": problems,
         "samples": [vars(s) for s in tally.samples],

@@ -32,6 +32,8 @@ def _msg(type_name: str, **values: Any) -> Any:
             values[f.name] = _time(0)
         elif kind.startswith("np.ndarray"):
             values[f.name] = np.zeros(0, np.uint8)
+        elif kind.startswith("list"):
+            values[f.name] = []
         else:
             values[f.name] = {"int": 0, "float": 0.0, "bool": False, "str": ""}[kind]
     return cls(**values)

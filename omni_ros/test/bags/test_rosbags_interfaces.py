@@ -29,6 +29,10 @@ def _rosbags_msg(type_name: str) -> Any:
                 import numpy as np
 
                 kwargs[name] = np.frombuffer(value, dtype=np.uint8)
+            elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+                import numpy as np
+
+                kwargs[name] = np.asarray(value, dtype=np.uint64)  # uint64[]: a numpy array
             else:
                 kwargs[name] = value
         assert set(kwargs) == fields, "sample does not cover every field"

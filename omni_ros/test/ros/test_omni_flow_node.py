@@ -217,6 +217,7 @@ def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(
         "blocking_double.control_dir": str(control),
         "blocking_double.block_unit": 2,
         "flow.backend_deadline_ms": 120_000,  # the block must not count as a hang
+        "prompt.answer_timeout_s": 1.0,
     }
     proc = NodeProcess.with_doubles(
         params, tmp_path / "node.log", env={"OMNI_TEST_SPY_DIR": str(spy)}
@@ -239,7 +240,11 @@ def test_services_and_subscriptions_are_served_while_a_unit_is_still_computing(
         )
         assert not (control / "released").exists()  # all of the above happened while blocked
         assert reset.success, reset.message
-        assert prompt.success, prompt.message
+        # set_prompt answers once the backend prepared the prompt (prepare, then swap); a
+        # backend stuck in a call cannot, so after prompt.answer_timeout_s the request is
+        # withdrawn and refused, saying why: still an answer while the unit computes.
+        assert not prompt.success
+        assert "busy" in prompt.message, prompt.message
         assert probe.count("state") == states_while_blocked
         (control / "release").touch()
         wait_for((control / "released").exists, 15, "the backend to return", proc)

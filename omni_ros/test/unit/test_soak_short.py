@@ -28,4 +28,11 @@ def test_two_minutes_of_robot_time_account_for_every_sample_and_leak_no_thread()
     counters = counters_of(result)
     accounted = result["samples_in_units_not_gap"] + counters["dropped_audio_samples"]
     assert accounted == fed["audio_samples"]
+    # By cause: the drops are the pending units and buffers at the two clock jumps (reset),
+    # nothing else; fed = used + dropped + held exactly, with nothing held after the flush.
+    acc = result["audio_accounting"]
+    assert acc["in"] == fed["audio_samples"]
+    assert acc["used"] + acc["dropped"] + acc["held"] == acc["in"]
+    assert acc["held"] == 0
+    assert acc["dropped"] == acc["dropped_reset"] == counters["dropped_audio_samples"] > 0
     assert result["threads_start_end"][1] <= result["threads_start_end"][0]

@@ -96,10 +96,12 @@ class SpeakerDoubleConfig:
     """Attributes:
     unit_ms: unit length (every unit, the first included).
     word: text emitted per speaking unit.
+    refuse_prompt: a system prompt whose prepare() raises BackendError (empty: none).
     """
 
     unit_ms: int = 1000
     word: str = "la "
+    refuse_prompt: str = ""
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any] | None) -> SpeakerDoubleConfig:
@@ -115,6 +117,13 @@ class SpeakUntilInterruptedBackendDouble(_ScriptedBase):
     def __init__(self, config: SpeakerDoubleConfig) -> None:
         super().__init__(config.unit_ms)
         self.config = config
+
+    def prepare(self, system_prompt: str, ref_voice: FloatArray | None = None) -> None:
+        # ``refuse_prompt``: a prompt that passes the node's checks but that the backend cannot
+        # take (issue 15: a 1 MB prompt, a 70 s voice failed in the backend's prepare).
+        if self.config.refuse_prompt and system_prompt == self.config.refuse_prompt:
+            raise BackendError(f"cannot embed the prompt {system_prompt!r}")
+        super().prepare(system_prompt, ref_voice)
 
     def generate(self) -> UnitResult:
         self._take()
