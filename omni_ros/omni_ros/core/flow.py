@@ -517,7 +517,11 @@ class OmniFlow:
             queued = [arg for kind, arg in self._controls if kind == "prompt"]
         futures = [arg[2] for arg in queued]
         if self._prompt_trial is not None:
-            futures.append(self._prompt_trial[1])
+            # Stopped mid-trial: the caller hears "failed", so the previous prompt is the one
+            # prepared when the flow starts again (the worker is gone: this thread may write).
+            (self._prompt, self._ref_voice), future = self._prompt_trial
+            self._prompt_trial = None
+            futures.append(future)
         for future in futures:
             _settle(future, error)
 
