@@ -34,7 +34,7 @@ Rules every backend follows (checked by the shared contract suite, test/unit/bac
 from __future__ import annotations
 
 import importlib
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -88,22 +88,17 @@ def create_backend(name: str, params: Mapping[str, Any] | None = None) -> Backen
 
 
 def check_unit(
-    unit: Unit,
-    backend: str,
-    sample_rate: int,
-    durations_ns: Collection[int],
-    which: str,
-    why: str = "",
+    unit: Unit, backend: Backend, first: bool | None, *, which: str = "", why: str = ""
 ) -> FloatArray:
     """The contract's one unit check, run before any state changes.
 
     Args:
         unit: what ``prefill()`` was given.
-        backend: the backend's name, for the message.
-        sample_rate: the backend's ``input_sample_rate``.
-        durations_ns: the unit lengths allowed now (``first_unit_ns`` for the first unit after
-            ``prepare()``, else ``unit_ns``; both while a backend recovers mid-stream).
-        which: how the message names the unit ("the first unit after prepare()", "a unit").
+        backend: the backend checking it (its name, ``input_sample_rate`` and unit lengths).
+        first: the first unit after ``prepare()`` (``first_unit_ns`` long) or a later one
+            (``unit_ns``); None allows either (a backend recovering mid-stream).
+        which: how the message names the unit; default "the first unit after prepare()" /
+            "a unit".
         why: appended to the length message (what would go wrong with another length).
 
     Returns:
@@ -112,11 +107,17 @@ def check_unit(
     Raises:
         ConfigError: not a ``Unit``, another sample rate, not mono 1-D, or another length.
     """
+    sample_rate = int(backend.input_sample_rate)
+    if first is None:
+        durations_ns: tuple[int, ...] = (backend.first_unit_ns, backend.unit_ns)
+    else:
+        durations_ns = (backend.first_unit_ns if first else backend.unit_ns,)
+    which = which or ("the first unit after prepare()" if first else "a unit")
     if not isinstance(unit, Unit):
         raise ConfigError(f"prefill() takes a Unit, not {type(unit).__name__}")
     if unit.sample_rate != sample_rate:
         raise ConfigError(
-            f"unit {unit.index} audio is {unit.sample_rate} Hz; {backend} takes {sample_rate} Hz "
+            f"unit {unit.index} audio is {unit.sample_rate} Hz; {backend.name} takes {sample_rate} Hz "
             "(build units at backend.input_sample_rate)"
         )
     audio = np.asarray(unit.audio)

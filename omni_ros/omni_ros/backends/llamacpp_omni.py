@@ -1547,13 +1547,9 @@ class LlamaCppOmniBackend:
 
     def _check_unit(self, unit: Unit) -> None:
         """Reject a unit of the wrong rate or length before any state changes."""
-        if self._needs_reopen:
-            # Recovering after a failure: the caller's timeline may restart or carry on; either is fine.
-            durations: tuple[int, ...] = (self.first_unit_ns, self.unit_ns)
-        else:
-            durations = (self.first_unit_ns if self._units_since_prepare == 0 else self.unit_ns,)
-        which = "the first unit after prepare()" if self._units_since_prepare == 0 else "a unit"
-        check_unit(unit, self.name, INPUT_SAMPLE_RATE, durations, which)
+        first = self._units_since_prepare == 0
+        # Recovering after a failure: the caller's timeline may restart or carry on; either is fine.
+        check_unit(unit, self, None if self._needs_reopen else first)
 
     def _open_session(self) -> None:
         self._prepared = False

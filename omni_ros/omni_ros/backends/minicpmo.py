@@ -949,10 +949,9 @@ class MiniCPMOBackend:
         first = self._caller_units == 0
         check_unit(
             unit,
-            self.name,
-            INPUT_SAMPLE_RATE,
-            (self.first_unit_ns if first else self.unit_ns,),
-            "the first unit after prepare()" if first else "a unit after the first",
+            self,
+            first,
+            which="" if first else "a unit after the first",
             why="the duplex API consumes exactly one unit per call and would queue the rest",
         )
 

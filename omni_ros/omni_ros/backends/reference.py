@@ -548,14 +548,7 @@ class ReferenceBackend:
         session.prepared = True
 
     def _validate(self, unit: Unit) -> None:
-        first = self._session.units == 0
-        check_unit(
-            unit,
-            self.name,
-            self.input_sample_rate,
-            (self.first_unit_ns if first else self.unit_ns,),
-            "the first unit after prepare()" if first else "a unit",
-        )
+        check_unit(unit, self, self._session.units == 0)
         for frame in unit.frames:
             rgb = frame.rgb
             if (

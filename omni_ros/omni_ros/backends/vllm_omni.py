@@ -557,13 +557,7 @@ class VllmOmniBackend:
                 "prefill() before prepare(): call backend.prepare(system_prompt) first"
             )
         first = self._flow_first_unit
-        check_unit(
-            unit,
-            self.name,
-            INPUT_SAMPLE_RATE,
-            (self.first_unit_ns if first else self.unit_ns,),
-            "the first unit of a session" if first else "a unit",
-        )
+        check_unit(unit, self, first, which="the first unit of a session" if first else "")
         if self._needs_new_session:
             self._open_new_session()
         if unit.texts:

@@ -83,50 +83,20 @@ def _parameter_table(path: Path, name: str) -> dict[str, str]:
 def _argument_names(path: Path) -> set[str]:
     """The arguments a launch file declares: every ``DeclareLaunchArgument`` it returns.
 
-    Its Python runs against a minimal stand-in of the launch API (only what declaring needs).
+    Its Python runs against :class:`LaunchApiDouble` (declaring needs nothing else).
     """
-    declared: list[str] = []
-
-    class Recorder:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self.args, self.kwargs = args, kwargs
-
-    class Declare(Recorder):
-        def __init__(self, name: str, **kwargs: Any) -> None:
-            super().__init__(name, **kwargs)
-            declared.append(name)
-
-    stand_in = {
-        "launch": {"LaunchContext": object, "LaunchDescription": Recorder},
-        "launch.actions": {
-            "DeclareLaunchArgument": Declare,
-            "OpaqueFunction": Recorder,
-            "IncludeLaunchDescription": Recorder,
-            "SetEnvironmentVariable": Recorder,
-        },
-        "launch.substitutions": {"LaunchConfiguration": Recorder},
-        "launch.launch_description_sources": {"PythonLaunchDescriptionSource": Recorder},
-        "launch_ros.actions": {"Node": Recorder, "LifecycleNode": Recorder},
-        "ament_index_python.packages": {"get_package_share_directory": lambda _: str(PKG)},
-    }
-    saved = {
-        name: sys.modules.get(name) for name in (*stand_in, "launch_ros", "ament_index_python")
-    }
+    double = LaunchApiDouble(PKG)
+    saved = {name: sys.modules.get(name) for name in double.modules}
     try:
-        for name, attrs in stand_in.items():
-            sys.modules[name] = types.SimpleNamespace(**attrs)  # type: ignore[assignment]
-        spec = importlib.util.spec_from_file_location(path.stem.replace(".", "_"), path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.generate_launch_description()
+        sys.modules.update(double.modules)
+        actions = double.load(path).generate_launch_description().args[0]
     finally:
         for name, old in saved.items():
             if old is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = old
+    declared = [a.args[0] for a in actions if type(a).__name__ == "DeclareLaunchArgument"]
     assert len(declared) == len(set(declared)), f"{path.name} declares an argument twice"
     return set(declared)
 
@@ -459,7 +429,9 @@ class LaunchApiDouble:
         """
         return self._execute(launch_file, dict(arguments))
 
-    def _execute(self, launch_file: Path, configurations: dict[str, str]) -> list[Any]:
+    @staticmethod
+    def load(launch_file: Path) -> types.ModuleType:
+        """Import ``launch_file`` (the launch API modules must be this double's by then)."""
         spec = importlib.util.spec_from_file_location(
             launch_file.stem.replace(".", "_"), launch_file
         )
@@ -467,7 +439,10 @@ class LaunchApiDouble:
         assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        description = module.generate_launch_description()
+        return module
+
+    def _execute(self, launch_file: Path, configurations: dict[str, str]) -> list[Any]:
+        description = self.load(launch_file).generate_launch_description()
         context = types.SimpleNamespace(launch_configurations=configurations)
         created: list[Any] = []
         for action in description.args[0]:
