@@ -9,6 +9,7 @@ the driver only sets how fast sim time runs.
 from __future__ import annotations
 
 import array
+import collections
 import os
 import signal
 import subprocess
@@ -298,6 +299,71 @@ def image(stamp_ns: int, width: int = 32, height: int = 24, encoding: str = "rgb
                 encoding=encoding, step=step, is_bigendian=0)  # fmt: skip
     msg.data = array.array("B", data)
     return msg
+
+
+CHUNK_NS = 50_000_000  # RealTimeMic
+CHUNK_SAMPLES = 800
+
+
+class RealTimeMic:
+    """A live microphone for a node on the system clock: publishes a 50 ms chunk (mic_node's
+    default) every 50 ms of wall time, stamped at its first sample. ``hold()`` keeps the chunks
+    back (a publisher that runs late); ``release()`` sends what was held, 2 ms apart, stamps
+    unchanged, and goes on in real time. ``delays_ns``: how long after its last sample each
+    chunk was published."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.sent_samples = 0
+        self.start_ns = 0
+        self.delays_ns: list[int] = []
+        self._held: collections.deque[Any] = collections.deque()
+        self._holding = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        start_ns = self.start_ns = time.time_ns()
+        k = 0
+        while not self._stop.is_set():
+            stamp_ns = start_ns + k * CHUNK_NS
+            # A chunk exists once its last sample is captured.
+            time.sleep(max(0.0, (stamp_ns + CHUNK_NS - time.time_ns()) / 1e9))
+            msg = mic_chunk(stamp_ns, CHUNK_NS, seed=k)
+            with self._lock:
+                if self._holding:
+                    self._held.append((msg, stamp_ns + CHUNK_NS))
+                else:
+                    self._flush()
+                    self._send(msg, stamp_ns + CHUNK_NS)
+            k += 1
+
+    def _send(self, msg: Any, captured_ns: int) -> None:
+        self.probe.mic_pub.publish(msg)
+        self.delays_ns.append(time.time_ns() - captured_ns)
+        self.sent_samples += CHUNK_SAMPLES
+
+    def _flush(self) -> None:
+        while self._held:
+            self._send(*self._held.popleft())
+            time.sleep(0.002)
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+
+    def release(self) -> None:
+        with self._lock:
+            self._holding = False
+            self._flush()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 class SimDriver:

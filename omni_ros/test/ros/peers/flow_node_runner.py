@@ -11,12 +11,18 @@ processes, that the node's subscription callback ran (e.g. while the backend is 
 With ``OMNI_TEST_AEC_SPY`` set to a file path, the echo canceller's delay bookkeeping is written
 there whenever it changes (``<accepted estimates> <filter resets> <refused for no echo> <delay ns>``):
 a test can see across processes whether the node believed a delay (and re-aligned its filter).
+
+With ``OMNI_TEST_EXECUTOR_STALL_S`` set, every ``robot_speaking`` message blocks the node's
+executor for that many seconds (a callback that blocks: nothing else is taken meanwhile, while
+the middleware keeps receiving and the flow's worker keeps closing units); the message itself is
+ignored.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +70,14 @@ if AEC_SPY:
         return out
 
     aec_module.EchoCanceller.process = _spied_process  # type: ignore[method-assign]
+
+STALL_S = float(os.environ.get("OMNI_TEST_EXECUTOR_STALL_S", "0") or 0)
+if STALL_S > 0:
+
+    def _stalling_robot_speaking(self: omni_flow_node.OmniFlowNode, msg: object) -> None:
+        time.sleep(STALL_S)
+
+    omni_flow_node.OmniFlowNode._on_robot_speaking = _stalling_robot_speaking  # type: ignore[method-assign]
 
 if __name__ == "__main__":
     omni_flow_node.main()
