@@ -13,6 +13,16 @@ store a value under a lock, so they are safe and cheap to call from ROS callback
 runs on one worker thread (:meth:`OmniFlow.start`), or on the caller's thread through the
 deterministic :meth:`OmniFlow.step_once` / :meth:`OmniFlow.run_until_idle` used by tests and replay.
 
+Controls: ``interrupt``, ``pause``, ``resume``, ``reset`` and ``set_prompt`` queue one frozen
+control each (:class:`Interrupt`, :class:`Pause`, :class:`Resume`, :class:`Reset`,
+:class:`SetPrompt`), applied by type at the start of the next step; anything else given to
+:meth:`OmniFlow.control` is a ``TypeError`` (a bug), never ignored.
+
+Time: :meth:`OmniFlow.step_once` runs at its ``now_ns`` (the worker reads the clock once per
+step); nothing in a step reads the clock again, except where time really moves: while a backend
+call runs, each wait tick is a new moment (input is taken in at it), and the moment the call
+ended stamps what follows from it (speech is scheduled after the compute it took).
+
 Backend calls run on a helper thread so that the worker can (a) keep ingesting microphone audio
 while the model computes, which keeps barge-in live mid-unit, and (b) give up on a call after
 ``backend_deadline_ms``: a hang becomes a counted ``BackendTimeout``. Until a hung call returns,
@@ -56,9 +66,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -66,7 +76,7 @@ from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
 from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
 from omni_ros.core.backend import Backend
 from omni_ros.core.bargein import BargeInDetector
-from omni_ros.core.clock import Clock
+from omni_ros.core.clock import NS_PER_MS, NS_PER_S, Clock
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
     BackendError,
@@ -100,7 +110,6 @@ from omni_ros.core.types import (
 from omni_ros.core.vad import VadConfig, VoiceActivityDetector
 
 _LOG = logging.getLogger(__name__)
-NS_PER_S = 1_000_000_000
 OVERRUN_POLICIES = ("drop_oldest",)
 ECHO_REFERENCES = ("auto", "schedule", "playback")
 #: A block whose stamp is within this of the end of the audio released last continues the stream.
@@ -217,11 +226,102 @@ class FlowConfig:
 _PromptTrial = tuple[tuple[str, FloatArray | None], "concurrent.futures.Future[None]"]
 
 
+# ---- controls: what the input methods ask of the worker, one frozen type per kind ----
+@dataclass(frozen=True)
+class Interrupt:
+    """Stop speaking now (:meth:`OmniFlow.interrupt`; the backend was told already)."""
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Stop running the backend, keep the state (:meth:`OmniFlow.pause`)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Undo :class:`Pause` (:meth:`OmniFlow.resume`)."""
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Forget the conversation; prepare the backend again (:meth:`OmniFlow.reset`)."""
+
+
+@dataclass(frozen=True, eq=False)
+class SetPrompt:
+    """Try a new system prompt and voice, prepare then swap (:meth:`OmniFlow.set_prompt`).
+
+    Attributes:
+        text: the system prompt.
+        ref_voice: reference voice (mono float32 at the backend's input rate), or None.
+        future: answered once the prompt is prepared, refused, superseded or withdrawn.
+    """
+
+    text: str
+    ref_voice: FloatArray | None
+    future: concurrent.futures.Future[None]
+
+
+Control = Interrupt | Pause | Resume | Reset | SetPrompt
+#: Every control kind; anything else given to :meth:`OmniFlow.control` is a bug (TypeError).
+CONTROLS: tuple[type, ...] = (Interrupt, Pause, Resume, Reset, SetPrompt)
+
+
 class _StoppedError(Exception):
     """Internal: stop() was called while the worker waited for the backend."""
 
 
-class _CallRunner:
+@dataclass(frozen=True)
+class CallOutcome(Generic[T]):
+    """How a backend call ended: at clock time ``done_ns``, with ``value`` or ``error``."""
+
+    done_ns: int
+    value: T | None = None
+    error: BaseException | None = None
+
+
+class BackendCall(Generic[T]):
+    """One backend call in flight: wait for it with :meth:`waiting`, then read ``outcome``."""
+
+    def __init__(self, future: concurrent.futures.Future[T], deadline_ms: int) -> None:
+        self.future = future
+        self.deadline_ms = deadline_ms
+        self._deadline_ns = time.monotonic_ns() + deadline_ms * NS_PER_MS  # compute time
+        self.outcome: CallOutcome[T] | None = None
+
+    def waiting(self, clock: Clock, tick_ms: int, stopping: Callable[[], bool]) -> Iterator[int]:
+        """Yield the clock time of every ``tick_ms`` the call is still running; when the loop
+        ends, ``outcome`` is set (the value, the error, or a :class:`BackendTimeout`).
+
+        Raises:
+            _StoppedError: ``stopping()`` said so (the call goes on running on its thread).
+        """
+        wait_s = tick_ms / 1000
+        while True:
+            remaining_s = (self._deadline_ns - time.monotonic_ns()) / NS_PER_S
+            if remaining_s <= 0:
+                timeout = BackendTimeout(
+                    f"backend call exceeded its {self.deadline_ms} ms deadline"
+                )
+                self.outcome = CallOutcome(clock.now_ns(), error=timeout)
+                return
+            done, _ = concurrent.futures.wait([self.future], timeout=min(wait_s, remaining_s))
+            if done:
+                break
+            if stopping():
+                raise _StoppedError
+            yield clock.now_ns()
+        done_ns = clock.now_ns()
+        error = self.future.exception()
+        if error is None:
+            self.outcome = CallOutcome(done_ns, value=self.future.result())
+        elif isinstance(error, Exception):
+            self.outcome = CallOutcome(done_ns, error=error)
+        else:
+            raise error  # KeyboardInterrupt, SystemExit: not the backend's failure
+
+
+class CallRunner:
     """Runs callables one at a time on a daemon thread (a hung backend never blocks exit)."""
 
     def __init__(self) -> None:
@@ -244,11 +344,12 @@ class _CallRunner:
         done, _ = concurrent.futures.wait([current], timeout=timeout_s)
         return bool(done)
 
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+    def start(self, fn: Callable[[], T], deadline_ms: int) -> BackendCall[T]:
+        """Queue ``fn``; the returned call says when and how it ended."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._current = future
         self._jobs.put((fn, future))
-        return future
+        return BackendCall(future, deadline_ms)
 
     def _run(self) -> None:
         while True:
@@ -332,7 +433,7 @@ class OmniFlow:
         self._audio_in: collections.deque[RawAudio] = collections.deque()
         self._images_in: collections.deque[RawImage] = collections.deque()
         self._texts_in: list[str] = []
-        self._controls: collections.deque[tuple[str, Any]] = collections.deque()
+        self._controls: collections.deque[Control] = collections.deque()
         self._robot_speaking = False
         self._playback_in: list[PlaybackReport] = []
         self._dropped_in_audio = 0
@@ -340,7 +441,7 @@ class OmniFlow:
         self._dropped_in_frames = 0
         self._wake = threading.Event()
         # ---- worker state ----
-        self._runner = _CallRunner()
+        self._runner = CallRunner()
         self._runner_closed = False
         self._worker_ident: int | None = None
         self._last_state: StateOut | None = None
@@ -421,7 +522,7 @@ class OmniFlow:
     def interrupt(self) -> None:
         """Stop speaking now (service call). The backend is told at once; the session on the worker."""
         self.backend.interrupt()  # thread-safe by the Backend contract: stops an in-flight turn early
-        self._control("interrupt")
+        self.control(Interrupt())
 
     def inject_text(self, text: str) -> None:
         """Add text to the conversation with the next unit (e.g. an Ask goal)."""
@@ -447,7 +548,7 @@ class OmniFlow:
             backend's error (or :class:`StateError` if the flow stopped first).
         """
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._control("prompt", (str(text), ref_voice, future))
+        self.control(SetPrompt(str(text), ref_voice, future))
         return future
 
     def withdraw_prompt(self, future: concurrent.futures.Future[None]) -> bool:
@@ -455,7 +556,7 @@ class OmniFlow:
         backend call): nothing changes, the future fails. False if it is being tried already."""
         with self._lock:
             for item in self._controls:
-                if item[0] == "prompt" and item[1][2] is future:
+                if isinstance(item, SetPrompt) and item.future is future:
                     self._controls.remove(item)
                     break
             else:
@@ -465,19 +566,32 @@ class OmniFlow:
 
     def reset(self) -> None:
         """Forget the conversation: timeline, session, VAD/AEC state; the backend is prepared again."""
-        self._control("reset")
+        self.control(Reset())
 
     def pause(self) -> None:
         """Stop running the backend (units are consumed and dropped, state is kept)."""
-        self._control("pause")
+        self.control(Pause())
 
     def resume(self) -> None:
         """Undo :meth:`pause`."""
-        self._control("resume")
+        self.control(Resume())
 
-    def _control(self, kind: str, arg: Any = None) -> None:
+    def control(self, control: Control) -> None:
+        """Queue a control for the worker (the methods above build them; any thread).
+
+        :class:`Interrupt` queued here does not tell the backend at once: :meth:`interrupt` does.
+
+        Raises:
+            TypeError: ``control`` is not one of :data:`CONTROLS` (a bug in the caller: an
+                unknown control used to be ignored in silence).
+        """
+        if not isinstance(control, CONTROLS):
+            raise TypeError(
+                f"OmniFlow.control() takes one of {[c.__name__ for c in CONTROLS]}, "
+                f"got {control!r}: use the flow's input methods (interrupt, set_prompt, ...)"
+            )
         with self._lock:
-            self._controls.append((kind, arg))
+            self._controls.append(control)
         self._wake.set()
 
     # ================================================================================ worker side
@@ -486,7 +600,7 @@ class OmniFlow:
         if self._thread is not None:
             return
         if self._runner_closed:
-            self._runner = _CallRunner()
+            self._runner = CallRunner()
             self._runner_closed = False
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="omni-flow", daemon=True)
@@ -508,14 +622,14 @@ class OmniFlow:
                 raise StateError(f"omni_flow worker did not stop within {timeout_s} s")
             # The worker is gone, so this thread may touch the session: speech still queued at
             # the player belongs to a loop that no longer runs (a deactivated node).
-            self._emit_all(self.session.interrupt(self.clock.now_ns(), "stop"))
+            now_ns = self.clock.now_ns()  # stop() is its own moment, on the caller's thread
+            self._emit_all(self.session.interrupt(now_ns, "stop"), now_ns)
         self._fail_prompt_requests(StateError("the flow stopped before the prompt was prepared"))
 
     def _fail_prompt_requests(self, error: Exception) -> None:
         """A stopped flow answers every set_prompt still waiting (queued or being tried)."""
         with self._lock:
-            queued = [arg for kind, arg in self._controls if kind == "prompt"]
-        futures = [arg[2] for arg in queued]
+            futures = [c.future for c in self._controls if isinstance(c, SetPrompt)]
         if self._prompt_trial is not None:
             # Stopped mid-trial: the caller hears "failed", so the previous prompt is the one
             # prepared when the flow starts again (the worker is gone: this thread may write).
@@ -569,9 +683,9 @@ class OmniFlow:
         """
         self._apply_controls(now_ns)
         if not self._ensure_prepared(now_ns):
-            self._ingest_inputs()
+            self._ingest_inputs(now_ns)
             return False
-        self._ingest_inputs()
+        self._ingest_inputs(now_ns)
         units = self.timeline.poll(now_ns)
         if self.timeline.last_poll_jumped:
             self._on_clock_jump(now_ns)
@@ -580,7 +694,7 @@ class OmniFlow:
         self._apply_overrun_policy()
         if not self._pending:
             return False
-        self._process_unit(self._pending.popleft())
+        self._process_unit(self._pending.popleft(), now_ns)
         return True
 
     # -------------------------------------------------------------------------------- controls
@@ -588,25 +702,29 @@ class OmniFlow:
         with self._lock:
             controls = list(self._controls)
             self._controls.clear()
-        for kind, arg in controls:
-            if kind == "interrupt":
-                self._emit_all(self.session.interrupt(now_ns, "interrupt"))
-            elif kind == "pause":
-                self._paused = True
-                self._emit_all(self.session.pause(now_ns))
-            elif kind == "resume":
-                self._paused = False
-                self.session.resume()
-            elif kind == "prompt":
-                text, voice, future = arg
-                if self._prompt_trial is not None:  # superseded before it was tried
-                    _settle(self._prompt_trial[1], StateError("superseded by a newer prompt"))
-                    self._prompt, self._ref_voice = self._prompt_trial[0]
-                self._prompt_trial = ((self._prompt, self._ref_voice), future)
-                self._prompt, self._ref_voice = text, voice
-                self._restart_conversation(now_ns)
-            elif kind == "reset":
-                self._restart_conversation(now_ns)
+        for control in controls:
+            self._apply_control(control, now_ns)
+
+    def _apply_control(self, control: Control, now_ns: int) -> None:
+        if isinstance(control, Interrupt):
+            self._emit_all(self.session.interrupt(now_ns, "interrupt"), now_ns)
+        elif isinstance(control, Pause):
+            self._paused = True
+            self._emit_all(self.session.pause(now_ns), now_ns)
+        elif isinstance(control, Resume):
+            self._paused = False
+            self.session.resume()
+        elif isinstance(control, SetPrompt):
+            if self._prompt_trial is not None:  # superseded before it was tried
+                _settle(self._prompt_trial[1], StateError("superseded by a newer prompt"))
+                self._prompt, self._ref_voice = self._prompt_trial[0]
+            self._prompt_trial = ((self._prompt, self._ref_voice), control.future)
+            self._prompt, self._ref_voice = control.text, control.ref_voice
+            self._restart_conversation(now_ns)
+        elif isinstance(control, Reset):
+            self._restart_conversation(now_ns)
+        else:  # control() lets none through; a new kind must be handled here
+            raise TypeError(f"OmniFlow has no handler for the control {control!r}")
 
     def _restart_conversation(self, now_ns: int, new_time_base: bool = False) -> None:
         """Forget the conversation; the backend is prepared again before the next unit.
@@ -615,7 +733,7 @@ class OmniFlow:
         The echo canceller keeps its adapted filter (the room did not change) unless the time
         base changed (a clock jump), which invalidates every stamp it holds.
         """
-        self._emit_all(self.session.interrupt(now_ns, "reset"))
+        self._emit_all(self.session.interrupt(now_ns, "reset"), now_ns)
         self.session.reset()
         if self.vad is not None:
             self.vad.reset()
@@ -657,7 +775,7 @@ class OmniFlow:
             self._needs_prepare = True
         if not self._needs_prepare:
             return True
-        retry_ns = self._retry_ms() * 1_000_000
+        retry_ns = self._retry_ms() * NS_PER_MS
         if self._last_prepare_ns is not None and (
             self._last_prepare_ns <= now_ns < self._last_prepare_ns + retry_ns
         ):
@@ -678,11 +796,10 @@ class OmniFlow:
             self.timeline.reset()
         self._timeline_fresh = False
         self._drop_units(self._pending, "reset")
-        try:
-            self._call(prepare, self.config.prepare_deadline_ms)
-        except _StoppedError:
-            raise
-        except Exception as exc:
+        outcome = self._await_call(prepare, self.config.prepare_deadline_ms)
+        done_ns = outcome.done_ns
+        exc = outcome.error
+        if exc is not None:
             self._prepare_failures += 1
             trial, self._prompt_trial = self._prompt_trial, None
             if trial is not None:
@@ -699,8 +816,8 @@ class OmniFlow:
                 self._error = f"backend prepare failed ({self._prepare_failures}x): {exc}"
                 retry_s = self._retry_ms() / 1000
                 self._log.warning("prepare", f"{self._error}; retrying in {retry_s:g} s")
-            self._emit_all(self.session.on_error(None, _as_backend_error(exc)))
-            self._emit_state(now_ns, -1, 0)
+            self._emit_all(self.session.on_error(None, _as_backend_error(exc)), done_ns)
+            self._emit_state(now_ns, -1, 0, now_ns=done_ns)
             return False
         trial, self._prompt_trial = self._prompt_trial, None
         if trial is not None:
@@ -712,7 +829,7 @@ class OmniFlow:
             self._prepare_failures = 0
             self._error = ""
             self.session.on_recovered()
-            self._emit_state(now_ns, -1, 0)
+            self._emit_state(now_ns, -1, 0, now_ns=done_ns)
         self._prepared_once = True
         self._needs_prepare = False
         self._last_prepare_ns = None
@@ -725,7 +842,8 @@ class OmniFlow:
         return min(self.config.prepare_retry_ms << doublings, self.config.prepare_retry_max_ms)
 
     # ---------------------------------------------------------------------------------- inputs
-    def _ingest_inputs(self) -> None:
+    def _ingest_inputs(self, now_ns: int) -> None:
+        """Take everything the input methods queued, at clock time ``now_ns``."""
         with self._lock:
             audio = list(self._audio_in)
             self._audio_in.clear()
@@ -741,13 +859,13 @@ class OmniFlow:
             self._dropped_in_audio = self._dropped_in_frames = self._in_audio = 0
         for report in playback:
             self._apply_playback(report)
-        # Judge stamps against the clock now, not at the last poll (a backend call can take
-        # seconds, and this runs during it).
-        self.timeline.observe_clock(self.clock.now_ns())
+        # Judge stamps against this moment, not the last poll (a backend call can take seconds,
+        # and this runs during it too).
+        self.timeline.observe_clock(now_ns)
         for raw in audio:
-            self._ingest_audio(raw)
-        self._release_audio(self.clock.now_ns())
-        future_ns = self.clock.now_ns() + self.timeline.config.max_future_ns
+            self._ingest_audio(raw, now_ns)
+        self._release_audio(now_ns)
+        future_ns = now_ns + self.timeline.config.max_future_ns
         for image in images:
             # Checked on arrival (header only): a frame no unit chooses is never decoded, so a
             # malformed or far-future one would otherwise be dropped uncounted (issue 15).
@@ -769,7 +887,7 @@ class OmniFlow:
                 self.counters.dropped_frames += 1
                 self._log.warning("image", f"dropped an image: {exc}")
 
-    def _ingest_audio(self, raw: RawAudio) -> None:
+    def _ingest_audio(self, raw: RawAudio, now_ns: int) -> None:
         try:
             frames = audio_frames(raw)
             if frames * 1_000 > self.config.max_chunk_ms * raw.sample_rate:
@@ -785,7 +903,7 @@ class OmniFlow:
             return
         if len(block.samples) == 0:
             return
-        if self.timeline.is_future(block.stamp_ns, self.clock.now_ns()):
+        if self.timeline.is_future(block.stamp_ns, now_ns):
             # Before the reorder buffer (issue 16): a chunk stamped an hour ahead must not sit
             # there uncounted and make every later chunk "old enough" to release at once.
             self.counters.future_messages += 1
@@ -797,7 +915,7 @@ class OmniFlow:
             not self._reorder and self._continues_stream(block)
         ):
             self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block, received)
+            self._process_audio(block, received, now_ns)
             return
         heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block, received))
         self._reorder_seq += 1
@@ -806,14 +924,14 @@ class OmniFlow:
     def _release_audio(self, now_ns: int) -> None:
         """Process held mic blocks, oldest stamp first, once they are ``audio_reorder_ms`` older
         than the newest audio or than the clock (the stream may simply have stopped)."""
-        horizon = max(self._reorder_newest_ns, now_ns) - self.config.audio_reorder_ms * 1_000_000
+        horizon = max(self._reorder_newest_ns, now_ns) - self.config.audio_reorder_ms * NS_PER_MS
         while self._reorder and (
             self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon
             or self._continues_stream(self._reorder[0][2])  # the missing piece arrived
         ):
             _, _, block, received = heapq.heappop(self._reorder)
             self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block, received)
+            self._process_audio(block, received, now_ns)
         self._update_voice_activity(now_ns)
 
     def _continues_stream(self, block: AudioBlock) -> bool:
@@ -911,7 +1029,7 @@ class OmniFlow:
         except Exception as exc:  # a backend's bookkeeping must not stop the worker
             self._log.warning("on_played", f"backend.on_played failed: {exc!r}")
 
-    def _process_audio(self, block: AudioBlock, received_ns: int = 0) -> None:
+    def _process_audio(self, block: AudioBlock, received_ns: int, now_ns: int) -> None:
         for mic in self._to_mic_rate(block):
             if self.aec is not None:
                 if len(mic.samples):
@@ -924,7 +1042,7 @@ class OmniFlow:
                 if self.bargein is not None:
                     raw = self.aec.last_mic if self.aec is not None else None
                     self.bargein.process(mic, raw, self.aec)
-                self._check_barge_in()
+                self._check_barge_in(now_ns)
         if self.aec is None:
             self._push_timeline(block, received_ns)  # the timeline resamples whole units itself
 
@@ -981,7 +1099,7 @@ class OmniFlow:
         self._mic_rs_out += len(samples)
         return AudioBlock(stamp, self.mic_rate, samples)
 
-    def _check_barge_in(self) -> None:
+    def _check_barge_in(self, now_ns: int) -> None:
         """Barge in as soon as the detector has heard enough of the user, not at the unit's end.
 
         The detector (:mod:`omni_ros.core.bargein`) only counts speech our own echo cannot
@@ -1002,10 +1120,10 @@ class OmniFlow:
         start_ns = max(run_start_ns, span[0])
         if run_end_ns <= start_ns or span[1] <= start_ns:
             return  # the user's speech and ours do not overlap
-        base_ns = self.config.vad.barge_in_min_speech_ms * 1_000_000
+        base_ns = self.config.vad.barge_in_min_speech_ms * NS_PER_MS
         if self.aec is None:
             # No canceller, so no reference: our own voice is unexplained speech in the mic.
-            base_ns = max(base_ns, self.config.aec.gate_min_speech_ms * 1_000_000)
+            base_ns = max(base_ns, self.config.aec.gate_min_speech_ms * NS_PER_MS)
         need_ns = self.gate.required_speech_ns(base_ns)
         if need_ns is None or run_end_ns - start_ns < need_ns:
             return
@@ -1014,7 +1132,7 @@ class OmniFlow:
         events = self.session.on_user_speech(start_ns)
         if was_in_turn and self.session.mode is Mode.INTERRUPTED:
             self.backend.interrupt()
-        self._emit_all(events)
+        self._emit_all(events, now_ns)
 
     # ----------------------------------------------------------------------------------- units
     def _apply_overrun_policy(self) -> None:
@@ -1030,14 +1148,15 @@ class OmniFlow:
             self._drop_units([dropped], "overrun")
             self.counters.units_dropped_overrun += 1
 
-    def _process_unit(self, unit: Unit) -> None:
+    def _process_unit(self, unit: Unit, now_ns: int) -> None:
         user_speech = (
             self.vad.speech_in(unit.start_ns, unit.end_ns) if self.vad is not None else None
         )
         texts, self._texts = tuple(self._texts), []
         unit = dataclasses.replace(unit, user_speech=user_speech, texts=unit.texts + texts)
         compute_ns = 0
-        self._finish_pending_played(self.clock.now_ns())
+        done_ns = now_ns  # when the unit's outcome is known: after its backend call, if any
+        self._finish_pending_played(now_ns)
         if self._paused:
             self._drop_units([unit], "paused")
         elif self._hung is not None:
@@ -1051,26 +1170,25 @@ class OmniFlow:
                 return _check_result(backend.generate())
 
             t0 = time.monotonic_ns()
-            try:
-                result = self._call(run, self.config.backend_deadline_ms)
-            except _StoppedError:
-                raise
-            except Exception as exc:
-                compute_ns = time.monotonic_ns() - t0
+            outcome = self._await_call(run, self.config.backend_deadline_ms)
+            compute_ns = time.monotonic_ns() - t0
+            done_ns = outcome.done_ns
+            exc = outcome.error
+            if exc is not None:
                 error = _as_backend_error(exc)
                 self._error = f"backend failed on unit {unit.index}: {exc}"
                 self._log.warning("backend", f"backend failed on unit {unit.index}: {exc!r}")
-                self._emit_all(self.session.on_error(unit, error))
+                self._emit_all(self.session.on_error(unit, error), done_ns)
                 if not isinstance(exc, BackendError) or isinstance(exc, BackendTimeout):
                     # Unknown backend state (a hang, a bug, misuse): start it over.
                     self._needs_prepare = True
             else:
-                compute_ns = time.monotonic_ns() - t0
+                assert outcome.value is not None
                 self._fed_since_prepare += 1
                 self._error = ""
-                self._emit_all(self.session.step(unit, result, self.clock.now_ns()))
+                self._emit_all(self.session.step(unit, outcome.value, done_ns), done_ns)
         self._last_state = self._emit_state(
-            unit.end_ns, unit.index, compute_ns, max(1, unit.duration_ns)
+            unit.end_ns, unit.index, compute_ns, max(1, unit.duration_ns), now_ns=done_ns
         )
 
     def _drop_units(self, units: collections.deque[Unit] | list[Unit], cause: str) -> None:
@@ -1108,9 +1226,16 @@ class OmniFlow:
         }
 
     def _emit_state(
-        self, stamp_ns: int, unit_index: int, compute_ns: int, unit_ns: int = NS_PER_S
+        self,
+        stamp_ns: int,
+        unit_index: int,
+        compute_ns: int,
+        unit_ns: int = NS_PER_S,
+        *,
+        now_ns: int,
     ) -> StateOut:
-        """Build and emit the one kind of ``StateOut`` (per unit, after a flush, on errors)."""
+        """Build and emit the one kind of ``StateOut`` (per unit, after a flush, on errors):
+        the only place a ``StateOut`` is made. ``now_ns`` is the moment it describes."""
         mode = self.session.mode
         state = StateOut(
             stamp_ns=stamp_ns,
@@ -1122,7 +1247,7 @@ class OmniFlow:
             backend=self.backend_name,
             turn_id=self.session.turn_id,
             user_speaking=self._user_speaking,
-            playing=self._is_playing(self.clock.now_ns()),
+            playing=self._is_playing(now_ns),
             error=self._error if mode is Mode.ERROR else "",
         )
         self._emit(state)
@@ -1133,36 +1258,42 @@ class OmniFlow:
             return self._heard_until_ns > now_ns
         return self.session.speech_playing(now_ns)
 
-    def _call(self, fn: Callable[[], T], deadline_ms: int) -> T:
-        """Run ``fn`` on the backend thread; keep ingesting mic audio while waiting.
+    def _await_call(self, fn: Callable[[], T], deadline_ms: int) -> CallOutcome[T]:
+        """Run ``fn`` on the backend thread and wait for it, taking in input meanwhile.
+
+        Time moves while the model computes: each wait tick is a new moment (the call's
+        :meth:`BackendCall.waiting` reads it from the clock) at which the queued input is taken in, so
+        barge-in stays live mid-unit; the moment the call ended (``CallOutcome.done_ns``) stamps what
+        follows from it. A call past ``deadline_ms`` ends in a :class:`BackendTimeout`: it keeps
+        running on its thread, the flow marks the backend hung until it returns.
 
         Raises:
-            BackendTimeout: ``fn`` did not finish within ``deadline_ms`` (it keeps running; the
-                runner is marked hung until it returns).
+            _StoppedError: :meth:`stop` was called on the worker meanwhile.
         """
-        future = self._runner.submit(fn)
-        deadline = time.monotonic_ns() + deadline_ms * 1_000_000
-        wait_s = self.config.idle_wait_ms / 1000
-        while True:
-            remaining_s = (deadline - time.monotonic_ns()) / NS_PER_S
-            if remaining_s <= 0:
-                self._hung = future
-                self.backend.interrupt()
-                raise BackendTimeout(f"backend call exceeded its {deadline_ms} ms deadline")
-            try:
-                return future.result(timeout=min(wait_s, remaining_s))
-            except concurrent.futures.TimeoutError:
-                if self._stop.is_set() and threading.get_ident() == self._worker_ident:
-                    self._hung = future  # finishes on its own; prepared again before reuse
-                    raise _StoppedError from None
-                self._ingest_inputs()  # barge-in stays live while the model computes
+        call = self._runner.start(fn, deadline_ms)
+        try:
+            for tick_ns in call.waiting(self.clock, self.config.idle_wait_ms, self._stopping):
+                self._ingest_inputs(tick_ns)
+        except _StoppedError:
+            self._hung = call.future  # finishes on its own; prepared again before reuse
+            raise
+        outcome = call.outcome
+        assert outcome is not None
+        if isinstance(outcome.error, BackendTimeout):
+            self._hung = call.future
+            self.backend.interrupt()
+        return outcome
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() and threading.get_ident() == self._worker_ident
 
     # ----------------------------------------------------------------------------------- output
-    def _emit_all(self, events: list[OutputEvent]) -> None:
+    def _emit_all(self, events: list[OutputEvent], now_ns: int) -> None:
+        """Emit the session's events, decided at ``now_ns``; a flush is followed by a state."""
         flush: SpeechFlush | None = None
         for event in events:
             if isinstance(event, SpeechFlush):
-                event = dataclasses.replace(event, decided_ns=self.clock.now_ns())
+                event = dataclasses.replace(event, decided_ns=now_ns)
                 flush = event
             self._emit(event)
         if flush is not None:
@@ -1173,6 +1304,7 @@ class OmniFlow:
                 flush.stamp_ns,
                 last.unit_index if last is not None else -1,
                 round(last.unit_compute_ms * 1e6) if last is not None else 0,
+                now_ns=now_ns,
             )
 
     def _emit(self, event: OutputEvent) -> None:
