@@ -46,10 +46,12 @@ and from then on at the reported play times (a player that starts late shifts th
 much; the reference must follow what the loudspeaker did, not what was planned). The reports
 are also the source of ``StateOut.playing``.
 
-Microphone order: decoded blocks that continue the stream (stamp = end of the audio released
-last) go straight on to the resampler, canceller and VAD; only a block after a gap or out of
-order waits (up to ``audio_reorder_ms``) for the missing piece, so the in-order common case costs
-no latency.
+Microphone path: :class:`~omni_ros.core.mic_stream.MicStream` (decode, reorder hold, resampler,
+canceller, VAD, barge-in detector; its stream state in dataclasses with ``reset()``), then
+:class:`~omni_ros.core.mic_stream.BargeInDecision` (acted on at once by the flow) and
+:class:`~omni_ros.core.mic_stream.VoiceActivityReport`. Decoded blocks that continue the stream go
+straight on; only a block after a gap or out of order waits (up to ``audio_reorder_ms``) for the
+missing piece, so the in-order common case costs no latency.
 
 Overrun: unlike the official demo, which queues every unit and drifts without bound when compute
 exceeds real time, the ``drop_oldest`` policy keeps at most ``max_queued_units`` closed units
@@ -61,7 +63,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import heapq
 import logging
 import queue
 import threading
@@ -73,7 +74,6 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
-from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
 from omni_ros.core.backend import Backend
 from omni_ros.core.bargein import BargeInDetector
 from omni_ros.core.clock import NS_PER_MS, NS_PER_S, Clock
@@ -88,11 +88,11 @@ from omni_ros.core.errors import (
     StateError,
 )
 from omni_ros.core.images import check_image
+from omni_ros.core.mic_stream import BargeInDecision, MicStream, VoiceActivityReport, frames_of
 from omni_ros.core.proactive import ProactiveClassifier
 from omni_ros.core.session import DuplexSession, SessionConfig
 from omni_ros.core.timeline import Timeline, TimelineConfig
 from omni_ros.core.types import (
-    AudioBlock,
     Counters,
     FloatArray,
     Mode,
@@ -105,15 +105,12 @@ from omni_ros.core.types import (
     StateOut,
     Unit,
     UnitResult,
-    VoiceActivity,
 )
 from omni_ros.core.vad import VadConfig, VoiceActivityDetector
 
 _LOG = logging.getLogger(__name__)
 OVERRUN_POLICIES = ("drop_oldest",)
 ECHO_REFERENCES = ("auto", "schedule", "playback")
-#: A block whose stamp is within this of the end of the audio released last continues the stream.
-_CONTINUES_NS = 1_000_000
 #: How long SpeechOut events are kept to look up the samples a playback report names.
 _SPEECH_LOG_NS = 30 * NS_PER_S
 T = TypeVar("T")
@@ -427,6 +424,26 @@ class OmniFlow:
         self.bargein = BargeInDetector(config.aec, config.vad) if config.vad_enabled else None
         self.gate = RobotSpeakingGate(config.aec)
         self.mic_rate = config.aec.sample_rate
+        self._log = _RateLimitedLog(config.log_interval_s)
+        # ---- the microphone path's parts (omni_ros.core.mic_stream) ----
+        self.mic = MicStream(
+            self.timeline,
+            self.aec,
+            self.vad,
+            self.bargein,
+            mic_rate=self.mic_rate,
+            reorder_ms=config.audio_reorder_ms,
+            max_chunk_ms=config.max_chunk_ms,
+            counters=self.counters,
+            log=self._log,
+            on_heard=self._check_barge_in,
+        )
+        self._barge_in = (
+            BargeInDecision(self.bargein, self.gate, config.vad, config.aec)
+            if self.bargein is not None
+            else None
+        )
+        self._activity = VoiceActivityReport(self.vad) if self.vad is not None else None
         self.backend_name = str(getattr(backend, "name", type(backend).__name__))
         # ---- inputs (any thread) ----
         self._lock = threading.Lock()
@@ -450,12 +467,6 @@ class OmniFlow:
         self._needs_prepare = True
         self._prepared_once = False
         self._timeline_fresh = False  # set after a clock jump: the timeline already restarted
-        # Decoded mic blocks waiting to be put back in stamp order: (stamp_ns, seq, block,
-        # received_ns).
-        self._reorder: list[tuple[int, int, AudioBlock, int]] = []
-        self._reorder_seq = 0
-        self._reorder_newest_ns = 0
-        self._released_end_ns: int | None = None  # end of the mic audio released last
         self._prepare_failures = 0
         self._error = ""  # why the session is in ERROR (StateOut.error)
         self._speech_log: collections.deque[SpeechOut] = collections.deque()
@@ -463,8 +474,6 @@ class OmniFlow:
         self._heard_until_ns = 0  # end of what the player reported as played
         # Speech whose last reported chunk is still playing: (speech, when that chunk ends).
         self._pending_played: tuple[SpeechOut, int] | None = None
-        self._user_speaking = False
-        self._va_last_end_ns = 0  # end of the last speech run reported as over
         self._last_prepare_ns: int | None = None
         self._fed_since_prepare = 0
         self._prompt = config.system_prompt
@@ -472,13 +481,7 @@ class OmniFlow:
         # A set_prompt being tried: (the prompt and voice to go back to, the caller's future).
         self._prompt_trial: _PromptTrial | None = None
         self._texts: list[str] = []
-        self._mic_rs: StreamResampler | None = None
-        self._mic_rs_anchor_ns = 0
-        self._mic_rs_out = 0
-        self._mic_rs_next_in_ns: int | None = None
-        self._barged_run_start: int | None = None
         self._paused = False
-        self._log = _RateLimitedLog(config.log_interval_s)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -490,12 +493,12 @@ class OmniFlow:
         """
         if raw.received_ns <= 0:
             raw = dataclasses.replace(raw, received_ns=self.clock.now_ns())
-        frames = _frames_of(raw)
+        frames = frames_of(raw)
         with self._lock:
             self._in_audio += frames
             if len(self._audio_in) >= self.config.max_queued_audio:
                 old = self._audio_in.popleft()
-                self._dropped_in_audio += _frames_of(old)
+                self._dropped_in_audio += frames_of(old)
             self._audio_in.append(raw)
         self._wake.set()
 
@@ -738,12 +741,10 @@ class OmniFlow:
         if self.vad is not None:
             self.vad.reset()
         if new_time_base:
-            self._mic_rs = None
-            if self.aec is not None:
-                self.counters.drop_audio("reset", len(self.aec.state.remainder))
-                self.aec.reset()
+            self.mic.restart_stream()
         self._drop_units(self._pending, "reset")
-        self._barged_run_start = None
+        if self._barge_in is not None:
+            self._barge_in.state.reset()
         self._needs_prepare = True
         self._last_prepare_ns = None
         if self._paused:
@@ -754,14 +755,7 @@ class OmniFlow:
         self._log.warning("clock_jump", "clock jumped backwards: resetting session and backend")
         # Held mic audio stamped ahead of the new clock belongs to the old pass: drop and count it.
         # What is left (the new pass, already arriving) stays held for the new time base.
-        limit_ns = now_ns + self.timeline.config.max_future_ns
-        kept = [item for item in self._reorder if item[0] <= limit_ns]
-        for item in self._reorder:
-            if item[0] > limit_ns:
-                self.counters.drop_audio("reset", len(item[2].samples))
-        heapq.heapify(kept)
-        self._reorder = kept
-        self._reorder_newest_ns = max((i[0] + i[2].duration_ns for i in kept), default=0)
+        self.mic.drop_held_after(now_ns + self.timeline.config.max_future_ns)
         self._restart_conversation(now_ns, new_time_base=True)
         # The timeline has already restarted on the new time base (a fresh origin, unit 0 next) and
         # kept the new pass's input: the reset before the next prepare must not throw that away.
@@ -863,8 +857,11 @@ class OmniFlow:
         # and this runs during it too).
         self.timeline.observe_clock(now_ns)
         for raw in audio:
-            self._ingest_audio(raw, now_ns)
-        self._release_audio(now_ns)
+            self.mic.push(raw, now_ns)
+        self.mic.release(now_ns)
+        if self._activity is not None:
+            for change in self._activity.changes():
+                self._emit(change)
         future_ns = now_ns + self.timeline.config.max_future_ns
         for image in images:
             # Checked on arrival (header only): a frame no unit chooses is never decoded, so a
@@ -886,76 +883,6 @@ class OmniFlow:
             except OmniError as exc:
                 self.counters.dropped_frames += 1
                 self._log.warning("image", f"dropped an image: {exc}")
-
-    def _ingest_audio(self, raw: RawAudio, now_ns: int) -> None:
-        try:
-            frames = audio_frames(raw)
-            if frames * 1_000 > self.config.max_chunk_ms * raw.sample_rate:
-                raise DecodeError(
-                    f"an audio chunk of {frames / raw.sample_rate:.2f} s is longer than "
-                    f"flow.max_chunk_ms = {self.config.max_chunk_ms}: dropped whole"
-                )
-            block = decode_audio(raw, self.counters)
-        except OmniError as exc:
-            self.counters.decode_errors += 1
-            self.counters.drop_audio("bad_input", _frames_of(raw))
-            self._log.warning("decode_audio", f"dropped an undecodable audio chunk: {exc}")
-            return
-        if len(block.samples) == 0:
-            return
-        if self.timeline.is_future(block.stamp_ns, now_ns):
-            # Before the reorder buffer (issue 16): a chunk stamped an hour ahead must not sit
-            # there uncounted and make every later chunk "old enough" to release at once.
-            self.counters.future_messages += 1
-            self.counters.drop_audio("future", len(block.samples))
-            self._log.warning("future_audio", "dropped an audio chunk stamped in the future")
-            return
-        received = raw.received_ns
-        if self.config.audio_reorder_ms == 0 or (
-            not self._reorder and self._continues_stream(block)
-        ):
-            self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block, received, now_ns)
-            return
-        heapq.heappush(self._reorder, (block.stamp_ns, self._reorder_seq, block, received))
-        self._reorder_seq += 1
-        self._reorder_newest_ns = max(self._reorder_newest_ns, block.stamp_ns + block.duration_ns)
-
-    def _release_audio(self, now_ns: int) -> None:
-        """Process held mic blocks, oldest stamp first, once they are ``audio_reorder_ms`` older
-        than the newest audio or than the clock (the stream may simply have stopped)."""
-        horizon = max(self._reorder_newest_ns, now_ns) - self.config.audio_reorder_ms * NS_PER_MS
-        while self._reorder and (
-            self._reorder[0][0] + self._reorder[0][2].duration_ns <= horizon
-            or self._continues_stream(self._reorder[0][2])  # the missing piece arrived
-        ):
-            _, _, block, received = heapq.heappop(self._reorder)
-            self._released_end_ns = block.stamp_ns + block.duration_ns
-            self._process_audio(block, received, now_ns)
-        self._update_voice_activity(now_ns)
-
-    def _continues_stream(self, block: AudioBlock) -> bool:
-        end = self._released_end_ns
-        return end is not None and abs(block.stamp_ns - end) <= _CONTINUES_NS
-
-    def _update_voice_activity(self, now_ns: int) -> None:
-        """Emit the VAD's view as it changed: every run that started (and ended) since the last
-        call, also when a batch of audio held a whole utterance (replay, a stalled worker)."""
-        if self.vad is None:
-            return
-        st = self.vad.state
-        for run_start, run_end in st.runs:
-            if run_end <= self._va_last_end_ns:
-                continue
-            if not self._user_speaking:
-                self._emit(VoiceActivity(run_start, True))
-            self._user_speaking = False
-            self._va_last_end_ns = run_end
-            self._emit(VoiceActivity(run_end, False))
-        run = self.vad.active_run()
-        if self.vad.in_speech and not self._user_speaking and run is not None:
-            self._user_speaking = True
-            self._emit(VoiceActivity(run[0], True))
 
     def _apply_playback(self, report: PlaybackReport) -> None:
         """A player report: what was heard when (the echo reference, "playing")."""
@@ -1029,105 +956,14 @@ class OmniFlow:
         except Exception as exc:  # a backend's bookkeeping must not stop the worker
             self._log.warning("on_played", f"backend.on_played failed: {exc!r}")
 
-    def _process_audio(self, block: AudioBlock, received_ns: int, now_ns: int) -> None:
-        for mic in self._to_mic_rate(block):
-            if self.aec is not None:
-                if len(mic.samples):
-                    self._count_aec_restart(mic)
-                mic = self.aec.process(mic) if len(mic.samples) else mic
-                if len(mic.samples):
-                    self._push_timeline(mic, received_ns)
-            if self.vad is not None and len(mic.samples):
-                self.vad.process(mic)
-                if self.bargein is not None:
-                    raw = self.aec.last_mic if self.aec is not None else None
-                    self.bargein.process(mic, raw, self.aec)
-                self._check_barge_in(now_ns)
-        if self.aec is None:
-            self._push_timeline(block, received_ns)  # the timeline resamples whole units itself
-
-    def _count_aec_restart(self, mic: AudioBlock) -> None:
-        """The canceller restarts its stream at a discontinuity (a chunk outside the reorder
-        hold, a gap) and forgets the unfinished frame it held: count those samples."""
-        assert self.aec is not None
-        st = self.aec.state
-        if st.mic_anchor_ns is None or not len(st.remainder):
-            return
-        n = st.mic_samples + len(st.remainder)
-        expected = st.mic_anchor_ns + round(n * NS_PER_S / self.mic_rate)
-        if abs(mic.stamp_ns - expected) > NS_PER_S // self.mic_rate:  # as EchoCanceller does
-            self.counters.drop_audio("reorder", len(st.remainder))
-
-    def _push_timeline(self, block: AudioBlock, received_ns: int = 0) -> None:
-        try:
-            self.timeline.push_audio(block, received_ns)
-        except OmniError as exc:
-            self.counters.drop_audio("bad_input", len(block.samples))
-            self._log.warning("timeline", f"audio not placed on the timeline: {exc}")
-
-    def _to_mic_rate(self, block: AudioBlock) -> list[AudioBlock]:
-        """Resample to the AEC/VAD rate as one stream while stamps continue each other.
-
-        At a discontinuity (a gap, a rate change) the old stream's held-back tail is flushed
-        first, so the samples before the gap are not lost with the old resampler.
-        """
-        if block.sample_rate == self.mic_rate:
-            return [block]
-        out_blocks: list[AudioBlock] = []
-        continues = (
-            self._mic_rs is not None
-            and self._mic_rs.in_rate == block.sample_rate
-            and self._mic_rs_next_in_ns is not None
-            and abs(block.stamp_ns - self._mic_rs_next_in_ns) <= NS_PER_S // block.sample_rate
-        )
-        if not continues:
-            if self._mic_rs is not None:
-                tail = self._mic_rs.process(np.zeros(0, np.float32), last=True)
-                if len(tail):
-                    out_blocks.append(self._mic_block(tail))
-            self._mic_rs = StreamResampler(block.sample_rate, self.mic_rate)
-            self._mic_rs_anchor_ns = block.stamp_ns
-            self._mic_rs_out = 0
-        assert self._mic_rs is not None
-        out = self._mic_rs.process(block.samples)
-        self._mic_rs_next_in_ns = block.stamp_ns + block.duration_ns
-        out_blocks.append(self._mic_block(out))
-        return out_blocks
-
-    def _mic_block(self, samples: FloatArray) -> AudioBlock:
-        stamp = self._mic_rs_anchor_ns + round(self._mic_rs_out * NS_PER_S / self.mic_rate)
-        self._mic_rs_out += len(samples)
-        return AudioBlock(stamp, self.mic_rate, samples)
-
     def _check_barge_in(self, now_ns: int) -> None:
-        """Barge in as soon as the detector has heard enough of the user, not at the unit's end.
-
-        The detector (:mod:`omni_ros.core.bargein`) only counts speech our own echo cannot
-        explain, so there is no fixed echo guard and no blind window while the canceller
-        converges. Only speech heard while our own speech is scheduled to play counts: a run that
-        began before playback (the user was still finishing) is measured from the playback
-        start, so the robot's reply is not flushed by the question it answers. The
-        ``robot_speaking`` gate (other speech on the robot, not ours) can still ask for more.
-        """
-        if self.bargein is None:
+        """After every mic block the detector took in: act on a barge-in at once (see
+        :class:`~omni_ros.core.mic_stream.BargeInDecision` for when it is one)."""
+        if self._barge_in is None:
             return
-        run = self.bargein.active_run()
-        span = self.session.speech_span()
-        if run is None or span is None or run[0] == self._barged_run_start:
+        start_ns = self._barge_in.decide(self.session.speech_span())
+        if start_ns is None:
             return
-        run_start_ns, run_ns = run
-        run_end_ns = run_start_ns + run_ns
-        start_ns = max(run_start_ns, span[0])
-        if run_end_ns <= start_ns or span[1] <= start_ns:
-            return  # the user's speech and ours do not overlap
-        base_ns = self.config.vad.barge_in_min_speech_ms * NS_PER_MS
-        if self.aec is None:
-            # No canceller, so no reference: our own voice is unexplained speech in the mic.
-            base_ns = max(base_ns, self.config.aec.gate_min_speech_ms * NS_PER_MS)
-        need_ns = self.gate.required_speech_ns(base_ns)
-        if need_ns is None or run_end_ns - start_ns < need_ns:
-            return
-        self._barged_run_start = run_start_ns
         was_in_turn = self.session.mode is Mode.SPEAKING
         events = self.session.on_user_speech(start_ns)
         if was_in_turn and self.session.mode is Mode.INTERRUPTED:
@@ -1208,13 +1044,10 @@ class OmniFlow:
         units waiting for the backend)."""
         c = self.counters
         with self._lock:
-            queued = sum(_frames_of(r) for r in self._audio_in)
+            queued = sum(frames_of(r) for r in self._audio_in)
             pending_in, pending_dropped = self._in_audio, self._dropped_in_audio
         waiting = sum(len(u.audio) - u.gap_samples for u in self._pending)
-        held = queued + waiting + sum(len(i[2].samples) for i in self._reorder)
-        held += self.timeline.held_samples()
-        if self.aec is not None:
-            held += len(self.aec.state.remainder)
+        held = queued + waiting + self.mic.held_samples() + self.timeline.held_samples()
         drops = c.audio_drops()
         drops["queue_full"] += pending_dropped
         return {
@@ -1246,7 +1079,7 @@ class OmniFlow:
             counters=self.counters.snapshot(),
             backend=self.backend_name,
             turn_id=self.session.turn_id,
-            user_speaking=self._user_speaking,
+            user_speaking=self._activity is not None and self._activity.state.user_speaking,
             playing=self._is_playing(now_ns),
             error=self._error if mode is Mode.ERROR else "",
         )
@@ -1337,16 +1170,6 @@ def _settle(future: concurrent.futures.Future[None], error: BaseException | None
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _frames_of(raw: RawAudio) -> int:
-    """Sample frames in a message, also for one that does not decode (its whole byte length in
-    frames of its stated format), so that what is counted in is what is counted dropped."""
-    try:
-        return audio_frames(raw)
-    except OmniError:
-        width = 4 if raw.encoding == "F32LE" else 2
-        return len(raw.data) // (width * max(1, raw.channels))
 
 
 def _as_backend_error(exc: BaseException) -> BackendError:
