@@ -175,6 +175,9 @@ class LlamaCppOmniConfig:
             because its previous session is still being torn down (WebSocket).
         health_timeout_s: how long ``prepare`` waits for ``GET /health`` to say ok.
         decode_timeout_s: longest wait for any server event or decode frame before BackendTimeout.
+            In the node and replay, ``read_timeout_s`` and ``decode_timeout_s`` are derived from
+            ``flow.backend_deadline_ms`` (40 % each), ``health_timeout_s`` and ``init_timeout_s``
+            from ``flow.prepare_deadline_ms`` (20 %, 60 %), unless set (:attr:`FLOW_DEADLINE_SHARES`).
         unit_quiet_s: WebSocket: silence after which a unit the server does not answer counts as idle.
         audio_wait_s: how long a turn's first speaking unit waits for its first speech (HTTP), and
             the first listening unit after speech for the turn's final window (HTTP: up to
@@ -246,6 +249,17 @@ class LlamaCppOmniConfig:
     force_listen_count: int = -1
     max_new_speak_tokens_per_chunk: int = -1
     tts_temperature: float = -1.0
+
+    #: Timeouts that one flow deadline bounds (one owner: ``omni_ros.ros._setup.node_setup``
+    #: derives them from ``flow.backend_deadline_ms`` / ``flow.prepare_deadline_ms`` unless set):
+    #: field -> (FlowConfig deadline, share). Those of one deadline run one after the other within
+    #: one call (prefill then decode; health then init), so their shares add up to below 1.
+    FLOW_DEADLINE_SHARES: ClassVar[dict[str, tuple[str, float]]] = {
+        "read_timeout_s": ("backend_deadline_ms", 0.4),
+        "decode_timeout_s": ("backend_deadline_ms", 0.4),
+        "health_timeout_s": ("prepare_deadline_ms", 0.2),
+        "init_timeout_s": ("prepare_deadline_ms", 0.6),
+    }
 
     def __post_init__(self) -> None:
         name = "LlamaCppOmniConfig"

@@ -226,7 +226,9 @@ class MiniCPMOConfig:
         interrupt_mode: ``mute`` or ``reset`` (see the module docstring).
         prepare_timeout_s: deadline of one ``prepare`` call (a reference voice makes it slower).
         prefill_timeout_s: deadline of one ``streaming_prefill`` call.
-        generate_timeout_s: deadline of one ``streaming_generate`` call.
+        generate_timeout_s: deadline of one ``streaming_generate`` call. In the node and replay
+            the three are derived from ``flow.backend_deadline_ms`` (prefill and generate 40 %
+            each) and ``flow.prepare_deadline_ms`` (prepare 80 %) unless set.
     """
 
     model: str = ""
@@ -257,6 +259,15 @@ class MiniCPMOConfig:
     prepare_timeout_s: float = 120.0
     prefill_timeout_s: float = 10.0
     generate_timeout_s: float = 10.0
+
+    #: Timeouts that one flow deadline bounds (one owner: ``omni_ros.ros._setup.node_setup``
+    #: derives them from ``flow.backend_deadline_ms`` / ``flow.prepare_deadline_ms`` unless set):
+    #: field -> (FlowConfig deadline, share). Prefill and generate run in one flow call.
+    FLOW_DEADLINE_SHARES: ClassVar[dict[str, tuple[str, float]]] = {
+        "prefill_timeout_s": ("backend_deadline_ms", 0.4),
+        "generate_timeout_s": ("backend_deadline_ms", 0.4),
+        "prepare_timeout_s": ("prepare_deadline_ms", 0.8),
+    }
 
     def __post_init__(self) -> None:
         if not self.model.strip():

@@ -215,6 +215,7 @@ class VllmOmniConfig:
         handshake_timeout_s: deadline for ``session.created`` / ``session.resumed``.
         close_timeout_s: how long a close waits for ``session.closed`` (the slot is free then).
         unit_timeout_s: longest wait for the model's decision outside a response (a dead server).
+            In the node and replay: derived from ``flow.backend_deadline_ms`` (80 %) unless set.
         speech_wait_s: inside a response, how long one ``generate`` waits for the next audio;
             below one unit, or the robot falls behind real time.
         retries / backoff_s / backoff_max_s: extra rounds over ``urls`` (busy or unreachable) and
@@ -267,6 +268,13 @@ class VllmOmniConfig:
     heartbeat_interval_s: float = 30.0
     idle_timeout_s: float = 300.0
     text_injection: str = "reopen"
+
+    #: Timeouts that one flow deadline bounds (one owner: ``omni_ros.ros._setup.node_setup``
+    #: derives them from ``flow.backend_deadline_ms`` unless set): field -> (FlowConfig deadline,
+    #: share). A dead replica then fails with this backend's own error, which opens a new session.
+    FLOW_DEADLINE_SHARES: ClassVar[dict[str, tuple[str, float]]] = {
+        "unit_timeout_s": ("backend_deadline_ms", 0.8),
+    }
 
     def __post_init__(self) -> None:
         urls: Any = self.urls

@@ -13,6 +13,16 @@ three validate identically and fail with the same message:
   the value (``speech.chunk_ms = 'hundred' has type str; expected int``);
 * values with their own rules (``speech.encoding``, ``speech.chunk_ms``, ``backend``) are checked
   here, and the configs' own ``__post_init__`` checks run when they are built.
+
+One deadline owner: the flow's ``flow.backend_deadline_ms`` (one prefill + generate) and
+``flow.prepare_deadline_ms`` (one prepare) are the parameters to tune. The backend timeouts they
+bound (each backend config's ``FLOW_DEADLINE_SHARES``: ``vllm_omni.unit_timeout_s``,
+``llamacpp_omni.read_timeout_s`` / ``decode_timeout_s`` / ``health_timeout_s`` /
+``init_timeout_s``, ``minicpmo.prefill_timeout_s`` / ``generate_timeout_s`` /
+``prepare_timeout_s``) are derived from them as shares below 1, so a dead server fails with the
+backend's own error (and its own recovery) before the flow gives the call up as hung. One set
+explicitly must leave its deadline room: the timeouts of one deadline run one after the other in
+one call, so their sum must stay below it, or :func:`node_setup` refuses naming both.
 """
 
 from __future__ import annotations
@@ -88,6 +98,8 @@ class NodeSetup:
         tensorrt_enabled: swap components for TensorRT engines.
         tensorrt_engine_dir: engine cache folder ("" = the package's).
         tensorrt_components: components to accelerate, comma separated.
+        derived_timeouts: the backend timeouts derived from the flow's deadlines (also in
+            ``backend_params``), field -> seconds.
     """
 
     backend: str
@@ -103,6 +115,7 @@ class NodeSetup:
     tensorrt_enabled: bool
     tensorrt_engine_dir: str
     tensorrt_components: str
+    derived_timeouts: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def suggest(name: str, known: typing.Iterable[str]) -> str:
@@ -182,11 +195,14 @@ def node_setup(values: Mapping[str, Any], backend: str | None = None) -> NodeSet
         )
     flow_values = {k: v for k, v in checked.items() if k.split(".")[0] in _FLOW_NAMESPACES}
     flow_values["flow.system_prompt"] = str(node("system_prompt"))
+    flow = build_config(FlowConfig, flow_values)
     prefix = name + "."
+    backend_params = {k[len(prefix) :]: v for k, v in checked.items() if k.startswith(prefix)}
+    derived = deadline_timeouts(name, flow, backend_params)
     return NodeSetup(
         backend=name,
-        backend_params={k[len(prefix) :]: v for k, v in checked.items() if k.startswith(prefix)},
-        flow=build_config(FlowConfig, flow_values),
+        backend_params={**derived, **backend_params},
+        flow=flow,
         system_prompt=str(node("system_prompt")),
         ref_voice_path=str(node("ref_voice_path")),
         camera_compressed=bool(node("camera.compressed")),
@@ -197,12 +213,61 @@ def node_setup(values: Mapping[str, Any], backend: str | None = None) -> NodeSet
         tensorrt_enabled=bool(node("tensorrt.enabled")),
         tensorrt_engine_dir=str(node("tensorrt.engine_dir")),
         tensorrt_components=str(node("tensorrt.components")),
+        derived_timeouts=derived,
     )
 
 
+def deadline_timeouts(backend: str, flow: FlowConfig, given: Mapping[str, Any]) -> dict[str, float]:
+    """The ``backend``'s timeouts that the flow's deadlines bound, derived from them unless
+    ``given`` (see the module docstring): field -> seconds, for the fields not in ``given``.
+
+    Raises:
+        ConfigError: timeouts of one deadline (given or derived) that add up to it or beyond, so
+            the flow would give the call up before the backend's own timeout could fire.
+    """
+    shares: Mapping[str, tuple[str, float]] = getattr(
+        backend_class(backend).config_class, "FLOW_DEADLINE_SHARES", {}
+    )
+    derived: dict[str, float] = {}
+    for deadline in dict.fromkeys(d for d, _share in shares.values()):
+        deadline_ms = int(getattr(flow, deadline))
+        fields = [f for f, (d, _share) in shares.items() if d == deadline]
+        for f in fields:
+            if f not in given:
+                derived[f] = round(shares[f][1] * deadline_ms / 1000, 3)
+        total_s = sum(float(given[f]) if f in given else derived[f] for f in fields)
+        if total_s >= deadline_ms / 1000:
+            explicit = ", ".join(f"{backend}.{f} = {given[f]} s" for f in fields if f in given)
+            raise ConfigError(
+                f"{explicit} leaves flow.{deadline} = {deadline_ms} ms no room: "
+                f"{' + '.join(f'{backend}.{f}' for f in fields)} = {total_s:g} s run within one "
+                f"call and must stay below it, or the flow gives the call up before the backend's "
+                f"own timeout fires; leave them unset (derived from flow.{deadline}) or raise "
+                f"flow.{deadline}"
+            )
+    return derived
+
+
 def build_backend_config(setup: NodeSetup) -> Any:
-    """The chosen backend's config from ``setup.backend_params`` (its own checks run here)."""
-    return backend_class(setup.backend).config_class.from_mapping(dict(setup.backend_params))
+    """The chosen backend's config from ``setup.backend_params`` (its own checks run here).
+
+    Raises:
+        ConfigError: the config's own checks; a timeout derived from a flow deadline that they
+            refuse is named as derived, with the deadline to raise.
+    """
+    config_class = backend_class(setup.backend).config_class
+    try:
+        return config_class.from_mapping(dict(setup.backend_params))
+    except ConfigError as exc:
+        shares: Mapping[str, tuple[str, float]] = getattr(config_class, "FLOW_DEADLINE_SHARES", {})
+        named = [f for f in setup.derived_timeouts if f in str(exc)]
+        if not named:
+            raise
+        origin = ", ".join(
+            f"{setup.backend}.{f} = {setup.derived_timeouts[f]} s from flow.{shares[f][0]}"
+            for f in named
+        )
+        raise ConfigError(f"{exc} (derived: {origin}; raise that deadline)") from exc
 
 
 _FLOW_NAMESPACES = {s.name.split(".")[0] for s in FLOW_PARAM_SPECS}

@@ -51,7 +51,7 @@ from omni_ros.ros._diagnostics import DiagnosticsReporter
 from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
 from omni_ros.ros._run import install_interrupt_guard
-from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, node_setup
+from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, build_backend_config, node_setup
 from omni_ros.ros.audio_common import mic_subscriptions
 from omni_ros.ros.graph_advice import GraphAdvisor
 from omni_ros_msgs.action import Ask
@@ -219,6 +219,7 @@ class OmniFlowNode(LifecycleNode):
         # The one configuration path (ros/_setup.py), shared with both replay modes.
         setup = node_setup({name: p.value for name, p in self._parameters.items()})
         name, params, config = setup.backend, setup.backend_params, setup.flow
+        build_backend_config(setup)  # its own checks first: a derived timeout is named as such
         # Checked before anything embeds it: a 1 MB prompt must be refused, not tokenised.
         check_prompt(config.system_prompt, self._limits())
         self.get_logger().info(f"loading backend {name!r} {params} ...")

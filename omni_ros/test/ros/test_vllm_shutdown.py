@@ -119,6 +119,7 @@ def _node(tmp_path: Path, server: ServerPeer) -> NodeProcess:
         # Longer than the node's bounded wait at close (5 s): without the fix the call in flight
         # is still in recv() when the node gives up waiting and closes the backend.
         "vllm_omni.unit_timeout_s": 30.0,
+        "flow.backend_deadline_ms": 60_000,  # the one deadline owner: above the timeout it bounds
         "vllm_omni.retries": 0,
     }
     return NodeProcess.installed(params, tmp_path / "node.log")
