@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import soxr
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.ros.audio_io import AudioFormat
 
-NS = 1_000_000_000
 _DEVICE_SLACK_NS = 5_000_000
 
 
@@ -114,11 +114,11 @@ class RoomSink:
             if self._end_ns > 0 and now - self._end_ns < 200_000_000:
                 self.underruns += 1  # mid-speech: the device ran dry
             start = now + self._buffer_ns
-        self._end_ns = start + len(samples) * NS // self.format.sample_rate
+        self._end_ns = start + len(samples) * NS_PER_S // self.format.sample_rate
         self.room.play(start, samples, data)
         remaining = self._end_ns - self._buffer_ns - time.time_ns()
         if remaining > 0:
-            self._closed.wait(remaining / NS)
+            self._closed.wait(remaining / NS_PER_S)
 
     def flush(self) -> None:
         self.flushes += 1  # the device's buffer plays out (see the class docstring)
@@ -127,7 +127,7 @@ class RoomSink:
         """Wait until everything written has been heard."""
         remaining = self._end_ns - time.time_ns()
         if remaining > 0:
-            self._closed.wait(remaining / NS)
+            self._closed.wait(remaining / NS_PER_S)
 
     @property
     def latency_ns(self) -> int:
@@ -146,7 +146,7 @@ class Played:
     data: bytes
 
     def end_ns(self, rate: int) -> int:
-        return self.start_ns + self.samples * NS // rate
+        return self.start_ns + self.samples * NS_PER_S // rate
 
 
 class Room:
@@ -189,8 +189,8 @@ class Room:
             if self._rs is None or abs(start_ns - self._next_in_ns) > 2_000_000:
                 # A new stretch of sound: a fresh resampler placed at its own start.
                 self._rs = soxr.ResampleStream(self.out_rate, self.mic_rate, 1, dtype="float32")
-                self._write_pos = round((start_ns - self.t0_ns) * self.mic_rate / NS)
-            self._next_in_ns = start_ns + len(samples) * NS // self.out_rate
+                self._write_pos = round((start_ns - self.t0_ns) * self.mic_rate / NS_PER_S)
+            self._next_in_ns = start_ns + len(samples) * NS_PER_S // self.out_rate
             out = self._rs.resample_chunk(samples)
             pos = self._write_pos
             end = min(len(self._played), pos + len(out))

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import soxr
+from omni_ros.core.clock import NS_PER_S
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "omni_ros"), str(ROOT / "omni_ros" / "test")]
@@ -181,7 +182,6 @@ def erle_main(args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------- barge-in suite
-NS = 1_000_000_000
 BLOCK = 320  # 20 ms microphone chunks, as the mic node sends them
 
 
@@ -244,9 +244,12 @@ def _simulate(
     cpu = 0.0
     for i in range(0, len(mic), BLOCK):
         t_ns = stamp(i)
-        while pushed < len(far) and T0_NS + round(pushed * NS / room_sim.OUT_RATE) < t_ns + NS // 2:
+        while (
+            pushed < len(far)
+            and T0_NS + round(pushed * NS_PER_S / room_sim.OUT_RATE) < t_ns + NS_PER_S // 2
+        ):
             canceller.push_reference(
-                T0_NS + round(pushed * NS / room_sim.OUT_RATE),
+                T0_NS + round(pushed * NS_PER_S / room_sim.OUT_RATE),
                 far[pushed : pushed + half],
                 room_sim.OUT_RATE,
             )
@@ -371,7 +374,7 @@ def bargein_main(args: argparse.Namespace) -> None:
                 after = [t for t in resets if t >= stamp(5 * MIC_RATE)]
                 lat["realign"] = []
                 if after:
-                    t_re = round((after[0] - T0_NS) * MIC_RATE / NS)
+                    t_re = round((after[0] - T0_NS) * MIC_RATE / NS_PER_S)
                     lat["realign"] = [
                         _trial(
                             jumped,

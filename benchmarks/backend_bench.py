@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "omni_ros"))
 
 import torch
 from omni_ros.backends.reference import ReferenceBackend, ReferenceConfig
 from omni_ros.core.types import Unit, VideoFrame
-
-_NS_PER_S = 1_000_000_000
 
 
 def synth_unit(backend: ReferenceBackend, index: int, frames: int) -> Unit:
@@ -47,9 +46,9 @@ def synth_unit(backend: ReferenceBackend, index: int, frames: int) -> Unit:
     else:
         start_ns = backend.first_unit_ns + (index - 1) * backend.unit_ns
         end_ns = start_ns + backend.unit_ns
-    n = (end_ns - start_ns) * rate // _NS_PER_S
+    n = (end_ns - start_ns) * rate // NS_PER_S
     rng = np.random.default_rng(index)
-    t = np.arange(n) / rate + start_ns / _NS_PER_S
+    t = np.arange(n) / rate + start_ns / NS_PER_S
     voiced = sum(np.sin(2 * np.pi * 150.0 * k * t) / k for k in range(1, 5))
     audio = (0.2 * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)) * voiced).astype(np.float32)
     audio += 0.005 * rng.standard_normal(n).astype(np.float32)

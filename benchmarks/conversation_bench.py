@@ -58,18 +58,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _room import ROOMS, Room, RoomConfig, RoomSink  # noqa: E402
 
-NS = 1_000_000_000
 MIC_RATE = 16_000
 OUT_RATE = 24_000
 CHUNK = 320  # 20 ms microphone chunks
 BLOCK_BYTES = OUT_RATE * 20 // 1000 * 2  # speaker_node's first write of a chunk (block_ms 20)
-UNIT_NS = NS
+UNIT_NS = NS_PER_S
 TURN_UNITS = 3
 PHASES: dict[str, float] = {"start": 0.3, "middle": 1.3, "last_unit": 2.25}
 QUESTIONS = (
@@ -93,7 +93,7 @@ class Utterance:
 
     @property
     def speech_ns(self) -> int:
-        return (self.offset - self.onset) * NS // MIC_RATE
+        return (self.offset - self.onset) * NS_PER_S // MIC_RATE
 
 
 def utterance(text: str) -> Utterance:
@@ -175,7 +175,7 @@ class Probe:
 
     @staticmethod
     def _ns(stamp: Any) -> int:
-        return int(stamp.sec) * NS + int(stamp.nanosec)
+        return int(stamp.sec) * NS_PER_S + int(stamp.nanosec)
 
     def _on_state(self, msg: Any) -> None:
         with self.lock:
@@ -338,7 +338,7 @@ class Session:
 
     def place(self, utt: Utterance, onset_ns: int) -> tuple[int, int]:
         """Put ``utt`` into the user's track so that its speech starts at ``onset_ns`` (wall)."""
-        first = round((onset_ns - self.t0_ns) * MIC_RATE / NS) - utt.onset
+        first = round((onset_ns - self.t0_ns) * MIC_RATE / NS_PER_S) - utt.onset
         if not 0 <= first < len(self.user) - len(utt.samples):
             raise RuntimeError("the session's microphone track is too short for this trial")
         end = min(len(self.user), first + len(utt.samples))
@@ -355,14 +355,14 @@ class Session:
         n = 0
         noise_rng = np.random.default_rng(1)
         while not self._stop.is_set() and n + CHUNK < len(self.user):
-            due = self.mono0_ns + (n + CHUNK) * NS // MIC_RATE
+            due = self.mono0_ns + (n + CHUNK) * NS_PER_S // MIC_RATE
             wait = due - time.monotonic_ns()
             if wait > 0:
-                self._stop.wait(wait / NS)
+                self._stop.wait(wait / NS_PER_S)
             x = self.user[n : n + CHUNK] + self.room.echo(n, CHUNK)
             x = x + noise_rng.normal(0.0, self.noise, CHUNK).astype(np.float32)
             msg = AudioChunk()
-            msg.header = conv.header(self.t0_ns + n * NS // MIC_RATE, "bench_mic")
+            msg.header = conv.header(self.t0_ns + n * NS_PER_S // MIC_RATE, "bench_mic")
             msg.sample_rate, msg.channels, msg.encoding = MIC_RATE, 1, "S16LE"
             msg.data = (np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()
             self.probe.mic_pub.publish(msg)
@@ -396,7 +396,7 @@ class Session:
 
     def sleep_until(self, t_ns: int) -> None:
         while (rest := t_ns - time.time_ns()) > 0:
-            time.sleep(min(rest / NS, 0.05))
+            time.sleep(min(rest / NS_PER_S, 0.05))
 
     # ------------------------------------------------------------------ teardown + analysis
     def close(self) -> dict[str, Any]:
@@ -510,7 +510,7 @@ class Session:
             "chunks_resynced_at_sink": resynced,
             "chunk_start_minus_stamp_ms": late,
             "late_detail": late_detail,
-            "played_s": sum(e - s for s, e, _ in self.played()) / NS,
+            "played_s": sum(e - s for s, e, _ in self.played()) / NS_PER_S,
         }
 
 
@@ -649,7 +649,7 @@ def _count_flushes(
             continue
         if sess.probe.has_flush_topic and f["reason"] != 0:
             continue  # SpeechFlush.BARGE_IN only (not reset / stop at shutdown)
-        if not any(0 <= f["decided_ns"] - t <= 2 * NS for t in true_onsets):
+        if not any(0 <= f["decided_ns"] - t <= 2 * NS_PER_S for t in true_onsets):
             res.false_bargeins += 1
 
 
@@ -665,19 +665,21 @@ def exchange(
     t_begin = time.time_ns()
     r_phase = float(sess.rng.uniform(0.1, 0.9))
     lead_ns = 300_000_000 if first_turn else 600_000_000
-    unit = sess.next_unit_start(time.time_ns() + lead_ns + question.speech_ns - int(r_phase * NS))
-    eos = unit + int(r_phase * NS)
+    unit = sess.next_unit_start(
+        time.time_ns() + lead_ns + question.speech_ns - int(r_phase * NS_PER_S)
+    )
+    eos = unit + int(r_phase * NS_PER_S)
     q_span = sess.place(question, eos - question.speech_ns)
     sess.plan_turn(unit, TURN_UNITS)
     res.planned_turns += 1
-    first = sess.first_play_after(q_span[1], unit + 4 * NS)
+    first = sess.first_play_after(q_span[1], unit + 4 * NS_PER_S)
     if first is None:
         res.missed_responses += 1
-        sess.sleep_until(unit + 5 * NS)
+        sess.sleep_until(unit + 5 * NS_PER_S)
         return
     res.response_ms.append((first - eos) / 1e6)
     res.unit_end_to_play_ms.append((first - unit - UNIT_NS) / 1e6)
-    onset = first + int((0.4 if first_turn else PHASES[phase]) * NS)
+    onset = first + int((0.4 if first_turn else PHASES[phase]) * NS_PER_S)
     if onset < time.time_ns() + 50_000_000:
         onset = time.time_ns() + 50_000_000  # only if this process was starved
     b_span = sess.place(interjection, onset)
@@ -688,7 +690,7 @@ def exchange(
     blocks = [(s, e, len(d) // 2) for s, e, d in sess.played() if s >= first]
     heard = sum(n for _s, _e, n in blocks)
     stop = max(e for _s, e, _n in blocks)
-    cut = heard <= TURN_UNITS * OUT_RATE * UNIT_NS // NS - 2 * BLOCK_BYTES // 2
+    cut = heard <= TURN_UNITS * OUT_RATE * UNIT_NS // NS_PER_S - 2 * BLOCK_BYTES // 2
     # Cut before the user said anything: a false barge-in (counted with the flushes below), not
     # a successful one.
     early = cut and stop <= onset
@@ -728,7 +730,7 @@ def run_exchanges(
         # seconds after start are the ``startup`` scenario's subject).
         warm = sess.next_unit_start(time.time_ns() + 200_000_000)
         sess.plan_turn(warm, 4)
-        sess.sleep_until(warm + 6 * NS)
+        sess.sleep_until(warm + 6 * NS_PER_S)
         for k in range(trials):
             phase = phases[k % len(phases)]
             exchange(
@@ -794,14 +796,14 @@ def run_silent(
         t_begin = time.time_ns()
         before = res.false_bargeins
         try:
-            end = time.time_ns() + int(seconds * NS)
-            while time.time_ns() < end - 8 * NS:
+            end = time.time_ns() + int(seconds * NS_PER_S)
+            while time.time_ns() < end - 8 * NS_PER_S:
                 # 3 silent units before each turn (proactive_silence_units), then 6 speaking.
                 start = sess.next_unit_start(time.time_ns() + 2_500_000_000)
                 sess.plan_turn(start, 6)
                 res.planned_turns += 1
-                sess.sleep_until(start + 7 * NS)
-            sess.sleep_until(time.time_ns() + 2 * NS)
+                sess.sleep_until(start + 7 * NS_PER_S)
+            sess.sleep_until(time.time_ns() + 2 * NS_PER_S)
             _count_flushes(sess, (t_begin, time.time_ns()), [], res)
             with sess.probe.lock:
                 res.proactive += sess.probe.proactive

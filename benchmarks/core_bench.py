@@ -20,6 +20,7 @@ import sys
 import time
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "omni_ros"))
 
@@ -28,7 +29,6 @@ from omni_ros.core.images import decode_image
 from omni_ros.core.timeline import Timeline, TimelineConfig
 from omni_ros.core.types import Counters, RawAudio, RawImage
 
-NS = 1_000_000_000
 RATE = 16_000
 WIDTH, HEIGHT = 1280, 720
 FPS = 30
@@ -45,16 +45,19 @@ def run(
     ]  # distinct payloads
     images = [rng.integers(0, 256, WIDTH * HEIGHT * 3, dtype=np.uint8).tobytes() for _ in range(4)]
     config = TimelineConfig(
-        first_unit_ns=NS, frame_size=448, resize_policy="letterbox", resize_filter=resize_filter
+        first_unit_ns=NS_PER_S,
+        frame_size=448,
+        resize_policy="letterbox",
+        resize_filter=resize_filter,
     )
     counters = Counters()
     timeline = Timeline(config, counters)
-    origin = 1_700_000_000 * NS
+    origin = 1_700_000_000 * NS_PER_S
     timeline.start(origin)
     timeline.poll(origin)
     times: dict[str, list[float]] = {"total": [], "audio": [], "frames": [], "poll": []}
     for k in range(units + warmup):
-        unit_start = origin + k * NS
+        unit_start = origin + k * NS_PER_S
         begin = time.perf_counter_ns()
         for i in range(50):
             raw = RawAudio(unit_start + i * 20_000_000, rate, 1, "S16LE", pcm[i])
@@ -62,12 +65,12 @@ def run(
         after_audio = time.perf_counter_ns()
         for i in range(FPS):
             image = RawImage(
-                unit_start + i * NS // FPS, "rgb8", images[i % 4], WIDTH, HEIGHT, WIDTH * 3
+                unit_start + i * NS_PER_S // FPS, "rgb8", images[i % 4], WIDTH, HEIGHT, WIDTH * 3
             )
             timeline.push_frame(image if lazy else decode_image(image))
         after_frames = time.perf_counter_ns()
         # +30 ms: a resampled unit also waits for the resampler's right-hand context.
-        produced = timeline.poll(unit_start + NS + config.watermark_ns + 30_000_000)
+        produced = timeline.poll(unit_start + NS_PER_S + config.watermark_ns + 30_000_000)
         end = time.perf_counter_ns()
         assert len(produced) == 1
         assert produced[0].frames[0].rgb.shape == (448, 448, 3)

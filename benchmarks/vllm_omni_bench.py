@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 
 _ROOT = Path(__file__).resolve().parents[1] / "omni_ros"
 sys.path.insert(0, str(_ROOT))
@@ -31,14 +32,12 @@ from omni_ros.backends.vllm_omni import VllmOmniBackend, VllmOmniConfig  # noqa:
 from omni_ros.core.types import Unit, VideoFrame  # noqa: E402
 from unit.backends.loopback_vllm_server import LoopbackVllmServer  # noqa: E402
 
-_NS_PER_S = 1_000_000_000
-
 
 def make_unit(backend: VllmOmniBackend, index: int, loud: bool) -> Unit:
     first = index == 0
     start_ns = 0 if first else backend.first_unit_ns + (index - 1) * backend.unit_ns
     end_ns = start_ns + (backend.first_unit_ns if first else backend.unit_ns)
-    n = (end_ns - start_ns) * backend.input_sample_rate // _NS_PER_S
+    n = (end_ns - start_ns) * backend.input_sample_rate // NS_PER_S
     rng = np.random.default_rng(index)
     level = 0.2 if loud else 1e-4
     audio = (level * rng.standard_normal(n)).clip(-1, 1).astype(np.float32)

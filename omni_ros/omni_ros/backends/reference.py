@@ -90,6 +90,7 @@ from omni_ros.backends.reference_model import (
     dims_for,
 )
 from omni_ros.core import config as config_mod
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import (
     BackendError,
     BackendProtocolError,
@@ -102,7 +103,6 @@ from omni_ros.core.types import FloatArray, Unit, UnitResult
 
 # transformers' cache has an untyped constructor: handle it as Any.
 _DynamicCache: Any = transformers.DynamicCache
-_NS_PER_S = 1_000_000_000
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -402,7 +402,7 @@ class ReferenceBackend:
     def max_unit_tokens(self) -> int:
         """Worst-case cache growth of one unit (prefill + every decode step)."""
         frames = self.config.max_frames_per_unit * (self.dims.vision_queries + 2)
-        audio = self.audio_tokens_for(self.first_unit_ns * INPUT_SAMPLE_RATE // _NS_PER_S)
+        audio = self.audio_tokens_for(self.first_unit_ns * INPUT_SAMPLE_RATE // NS_PER_S)
         texts = (
             self.config.max_text_tokens_per_unit + 8
         )  # + chat-format tokens, any number of texts
@@ -739,7 +739,7 @@ class ReferenceBackend:
         session.pending_ids = [end]
         end_of_turn = end == _TURN_EOS
 
-        n_speech = math.ceil(session.unit_duration_ns * SPEECH_TOKENS_PER_S / _NS_PER_S)
+        n_speech = math.ceil(session.unit_duration_ns * SPEECH_TOKENS_PER_S / NS_PER_S)
         speech_logits = self.model.speech_head(torch.cat(hiddens, dim=1), n_speech)
         if self.config.decode_mode == "greedy":
             speech_ids = torch.argmax(speech_logits[0], dim=-1)

@@ -45,11 +45,11 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import AudioBlock, FloatArray
 
-NS_PER_S = 1_000_000_000
 Int16Array = npt.NDArray[np.int16]
 
 # speex_echo.h / speex_preprocess.h request codes.

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import AudioBlock, Counters, FloatArray, RawAudio
 
-NS_PER_S = 1_000_000_000
 MAX_SAMPLE_RATE = 384_000
 """Highest accepted input rate; anything above is a corrupt header, not a microphone."""
 

@@ -49,11 +49,11 @@ from typing import Protocol
 import numpy as np
 
 from omni_ros.core.aec import AecConfig, EchoCanceller
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import DecodeError
 from omni_ros.core.types import AudioBlock, FloatArray
 from omni_ros.core.vad import SILERO_FRAME, SileroVad, VadConfig
 
-NS_PER_S = 1_000_000_000
 _SUB_BLOCK_MS = 16  # the reference envelope's resolution: about one syllable's attack
 _REF_FLOOR = 1e-7  # mean square below which the reference cannot echo audibly (-70 dBFS)
 _DELAY_TOLERANCE_NS = 20_000_000  # GCC-PHAT's estimate vs the true direct path (+-2 ms measured)

@@ -70,6 +70,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import AlignmentError, ConfigError, DecodeError, StateError
 from omni_ros.core.images import (
@@ -81,7 +82,6 @@ from omni_ros.core.images import (
 )
 from omni_ros.core.types import AudioBlock, Counters, FloatArray, RawImage, Unit, VideoFrame
 
-NS_PER_S = 1_000_000_000
 FRAME_POLICIES = ("last", "nearest_end", "up_to_n")
 RESAMPLE_QUALITIES = ("HQ", "VHQ")
 _MAX_STASHED = 4096  # inputs held while deciding whether they are late or a clock jump's first

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import AudioBlock, FloatArray
 
-NS_PER_S = 1_000_000_000
 _VAD_RATES = (8_000, 16_000, 32_000, 48_000)
 _VAD_FRAME_MS = (10, 20, 30)
 _BARGE_IN_MODELS = ("silero", "webrtc")

@@ -23,11 +23,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import DecodeError
 from omni_ros.core.images import DEFAULT_MAX_PIXELS
 from omni_ros.core.types import RawImage
 
-NS_PER_S = 1_000_000_000
 _ENCAPSULATIONS = {b"\x00\x01": "<", b"\x00\x00": ">", b"\x00\x07": "<", b"\x00\x06": ">"}
 #: A compressed frame larger than the same frame as raw RGB at the pixel limit is not a camera
 #: frame; refused from its length before the data is copied.

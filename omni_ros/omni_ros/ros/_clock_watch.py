@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 
-NS_PER_S = 1_000_000_000
+from omni_ros.core.clock import NS_PER_S
 
 
 @dataclass

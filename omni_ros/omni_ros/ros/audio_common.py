@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from omni_ros import topics
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
 
-NS_PER_S = 1_000_000_000
 AUDIO_CHUNK = "omni_ros_msgs/msg/AudioChunk"
 AUDIO_STAMPED = "audio_common_msgs/msg/AudioStamped"  # mgonzs13/audio_common
 AUDIO_DATA_STAMPED = "audio_common_msgs/msg/AudioDataStamped"  # ros-drivers/audio_common

@@ -28,9 +28,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
 
-NS_PER_S = 1_000_000_000
 _BYTES_PER_SAMPLE = {"S16LE": 2, "F32LE": 4}
 
 

@@ -18,6 +18,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from omni_ros.core.audio import chunk_output, encode_audio
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.types import (
     FLUSH_REASONS,
     Counters,
@@ -39,8 +40,6 @@ from omni_ros_msgs.msg import (
     ProactiveAction,
 )
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
-
-NS_PER_S = 1_000_000_000
 
 #: Counters whose increase between two diagnostics reports means input or compute was lost.
 #: Frames the per-unit policy does not choose are not counted anywhere (a 30 fps camera feeds one

@@ -19,12 +19,12 @@ from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
 from omni_ros.core.audio import decode_audio, encode_audio, resample
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import PlaybackReport
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._run import spin_node
 from omni_ros.ros.audio_io import (
-    NS_PER_S,
     AudioFormat,
     AudioSink,
     NullSink,

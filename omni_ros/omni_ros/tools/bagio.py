@@ -30,6 +30,7 @@ from rosbags.interfaces import (
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
 from omni_ros import topics
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio, RawImage
 from omni_ros.ros import audio_common as ac
@@ -37,7 +38,6 @@ from omni_ros.tools.typestore import omni_typestore
 
 _log = logging.getLogger("omni_ros.bags")
 
-NS = 1_000_000_000
 
 #: Input topic role -> (default topic, accepted message types)
 INPUT_TOPICS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -111,7 +111,7 @@ def qos_from_rclpy(profile: Any, fallback_depth: int = 10) -> Qos:
         ns = int(getattr(duration, "nanoseconds", 0))
         if ns >= 2**63 - 1:  # rmw's infinite duration: rosbag2 writes it as {sec: 9223372036, ...}
             return QosTime(9223372036, 854775807)
-        return QosTime(ns // NS, ns % NS)
+        return QosTime(ns // NS_PER_S, ns % NS_PER_S)
 
     return Qos(
         history=history,
@@ -141,7 +141,7 @@ def parse_remaps(rules: Sequence[str]) -> dict[str, str]:
 
 def stamp_ns(msg: Any) -> int:
     """``header.stamp`` of a rosbags message in nanoseconds."""
-    return int(msg.header.stamp.sec) * NS + int(msg.header.stamp.nanosec)
+    return int(msg.header.stamp.sec) * NS_PER_S + int(msg.header.stamp.nanosec)
 
 
 def to_raw_audio(msg: Any) -> RawAudio:

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
 
 _log = logging.getLogger(__name__)
-NS = 1_000_000_000
 #: ``OmniState.mode`` constants -> names (omni_ros_msgs/msg/OmniState.msg).
 MODES = {0: "LISTENING", 1: "SPEAKING", 2: "INTERRUPTED", 3: "PAUSED", 4: "ERROR"}
 #: ``SpeechFlush.reason`` constants -> names (omni_ros_msgs/msg/SpeechFlush.msg, issue 9).
@@ -133,11 +133,11 @@ def stamp_of(msg: Any) -> int:
     header = getattr(msg, "header", None)
     if header is None:
         return 0
-    return int(header.stamp.sec) * NS + int(header.stamp.nanosec)
+    return int(header.stamp.sec) * NS_PER_S + int(header.stamp.nanosec)
 
 
 def _time_ns(t: Any) -> int:
-    return int(t.sec) * NS + int(t.nanosec)
+    return int(t.sec) * NS_PER_S + int(t.nanosec)
 
 
 class LiveView:
@@ -163,7 +163,7 @@ class LiveView:
         self,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
-        unit_ns: int = NS,
+        unit_ns: int = NS_PER_S,
         backend_deadline_ms: float = 5000.0,
         frame_policy: str = "last",
         name: str = "omni_ros",
@@ -295,7 +295,7 @@ class LiveView:
     def _line(self, text: str, log_ns: int, name: str, level: str = "INFO") -> None:
         self._transcript.log(
             {
-                "timestamp": {"sec": log_ns // NS, "nsec": log_ns % NS},
+                "timestamp": {"sec": log_ns // NS_PER_S, "nsec": log_ns % NS_PER_S},
                 "level": LOG_LEVELS[level],
                 "message": text,
                 "name": name,

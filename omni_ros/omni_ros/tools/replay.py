@@ -31,9 +31,10 @@ from tqdm import tqdm
 
 from omni_ros import topics
 from omni_ros.core.audio import audio_frames
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import RawAudio
-from omni_ros.tools.bagio import INPUT_TOPICS, NS, InputBag, OutputBag, to_raw_audio
+from omni_ros.tools.bagio import INPUT_TOPICS, InputBag, OutputBag, to_raw_audio
 from omni_ros.tools.record import TopicRecorder, message_class
 from omni_ros.tools.report import plot_timeline, summarize, write_summary
 
@@ -129,7 +130,7 @@ def audio_end_ns(raw: RawAudio) -> int:
         frames = audio_frames(raw)
     except DecodeError:
         return raw.stamp_ns
-    return raw.stamp_ns + frames * NS // raw.sample_rate
+    return raw.stamp_ns + frames * NS_PER_S // raw.sample_rate
 
 
 # ------------------------------------------------------------------------------------------ direct
@@ -226,7 +227,7 @@ def replay_direct(
                 now,
                 serialize_message(conv.state_to_msg(event)),
             )
-            if now - last_diag_ns[0] >= NS:  # /diagnostics at 1 Hz of bag time, like the node
+            if now - last_diag_ns[0] >= NS_PER_S:  # /diagnostics at 1 Hz of bag time, like the node
                 diag = DiagnosticArray(
                     header=conv.header(now), status=[conv.diagnostic_status(event, previous[0])]
                 )
@@ -272,10 +273,10 @@ def replay_direct(
         bar.close()
         # Let the unit holding the last input sample close (watermark) and its outputs come out,
         # and no further: units past the input would be pure zero-filled gap.
-        end = bag.end_ns + int(flush_s * NS)
+        end = bag.end_ns + int(flush_s * NS_PER_S)
         t = bag.end_ns
         while t < end and last_unit_end_ns[0] < input_end_ns:
-            t = min(end, t + NS // 10)
+            t = min(end, t + NS_PER_S // 10)
             clock.set_ns(t)
             flow.run_until_idle(t)
     finally:
@@ -431,7 +432,7 @@ def replay_graph(
     unit_ends: list[int] = [0]
 
     def on_state(msg: Any) -> None:
-        unit_ends[0] = max(unit_ends[0], msg.header.stamp.sec * NS + msg.header.stamp.nanosec)
+        unit_ends[0] = max(unit_ends[0], msg.header.stamp.sec * NS_PER_S + msg.header.stamp.nanosec)
 
     from omni_ros_msgs.msg import OmniState
 
@@ -455,7 +456,7 @@ def replay_graph(
 
     def publish_clock(ns: int) -> None:
         msg = Clock()
-        msg.clock.sec, msg.clock.nanosec = ns // NS, ns % NS
+        msg.clock.sec, msg.clock.nanosec = ns // NS_PER_S, ns % NS_PER_S
         clock_pub.publish(msg)
 
     try:
@@ -506,17 +507,17 @@ def replay_graph(
         bar = Progress(bag.message_count * loops, "replay (graph)", progress_mode(progress))
         last_clock = 0.0
         input_end_ns = 0
-        loop_span_s = bag.duration_ns / NS / rate + 0.05
+        loop_span_s = bag.duration_ns / NS_PER_S / rate + 0.05
         for loop, message in ((k, m) for k in range(loops) for m in bag):
             if message.log_ns == bag.start_ns:
                 input_end_ns = 0  # a new pass (loops > 1)
             if message.role == "mic":
                 input_end_ns = max(input_end_ns, audio_end_ns(to_raw_audio(message.msg)))
-            target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS / rate
+            target = wall0 + loop * loop_span_s + (message.log_ns - bag.start_ns) / NS_PER_S / rate
             while (now := time.monotonic()) < target:
                 if now - last_clock >= 0.02:
                     publish_clock(
-                        bag.start_ns + int((now - wall0 - loop * loop_span_s) * rate * NS)
+                        bag.start_ns + int((now - wall0 - loop * loop_span_s) * rate * NS_PER_S)
                     )
                     last_clock = now
                 time.sleep(min(0.005, target - now))
@@ -527,7 +528,7 @@ def replay_graph(
         end_wall = time.monotonic() + flush_s / rate
         # Until the unit holding the last input sample has been reported (see replay_direct).
         while (now := time.monotonic()) < end_wall and unit_ends[0] < input_end_ns:
-            publish_clock(bag.end_ns + int((now - (end_wall - flush_s / rate)) * rate * NS))
+            publish_clock(bag.end_ns + int((now - (end_wall - flush_s / rate)) * rate * NS_PER_S))
             time.sleep(0.02)
         time.sleep(0.5)  # the last outputs in flight
     finally:

@@ -39,9 +39,10 @@ import numpy as np
 from rosbags.rosbag2 import Reader
 
 from omni_ros.core.audio import decode_audio
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import DecodeError
 from omni_ros.core.types import AudioBlock, Counters
-from omni_ros.tools.bagio import NS, InputBag, stamp_ns, to_raw_audio
+from omni_ros.tools.bagio import InputBag, stamp_ns, to_raw_audio
 from omni_ros.tools.typestore import omni_typestore
 
 MODE_NAMES = {0: "LISTENING", 1: "SPEAKING", 2: "INTERRUPTED", 3: "PAUSED", 4: "ERROR"}
@@ -56,7 +57,7 @@ FLUSH_REASONS = {0: "barge_in", 1: "interrupt", 2: "reset", 3: "error", 4: "stop
 #: Rate the timeline counts samples at: every backend takes 16 kHz input (Backend.input_sample_rate).
 TIMELINE_RATE = 16_000
 #: A response is the first speech scheduled within this long after the user stopped talking.
-RESPONSE_WINDOW_NS = 5 * NS
+RESPONSE_WINDOW_NS = 5 * NS_PER_S
 
 
 def _read_outputs(path: Path) -> dict[str, list[tuple[int, Any]]]:
@@ -80,7 +81,7 @@ def _mono(msg: Any) -> np.ndarray:
 
 
 def _time_ns(t: Any) -> int:
-    return int(t.sec) * NS + int(t.nanosec)
+    return int(t.sec) * NS_PER_S + int(t.nanosec)
 
 
 @dataclass
@@ -113,7 +114,7 @@ class Conversation:
 
     def s(self, ns: int) -> float:
         """Seconds on the bag axis."""
-        return round((ns - self.origin_ns) / NS, 3)
+        return round((ns - self.origin_ns) / NS_PER_S, 3)
 
     def cancelled(self, msg: Any) -> bool:
         """Whether a speech chunk lies in a flushed span (a player must not play it)."""
@@ -166,7 +167,7 @@ def _user_segments(mic: list[tuple[int, int, np.ndarray]]) -> list[tuple[int, in
                 segments.append((open_ns, event.stamp_ns))
                 open_ns = None
     if open_ns is not None and mic:
-        segments.append((open_ns, max(s + len(x) * NS // r for s, r, x in mic)))
+        segments.append((open_ns, max(s + len(x) * NS_PER_S // r for s, r, x in mic)))
     return segments
 
 
@@ -207,7 +208,7 @@ def _flushes(out: dict[str, list[tuple[int, Any]]], speech: list[tuple[int, Any]
         if extra:
             onset = stamp_ns(state)
             ends = [
-                stamp_ns(m) + len(_mono(m)) * NS // max(1, int(m.sample_rate))
+                stamp_ns(m) + len(_mono(m)) * NS_PER_S // max(1, int(m.sample_rate))
                 for slog, m in speech
                 if slog <= log
             ]
@@ -231,7 +232,7 @@ def analyse(input_bag: InputBag, outputs_path: Path) -> Conversation:
             frames.append(stamp_ns(m.msg))
             first_stamp = min(first_stamp, stamp_ns(m.msg))
     origin = min(input_bag.start_ns, first_stamp)
-    mic_end = max((s + len(x) * NS // r for s, r, x in mic if r > 0), default=origin)
+    mic_end = max((s + len(x) * NS_PER_S // r for s, r, x in mic if r > 0), default=origin)
     units = [(log, st) for log, st, extra in _classified_states(out) if not extra]
     speech = sorted(out.get("speech", []), key=lambda e: e[0])
     # Speech is published right before its unit's OmniState: each chunk belongs to the unit whose
@@ -304,7 +305,9 @@ def _responses(conv: Conversation) -> list[dict[str, Any]]:
 def _flush_events(conv: Conversation) -> list[dict[str, Any]]:
     events = []
     for f in conv.flushes:
-        user = [s for s, e in conv.user_segments if s <= f.decided_ns and e >= f.onset_ns - NS]
+        user = [
+            s for s, e in conv.user_segments if s <= f.decided_ns and e >= f.onset_ns - NS_PER_S
+        ]
         event: dict[str, Any] = {
             "reason": f.reason,
             "onset_s": conv.s(f.onset_ns),
@@ -350,7 +353,7 @@ def summarize(
                     counters[kv.key] = max(counters.get(kv.key, 0), int(kv.value))
     # The last unit reaches past the end of the input audio; its zero padding is not a gap.
     last_end = max((stamp_ns(s) for s in unit_states), default=conv.mic_end_ns)
-    tail = max(0, (last_end - conv.mic_end_ns) * TIMELINE_RATE // NS)
+    tail = max(0, (last_end - conv.mic_end_ns) * TIMELINE_RATE // NS_PER_S)
     if "gap_samples_filled" in counters:
         tail = min(tail, counters["gap_samples_filled"])
         counters["gap_samples_filled"] -= tail
@@ -374,7 +377,9 @@ def summarize(
     if len(unit_states) >= 2:
         unit_s = max(
             1e-3,
-            (stamp_ns(unit_states[-1]) - stamp_ns(unit_states[0])) / NS / (len(unit_states) - 1),
+            (stamp_ns(unit_states[-1]) - stamp_ns(unit_states[0]))
+            / NS_PER_S
+            / (len(unit_states) - 1),
         )
     modes: dict[str, int] = defaultdict(int)
     raw_modes: dict[str, int] = defaultdict(int)
@@ -395,7 +400,7 @@ def summarize(
             "heard_seconds": round(sum(c["seconds"] for c in played), 3),
             "heard_minus_scheduled_ms": _stats([d / 1e6 for d in starts]),
             "played_s": [
-                [conv.s(c["heard_ns"]), conv.s(c["heard_ns"] + round(c["seconds"] * NS))]
+                [conv.s(c["heard_ns"]), conv.s(c["heard_ns"] + round(c["seconds"] * NS_PER_S))]
                 for c in played
             ],
         }
@@ -403,7 +408,7 @@ def summarize(
     summary: dict[str, Any] = {
         "input": {
             "bag": str(input_bag.path),
-            "duration_s": round(input_bag.duration_ns / NS, 3),
+            "duration_s": round(input_bag.duration_ns / NS_PER_S, 3),
             "messages": input_bag.message_count,
             "topics": input_bag.topics(),
             "origin_ns": conv.origin_ns,

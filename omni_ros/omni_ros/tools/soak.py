@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-NS = 1_000_000_000
+from omni_ros.core.clock import NS_PER_S
+
 MIC_RATE = 16_000
 CHUNK_MS = 20
 FLUSH_S = 5
@@ -116,7 +117,7 @@ def run_direct(robot_s: float, jump_every_s: float, params: dict[str, Any]) -> d
     tally = Tally()
     backend = create_backend("reference", params)
     getattr(backend, "model", None)
-    start_ns = 1_700_000_000 * NS
+    start_ns = 1_700_000_000 * NS_PER_S
     clock = ManualClock(start_ns)
 
     def emit(event: Any) -> None:
@@ -148,7 +149,7 @@ def run_direct(robot_s: float, jump_every_s: float, params: dict[str, Any]) -> d
     while total_s < robot_s:
         if jump_every_s and t_s >= jump_every_s:  # a looping bag: back to the start
             t_s, tally.jumps = 0.0, tally.jumps + 1
-        stamp = pass_origin_ns + round(t_s * NS)
+        stamp = pass_origin_ns + round(t_s * NS_PER_S)
         offset = round(t_s * MIC_RATE) % len(audio)
         data = pcm[2 * offset : 2 * (offset + chunk_samples)]
         if len(data) < 2 * chunk_samples:
@@ -161,7 +162,7 @@ def run_direct(robot_s: float, jump_every_s: float, params: dict[str, Any]) -> d
             tally.frames += 1
         t_s += CHUNK_MS / 1000
         total_s += CHUNK_MS / 1000
-        clock.set_ns(pass_origin_ns + round(t_s * NS))
+        clock.set_ns(pass_origin_ns + round(t_s * NS_PER_S))
         flow.run_until_idle(clock.now_ns())
         if total_s >= next_sample_s:
             rss, threads, fds = proc_stats()
@@ -169,7 +170,7 @@ def run_direct(robot_s: float, jump_every_s: float, params: dict[str, Any]) -> d
             next_sample_s += 60.0
     # Let the last units close, then stop.
     for _ in range(FLUSH_S):
-        clock.set_ns(clock.now_ns() + NS)
+        clock.set_ns(clock.now_ns() + NS_PER_S)
         flow.run_until_idle(clock.now_ns())
     counters = flow.counters.as_dict()
     accounting = flow.audio_accounting()

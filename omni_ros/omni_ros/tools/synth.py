@@ -20,11 +20,11 @@ import numpy as np
 import soxr
 from rosbags.rosbag2 import StoragePlugin, Writer
 
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.bagio import BAG_VERSION, offered_qos
 from omni_ros.tools.typestore import omni_typestore
 
-NS = 1_000_000_000
 MIC_TOPIC = "/audio/mic"
 CAMERA_TOPIC = "/camera/image_raw"
 COMPRESSED_TOPIC = "/camera/image_raw/compressed"
@@ -110,7 +110,7 @@ def scene(index: int, t_s: float, width: int, height: int) -> np.ndarray:
 
 
 def _stamp(ns: int) -> tuple[int, int]:
-    return ns // NS, ns % NS
+    return ns // NS_PER_S, ns % NS_PER_S
 
 
 def _audio_messages(config: SynthConfig) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -122,11 +122,11 @@ def _audio_messages(config: SynthConfig) -> Iterator[tuple[int, int, np.ndarray]
     if channels > 1:
         frames[:, 1] *= 0.8  # a slightly different second microphone
     hop = rate * config.chunk_ms // 1000
-    start_ns = int(config.start_s * NS)
+    start_ns = int(config.start_s * NS_PER_S)
     chunks = []
     for k, i in enumerate(range(0, len(frames) - hop + 1, hop)):
-        stamp_ns = start_ns + i * NS // rate
-        log_ns = stamp_ns + hop * NS // rate + 2_000_000  # published after its last sample
+        stamp_ns = start_ns + i * NS_PER_S // rate
+        log_ns = stamp_ns + hop * NS_PER_S // rate + 2_000_000  # published after its last sample
         if config.messy and k % 97 == 50:
             continue  # a dropout: the gap must be zero-filled and counted
         chunks.append((stamp_ns, log_ns, frames[i : i + hop]))
@@ -207,7 +207,7 @@ def _write(path: Path, config: SynthConfig) -> None:
         n_frames = int(config.duration_s * config.fps)
         for k in range(n_frames):
             t_s = k / config.fps
-            stamp_ns = int(config.start_s * NS) + int(t_s * NS)
+            stamp_ns = int(config.start_s * NS_PER_S) + int(t_s * NS_PER_S)
             rgb = scene(k, t_s, config.width, config.height)
             encoding, data, step = "rgb8", rgb, config.width * 3
             if config.messy:

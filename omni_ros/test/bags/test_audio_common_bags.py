@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from omni_ros.core.audio import decode_audio
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.bagio import InputBag, to_raw_audio
 from omni_ros.tools.replay import replay
@@ -22,8 +23,7 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 INTERFACES = Path(__file__).resolve().parents[1] / "interfaces"
 RATE, CHUNK = 16_000, 800  # 50 ms chunks
 SECONDS = 4
-NS = 1_000_000_000
-START_NS = 1_700_000_000 * NS
+START_NS = 1_700_000_000 * NS_PER_S
 
 
 def _store(fork: str) -> Any:
@@ -45,7 +45,9 @@ def _speech() -> np.ndarray:
 def _header(store: Any, stamp_ns: int) -> Any:
     t = store.types
     return t["std_msgs/msg/Header"](
-        stamp=t["builtin_interfaces/msg/Time"](sec=stamp_ns // NS, nanosec=stamp_ns % NS),
+        stamp=t["builtin_interfaces/msg/Time"](
+            sec=stamp_ns // NS_PER_S, nanosec=stamp_ns % NS_PER_S
+        ),
         frame_id="mic",
     )
 
@@ -59,7 +61,7 @@ def _write_mgonzs13(
     with Writer(path, version=8, storage_plugin=storage) as writer:
         conn = writer.add_connection(topic, "audio_common_msgs/msg/AudioStamped", typestore=store)
         for i in range(0, len(pcm), CHUNK):
-            stamp = START_NS + i * NS // RATE
+            stamp = START_NS + i * NS_PER_S // RATE
             data = t["audio_common_msgs/msg/AudioData"](
                 float32_data=np.zeros(0, np.float32), int32_data=np.zeros(0, np.int32),
                 int16_data=pcm[i : i + CHUNK], int8_data=np.zeros(0, np.int8), uint8_data=np.zeros(0, np.uint8),
@@ -89,7 +91,7 @@ def _write_ros_drivers(path: Path, with_info: bool = True, info_delay_s: float =
             "/audio_info", "audio_common_msgs/msg/AudioInfo", typestore=store
         )
         for i in range(0, len(pcm), CHUNK):
-            stamp = START_NS + i * NS // RATE
+            stamp = START_NS + i * NS_PER_S // RATE
             if with_info and i == int(
                 info_delay_s * RATE
             ):  # audio_capture: at start, then every 5 s
@@ -130,7 +132,7 @@ def test_an_audio_stamped_bag_reads_as_audio_chunks_with_every_sample_and_stamp(
     bag = InputBag(tmp_path / "robot", {"/audio": "/audio/mic"})
     samples, stamps = _audio_from(bag)
     assert np.allclose(samples, pcm / 32768, atol=1e-4)
-    assert stamps == [START_NS + i * NS // RATE for i in range(0, len(pcm), CHUNK)]
+    assert stamps == [START_NS + i * NS_PER_S // RATE for i in range(0, len(pcm), CHUNK)]
 
 
 def test_an_audio_data_stamped_bag_takes_its_format_from_audio_info_even_for_earlier_chunks(

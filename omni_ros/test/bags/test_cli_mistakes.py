@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from omni_ros.tools.bagio import NS, InputBag
+from omni_ros.core.clock import NS_PER_S
+from omni_ros.tools.bagio import InputBag
 
 PARAMS = "omni_flow_node:\n  ros__parameters:\n{body}"
 
@@ -142,7 +143,7 @@ def test_synth_writes_a_bag_of_any_duration_from_one_second(
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     bag = InputBag(tmp_path / "b")
-    assert abs(bag.duration_ns / NS - duration) < 0.2
+    assert abs(bag.duration_ns / NS_PER_S - duration) < 0.2
 
 
 def test_a_failed_synth_removes_its_partial_bag(

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from foxglove_client import Client, node_executable
-from omni_ros.tools.bagio import INPUT_TOPICS, NS, InputBag
+from omni_ros.core.clock import NS_PER_S
+from omni_ros.tools.bagio import INPUT_TOPICS, InputBag
 from omni_ros.tools.replay import OUTPUT_TOPICS, load_params_file, replay_direct
 from omni_ros.tools.typestore import omni_typestore
 from rosbags.rosbag2 import Reader
@@ -33,7 +34,7 @@ def _outputs(folder: Path) -> dict[str, list[tuple[int, Any]]]:
 
 
 def _stamp(msg: dict[str, Any]) -> int:
-    return int(msg["header"]["stamp"]["sec"]) * NS + int(msg["header"]["stamp"]["nanosec"])
+    return int(msg["header"]["stamp"]["sec"]) * NS_PER_S + int(msg["header"]["stamp"]["nanosec"])
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_ros_topics_arrive_whole_with_their_content_and_bag_time_stamps(live_run
     log_times = [int(t) for t in states["logTimes"]]
     assert log_times == [t for t, _m in recorded]
     for log_ns, msg in zip(log_times, states["messages"], strict=True):
-        assert bag.start_ns <= _stamp(msg) <= log_ns <= bag.end_ns + 5 * NS
+        assert bag.start_ns <= _stamp(msg) <= log_ns <= bag.end_ns + 5 * NS_PER_S
     texts = "".join(m["text"] for m in channels["/omni/text"]["messages"])
     assert texts == "".join(m.text for _t, m in outputs["/omni/text"])
     assert texts.strip()
@@ -126,7 +127,7 @@ def test_unit_view_levels_and_the_models_frame(live_run: Any) -> None:
     for frame in frames:
         assert (frame["width"], frame["height"]) == (160, 120)
         # The frame the default policy ("last") gave the model: the latest stamped in its unit.
-        assert any(end - NS <= _stamp(frame) < end for end in unit_ends)
+        assert any(end - NS_PER_S <= _stamp(frame) < end for end in unit_ends)
 
 
 def test_the_shipped_layout_is_the_generated_one_and_names_only_served_topics(
@@ -185,7 +186,7 @@ def test_graph_replay_with_foxglove_serves_the_nodes_topics_live_on_sim_time(
     assert states["count"] >= 5
     # Sim time: the viewer's timeline is the bag's axis, each state logged after its unit ended.
     for log_time, msg in zip(states["logTimes"], states["messages"], strict=True):
-        assert bag.start_ns <= _stamp(msg) <= int(log_time) <= bag.end_ns + 10 * NS
+        assert bag.start_ns <= _stamp(msg) <= int(log_time) <= bag.end_ns + 10 * NS_PER_S
     assert channels["/audio/mic"]["count"] > 0.9 * sum(1 for m in bag if m.role == "mic")
     assert channels["/omni_view/model_frame"]["count"] >= 3
     transcript = [m["message"] for m in channels["/omni_view/transcript"]["messages"]]
@@ -222,10 +223,10 @@ def test_duplex_topics_show_in_the_transcript_and_activity_without_code_for_thei
         if name not in store.fielddefs:
             store.register(get_types_from_msg(text, name))
     types = store.types
-    t0 = 1_700_000_010 * NS
+    t0 = 1_700_000_010 * NS_PER_S
 
     def time(ns: int) -> Any:
-        return types["builtin_interfaces/msg/Time"](sec=ns // NS, nanosec=ns % NS)
+        return types["builtin_interfaces/msg/Time"](sec=ns // NS_PER_S, nanosec=ns % NS_PER_S)
 
     def header(ns: int) -> Any:
         return types["std_msgs/msg/Header"](stamp=time(ns), frame_id="")

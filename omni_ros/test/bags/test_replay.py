@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError
-from omni_ros.tools.bagio import NS, InputBag, parse_remaps
+from omni_ros.tools.bagio import InputBag, parse_remaps
 from omni_ros.tools.replay import load_params_file, replay
 from omni_ros.tools.typestore import omni_typestore
 from rosbags.rosbag2 import Reader
@@ -28,7 +29,7 @@ def _outputs(out_dir: Path) -> dict[str, list[Any]]:
 
 
 def _stamp(msg: Any) -> int:
-    return msg.header.stamp.sec * NS + msg.header.stamp.nanosec
+    return msg.header.stamp.sec * NS_PER_S + msg.header.stamp.nanosec
 
 
 def test_direct_replay_writes_an_output_bag_a_summary_and_a_timeline_plot(
@@ -62,8 +63,8 @@ def test_outputs_are_stamped_on_the_bags_time_axis(
     stamps = [
         _stamp(m) for topic in ("/omni/state", "/omni/text", "/omni/speech") for m in outputs[topic]
     ]
-    assert min(stamps) >= bag.start_ns - NS
-    assert max(stamps) <= bag.end_ns + 5 * NS
+    assert min(stamps) >= bag.start_ns - NS_PER_S
+    assert max(stamps) <= bag.end_ns + 5 * NS_PER_S
     speech = [_stamp(m) for m in outputs["/omni/speech"]]
     assert speech == sorted(speech)
 
@@ -211,7 +212,7 @@ def test_the_cli_synthesises_a_bag_and_reports_its_version(tmp_path: Path) -> No
     from omni_ros.tools.cli import main
 
     assert main(["synth", str(tmp_path / "b"), "--duration", "2"]) == 0
-    assert InputBag(tmp_path / "b").duration_ns > NS
+    assert InputBag(tmp_path / "b").duration_ns > NS_PER_S
     out = subprocess.run(
         [sys.executable, "-m", "omni_ros.tools.cli", "--version"], capture_output=True, text=True
     )
@@ -232,7 +233,7 @@ def test_graph_replay_drives_a_real_node_under_sim_time_and_records_its_outputs(
     assert summary["replay"]["node_exit_code"] == 0
     assert len(states) >= 5
     # Sim time: every state is stamped on the bag's axis (1.7e9 s), not on this machine's clock.
-    assert all(bag.start_ns - NS <= _stamp(s) <= bag.end_ns + 5 * NS for s in states)
+    assert all(bag.start_ns - NS_PER_S <= _stamp(s) <= bag.end_ns + 5 * NS_PER_S for s in states)
     assert [s.unit_index for s in states] == sorted(s.unit_index for s in states)
     assert summary["turns"] >= 1
     # The tiny backend needs ~10 ms of a 1000 ms unit: a unit that hits the 5 s deadline means
@@ -282,9 +283,9 @@ def test_graph_replay_with_the_speaker_records_what_it_played_on_the_bags_axis(
     published = {(int(m.turn_id), _stamp(m)) for m in speech}
     bag = InputBag(clean_bag)
     for r in reports:
-        scheduled = r.scheduled.sec * NS + r.scheduled.nanosec
+        scheduled = r.scheduled.sec * NS_PER_S + r.scheduled.nanosec
         assert any(t == r.turn_id and s <= scheduled < s + 100_000_000 for t, s in published)
-        assert bag.start_ns <= _stamp(r) <= bag.end_ns + 5 * NS
+        assert bag.start_ns <= _stamp(r) <= bag.end_ns + 5 * NS_PER_S
         assert _stamp(r) >= scheduled - 25_000_000  # the null sink has no latency: on its stamp
     spk = summary["speaker"]
     assert spk["chunks_heard"] == len(

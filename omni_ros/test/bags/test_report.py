@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 from bag_samples import short_config
-from omni_ros.tools.bagio import NS, InputBag, OutputBag
+from omni_ros.core.clock import NS_PER_S
+from omni_ros.tools.bagio import InputBag, OutputBag
 from omni_ros.tools.report import plot_timeline, summarize
 from omni_ros.tools.synth import write_bag
 from omni_ros.tools.typestore import omni_typestore
 
 STORE = omni_typestore()
-START_NS = int(short_config().start_s * NS)  # stamp of the first microphone sample
+START_NS = int(short_config().start_s * NS_PER_S)  # stamp of the first microphone sample
 UNIT0_END_NS = START_NS + 1_035_000_000  # MiniCPM-o's first unit is 1.035 s, later ones 1 s
 
 
@@ -40,7 +41,7 @@ def _msg(type_name: str, **values: Any) -> Any:
 
 
 def _time(ns: int) -> Any:
-    return STORE.types["builtin_interfaces/msg/Time"](sec=ns // NS, nanosec=ns % NS)
+    return STORE.types["builtin_interfaces/msg/Time"](sec=ns // NS_PER_S, nanosec=ns % NS_PER_S)
 
 
 def _header(ns: int) -> Any:
@@ -48,7 +49,7 @@ def _header(ns: int) -> Any:
 
 
 def unit_end(k: int) -> int:
-    return UNIT0_END_NS + k * NS
+    return UNIT0_END_NS + k * NS_PER_S
 
 
 class Outputs:
@@ -158,9 +159,11 @@ def test_a_flush_state_is_a_flush_event_not_another_unit(
     assert len(summary["flushes"]) == 1
     flush = summary["flushes"][0]
     assert flush["latency_ms"] == pytest.approx(480.0)
-    assert flush["onset_s"] == pytest.approx((unit_end(2) + 400_000_000 - START_NS) / NS)
+    assert flush["onset_s"] == pytest.approx((unit_end(2) + 400_000_000 - START_NS) / NS_PER_S)
     # The span reaches the end of the speech scheduled when it was decided (unit 2's second).
-    assert flush["dropped_s"][1] == pytest.approx((unit_end(2) + 1_200_000_000 - START_NS) / NS)
+    assert flush["dropped_s"][1] == pytest.approx(
+        (unit_end(2) + 1_200_000_000 - START_NS) / NS_PER_S
+    )
     assert summary["barge_in_latency_ms"]["median"] == pytest.approx(480.0)
     # Chunks scheduled from the onset on (0.4-1.2 s into unit 2's second of speech) are cancelled.
     assert summary["speech_seconds_cancelled"] == pytest.approx(0.8)
@@ -251,7 +254,7 @@ def test_user_speech_is_on_the_capture_clock_and_each_response_has_its_latency(
     # The node's own decisions (omni/user_speaking) are reported beside them, at their log times.
     assert summary["user_speaking_published"] == [[0.1, 0.9]]
     (response,) = summary["responses"]
-    scheduled = (unit_end(1) + 200_000_000 - START_NS) / NS
+    scheduled = (unit_end(1) + 200_000_000 - START_NS) / NS_PER_S
     assert response["speech_at_s"] == pytest.approx(scheduled)
     assert response["latency_ms"] == pytest.approx((scheduled - end) * 1000, abs=1.0)
     assert summary["response_latency_ms"]["median"] == response["latency_ms"]
@@ -343,7 +346,7 @@ def test_the_speakers_playback_reports_say_what_was_heard_and_how_many_chunks_we
     assert spk["heard_seconds"] == pytest.approx(0.1 + 0.1 + 0.025)
     assert spk["heard_minus_scheduled_ms"]["median"] == pytest.approx(2.0)
     origin = summary["input"]["origin_ns"]
-    expected = [(t0 + 2_000_000 - origin) / NS, (t0 + 102_000_000 - origin) / NS]
+    expected = [(t0 + 2_000_000 - origin) / NS_PER_S, (t0 + 102_000_000 - origin) / NS_PER_S]
     assert spk["played_s"][0] == pytest.approx(expected, abs=1e-3)
     png = tmp_path / "timeline.png"
     plot_timeline(silent_bag, tmp_path / "out", png)

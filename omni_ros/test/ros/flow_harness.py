@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 
-NS_PER_S = 1_000_000_000
 REPO = Path(__file__).resolve().parents[3]
 
 

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from omni_ros.core.clock import NS_PER_S
 
 pytest.importorskip("rclpy")
 
 from flow_harness import NodeProcess, Probe, stamp, to_ns, wait_for
 from unit.core.speech_audio import speech
 
-NS_PER_S = 1_000_000_000
 MIC_RATE = 16_000
 CHUNK_NS = 20_000_000
 

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from omni_ros.core.clock import NS_PER_S
 
 pytest.importorskip("rclpy")
 
 import itertools
 
 from flow_harness import (
-    NS_PER_S,
     NodeProcess,
     Probe,
     SimDriver,

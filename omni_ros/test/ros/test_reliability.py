@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from omni_ros.core.clock import NS_PER_S
 
 pytest.importorskip("rclpy")
 
 from flow_harness import (
-    NS_PER_S,
     NodeProcess,
     Probe,
     SimDriver,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from omni_ros.core.clock import NS_PER_S
 
 rclpy = pytest.importorskip("rclpy")
 
@@ -26,7 +27,6 @@ from omni_ros.ros.audio_io import AudioFormat  # noqa: E402
 from pcm_samples import pcm_sequence  # noqa: E402
 
 RATE = 24_000
-NS = 1_000_000_000
 FMT = AudioFormat(RATE, 1, "S16LE")
 
 
@@ -59,7 +59,7 @@ class _StallingSink:
         self.heard.append((start, data))
         remaining = self._end - self.clock.now_ns()
         if remaining > 0:
-            self._closed.wait(remaining / NS)
+            self._closed.wait(remaining / NS_PER_S)
         if len(self.heard) == self.stall_at:
             # The player's thread is descheduled this long before it can write the next block.
             self.clock.offset_ns += self.stall_ns
@@ -82,7 +82,7 @@ def _chunk(stamp_ns: int, first_frame: int, frames: int, turn_id: int = 1) -> An
     from omni_ros_msgs.msg import AudioChunk
 
     msg = AudioChunk(sample_rate=RATE, channels=1, encoding="S16LE", turn_id=turn_id)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS_PER_S)
     msg.data = pcm_sequence(frames, FMT, start=first_frame)
     return msg
 
@@ -105,7 +105,7 @@ def _run(stall_at: int, stall_ns: int, late_by_ns: int = 0) -> tuple[Any, _Stall
     try:
         start = clock.now_ns() + 150_000_000 - late_by_ns
         for k in range(5):
-            node._on_speech(_chunk(start + k * NS // 10, k * 2400, 2400))
+            node._on_speech(_chunk(start + k * NS_PER_S // 10, k * 2400, 2400))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with node._cond:
@@ -129,7 +129,7 @@ def _frames_heard(sink: _StallingSink, start: int) -> list[tuple[int, int]]:
     out = []
     for heard, data in sink.heard:
         frame = int(np.frombuffer(data[:2], "<i2")[0])  # pcm_sequence: frame i holds i
-        out.append((heard - (start + frame * NS // RATE), frame))
+        out.append((heard - (start + frame * NS_PER_S // RATE), frame))
     return out
 
 
@@ -189,7 +189,9 @@ def test_playhead_follows_on_until_the_device_runs_dry() -> None:
     assert head.heard_at(1_065, 40) == 1_060  # within the slack
     assert head.heard_at(1_066, 40) == 1_106  # ran dry: heard through the buffer again
     assert (
-        resync_frames(heard_ns=NS + 30_000_000, stamp_ns=NS, rate=RATE, tolerance_ns=30_000_000)
+        resync_frames(
+            heard_ns=NS_PER_S + 30_000_000, stamp_ns=NS_PER_S, rate=RATE, tolerance_ns=30_000_000
+        )
         == 0
     )
-    assert resync_frames(NS + 50_000_001, NS, RATE, 30_000_000) == 1201  # rounded up
+    assert resync_frames(NS_PER_S + 50_000_001, NS_PER_S, RATE, 30_000_000) == 1201  # rounded up

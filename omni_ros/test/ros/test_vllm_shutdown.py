@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from omni_ros.core.clock import NS_PER_S
 
 pytest.importorskip("rclpy")
 pytest.importorskip("websockets")
 
-from flow_harness import NS_PER_S, NodeProcess, SimDriver, running, wait_for
+from flow_harness import NodeProcess, SimDriver, running, wait_for
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import (
     BackendError,
@@ -37,8 +38,6 @@ from omni_ros.core.errors import (
     StateError,
 )
 from omni_ros.core.types import FloatArray, Unit, UnitResult
-
-NS_PER_S = 1_000_000_000
 
 
 class _ScriptedBase:

@@ -40,10 +40,9 @@ from typing import Any
 import numpy as np
 import pytest
 from omni_ros.backends.base import Backend, backend_class
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import OmniError, StateError
 from omni_ros.core.types import Unit, UnitResult, VideoFrame
-
-_NS_PER_S = 1_000_000_000
 
 #: Frame sizes (H, W) cycled by :func:`make_unit`: a VGA camera, a portrait phone, a tiny odd one.
 _FRAME_SHAPES: tuple[tuple[int, int], ...] = ((480, 640), (720, 405), (37, 53))
@@ -63,7 +62,7 @@ def unit_bounds_ns(backend: Any, index: int) -> tuple[int, int]:
 def unit_samples(backend: Any, index: int) -> int:
     """Exact number of input samples in unit ``index`` (index 0 is the longer first unit)."""
     duration_ns = int(backend.first_unit_ns) if index == 0 else int(backend.unit_ns)
-    return round(duration_ns * int(backend.input_sample_rate) / _NS_PER_S)
+    return round(duration_ns * int(backend.input_sample_rate) / NS_PER_S)
 
 
 def make_unit(
@@ -91,7 +90,7 @@ def make_unit(
     n = unit_samples(backend, index)
     start_ns, end_ns = unit_bounds_ns(backend, index)
     rng = np.random.default_rng(1000 + index)
-    t = np.arange(n, dtype=np.float64) / rate + start_ns / _NS_PER_S
+    t = np.arange(n, dtype=np.float64) / rate + start_ns / NS_PER_S
     if speech:
         pitch_hz = 140.0 + 30.0 * np.sin(2 * np.pi * 0.7 * t)
         phase = 2 * np.pi * np.cumsum(pitch_hz) / rate
@@ -181,7 +180,7 @@ class BackendContract:
         assert backend.first_unit_ns >= backend.unit_ns
         # A unit must be a whole number of input samples, or the timeline would drift.
         for duration_ns in (backend.unit_ns, backend.first_unit_ns):
-            assert (duration_ns * backend.input_sample_rate) % _NS_PER_S == 0
+            assert (duration_ns * backend.input_sample_rate) % NS_PER_S == 0
 
     def test_backend_is_registered_under_its_name(self, backend: Any) -> None:
         assert isinstance(backend, Backend)

@@ -17,10 +17,9 @@ from omni_ros.core.audio import (
     encode_audio,
     resample,
 )
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import Counters, RawAudio
-
-NS = 1_000_000_000
 
 
 def raw(data: bytes, encoding: str = "S16LE", channels: int = 1, rate: int = 16_000) -> RawAudio:
@@ -163,17 +162,21 @@ def test_resampler_rejects_unknown_quality_and_bad_rates() -> None:
 # ------------------------------------------------------------------------------- chunking
 def test_chunk_output_splits_speech_into_fixed_chunks_with_exact_stamps() -> None:
     samples = np.arange(24_000 + 100, dtype=np.float32)
-    chunks = chunk_output(samples, 24_000, 960, stamp_ns=5 * NS)
+    chunks = chunk_output(samples, 24_000, 960, stamp_ns=5 * NS_PER_S)
     assert [len(c) for _, c in chunks] == [960] * 25 + [100]
-    assert [s for s, _ in chunks][:3] == [5 * NS, 5 * NS + 40_000_000, 5 * NS + 80_000_000]
-    assert chunks[-1][0] == 5 * NS + NS
+    assert [s for s, _ in chunks][:3] == [
+        5 * NS_PER_S,
+        5 * NS_PER_S + 40_000_000,
+        5 * NS_PER_S + 80_000_000,
+    ]
+    assert chunks[-1][0] == 5 * NS_PER_S + NS_PER_S
     np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), samples)
 
 
 def test_chunk_output_stamps_do_not_drift_with_non_integer_chunk_durations() -> None:
     chunks = chunk_output(np.zeros(24_000 * 10, np.float32), 24_000, 1_000, stamp_ns=0)
     # 1000 samples at 24 kHz = 41_666_666.67 ns: stamps are rounded per chunk, never accumulated.
-    assert [s for s, _ in chunks][-1] == round(239 * 1_000 * NS / 24_000)
+    assert [s for s, _ in chunks][-1] == round(239 * 1_000 * NS_PER_S / 24_000)
 
 
 def test_chunk_output_pads_the_last_chunk_when_asked() -> None:
@@ -186,20 +189,23 @@ def test_output_chunker_carries_partial_chunks_across_units() -> None:
     chunker = OutputChunker(24_000, 1_000)
     unit_a = np.arange(24_000, dtype=np.float32)
     unit_b = np.arange(24_000, 48_000, dtype=np.float32)
-    out = chunker.push(unit_a, stamp_ns=0) + chunker.push(unit_b, stamp_ns=NS)
+    out = chunker.push(unit_a, stamp_ns=0) + chunker.push(unit_b, stamp_ns=NS_PER_S)
     assert all(len(c) == 1_000 for _, c in out)
     assert len(out) == 48
     np.testing.assert_array_equal(np.concatenate([c for _, c in out]), np.arange(48_000))
-    assert [s for s, _ in out] == [round(k * 1_000 * NS / 24_000) for k in range(48)]
+    assert [s for s, _ in out] == [round(k * 1_000 * NS_PER_S / 24_000) for k in range(48)]
 
 
 def test_output_chunker_flushes_when_the_stream_is_not_continuous() -> None:
     chunker = OutputChunker(24_000, 1_000)
     assert chunker.push(np.ones(1_500, np.float32), stamp_ns=0) != []
-    out = chunker.push(np.ones(1_000, np.float32), stamp_ns=10 * NS)
-    assert [(s, len(c)) for s, c in out] == [(round(1_000 * NS / 24_000), 500), (10 * NS, 1_000)]
+    out = chunker.push(np.ones(1_000, np.float32), stamp_ns=10 * NS_PER_S)
+    assert [(s, len(c)) for s, c in out] == [
+        (round(1_000 * NS_PER_S / 24_000), 500),
+        (10 * NS_PER_S, 1_000),
+    ]
     assert chunker.pending_samples == 0
-    chunker.push(np.ones(10, np.float32), stamp_ns=20 * NS)
+    chunker.push(np.ones(10, np.float32), stamp_ns=20 * NS_PER_S)
     chunker.reset()
     assert chunker.flush() == []
 

@@ -9,12 +9,12 @@ measured 0.53 -> 1.08 GB). The choice itself is unchanged.
 from __future__ import annotations
 
 import numpy as np
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.timeline import Timeline, TimelineConfig
 from omni_ros.core.types import Counters, RawImage, VideoFrame
 
-NS = 1_000_000_000
 MS = 1_000_000
-ORIGIN_NS = 50 * NS
+ORIGIN_NS = 50 * NS_PER_S
 W, H = 16, 9  # small frames: the bound is in frames, the bytes follow from the frame size
 
 
@@ -23,7 +23,7 @@ def raw(stamp_ns: int, value: int) -> RawImage:
 
 
 def timeline(**overrides: object) -> Timeline:
-    cfg = {"first_unit_ns": NS, "unit_ns": NS, "watermark_ns": 500 * MS, **overrides}
+    cfg = {"first_unit_ns": NS_PER_S, "unit_ns": NS_PER_S, "watermark_ns": 500 * MS, **overrides}
     tl = Timeline(TimelineConfig.from_mapping(cfg), Counters())
     tl.start(ORIGIN_NS)
     return tl
@@ -33,10 +33,10 @@ def test_at_60_fps_policy_last_keeps_one_frame_per_open_unit_and_chooses_the_sam
     tl = timeline()
     kept: list[int] = []
     for k in range(150):  # 2.5 s of 60 fps, no poll: three units open
-        tl.push_frame(raw(ORIGIN_NS + k * NS // 60, k))
+        tl.push_frame(raw(ORIGIN_NS + k * NS_PER_S // 60, k))
         kept.append(tl.buffered_frames)
     assert max(kept) <= 3  # one per open unit (on main: 121, every frame not in the future)
-    units = tl.poll(ORIGIN_NS + 2 * NS + 500 * MS)
+    units = tl.poll(ORIGIN_NS + 2 * NS_PER_S + 500 * MS)
     # The newest frame of each unit, as before: 59 (t = 0.983 s) and 119 (t = 1.983 s).
     assert [int(u.frames[0].rgb[0, 0, 0]) for u in units] == [59, 119]
 
@@ -51,7 +51,7 @@ def test_out_of_order_frames_keep_the_newest_and_a_frame_that_may_fail_keeps_its
     jpeg = RawImage(ORIGIN_NS + 950 * MS, "jpeg", b"\xff\xd8 corrupt", compressed=True)
     tl.push_frame(jpeg)  # compressed: only decoding tells, so it keeps the fallbacks too
     assert tl.buffered_frames == 3
-    (unit,) = tl.poll(ORIGIN_NS + NS + 500 * MS)
+    (unit,) = tl.poll(ORIGIN_NS + NS_PER_S + 500 * MS)
     assert int(unit.frames[0].rgb[0, 0, 0]) == 5
     assert tl.counters.decode_errors == 2
 

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import AlignmentError, ConfigError, StateError
 from omni_ros.core.timeline import Timeline, TimelineConfig
 from omni_ros.core.types import AudioBlock, Counters, RawImage, Unit, VideoFrame
 
-NS = 1_000_000_000
 MS = 1_000_000
-ORIGIN_NS = 1_700_000_000 * NS  # a realistic ROS time, far from 0
+ORIGIN_NS = 1_700_000_000 * NS_PER_S  # a realistic ROS time, far from 0
 WATERMARK_NS = 200 * MS
 
 
 def stamp_of(offset_samples: int, rate: int, origin_ns: int = ORIGIN_NS) -> int:
-    return origin_ns + round(offset_samples * NS / rate)
+    return origin_ns + round(offset_samples * NS_PER_S / rate)
 
 
 def chunks_of(
@@ -99,7 +99,7 @@ def test_units_have_exact_lengths_and_bounds_and_carry_the_input_samples() -> No
     rate = 16_000
     signal = noise(3 * rate + 1234)
     units, counters = all_at_once(
-        chunks_of(signal, rate, list(range(320, len(signal), 320))), ORIGIN_NS + 10 * NS
+        chunks_of(signal, rate, list(range(320, len(signal), 320))), ORIGIN_NS + 10 * NS_PER_S
     )
     assert [len(u.audio) for u in units[:4]] == [16_560, 16_000, 16_000, 16_000]
     assert units[0].start_ns == ORIGIN_NS
@@ -116,8 +116,8 @@ def test_a_unit_closes_only_after_its_end_plus_the_watermark() -> None:
     first_end = ORIGIN_NS + 1_035 * MS
     assert timeline.poll(first_end + WATERMARK_NS - 1) == []
     assert [u.index for u in timeline.poll(first_end + WATERMARK_NS)] == [0]
-    assert timeline.poll(first_end + NS + WATERMARK_NS - 1) == []
-    assert [u.index for u in timeline.poll(first_end + NS + WATERMARK_NS)] == [1]
+    assert timeline.poll(first_end + NS_PER_S + WATERMARK_NS - 1) == []
+    assert [u.index for u in timeline.poll(first_end + NS_PER_S + WATERMARK_NS)] == [1]
 
 
 def test_a_unit_whose_audio_is_complete_closes_at_its_end_without_the_watermark() -> None:
@@ -126,7 +126,7 @@ def test_a_unit_whose_audio_is_complete_closes_at_its_end_without_the_watermark(
     first_end = ORIGIN_NS + 1_035 * MS
     assert timeline.poll(first_end - 1) == []
     assert [u.index for u in timeline.poll(first_end)] == [0]
-    assert [u.index for u in timeline.poll(first_end + NS)] == [1]
+    assert [u.index for u in timeline.poll(first_end + NS_PER_S)] == [1]
 
 
 def test_with_a_camera_a_complete_unit_closes_once_a_frame_past_its_end_arrived() -> None:
@@ -200,7 +200,7 @@ def chunked_stream(draw: st.DrawFn) -> Stream:
     signal = noise(int(rate * seconds), seed=draw(st.integers(0, 1000)))
     cuts = draw(st.lists(st.integers(1, len(signal) - 1), max_size=60))
     blocks = chunks_of(signal, rate, cuts)
-    frame_offsets = draw(st.lists(st.integers(0, 4 * NS), max_size=12, unique=True))
+    frame_offsets = draw(st.lists(st.integers(0, 4 * NS_PER_S), max_size=12, unique=True))
     frames = [frame(ORIGIN_NS + offset, value=k % 256) for k, offset in enumerate(frame_offsets)]
     # Each input arrives some time within the watermark after its (first sample's) stamp.
     n = len(blocks) + len(frames)
@@ -241,7 +241,7 @@ def test_any_chunking_and_arrival_order_within_the_watermark_yields_identical_un
     stream: Stream,
 ) -> None:
     rate, signal, blocks, frames, delays = stream
-    final_ns = ORIGIN_NS + 6 * NS
+    final_ns = ORIGIN_NS + 6 * NS_PER_S
     counters = Counters()
     reference = Timeline(TimelineConfig(), counters)
     reference.push_audio(AudioBlock(ORIGIN_NS, rate, signal))
@@ -273,12 +273,12 @@ def test_no_sample_is_lost_or_duplicated_and_missing_chunks_become_counted_gaps(
     signal = noise(length, seed=length)
     blocks = chunks_of(signal, rate, cuts)
     kept = [b for i, b in enumerate(blocks) if i not in missing or i == 0]
-    units, counters = all_at_once(kept, ORIGIN_NS + 5 * NS)
+    units, counters = all_at_once(kept, ORIGIN_NS + 5 * NS_PER_S)
     joined = np.concatenate([u.audio for u in units])
     expected = np.zeros(len(joined), np.float32)
     received = 0
     for block in kept:
-        start = round((block.stamp_ns - ORIGIN_NS) * rate / NS)
+        start = round((block.stamp_ns - ORIGIN_NS) * rate / NS_PER_S)
         expected[start : start + len(block.samples)] = block.samples
         received += len(block.samples)
     np.testing.assert_array_equal(joined, expected)
@@ -294,7 +294,7 @@ def test_resampled_units_match_resampling_the_whole_stream() -> None:
     t = np.arange(rate * seconds) / rate
     signal = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     units, _ = all_at_once(
-        chunks_of(signal, rate, list(range(882, len(signal), 882))), ORIGIN_NS + 6 * NS
+        chunks_of(signal, rate, list(range(882, len(signal), 882))), ORIGIN_NS + 6 * NS_PER_S
     )
     joined = np.concatenate([u.audio for u in units])[: 16_000 * seconds]
     reference = 0.5 * np.sin(2 * np.pi * 440 * np.arange(len(joined)) / 16_000)
@@ -322,7 +322,7 @@ def test_a_chunk_straddling_a_closed_unit_keeps_its_open_part() -> None:
     samples = noise(800)
     # 100 samples before the end of unit 0, 700 after.
     timeline.push_audio(
-        AudioBlock(ORIGIN_NS + 1_035 * MS - round(100 * NS / 16_000), 16_000, samples)
+        AudioBlock(ORIGIN_NS + 1_035 * MS - round(100 * NS_PER_S / 16_000), 16_000, samples)
     )
     assert counters.late_messages == 1
     assert counters.dropped_audio_samples == 100
@@ -339,7 +339,7 @@ def test_overlapping_audio_keeps_the_first_writer_and_counts_the_overlap() -> No
         AudioBlock(ORIGIN_NS, rate, first),
         AudioBlock(stamp_of(600, rate), rate, second),  # overlaps the last 400 samples
     ]
-    units, counters = all_at_once(blocks, ORIGIN_NS + 3 * NS)
+    units, counters = all_at_once(blocks, ORIGIN_NS + 3 * NS_PER_S)
     audio = units[0].audio
     np.testing.assert_array_equal(audio[:1_000], first)
     np.testing.assert_array_equal(audio[1_000:1_600], second[400:])
@@ -351,19 +351,19 @@ def test_an_exact_duplicate_chunk_is_counted_and_changes_nothing() -> None:
     rate = 16_000
     signal = noise(3_200)
     blocks = chunks_of(signal, rate, [1_600])
-    clean, _ = all_at_once(blocks, ORIGIN_NS + 3 * NS)
-    duplicated, counters = all_at_once([*blocks, blocks[1]], ORIGIN_NS + 3 * NS)
+    clean, _ = all_at_once(blocks, ORIGIN_NS + 3 * NS_PER_S)
+    duplicated, counters = all_at_once([*blocks, blocks[1]], ORIGIN_NS + 3 * NS_PER_S)
     assert_same_units(duplicated, clean)
     assert counters.duplicate_samples == 1_600
 
 
 def test_audio_stamped_too_far_in_the_future_is_dropped_and_counted() -> None:
     counters = Counters()
-    timeline = Timeline(TimelineConfig(max_future_ns=2 * NS), counters)
+    timeline = Timeline(TimelineConfig(max_future_ns=2 * NS_PER_S), counters)
     timeline.start(ORIGIN_NS)
     timeline.poll(ORIGIN_NS + 100 * MS)
-    timeline.push_audio(AudioBlock(ORIGIN_NS + 100 * MS + 3 * NS, 16_000, noise(320)))
-    timeline.push_frame(frame(ORIGIN_NS + 100 * MS + 3 * NS))
+    timeline.push_audio(AudioBlock(ORIGIN_NS + 100 * MS + 3 * NS_PER_S, 16_000, noise(320)))
+    timeline.push_frame(frame(ORIGIN_NS + 100 * MS + 3 * NS_PER_S))
     assert counters.future_messages == 2
     assert counters.dropped_audio_samples == 320
     assert counters.dropped_frames == 1
@@ -371,9 +371,11 @@ def test_audio_stamped_too_far_in_the_future_is_dropped_and_counted() -> None:
 
 def test_a_bogus_future_stamp_before_the_first_poll_is_dropped_when_the_origin_is_fixed() -> None:
     counters = Counters()
-    timeline = Timeline(TimelineConfig(max_future_ns=2 * NS), counters)
+    timeline = Timeline(TimelineConfig(max_future_ns=2 * NS_PER_S), counters)
     timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, noise(320)))
-    timeline.push_audio(AudioBlock(ORIGIN_NS + 3_600 * NS, 16_000, noise(320)))  # an hour ahead
+    timeline.push_audio(
+        AudioBlock(ORIGIN_NS + 3_600 * NS_PER_S, 16_000, noise(320))
+    )  # an hour ahead
     timeline.poll(ORIGIN_NS + WATERMARK_NS)
     assert timeline.origin_ns == ORIGIN_NS
     assert counters.future_messages == 1
@@ -383,7 +385,9 @@ def test_a_bogus_future_stamp_before_the_first_poll_is_dropped_when_the_origin_i
 def test_nonfinite_samples_pushed_directly_are_zeroed_and_counted() -> None:
     samples = noise(1_000)
     samples[[3, 10, 500]] = [np.nan, np.inf, -np.inf]
-    units, counters = all_at_once([AudioBlock(ORIGIN_NS, 16_000, samples)], ORIGIN_NS + 2 * NS)
+    units, counters = all_at_once(
+        [AudioBlock(ORIGIN_NS, 16_000, samples)], ORIGIN_NS + 2 * NS_PER_S
+    )
     assert counters.nonfinite_samples == 3
     assert np.isfinite(units[0].audio).all()
     assert units[0].audio[10] == 0.0
@@ -404,7 +408,7 @@ def test_a_backward_clock_jump_resets_the_timeline_and_is_reported() -> None:
     assert len(timeline.poll(ORIGIN_NS + 2_235 * MS)) == 2
     assert not timeline.last_poll_jumped
     # The bag loops: the first chunk of the new pass arrives, then the clock is back at the start.
-    loop_origin = ORIGIN_NS - 10 * NS
+    loop_origin = ORIGIN_NS - 10 * NS_PER_S
     timeline.push_audio(AudioBlock(loop_origin, rate, noise(rate * 2, seed=7)))
     assert timeline.poll(loop_origin + 50 * MS) == []
     assert timeline.last_poll_jumped
@@ -432,9 +436,9 @@ def test_a_very_old_chunk_without_a_clock_jump_is_counted_late_on_the_next_poll(
     counters = Counters()
     timeline = Timeline(TimelineConfig(), counters)
     timeline.start(ORIGIN_NS)
-    timeline.poll(ORIGIN_NS + 5 * NS)
+    timeline.poll(ORIGIN_NS + 5 * NS_PER_S)
     timeline.push_audio(AudioBlock(ORIGIN_NS, 16_000, noise(320)))
-    timeline.poll(ORIGIN_NS + 5 * NS + 10 * MS)
+    timeline.poll(ORIGIN_NS + 5 * NS_PER_S + 10 * MS)
     assert counters.late_messages == 1
     assert counters.dropped_audio_samples == 320
     assert counters.clock_jumps == 0
@@ -444,9 +448,9 @@ def test_the_clock_leaping_far_ahead_skips_old_units_and_counts_them() -> None:
     counters = Counters()
     timeline = Timeline(TimelineConfig(max_catchup_units=3), counters)
     timeline.start(ORIGIN_NS)
-    units = timeline.poll(ORIGIN_NS + 60 * NS)
+    units = timeline.poll(ORIGIN_NS + 60 * NS_PER_S)
     assert len(units) == 3
-    assert units[-1].end_ns + WATERMARK_NS <= ORIGIN_NS + 60 * NS
+    assert units[-1].end_ns + WATERMARK_NS <= ORIGIN_NS + 60 * NS_PER_S
     assert counters.units_dropped_overrun == timeline.next_unit_index - 3
 
 
@@ -456,9 +460,9 @@ def test_a_change_of_source_rate_mid_stream_keeps_both_parts() -> None:
     second = np.full(second_rate, 0.3, np.float32)  # the next second at 48 kHz (a DC level)
     blocks = [
         AudioBlock(ORIGIN_NS, 16_000, first),
-        AudioBlock(ORIGIN_NS + NS, second_rate, second),
+        AudioBlock(ORIGIN_NS + NS_PER_S, second_rate, second),
     ]
-    units, counters = all_at_once(blocks, ORIGIN_NS + 4 * NS)
+    units, counters = all_at_once(blocks, ORIGIN_NS + 4 * NS_PER_S)
     joined = np.concatenate([u.audio for u in units])
     np.testing.assert_array_equal(joined[:16_000], first)
     np.testing.assert_allclose(joined[16_200:31_800], 0.3, atol=1e-3)
@@ -478,11 +482,13 @@ def test_stamp_jitter_is_snapped_away_when_enabled() -> None:
         )
         for k, i in enumerate(range(len(signal) // 320))
     ]
-    units, counters = all_at_once(blocks, ORIGIN_NS + 4 * NS, TimelineConfig(audio_snap_ns=MS))
+    units, counters = all_at_once(
+        blocks, ORIGIN_NS + 4 * NS_PER_S, TimelineConfig(audio_snap_ns=MS)
+    )
     joined = np.concatenate([u.audio for u in units])
     np.testing.assert_array_equal(joined[: len(signal)], signal)
     assert counters.duplicate_samples == 0
-    _, unsnapped = all_at_once(blocks, ORIGIN_NS + 4 * NS)
+    _, unsnapped = all_at_once(blocks, ORIGIN_NS + 4 * NS_PER_S)
     assert unsnapped.duplicate_samples > 0
 
 
@@ -513,10 +519,12 @@ def test_nearest_end_policy_may_pick_a_frame_just_after_the_unit_end() -> None:
 
 
 def test_up_to_n_policy_spreads_n_frames_over_the_unit_oldest_first() -> None:
-    timeline, _ = frames_timeline(frame_policy="up_to_n", max_frames_per_unit=3, first_unit_ns=NS)
+    timeline, _ = frames_timeline(
+        frame_policy="up_to_n", max_frames_per_unit=3, first_unit_ns=NS_PER_S
+    )
     for k in range(30):  # 30 fps
-        timeline.push_frame(frame(ORIGIN_NS + k * NS // 30, value=k))
-    (unit,) = timeline.poll(ORIGIN_NS + NS + WATERMARK_NS)
+        timeline.push_frame(frame(ORIGIN_NS + k * NS_PER_S // 30, value=k))
+    (unit,) = timeline.poll(ORIGIN_NS + NS_PER_S + WATERMARK_NS)
     values = [int(f.rgb[0, 0, 0]) for f in unit.frames]
     assert values == [5, 15, 25]
 
@@ -557,4 +565,4 @@ def test_reset_counts_buffered_input_as_dropped_and_forgets_the_origin() -> None
     assert timeline.origin_ns is None
     assert counters.dropped_audio_samples == 1_000
     assert counters.dropped_frames == 1
-    assert timeline.poll(ORIGIN_NS + 5 * NS) == []
+    assert timeline.poll(ORIGIN_NS + 5 * NS_PER_S) == []
