@@ -74,7 +74,8 @@ test-transformers-range: build
 # Python 3.10 (Humble's): no ROS wheels, no torch; the pins of requirements/py310.txt. Every module
 # must import (or need only ROS / torch / TensorRT), the ROS-free tests pass, ruff targets py310.
 PY310_TESTS := omni_ros/test/unit/test_imports.py omni_ros/test/unit/core \
-  omni_ros/test/unit/ros_free omni_ros/test/unit/test_core_is_ros_free.py \
+  omni_ros/test/unit/test_audio_io.py omni_ros/test/unit/ros/test_audio_common.py \
+  omni_ros/test/unit/test_core_is_ros_free.py \
   omni_ros/test/unit/test_launch_files.py omni_ros/test/unit/test_python_versions.py
 test-py310:
 	@DISTRO=py310 VENV=.venv-py310 bash scripts/setup_env.sh

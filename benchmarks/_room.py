@@ -1,6 +1,6 @@
 """A simulated room for the conversation benchmark: what the robot plays comes back into its microphone.
 
-:class:`RoomSink` is an :class:`~omni_ros.ros.audio_io.AudioSink` for ``speaker_node``: it "plays"
+:class:`RoomSink` is an :class:`~omni_ros.audio_io.AudioSink` for ``speaker_node``: it "plays"
 PCM at real-time pace like a sound card with a 40 ms buffer (``write`` blocks until the block fits)
 and logs every block with the wall-clock time its first sample is heard. :class:`Room`
 turns that log into the echo part of the microphone signal: the played audio resampled to the
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import soxr
+from omni_ros.audio_io import AudioFormat
 from omni_ros.core.clock import NS_PER_S
-from omni_ros.ros.audio_io import AudioFormat
 
 _DEVICE_SLACK_NS = 5_000_000
 

@@ -270,7 +270,7 @@ class Session:
         delay_ms: tuple[float, float] = (0.0, 0.0),
         seed: int = 0,
     ) -> None:
-        from omni_ros.ros.audio_io import AudioFormat
+        from omni_ros.audio_io import AudioFormat
         from omni_ros.ros.speaker_node import SpeakerNode
 
         self.bench = bench

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from omni_ros.ros.audio_io import AudioFormat
+from omni_ros.audio_io import AudioFormat
 
 
 def pcm_sequence(n_frames: int, fmt: AudioFormat, start: int = 0) -> bytes:

@@ -166,9 +166,9 @@ def load_ref_voice(path: str, sample_rate: int) -> Any:
     """
     if not path:
         return None
+    from omni_ros.audio_io import read_wav
     from omni_ros.core.audio import decode_audio, resample
     from omni_ros.core.types import RawAudio
-    from omni_ros.ros.audio_io import read_wav
 
     data, fmt = read_wav(path)
     block = decode_audio(RawAudio(0, fmt.sample_rate, fmt.channels, fmt.encoding, data))

@@ -14,16 +14,16 @@ from typing import Any
 from rclpy.node import Node
 
 from omni_ros import topics
-from omni_ros.core.errors import ConfigError
-from omni_ros.ros import conversions as conv
-from omni_ros.ros._run import spin_node
-from omni_ros.ros.audio_io import (
+from omni_ros.audio_io import (
     AudioFormat,
     AudioSource,
     CaptureStamper,
     PyAudioSource,
     WavFileSource,
 )
+from omni_ros.core.errors import ConfigError
+from omni_ros.ros import conversions as conv
+from omni_ros.ros._run import spin_node
 from omni_ros.ros.qos import profile
 from omni_ros_msgs.msg import AudioChunk
 
@@ -60,7 +60,7 @@ class MicNode(Node):
     measurement disagrees by more than ``resync_ms`` (lost buffers, clock jumps, drift).
 
     Tests and machines without a sound card use ``source:=wav`` or pass ``source=`` (any
-    :class:`~omni_ros.ros.audio_io.AudioSource`) to the constructor.
+    :class:`~omni_ros.audio_io.AudioSource`) to the constructor.
     """
 
     def __init__(self, *, source: AudioSource | None = None, **kwargs: Any) -> None:

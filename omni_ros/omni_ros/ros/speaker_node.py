@@ -18,19 +18,19 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
-from omni_ros.core.audio import decode_audio, encode_audio, resample
-from omni_ros.core.clock import NS_PER_S
-from omni_ros.core.errors import ConfigError, DecodeError
-from omni_ros.core.types import PlaybackReport
-from omni_ros.ros import conversions as conv
-from omni_ros.ros._run import spin_node
-from omni_ros.ros.audio_io import (
+from omni_ros.audio_io import (
     AudioFormat,
     AudioSink,
     NullSink,
     PyAudioSink,
     WavFileSink,
 )
+from omni_ros.core.audio import decode_audio, encode_audio, resample
+from omni_ros.core.clock import NS_PER_S
+from omni_ros.core.errors import ConfigError, DecodeError
+from omni_ros.core.types import PlaybackReport
+from omni_ros.ros import conversions as conv
+from omni_ros.ros._run import spin_node
 from omni_ros_msgs.msg import AudioChunk, Playback
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 
@@ -175,7 +175,7 @@ class SpeakerNode(Node):
         response message also reports the late / clock-mismatch / decode-error counts.
 
     Tests and machines without a sound card use ``sink:=wav``/``null`` or pass ``sink=`` (any
-    :class:`~omni_ros.ros.audio_io.AudioSink`) to the constructor.
+    :class:`~omni_ros.audio_io.AudioSink`) to the constructor.
     """
 
     def __init__(self, *, sink: AudioSink | None = None, **kwargs: Any) -> None:

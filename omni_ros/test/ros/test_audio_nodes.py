@@ -24,7 +24,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from omni_ros.ros.audio_io import AudioFormat  # noqa: E402
+from omni_ros.audio_io import AudioFormat  # noqa: E402
 from pcm_samples import pcm_sequence  # noqa: E402
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -410,7 +410,7 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
 
 
 def test_the_playback_thread_stops_quietly_when_the_context_is_shut_down_under_it() -> None:
-    from omni_ros.ros.audio_io import NullSink
+    from omni_ros.audio_io import NullSink
     from omni_ros.ros.speaker_node import SpeakerNode
 
     context = rclpy.Context()

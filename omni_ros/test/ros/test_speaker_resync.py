@@ -23,7 +23,7 @@ from omni_ros.core.clock import NS_PER_S
 
 rclpy = pytest.importorskip("rclpy")
 
-from omni_ros.ros.audio_io import AudioFormat  # noqa: E402
+from omni_ros.audio_io import AudioFormat  # noqa: E402
 from pcm_samples import pcm_sequence  # noqa: E402
 
 RATE = 24_000

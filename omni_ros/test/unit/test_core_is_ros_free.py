@@ -1,4 +1,6 @@
-"""Guard: ``omni_ros.core`` imports no rclpy and no message package, directly or transitively."""
+"""Guard: ``omni_ros.core`` and the ROS-free modules beside it (``omni_ros.topics``, the topic
+table; ``omni_ros.audio_io``, audio devices, sinks and WAV files) import no rclpy and no message
+package, directly or transitively."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import sys
 from pathlib import Path
 
 CORE = Path(__file__).resolve().parents[2] / "omni_ros" / "core"
+#: ROS-free modules outside the core (the package's top level; ``omni_ros/ros/`` is the ROS layer).
+BESIDE_CORE = [CORE.parent / "topics.py", CORE.parent / "audio_io.py"]
 FORBIDDEN_PREFIXES = (
     "rclpy",
     "rosidl",
@@ -25,7 +29,8 @@ def _forbidden(module: str) -> bool:
 
 def test_no_core_source_file_imports_ros_or_messages() -> None:
     offenders = []
-    files = sorted(CORE.rglob("*.py"))
+    files = sorted(CORE.rglob("*.py")) + BESIDE_CORE
+    assert all(p.is_file() for p in BESIDE_CORE), BESIDE_CORE
     assert files, f"no core sources found under {CORE}"
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -43,7 +48,7 @@ def test_importing_every_core_module_loads_no_ros_module() -> None:
         "omni_ros.core." + p.relative_to(CORE).with_suffix("").as_posix().replace("/", ".")
         for p in CORE.rglob("*.py")
         if p.name != "__init__.py"
-    )
+    ) + ["omni_ros." + p.stem for p in BESIDE_CORE]
     code = (
         "import importlib, json, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

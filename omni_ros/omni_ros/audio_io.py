@@ -1,4 +1,5 @@
-"""Audio sources and sinks for ``mic_node`` and ``speaker_node`` (no rclpy here: unit-testable).
+"""Audio sources and sinks for ``mic_node`` and ``speaker_node`` (no rclpy here: unit-testable;
+it sits beside the core, outside ``omni_ros.ros``, so benchmarks and tools use it without ROS).
 
 A source yields interleaved PCM with the *capture time of its first sample* on the process's
 monotonic clock; the node maps that onto the ROS clock (see :class:`CaptureStamper`). A sink

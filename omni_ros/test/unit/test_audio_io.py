@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from omni_ros.core.errors import ConfigError
-from omni_ros.ros.audio_io import (
+from omni_ros.audio_io import (
     ArraySource,
     AudioDeviceError,
     AudioFormat,
@@ -23,6 +22,7 @@ from omni_ros.ros.audio_io import (
     WavFileSink,
     WavFileSource,
 )
+from omni_ros.core.errors import ConfigError
 from pcm_samples import pcm_sequence
 
 MIC = AudioFormat(16_000, 1, "S16LE")
