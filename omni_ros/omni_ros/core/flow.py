@@ -220,9 +220,6 @@ class FlowConfig:
         return dataclasses.replace(base, **nested)
 
 
-_PromptTrial = tuple[tuple[str, FloatArray | None], "concurrent.futures.Future[None]"]
-
-
 # ---- controls: what the input methods ask of the worker, one frozen type per kind ----
 @dataclass(frozen=True)
 class Interrupt:
@@ -262,6 +259,69 @@ class SetPrompt:
 Control = Interrupt | Pause | Resume | Reset | SetPrompt
 #: Every control kind; anything else given to :meth:`OmniFlow.control` is a bug (TypeError).
 CONTROLS: tuple[type, ...] = (Interrupt, Pause, Resume, Reset, SetPrompt)
+
+
+@dataclass(eq=False)
+class PromptState:
+    """The prompt in force and the one being tried: prepare, then swap.
+
+    A :class:`SetPrompt` makes its prompt current at once (the next prepare uses it) and keeps
+    the previous one, with the caller's future, as ``trial``; the prepare's outcome either
+    accepts it or goes back to the previous prompt. Each future is answered exactly once.
+
+    Attributes:
+        text: the system prompt the next prepare uses.
+        ref_voice: the reference voice it uses, or None.
+        trial: while a new prompt is being tried: ((previous text, previous voice), the
+            caller's future); None otherwise.
+    """
+
+    text: str
+    ref_voice: FloatArray | None = None
+    trial: tuple[tuple[str, FloatArray | None], concurrent.futures.Future[None]] | None = None
+
+    def try_new(self, request: SetPrompt) -> None:
+        """Make ``request`` current; a trial not yet prepared is superseded (its caller told)."""
+        if self.trial is not None:
+            _settle(self.trial[1], StateError("superseded by a newer prompt"))
+            self.text, self.ref_voice = self.trial[0]
+        self.trial = ((self.text, self.ref_voice), request.future)
+        self.text, self.ref_voice = request.text, request.ref_voice
+
+    def end_trial(self, refused: bool) -> concurrent.futures.Future[None] | None:
+        """The prompt being tried was prepared (``refused`` False) or not (True: back to the
+        previous one). Returns the caller's future for the caller to answer, or None when no
+        prompt was being tried."""
+        trial, self.trial = self.trial, None
+        if trial is None:
+            return None
+        if refused:
+            self.text, self.ref_voice = trial[0]
+        return trial[1]
+
+
+@dataclass
+class PrepareState:
+    """Where the backend is in its prepare cycle.
+
+    Attributes:
+        needed: prepare (after a reset, a new prompt, a clock jump, a hang) before the next unit.
+        prepared_once: a prepare succeeded once (later ones reset the backend first).
+        timeline_fresh: the timeline has just restarted on a new origin (a clock jump, a refused
+            prompt): the next prepare must not reset it again and lose what arrived since.
+        failures: failed prepares in a row (the retry interval doubles with each).
+        last_attempt_ns: clock time of the last attempt not yet succeeded; the backoff counts
+            from it (None: try at once).
+        units_fed: units given to the backend since the last prepare (the overrun policy keeps
+            unit 0, the longer first unit, while it is 0).
+    """
+
+    needed: bool = True
+    prepared_once: bool = False
+    timeline_fresh: bool = False
+    failures: int = 0
+    last_attempt_ns: int | None = None
+    units_fed: int = 0
 
 
 class _StoppedError(Exception):
@@ -464,22 +524,14 @@ class OmniFlow:
         self._last_state: StateOut | None = None
         self._hung: concurrent.futures.Future[Any] | None = None
         self._pending: collections.deque[Unit] = collections.deque()
-        self._needs_prepare = True
-        self._prepared_once = False
-        self._timeline_fresh = False  # set after a clock jump: the timeline already restarted
-        self._prepare_failures = 0
+        self._prep = PrepareState()
         self._error = ""  # why the session is in ERROR (StateOut.error)
         self._speech_log: collections.deque[SpeechOut] = collections.deque()
         self._playback_seen = False
         self._heard_until_ns = 0  # end of what the player reported as played
         # Speech whose last reported chunk is still playing: (speech, when that chunk ends).
         self._pending_played: tuple[SpeechOut, int] | None = None
-        self._last_prepare_ns: int | None = None
-        self._fed_since_prepare = 0
-        self._prompt = config.system_prompt
-        self._ref_voice: FloatArray | None = None
-        # A set_prompt being tried: (the prompt and voice to go back to, the caller's future).
-        self._prompt_trial: _PromptTrial | None = None
+        self._prompt = PromptState(config.system_prompt)
         self._texts: list[str] = []
         self._paused = False
         self._thread: threading.Thread | None = None
@@ -633,12 +685,11 @@ class OmniFlow:
         """A stopped flow answers every set_prompt still waiting (queued or being tried)."""
         with self._lock:
             futures = [c.future for c in self._controls if isinstance(c, SetPrompt)]
-        if self._prompt_trial is not None:
-            # Stopped mid-trial: the caller hears "failed", so the previous prompt is the one
-            # prepared when the flow starts again (the worker is gone: this thread may write).
-            (self._prompt, self._ref_voice), future = self._prompt_trial
-            self._prompt_trial = None
-            futures.append(future)
+        # Stopped mid-trial: the caller hears "failed", so the previous prompt is the one
+        # prepared when the flow starts again (the worker is gone: this thread may write).
+        trying = self._prompt.end_trial(refused=True)
+        if trying is not None:
+            futures.append(trying)
         for future in futures:
             _settle(future, error)
 
@@ -718,11 +769,7 @@ class OmniFlow:
             self._paused = False
             self.session.resume()
         elif isinstance(control, SetPrompt):
-            if self._prompt_trial is not None:  # superseded before it was tried
-                _settle(self._prompt_trial[1], StateError("superseded by a newer prompt"))
-                self._prompt, self._ref_voice = self._prompt_trial[0]
-            self._prompt_trial = ((self._prompt, self._ref_voice), control.future)
-            self._prompt, self._ref_voice = control.text, control.ref_voice
+            self._prompt.try_new(control)
             self._restart_conversation(now_ns)
         elif isinstance(control, Reset):
             self._restart_conversation(now_ns)
@@ -745,8 +792,8 @@ class OmniFlow:
         self._drop_units(self._pending, "reset")
         if self._barge_in is not None:
             self._barge_in.state.reset()
-        self._needs_prepare = True
-        self._last_prepare_ns = None
+        self._prep.needed = True
+        self._prep.last_attempt_ns = None
         if self._paused:
             self.session.pause(now_ns)
 
@@ -759,24 +806,24 @@ class OmniFlow:
         self._restart_conversation(now_ns, new_time_base=True)
         # The timeline has already restarted on the new time base (a fresh origin, unit 0 next) and
         # kept the new pass's input: the reset before the next prepare must not throw that away.
-        self._timeline_fresh = True
+        self._prep.timeline_fresh = True
 
     def _ensure_prepared(self, now_ns: int) -> bool:
         if self._hung is not None:
             if not self._hung.done():
                 return True  # units are dropped in _process_unit until it returns
             self._hung = None
-            self._needs_prepare = True
-        if not self._needs_prepare:
+            self._prep.needed = True
+        if not self._prep.needed:
             return True
         retry_ns = self._retry_ms() * NS_PER_MS
-        if self._last_prepare_ns is not None and (
-            self._last_prepare_ns <= now_ns < self._last_prepare_ns + retry_ns
+        if self._prep.last_attempt_ns is not None and (
+            self._prep.last_attempt_ns <= now_ns < self._prep.last_attempt_ns + retry_ns
         ):
             return False  # a failed prepare is retried with backoff, in clock time
-        self._last_prepare_ns = now_ns
-        prompt, ref = self._prompt, self._ref_voice
-        was_prepared = self._prepared_once
+        self._prep.last_attempt_ns = now_ns
+        prompt, ref = self._prompt.text, self._prompt.ref_voice
+        was_prepared = self._prep.prepared_once
         backend = self.backend
 
         def prepare() -> None:
@@ -786,53 +833,50 @@ class OmniFlow:
 
         # The first unit after prepare() has the backend's first-unit length: start a new origin
         # now, so that audio arriving while the backend prepares is kept for that first unit.
-        if not self._timeline_fresh:
+        if not self._prep.timeline_fresh:
             self.timeline.reset()
-        self._timeline_fresh = False
+        self._prep.timeline_fresh = False
         self._drop_units(self._pending, "reset")
         outcome = self._await_call(prepare, self.config.prepare_deadline_ms)
         done_ns = outcome.done_ns
         exc = outcome.error
         if exc is not None:
-            self._prepare_failures += 1
-            trial, self._prompt_trial = self._prompt_trial, None
-            if trial is not None:
+            self._prep.failures += 1
+            future = self._prompt.end_trial(refused=True)
+            if future is not None:
                 # Prepare-then-swap: the new prompt was refused; the previous one is prepared
                 # again at the next step (no backoff: it is the prompt, not the server).
-                (self._prompt, self._ref_voice), future = trial
                 self.counters.prompt_errors += 1
                 self._error = f"set_prompt refused by the backend (previous prompt kept): {exc}"
-                self._last_prepare_ns = None
-                self._timeline_fresh = True  # reset just now: keep what arrives for the retry
+                self._prep.last_attempt_ns = None
+                self._prep.timeline_fresh = True  # reset just now: keep what arrives for the retry
                 self._log.warning("prompt", self._error)
                 _settle(future, exc)
             else:
-                self._error = f"backend prepare failed ({self._prepare_failures}x): {exc}"
+                self._error = f"backend prepare failed ({self._prep.failures}x): {exc}"
                 retry_s = self._retry_ms() / 1000
                 self._log.warning("prepare", f"{self._error}; retrying in {retry_s:g} s")
             self._emit_all(self.session.on_error(None, _as_backend_error(exc)), done_ns)
             self._emit_state(now_ns, -1, 0, now_ns=done_ns)
             return False
-        trial, self._prompt_trial = self._prompt_trial, None
-        if trial is not None:
-            _settle(trial[1])
-        if self._prepare_failures:
-            _LOG.warning(
-                "backend prepared again after %d failed attempt(s)", self._prepare_failures
-            )
-            self._prepare_failures = 0
+        accepted = self._prompt.end_trial(refused=False)
+        if accepted is not None:
+            _settle(accepted)
+        if self._prep.failures:
+            _LOG.warning("backend prepared again after %d failed attempt(s)", self._prep.failures)
+            self._prep.failures = 0
             self._error = ""
             self.session.on_recovered()
             self._emit_state(now_ns, -1, 0, now_ns=done_ns)
-        self._prepared_once = True
-        self._needs_prepare = False
-        self._last_prepare_ns = None
-        self._fed_since_prepare = 0
+        self._prep.prepared_once = True
+        self._prep.needed = False
+        self._prep.last_attempt_ns = None
+        self._prep.units_fed = 0
         return True
 
     def _retry_ms(self) -> int:
         """Wait before the next prepare: doubles with every failure, up to the maximum."""
-        doublings = min(max(self._prepare_failures - 1, 0), 30)
+        doublings = min(max(self._prep.failures - 1, 0), 30)
         return min(self.config.prepare_retry_ms << doublings, self.config.prepare_retry_max_ms)
 
     # ---------------------------------------------------------------------------------- inputs
@@ -975,7 +1019,7 @@ class OmniFlow:
         limit = self.config.max_queued_units
         while len(self._pending) > limit:
             oldest = self._pending[0]
-            if oldest.index == 0 and self._fed_since_prepare == 0 and len(self._pending) > 1:
+            if oldest.index == 0 and self._prep.units_fed == 0 and len(self._pending) > 1:
                 # The backend needs unit 0 (the longer first unit) first: drop the next one.
                 dropped = self._pending[1]
                 del self._pending[1]
@@ -1017,10 +1061,10 @@ class OmniFlow:
                 self._emit_all(self.session.on_error(unit, error), done_ns)
                 if not isinstance(exc, BackendError) or isinstance(exc, BackendTimeout):
                     # Unknown backend state (a hang, a bug, misuse): start it over.
-                    self._needs_prepare = True
+                    self._prep.needed = True
             else:
                 assert outcome.value is not None
-                self._fed_since_prepare += 1
+                self._prep.units_fed += 1
                 self._error = ""
                 self._emit_all(self.session.step(unit, outcome.value, done_ns), done_ns)
         self._last_state = self._emit_state(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from omni_ros.core import flow as flow_module
 from omni_ros.core.clock import NS_PER_S, ManualClock
-from omni_ros.core.errors import BackendTimeout
+from omni_ros.core.errors import BackendTimeout, StateError
 from omni_ros.core.flow import (
     CONTROLS,
     CallRunner,
@@ -18,6 +19,7 @@ from omni_ros.core.flow import (
     Interrupt,
     OmniFlow,
     Pause,
+    PromptState,
     Reset,
     Resume,
     SetPrompt,
@@ -185,3 +187,41 @@ def test_a_backend_call_raises_stopped_when_the_flow_stops_and_errors_are_outcom
     assert failing.outcome is not None
     assert isinstance(failing.outcome.error, ValueError)
     runner.close()
+
+
+def _request(text: str) -> SetPrompt:
+    return SetPrompt(text, None, concurrent.futures.Future())
+
+
+def test_a_prompt_tried_and_refused_goes_back_to_the_previous_one() -> None:
+    state = PromptState("Be helpful.")
+    first = _request("Be brief.")
+    state.try_new(first)
+    assert (state.text, state.trial) == ("Be brief.", (("Be helpful.", None), first.future))
+    assert state.end_trial(refused=True) is first.future  # the flow answers it
+    assert state.text == "Be helpful."
+    assert state.trial is None
+    assert state.end_trial(refused=True) is None  # nothing was being tried
+    assert state.text == "Be helpful."
+
+
+def test_a_prompt_superseded_before_it_was_tried_is_answered_and_the_oldest_is_kept() -> None:
+    state = PromptState("Be helpful.")
+    first, second = _request("Be brief."), _request("Be kind.")
+    state.try_new(first)
+    state.try_new(second)
+    assert isinstance(first.future.exception(), StateError)
+    assert "superseded" in str(first.future.exception())
+    assert state.text == "Be kind."
+    assert state.end_trial(refused=True) is second.future
+    assert state.text == "Be helpful."  # not the superseded "Be brief."
+
+
+def test_a_prompt_prepared_stays_in_force() -> None:
+    state = PromptState("Be helpful.")
+    request = _request("Be brief.")
+    state.try_new(request)
+    assert state.end_trial(refused=False) is request.future
+    assert state.text == "Be brief."
+    assert state.trial is None
+    assert not request.future.done()  # answered by the flow, after its own bookkeeping
