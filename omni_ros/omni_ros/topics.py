@@ -44,7 +44,11 @@ CAMERA_COMPRESSED = Topic(
     "camera/image_raw/compressed", "sensor_msgs/msg/CompressedImage", 5, False, publisher="driver"
 )
 #: OTHER speech on the robot (a TTS, a player), latched like speaker/playing; never ours.
-ROBOT_SPEAKING = Topic("robot_speaking", "std_msgs/msg/Bool", 1, latched=True, publisher="driver")
+#: omni_flow_node subscribes volatile (a driver's topic: see :func:`omni_ros.ros.qos.profile`)
+#: with 10 messages of queue.
+ROBOT_SPEAKING = Topic(
+    "robot_speaking", "std_msgs/msg/Bool", 1, latched=True, publisher="driver", subscriber_depth=10
+)
 
 # ------------------------------------------------------------------------------ outputs
 SPEECH = Topic("omni/speech", "omni_ros_msgs/msg/AudioChunk", 50, subscriber_depth=200)
@@ -81,6 +85,9 @@ INTERRUPT = "omni/interrupt"  # std_srvs/srv/Trigger
 RESET = "omni/reset"  # std_srvs/srv/Trigger
 SET_PROMPT = "omni/set_prompt"  # omni_ros_msgs/srv/SetPrompt
 ASK = "omni/ask"  # omni_ros_msgs/action/Ask
+SPEAKER_FLUSH = "speaker/flush"  # std_srvs/srv/Trigger (speaker_node)
+#: Every service name above (the action aside), relative.
+SERVICES: tuple[str, ...] = (INTERRUPT, RESET, SET_PROMPT, SPEAKER_FLUSH)
 
 
 def find(name: str) -> Topic | None:

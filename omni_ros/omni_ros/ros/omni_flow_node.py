@@ -20,12 +20,12 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
+from omni_ros import topics
 from omni_ros.backends.base import Backend, create_backend
 from omni_ros.core.audio import ArrivalStamper
 from omni_ros.core.errors import DecodeError, OmniError
@@ -54,24 +54,12 @@ from omni_ros.ros._run import install_interrupt_guard
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, build_backend_config, node_setup
 from omni_ros.ros.audio_common import mic_subscriptions
 from omni_ros.ros.graph_advice import GraphAdvisor
+from omni_ros.ros.qos import profile
 from omni_ros_msgs.action import Ask
 from omni_ros_msgs.msg import AudioChunk, OmniState, OmniText, Playback, ProactiveAction
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 from omni_ros_msgs.srv import SetPrompt
 
-RELIABLE = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-#: Sensor-data QoS (best effort, volatile) with a deeper queue for the microphone: at 10 ms chunks
-#: the default depth of 5 is 50 ms, so one executor stall would turn audio into gaps.
-MIC_QOS = QoSProfile(
-    depth=100,
-    reliability=qos_profile_sensor_data.reliability,
-    durability=qos_profile_sensor_data.durability,
-    history=qos_profile_sensor_data.history,
-)
-PLAYBACK_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
 #: Longest wait for a backend call in flight before the backend is closed anyway [s].
 CLOSE_WAIT_S = 5.0
 #: How much longer than the flow's prepare deadline omni/set_prompt waits for its outcome [s].
@@ -106,6 +94,7 @@ class OmniFlowNode(LifecycleNode):
     ``sample_rate`` are dictated by the backend). Every name and type is checked by
     ``omni_ros.ros._setup.node_setup``.
 
+    Names and QoS come from the topic table (``omni_ros/topics.py``, :func:`omni_ros.ros.qos.profile`).
     Subscribes (relative names; sensor-data QoS, depth 100 for the mic; robot_speaking reliable):
         camera/image_raw (sensor_msgs/Image) or camera/image_raw/compressed
         (sensor_msgs/CompressedImage), audio/mic (omni_ros_msgs/AudioChunk or ``mic.type``),
@@ -165,7 +154,7 @@ class OmniFlowNode(LifecycleNode):
         # single-threaded executor (mic, clock, camera) must never wait.
         self._prompt_service = self._ask_host.node.create_service(
             SetPrompt,
-            self.resolve_service_name("omni/set_prompt"),
+            self.resolve_service_name(topics.SET_PROMPT),
             self._on_prompt,
             callback_group=ReentrantCallbackGroup(),
         )
@@ -174,10 +163,15 @@ class OmniFlowNode(LifecycleNode):
         self._oversize_images = 0  # refused from the serialized header, never deserialized
         self._diag = DiagnosticsReporter()
         self._diag.inputs = self._input_counts
-        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diag_pub = self.create_publisher(
+            DiagnosticArray, topics.DIAGNOSTICS.name, profile(topics.DIAGNOSTICS)
+        )
         # Warns once when the camera / mic is in the graph under another name or type.
         self._graph_advisor = GraphAdvisor(
-            self, lambda: self._active, self._camera_input, lambda: ("audio/mic", self._mic_type())
+            self,
+            lambda: self._active,
+            self._camera_input,
+            lambda: (topics.MIC.name, self._mic_type()),
         )
         try:
             period_s = max(float(self.get_parameter("diagnostics.period_s").value), 0.05)
@@ -264,13 +258,22 @@ class OmniFlowNode(LifecycleNode):
         }
 
     def _create_entities(self) -> None:
-        lc_pub, sub, group = self.create_lifecycle_publisher, self.create_subscription, self._group
-        self._speech_pub = lc_pub(AudioChunk, "omni/speech", RELIABLE)
-        self._flush_pub = lc_pub(SpeechFlushMsg, "omni/speech_flush", RELIABLE)
-        self._text_pub = lc_pub(OmniText, "omni/text", RELIABLE)
-        self._proactive_pub = lc_pub(ProactiveAction, "omni/proactive", RELIABLE)
-        self._state_pub = lc_pub(OmniState, "omni/state", LATCHED)
-        self._user_speaking_pub = lc_pub(Bool, "omni/user_speaking", LATCHED)
+        # Names and QoS from the topic table (omni_ros/topics.py), the one list bags and tools use.
+        group = self._group
+
+        def lc_pub(msg_type: Any, topic: topics.Topic) -> Any:
+            return self.create_lifecycle_publisher(msg_type, topic.name, profile(topic))
+
+        def sub(msg_type: Any, topic: topics.Topic, callback: Any, **kwargs: Any) -> Any:
+            qos = profile(topic, subscriber=True)
+            return self.create_subscription(msg_type, topic.name, callback, qos, **kwargs)
+
+        self._speech_pub = lc_pub(AudioChunk, topics.SPEECH)
+        self._flush_pub = lc_pub(SpeechFlushMsg, topics.SPEECH_FLUSH)
+        self._text_pub = lc_pub(OmniText, topics.TEXT)
+        self._proactive_pub = lc_pub(ProactiveAction, topics.PROACTIVE)
+        self._state_pub = lc_pub(OmniState, topics.STATE)
+        self._user_speaking_pub = lc_pub(Bool, topics.USER_SPEAKING)
         self._publishers_lc = [
             self._speech_pub,
             self._flush_pub,
@@ -280,38 +283,40 @@ class OmniFlowNode(LifecycleNode):
             self._user_speaking_pub,
         ]
         if self._param("camera.compressed"):
-            cam = (CompressedImage, "camera/image_raw/compressed", conv.compressed_to_raw)
+            cam = (CompressedImage, topics.CAMERA_COMPRESSED, conv.compressed_to_raw)
         else:
-            cam = (Image, "camera/image_raw", conv.image_to_raw)
-        sensor = qos_profile_sensor_data
+            cam = (Image, topics.CAMERA, conv.image_to_raw)
         self._entities = [
             # Serialized (raw=True): the size is read from the bytes before anything is
             # deserialized, so a huge frame never holds the executor (ros/_camera.py).
-            sub(cam[0], cam[1], lambda buf: self._on_camera(buf, cam[0], cam[2]), sensor, raw=True),
+            sub(cam[0], cam[1], lambda buf: self._on_camera(buf, cam[0], cam[2]), raw=True),
             *mic_subscriptions(
                 self,
                 self._mic_type(),
                 self._on_mic,
                 self._on_mic_raw,
-                MIC_QOS,
+                profile(topics.MIC, subscriber=True),
                 str(self.get_parameter("mic.info_topic").value),
                 str(self.get_parameter("mic.format").value),
             ),
-            sub(Bool, "robot_speaking", self._on_robot_speaking, 10),
-            sub(Playback, "speaker/playback", self._on_playback, PLAYBACK_QOS),
+            sub(Bool, topics.ROBOT_SPEAKING, self._on_robot_speaking),
+            sub(Playback, topics.PLAYBACK, self._on_playback),
             self.create_service(
-                Trigger, "omni/interrupt", self._on_interrupt, callback_group=group
+                Trigger, topics.INTERRUPT, self._on_interrupt, callback_group=group
             ),
-            self.create_service(Trigger, "omni/reset", self._on_reset, callback_group=group),
+            self.create_service(Trigger, topics.RESET, self._on_reset, callback_group=group),
         ]
 
     def _mic_type(self) -> str:
         return str(self.get_parameter("mic.type").value)
 
     def _camera_input(self) -> tuple[str, str]:
-        if self.get_parameter("camera.compressed").value:
-            return "camera/image_raw/compressed", "sensor_msgs/msg/CompressedImage"
-        return "camera/image_raw", "sensor_msgs/msg/Image"
+        cam = (
+            topics.CAMERA_COMPRESSED
+            if self.get_parameter("camera.compressed").value
+            else topics.CAMERA
+        )
+        return cam.name, cam.type
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)  # enables the lifecycle publishers first

@@ -8,13 +8,15 @@ from omni_ros.topics import Topic
 
 
 def profile(topic: Topic, *, subscriber: bool = False) -> QoSProfile:
-    """What ``topic``'s publisher offers, or with ``subscriber`` the subscriber's (deeper) queue."""
+    """What ``topic``'s publisher offers, or with ``subscriber`` what a subscription asks for: its
+    (deeper) queue, and volatile for a driver's topic even when the table says it is latched (a
+    transient-local subscription would refuse a driver that publishes volatile; a volatile one
+    takes either)."""
     depth = topic.subscriber_depth if subscriber and topic.subscriber_depth else topic.depth
+    latched = topic.latched and not (subscriber and topic.publisher == "driver")
     return QoSProfile(
         history=HistoryPolicy.KEEP_LAST,
         depth=depth,
         reliability=ReliabilityPolicy.RELIABLE if topic.reliable else ReliabilityPolicy.BEST_EFFORT,
-        durability=(
-            DurabilityPolicy.TRANSIENT_LOCAL if topic.latched else DurabilityPolicy.VOLATILE
-        ),
+        durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
     )

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 
+from omni_ros import topics
 from omni_ros.audio_io import (
     AudioFormat,
     AudioSink,
@@ -31,6 +31,7 @@ from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import PlaybackReport
 from omni_ros.ros import conversions as conv
 from omni_ros.ros._run import spin_node
+from omni_ros.ros.qos import profile
 from omni_ros_msgs.msg import AudioChunk, Playback
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
 
@@ -51,14 +52,6 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "release_ms": (150.0, "speaker/playing goes false after the queue stayed empty this long"),
     "wav_path": ("", "output file for sink=wav"),
 }
-
-PLAYING_QOS = QoSProfile(
-    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
-)
-SPEECH_QOS = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-# Volatile on purpose: a flush from before this node started must not cut anything.
-FLUSH_QOS = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-PLAYBACK_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
 #: How late a write may come after the audio written before it has played out and still follow
@@ -212,12 +205,20 @@ class SpeakerNode(Node):
         self.decode_errors = 0
         self.flushes = 0
         self.dropped_after_flush = 0
-        self._speaking_pub = self.create_publisher(Bool, "speaker/playing", PLAYING_QOS)
-        self._playback_pub = self.create_publisher(Playback, "speaker/playback", PLAYBACK_QOS)
+        # Names and QoS from the topic table (omni_ros/topics.py). omni/speech_flush is volatile
+        # on purpose: a flush from before this node started must not cut anything.
+        playing, playback = topics.PLAYING, topics.PLAYBACK
+        self._speaking_pub = self.create_publisher(Bool, playing.name, profile(playing))
+        self._playback_pub = self.create_publisher(Playback, playback.name, profile(playback))
         self._set_speaking(False)
-        self.create_subscription(AudioChunk, "omni/speech", self._on_speech, SPEECH_QOS)
-        self.create_subscription(SpeechFlushMsg, "omni/speech_flush", self._on_flush_msg, FLUSH_QOS)
-        self.create_service(Trigger, "speaker/flush", self._on_flush)
+        speech, flush = topics.SPEECH, topics.SPEECH_FLUSH
+        self.create_subscription(
+            AudioChunk, speech.name, self._on_speech, profile(speech, subscriber=True)
+        )
+        self.create_subscription(
+            SpeechFlushMsg, flush.name, self._on_flush_msg, profile(flush, subscriber=True)
+        )
+        self.create_service(Trigger, topics.SPEAKER_FLUSH, self._on_flush)
         # Said from the executor, not the playback thread (a log call there can take 100+ ms).
         self._resyncs_logged = 0
         self.create_timer(5.0, self._log_resyncs)

@@ -126,19 +126,20 @@ def test_unknown_topics_get_a_reliable_volatile_profile(topic: str) -> None:
 
 
 def test_every_output_topic_and_the_speakers_reports_have_their_offered_qos() -> None:
-    from omni_ros.ros.omni_flow_node import LATCHED, RELIABLE
-    from omni_ros.ros.speaker_node import PLAYBACK_QOS, PLAYING_QOS
+    from omni_ros.ros.qos import profile as node_profile  # what the nodes create (test_node_topics)
     from omni_ros.tools.bagio import OFFERED_QOS
     from omni_ros.tools.replay import OUTPUT_TOPICS
+
+    from omni_ros import topics
 
     missing = [t for t in OUTPUT_TOPICS if t.lstrip("/") not in OFFERED_QOS]
     assert missing == []
     transient = {t for t, q in OFFERED_QOS.items() if q.durability.name == "TRANSIENT_LOCAL"}
     assert {"omni/state", "omni/user_speaking", "speaker/playing"} <= transient
     for topic, profile in (
-        ("omni/speech_flush", RELIABLE),
-        ("omni/user_speaking", LATCHED),
-        ("speaker/playback", PLAYBACK_QOS),
-        ("speaker/playing", PLAYING_QOS),
+        ("omni/speech_flush", node_profile(topics.SPEECH_FLUSH)),
+        ("omni/user_speaking", node_profile(topics.USER_SPEAKING)),
+        ("speaker/playback", node_profile(topics.PLAYBACK)),
+        ("speaker/playing", node_profile(topics.PLAYING)),
     ):
         assert OFFERED_QOS[topic].depth == profile.depth, topic
