@@ -512,7 +512,7 @@ class OmniFlow:
         self._texts_in: list[str] = []
         self._controls: collections.deque[Control] = collections.deque()
         self._robot_speaking = False
-        self._playback_in: list[PlaybackReport] = []
+        self._playback_in: list[tuple[PlaybackReport, int]] = []  # (report, received_ns)
         self._dropped_in_audio = 0
         self._in_audio = 0  # samples pushed since the worker last took them (audio_samples_in)
         self._dropped_in_frames = 0
@@ -570,8 +570,9 @@ class OmniFlow:
 
     def on_playback(self, report: PlaybackReport) -> None:
         """The player reports what it really played (``speaker/playback``)."""
+        received_ns = self.clock.now_ns()  # the schedule learns the device latency from it
         with self._lock:
-            self._playback_in.append(report)
+            self._playback_in.append((report, received_ns))
         self._wake.set()
 
     def interrupt(self) -> None:
@@ -895,7 +896,8 @@ class OmniFlow:
             self.counters.drop_audio("queue_full", self._dropped_in_audio)
             self.counters.dropped_frames += self._dropped_in_frames
             self._dropped_in_audio = self._dropped_in_frames = self._in_audio = 0
-        for report in playback:
+        for report, received_ns in playback:
+            self.session.on_playback(report, received_ns)
             self._apply_playback(report)
         # Judge stamps against this moment, not the last poll (a backend call can take seconds,
         # and this runs during it too).

@@ -7,12 +7,23 @@ events on the input clock:
   plus the time it took to close the unit (the timeline's watermark) and to compute it. The caller
   passes the clock time of each step (``now_ns``); the session keeps the running p95 of that lag
   (``now - end``) over the last ``lag_window_units`` units and schedules the first speech of a
-  block at ``end + p95 lag + output_latency`` (the margin covers publishing and the player's own
-  buffering), or, if earlier speech is still scheduled then, right after it. Speech that would
-  still be stamped before ``now + output_latency`` (a unit far slower than the p95) is moved there;
+  block at ``end + p95 lag + margin``, or, if earlier speech is still scheduled then, right after
+  it. The margin is ``output_latency_ms`` (publishing and scheduling jitter) plus the player's
+  device latency learned from its playback reports (below). Speech that would still be stamped
+  before ``now + margin`` (a unit far slower than the p95) is moved there;
   a turn's speech that cannot follow on from its previous speech without a gap is counted in
-  ``late_speech``: a pause the listener hears, never a late chunk the player has to skip through. Output stamps are therefore monotonic and never overlap, and a player that honours
-  them plays speech exactly on the axis the microphone was stamped on.
+  ``late_speech``: a pause the listener hears, never a late chunk the player has to skip through.
+  Output stamps are therefore monotonic and never overlap, and a player that honours them plays
+  speech exactly on the axis the microphone was stamped on.
+* **The player's device latency is learned.** A player hands a chunk to its sound card that long
+  before its stamp (``speaker_node`` writes it ``sink.latency_ns`` early), so a chunk must reach
+  it by then, not by its stamp. ``speaker_node`` reports each chunk (``speaker/playback``) as it
+  writes it, naming when it will be heard; :meth:`DuplexSession.on_playback` takes the time
+  heard minus the time the report was received (the device's latency less the report's transit)
+  and the schedule adds the p95 of the last ``DEVICE_LATENCY_WINDOW`` of them to the margin,
+  capped at ``device_latency_max_ms``. A sound card that buffers 40 or 200 ms is therefore on
+  time without raising ``output_latency_ms``; before the first report (a fresh node) only
+  ``output_latency_ms`` applies.
 * **Text** is stamped at the start of the unit that produced it.
 * **Turns.** A turn starts with the first speaking unit and ends with ``end_of_turn``, a listening
   unit (the model stopped without saying so), a barge-in, an interrupt, a backend error or a pause.
@@ -52,6 +63,7 @@ from omni_ros.core.types import (
     Counters,
     Mode,
     OutputEvent,
+    PlaybackReport,
     ProactiveEvent,
     SpeechFlush,
     SpeechOut,
@@ -61,6 +73,11 @@ from omni_ros.core.types import (
 )
 
 NS_PER_S = 1_000_000_000
+NS_PER_MS = 1_000_000
+
+#: How many recent playback reports the device latency's p95 is taken over (20 ms chunks: 2 s of
+#: speech; a report whose receipt was delayed only lowers its sample, the p95 keeps the rest).
+DEVICE_LATENCY_WINDOW = 100
 
 
 @dataclass(frozen=True)
@@ -69,8 +86,12 @@ class SessionConfig:
 
     Attributes:
         output_latency_ms: margin added to the measured lag: speech for unit ``[start, end)`` is
-            scheduled to play at ``end + p95(lag) + output_latency_ms`` at the earliest, and never
-            before ``now + output_latency_ms`` (covers publishing and the player's buffering).
+            scheduled to play at ``end + p95(lag) + margin`` at the earliest, and never before
+            ``now + margin``, where ``margin = output_latency_ms + `` the learned device latency
+            (this part covers publishing and scheduling jitter).
+        device_latency_max_ms: cap on the player's device latency learned from its playback
+            reports and added to the margin (a misreporting player or a clock mismatch can add
+            at most this to every stamp); 0 turns the learning off.
         lag_window_units: how many recent units the p95 of the unit-end-to-result lag is taken over.
         proactive_silence_units: a turn started after this many consecutive units without user
             speech (including the unit the model answered) is proactive.
@@ -82,6 +103,7 @@ class SessionConfig:
     """
 
     output_latency_ms: int = 50
+    device_latency_max_ms: int = 300
     lag_window_units: int = 20
     proactive_silence_units: int = 3
     proactive_enabled: bool = True
@@ -91,6 +113,8 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if self.output_latency_ms < 0:
             raise ConfigError("SessionConfig.output_latency_ms must be >= 0")
+        if self.device_latency_max_ms < 0:
+            raise ConfigError("SessionConfig.device_latency_max_ms must be >= 0 (0: not learned)")
         if self.proactive_silence_units < 1:
             raise ConfigError("SessionConfig.proactive_silence_units must be >= 1")
         if self.max_interrupted_units < 0:
@@ -123,11 +147,18 @@ class SessionState:
     interrupted_units: int = 0
     last_unit_index: int | None = None
     lags_ns: list[int] = field(default_factory=list)  # recent unit-end-to-result lags, oldest first
+    # Recent playback reports' heard time minus receipt time (the player's device latency).
+    device_latencies_ns: list[int] = field(default_factory=list)
 
     def reset(self) -> None:
         """Back to a fresh conversation (keeps ``turn_id`` so later turns get new ids, and the
-        measured lags: the machine did not get faster)."""
-        fresh = SessionState(turn_id=self.turn_id, lags_ns=self.lags_ns)
+        measured lags and device latencies: the machine did not get faster, the sound card is the
+        same)."""
+        fresh = SessionState(
+            turn_id=self.turn_id,
+            lags_ns=self.lags_ns,
+            device_latencies_ns=self.device_latencies_ns,
+        )
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
 
@@ -333,10 +364,34 @@ class DuplexSession:
 
     def lag_p95_ns(self) -> int:
         """p95 of the recent unit-end-to-result lags (0 before the first unit)."""
-        lags = sorted(self.state.lags_ns)
-        if not lags:
-            return 0
-        return lags[min(len(lags) - 1, (95 * len(lags) + 99) // 100 - 1)]
+        return _p95(self.state.lags_ns)
+
+    def on_playback(self, report: PlaybackReport, received_ns: int) -> None:
+        """The player's report of a chunk it is handing to its device, received at
+        ``received_ns`` on the session's clock: learn how far ahead of the heard time it takes a
+        chunk (its device latency, less the report's transit).
+
+        Cut reports (sent when a flush stopped the chunk, after it began) and unstamped chunks
+        say nothing about it and are ignored; a report received after its heard time counts 0.
+        """
+        if report.cut or report.scheduled_ns <= 0 or self.config.device_latency_max_ms == 0:
+            return
+        lead_ns = report.heard_ns - received_ns
+        latencies = self.state.device_latencies_ns
+        latencies.append(max(0, lead_ns))
+        del latencies[:-DEVICE_LATENCY_WINDOW]
+
+    def device_latency_ns(self) -> int:
+        """The player's device latency the schedule adds to its margin: the p95 of the recent
+        playback reports' heard-minus-received times, capped at ``device_latency_max_ms`` (0
+        before the first report)."""
+        return min(
+            _p95(self.state.device_latencies_ns), self.config.device_latency_max_ms * NS_PER_MS
+        )
+
+    def margin_ns(self) -> int:
+        """What the schedule adds to the p95 lag now: ``output_latency_ms`` + the device latency."""
+        return self.config.output_latency_ms * NS_PER_MS + self.device_latency_ns()
 
     def on_recovered(self) -> None:
         """The backend works again (a prepare succeeded after failures): leave ERROR."""
@@ -381,7 +436,7 @@ class DuplexSession:
             events.append(self._text(unit.start_ns, unit.index, text, result.end_of_turn))
         audio = result.audio
         if audio is not None and len(audio):
-            margin_ns = cfg.output_latency_ms * 1_000_000
+            margin_ns = self.margin_ns()
             floor_ns = now_ns + margin_ns  # nothing may be due before it is published
             end = st.scheduled_end_ns
             if st.turn_speech_start_ns is not None and end is not None and end >= floor_ns:
@@ -428,3 +483,11 @@ class DuplexSession:
         st.turn_proactive = False
         st.turn_speech_start_ns = None
         return events
+
+
+def _p95(values_ns: list[int]) -> int:
+    """The 95th percentile (nearest rank) of ``values_ns``; 0 when empty."""
+    ordered = sorted(values_ns)
+    if not ordered:
+        return 0
+    return ordered[min(len(ordered) - 1, (95 * len(ordered) + 99) // 100 - 1)]

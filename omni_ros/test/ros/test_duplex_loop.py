@@ -122,13 +122,17 @@ class Loop:
 
 @contextmanager
 def duplex_loop(
-    tmp_path: Path, params: dict[str, Any], env: dict[str, str] | None = None
+    tmp_path: Path,
+    params: dict[str, Any],
+    env: dict[str, str] | None = None,
+    speaker_argv: list[str] | None = None,
 ) -> Iterator[Loop]:
     node = NodeProcess.with_doubles(
         {"backend": "turns_double", **params}, tmp_path / "node.log", env=env
     )
     speaker = NodeProcess(
-        [sys.executable, "-m", "omni_ros.ros.speaker_node", "--ros-args", "-p", "sink:=null"],
+        speaker_argv
+        or [sys.executable, "-m", "omni_ros.ros.speaker_node", "--ros-args", "-p", "sink:=null"],
         tmp_path / "speaker.log",
         beside=node,
     )
@@ -285,3 +289,44 @@ def test_a_false_delay_estimate_without_echo_does_not_suppress_barge_in(tmp_path
         line = spy.read_text().split()
         accepted, resets = int(line[0]), int(line[1])
         assert (accepted, resets) == (0, 0), f"false delay accepted without echo: {line}"
+
+
+BUFFERED_SPEAKER = Path(__file__).parent / "peers" / "buffered_speaker.py"
+
+
+@pytest.mark.parametrize("learned", [True, False], ids=["learned", "not_learned"])
+def test_a_speaker_whose_sound_card_buffers_250_ms_is_on_time_once_its_reports_are_learned(
+    tmp_path: Path, learned: bool
+) -> None:
+    # speaker_node writes each chunk 250 ms (its device's latency) before its stamp; speech
+    # published only output_latency_ms + the p95 lag before its stamp reaches it ~150 ms after
+    # that write time: late. From the speaker's playback reports the flow learns how far ahead it
+    # takes chunks and schedules later turns that much later. The first turn, before any report,
+    # is late either way; with the learning off (device_latency_max_ms 0, as main before it)
+    # every turn is.
+    params = {
+        "turns_double.pattern": "LLE",  # a one-unit turn every 3 s
+        # Margin for publishing on a loaded 2-core CI machine (as in the slow-backend test).
+        "session.output_latency_ms": 100,
+        "session.device_latency_max_ms": 300 if learned else 0,
+        "aec.enabled": False,
+    }
+    speaker = [sys.executable, str(BUFFERED_SPEAKER), "--latency-ms", "250", "--ros-args"]
+    with duplex_loop(tmp_path, params, speaker_argv=speaker) as loop:
+        loop.wait(
+            lambda: len({p.turn_id for _, p in loop.snapshot(loop.playback)}) >= 4,
+            90,
+            "four turns of speech played",
+        )
+        reports = [p for _, p in loop.snapshot(loop.playback) if not p.cut]
+        firsts = [
+            p
+            for prev, p in zip([None, *reports], reports, strict=False)
+            if prev is None or prev.turn_id != p.turn_id
+        ]
+        # Heard ~250 ms after the report was sent: the device latency the flow can learn.
+        late = [p.late for p in firsts[:4]]
+        if learned:
+            assert late == [True, False, False, False], late
+        else:
+            assert late == [True, True, True, True], late

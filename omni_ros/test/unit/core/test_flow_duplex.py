@@ -224,3 +224,26 @@ def test_audio_that_arrives_while_a_slow_unit_computes_is_judged_against_the_clo
     # after the 3.5 s call (its samples are counted since issue 15; they were not before).
     assert c.units_dropped_overrun == 1
     assert c.dropped_audio_samples == c.audio_dropped_overrun == RATE
+
+
+def test_the_speakers_reports_teach_the_schedule_its_device_latency() -> None:
+    # speaker_node reports each chunk as it hands it to the sound card, naming when it will be
+    # heard: 150 ms later here (its device buffers 150 ms). Speech must reach it that much earlier,
+    # so the next turn is stamped 150 ms later after the same lag (before: the same, and late).
+    script = [speak("One", seconds=0.5, end=True), LISTEN, LISTEN, speak("Two", seconds=0.5)]
+    h = Harness(backend := ScriptedBackendDouble([*script, LISTEN]))
+    h.silence(1.0)
+    h.run_to(T0 + S)
+    (first,) = h.of(SpeechOut)
+    heard = h.clock.now_ns() + 150_000_000  # received now, heard 150 ms later
+    h.flow.on_playback(PlaybackReport(heard, first.turn_id, first.stamp_ns, 24_000, 480))
+    h.silence(3.0)
+    for k in (2, 3, 4):
+        h.run_to(T0 + k * S)  # each unit handled at its end, as the first: the same lag
+    second = h.of(SpeechOut)[-1]
+    assert second.turn_id == first.turn_id + 1
+    unit_ends = {u.index: u.end_ns for u in backend.units}
+    lead_first = first.stamp_ns - unit_ends[first.unit_index]
+    lead_second = second.stamp_ns - unit_ends[second.unit_index]
+    assert h.flow.session.device_latency_ns() == 150_000_000
+    assert lead_second - lead_first == 150_000_000

@@ -13,6 +13,7 @@ from omni_ros.core.session import DuplexSession, SessionConfig
 from omni_ros.core.types import (
     Counters,
     Mode,
+    PlaybackReport,
     ProactiveEvent,
     SpeechFlush,
     SpeechOut,
@@ -306,3 +307,86 @@ def test_a_backend_side_barge_in_flushes_the_speech_still_scheduled() -> None:
     assert flush.dropped_until_ns == 14 * S + 50_000_000
     assert counters.barge_ins == 1
     assert session.mode is Mode.LISTENING
+
+
+# ------------------------------------------------ schedule: the player's device latency, learned
+MS = 1_000_000
+
+
+def played(heard_ns: int, cut: bool = False, scheduled_ns: int | None = None) -> PlaybackReport:
+    """A speaker_node report of a 20 ms chunk it writes now, heard from ``heard_ns``."""
+    stamp = heard_ns if scheduled_ns is None else scheduled_ns
+    return PlaybackReport(heard_ns, 1, stamp, OUT, 480, cut=cut)
+
+
+def first_stamp(session: DuplexSession, k: int, lag_ms: int = 300) -> int:
+    """Stamp of the speech of a new turn answered in unit ``k``, published ``lag_ms`` after it."""
+    out = session.step(
+        unit(k, True), speak("Hi", 0.5, end=True), now_ns=11 * S + k * S + lag_ms * MS
+    )
+    (speech,) = [e for e in out if isinstance(e, SpeechOut)]
+    return speech.stamp_ns
+
+
+def test_a_player_whose_device_buffers_200_ms_moves_the_schedule_200_ms_earlier_to_publish() -> (
+    None
+):
+    # speaker_node writes a chunk sink.latency_ns before its stamp and reports it then: heard
+    # 200 ms after the report arrives. A chunk published only output_latency_ms (50 ms) before its
+    # stamp reaches it 150 ms after it had to be written: late. The schedule adds what it learned.
+    session, counters = make(output_latency_ms=50)
+    assert first_stamp(session, 0) == 11 * S + 350 * MS  # nothing learned: lag + 50 ms
+    assert session.device_latency_ns() == 0
+    for i in range(30):
+        heard = 12 * S + i * 20 * MS
+        session.on_playback(played(heard), received_ns=heard - 200 * MS)
+    assert session.device_latency_ns() == 200 * MS
+    assert session.margin_ns() == 250 * MS
+    # The next turn: lag 300 ms + 50 ms + the device's 200 ms, so it reaches the player in time.
+    assert first_stamp(session, 3) == 14 * S + 550 * MS
+    assert counters.late_speech == 0
+
+
+def test_the_learned_device_latency_is_the_p95_so_delayed_receipts_and_one_outlier_do_not_move_it() -> (
+    None
+):
+    session, _ = make()
+    heard = 12 * S
+    for i in range(100):
+        # Every 10th report waited 30 ms in an executor (it looks 30 ms shorter), one says 2 s.
+        lead = 40 * MS - (30 * MS if i % 10 == 0 else 0)
+        lead = 2 * S if i == 50 else lead
+        session.on_playback(played(heard + i * 20 * MS), received_ns=heard + i * 20 * MS - lead)
+    assert session.device_latency_ns() == 40 * MS
+
+
+def test_the_learned_device_latency_is_capped_and_can_be_switched_off() -> None:
+    capped, _ = make(device_latency_max_ms=100)
+    off, _ = make(device_latency_max_ms=0)
+    for session in (capped, off):
+        for i in range(20):
+            heard = 12 * S + i * 20 * MS
+            session.on_playback(played(heard), received_ns=heard - S)  # a clock mismatch: 1 s
+    assert capped.device_latency_ns() == 100 * MS
+    assert off.device_latency_ns() == 0
+    assert off.margin_ns() == 50 * MS
+    with pytest.raises(ConfigError, match="device_latency_max_ms"):
+        SessionConfig(device_latency_max_ms=-1)
+
+
+def test_cut_and_unstamped_reports_teach_nothing_and_a_late_receipt_counts_zero() -> None:
+    session, _ = make()
+    session.on_playback(played(12 * S, cut=True), received_ns=11 * S)  # sent after a flush
+    session.on_playback(played(12 * S, scheduled_ns=0), received_ns=11 * S)  # "play now"
+    assert session.state.device_latencies_ns == []
+    session.on_playback(played(12 * S), received_ns=13 * S)  # reported after it was heard
+    assert session.state.device_latencies_ns == [0]
+
+
+def test_the_learned_device_latency_survives_a_reset() -> None:
+    session, _ = make()
+    for i in range(10):
+        heard = 12 * S + i * 20 * MS
+        session.on_playback(played(heard), received_ns=heard - 80 * MS)
+    session.reset()  # a new prompt or a clock jump: the sound card is the same one
+    assert session.device_latency_ns() == 80 * MS
