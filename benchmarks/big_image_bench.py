@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "omni_ros" / "test" / "ros")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_harness import NodeProcess, diag_values, running, wait_for  # noqa: E402
+from _camera_node import camera_node, start_camera
+from flow_harness import diag_values, wait_for
 
 
 def main_thread_cpu_s(pid: int) -> float:
@@ -33,27 +32,18 @@ def main_thread_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-PEER = ROOT / "omni_ros" / "test" / "ros" / "peers" / "camera_peer.py"
-PROFILE = ROOT / "omni_ros" / "config" / "fastdds_camera.xml"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=4624)
     parser.add_argument("--fps", type=int, default=2)
     parser.add_argument("--count", type=int, default=20)
     args = parser.parse_args()
-    env = {
-        "FASTDDS_DEFAULT_PROFILES_FILE": str(PROFILE),
-        "FASTRTPS_DEFAULT_PROFILES_FILE": str(PROFILE),
-    }
     with tempfile.TemporaryDirectory() as tmp:
         control = Path(tmp) / "control"
         control.mkdir()
         params = {"backend": "faulty_double", "faulty_double.control_dir": str(control),
                   "diagnostics.period_s": 0.5}  # fmt: skip
-        proc = NodeProcess.with_doubles(params, Path(tmp) / "node.log", env=env)
-        with running(proc) as probe:
+        with camera_node(params, Path(tmp)) as (proc, probe):
             from lifecycle_msgs.srv import GetState
 
             client = probe.node.create_client(
@@ -61,13 +51,7 @@ def main() -> None:
             )
             probe.call(client, GetState.Request(), proc, timeout_s=60)
             wait_for(lambda: probe.count("diag") > 0, 60, "diagnostics", proc)
-            topic = f"{proc.namespace}/camera/image_raw"
-            peer_env = {**os.environ, **env, "ROS_DOMAIN_ID": str(proc.domain_id)}
-            sender = subprocess.Popen(
-                [sys.executable, str(PEER), "pub", topic, str(args.side), str(args.side),
-                 str(args.fps), str(args.count)],
-                stdout=subprocess.PIPE, text=True, env=peer_env,
-            )  # fmt: skip
+            sender = start_camera(proc, args.side, args.side, args.fps, args.count)
             latencies: list[float] = []
             cpu_before = main_thread_cpu_s(proc.proc.pid)
             while sender.poll() is None:

@@ -12,20 +12,15 @@ second and prints it before the camera starts, its maximum, and at the end.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "omni_ros" / "test" / "ros")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_harness import NodeProcess, running, wait_for  # noqa: E402
-
-PEER = ROOT / "omni_ros" / "test" / "ros" / "peers" / "camera_peer.py"
-PROFILE = ROOT / "omni_ros" / "config" / "fastdds_camera.xml"
+from _camera_node import camera_node, start_camera
+from flow_harness import wait_for
 
 
 def rss_mb(pid: int) -> float:
@@ -43,10 +38,6 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1080)
     parser.add_argument("--backend", default="faulty_double")
     args = parser.parse_args()
-    env = {
-        "FASTDDS_DEFAULT_PROFILES_FILE": str(PROFILE),
-        "FASTRTPS_DEFAULT_PROFILES_FILE": str(PROFILE),
-    }
     with tempfile.TemporaryDirectory() as tmp:
         control = Path(tmp) / "control"
         control.mkdir()
@@ -55,20 +46,14 @@ def main() -> None:
             params["faulty_double.control_dir"] = str(control)
         if args.backend == "reference":
             params["reference.size"] = "tiny"
-        proc = NodeProcess.with_doubles(params, Path(tmp) / "node.log", env=env)
-        with running(proc) as probe:
+        with camera_node(params, Path(tmp)) as (proc, probe):
             wait_for(lambda: probe.count("diag") > 0, 120, "diagnostics", proc)
             time.sleep(2.0)
             pid = proc.proc.pid
             before = rss_mb(pid)
-            peer_env = {**os.environ, **env, "ROS_DOMAIN_ID": str(proc.domain_id)}
             count = args.fps * args.seconds
             started = time.monotonic()
-            sender = subprocess.Popen(
-                [sys.executable, str(PEER), "pub", f"{proc.namespace}/camera/image_raw",
-                 str(args.width), str(args.height), str(args.fps), str(count)],
-                stdout=subprocess.PIPE, text=True, env=peer_env,
-            )  # fmt: skip
+            sender = start_camera(proc, args.width, args.height, args.fps, count)
             samples: list[float] = []
             while sender.poll() is None:
                 samples.append(rss_mb(pid))

@@ -133,14 +133,34 @@ class NodeProcess:
         return self.proc.wait(timeout=timeout_s)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self._log.close()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """Terminate ``proc`` (SIGTERM) if it still runs, kill it if it outlives ``timeout_s``; reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+
+def faulty_double_params(control: Path, **extra: Any) -> dict[str, Any]:
+    """Parameters of a node on sim time with the ``faulty_double`` backend
+    (``peers/backend_doubles.py``), switched through files in ``control`` (created here), a 500 ms
+    watermark and ``/diagnostics`` at 5 Hz; ``extra`` adds or overrides (dotted names)."""
+    control.mkdir(exist_ok=True)
+    return {
+        "use_sim_time": True,
+        "backend": "faulty_double",
+        "faulty_double.control_dir": str(control),
+        "timeline.watermark_ns": 500_000_000,
+        "diagnostics.period_s": 0.2,
+        **extra,
+    }
 
 
 def ros_params(params: dict[str, Any]) -> list[str]:

@@ -16,7 +16,14 @@ import pytest
 
 pytest.importorskip("rclpy")
 
-from flow_harness import NodeProcess, SimDriver, mic_chunk, running, wait_for
+from flow_harness import (
+    NodeProcess,
+    SimDriver,
+    faulty_double_params,
+    mic_chunk,
+    running,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
@@ -40,16 +47,7 @@ def _statuses_since(probe: Any, index: int) -> list[Any]:
 def test_a_paused_clock_is_a_warn_with_its_duration_and_ok_again_when_it_moves(
     tmp_path: Path,
 ) -> None:
-    control = tmp_path / "control"
-    control.mkdir()
-    params = {
-        "use_sim_time": True,
-        "backend": "faulty_double",
-        "faulty_double.control_dir": str(control),
-        "timeline.watermark_ns": 500_000_000,
-        "diagnostics.period_s": 0.2,
-        "diagnostics.clock_stall_s": 1.0,
-    }
+    params = faulty_double_params(tmp_path / "control", **{"diagnostics.clock_stall_s": 1.0})
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     with running(proc) as probe:
         driver = SimDriver(probe, BAG_START_NS, pace_s=0.1, lockstep=False, frame_every=5)

@@ -31,6 +31,7 @@ from flow_harness import (
     Probe,
     SimDriver,
     diag_values,
+    faulty_double_params,
     image,
     mic_chunk,
     running,
@@ -111,16 +112,7 @@ def _threads_fds(pid: int) -> tuple[int, int]:
 @contextmanager
 def faulty_node(tmp_path: Path, **extra: Any) -> Iterator[Scene]:
     control = tmp_path / "control"
-    control.mkdir()
-    params = {
-        "use_sim_time": True,
-        "backend": "faulty_double",
-        "faulty_double.control_dir": str(control),
-        "timeline.watermark_ns": 500_000_000,
-        "diagnostics.period_s": 0.2,
-        "flow.backend_deadline_ms": 2000,
-        **extra,
-    }
+    params = faulty_double_params(control, **{"flow.backend_deadline_ms": 2000, **extra})
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     with running(proc) as probe:
         scene = Scene(probe, proc, control)

@@ -33,7 +33,7 @@ from omni_ros.core.clock import NS_PER_S
 pytest.importorskip("rclpy")
 pytest.importorskip("websockets")
 
-from flow_harness import NodeProcess, SimDriver, running, wait_for
+from flow_harness import NodeProcess, SimDriver, running, stop_process, wait_for
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
@@ -82,13 +82,7 @@ class ServerPeer:
         wait_for(lambda: (self.folder / "status.json").stat().st_mtime_ns != second, 10, "status")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self._log.close()
 
 
