@@ -125,7 +125,14 @@ class MicNode(Node):
             msg.header = conv.header(max(0, stamp_ns), self._frame_id)
             # array.array skips rclpy's per-element check of a Python sequence (see conversions).
             msg.data = array.array("B", captured.data)
-            self._pub.publish(msg)
+            try:
+                self._pub.publish(msg)
+            except Exception:
+                if self.context.ok():
+                    raise
+                # SIGTERM / Ctrl-C shut the context down between the loop's check and this
+                # publish ("publisher's context is invalid"): stop quietly, no traceback.
+                return
             self.chunks_published += 1
 
     def destroy_node(self) -> None:

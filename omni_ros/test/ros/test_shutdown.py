@@ -132,6 +132,41 @@ def test_events_after_the_context_is_shut_down_are_dropped_without_a_traceback()
     finally:
         if context.ok():
             rclpy.shutdown(context=context)
-        node.trigger_deactivate()
-        node.trigger_cleanup()
+        # What main() does after the spin (a lifecycle transition needs a live context on Jazzy:
+        # it publishes the transition event).
+        node.close()
         node.destroy_node()
+
+
+def test_the_mic_capture_thread_ends_quietly_when_the_context_shuts_down_under_it() -> None:
+    """Seen in CI on Jazzy: SIGTERM shut the context down while mic_node's capture thread was
+    about to publish, and the thread died with an RCLError traceback."""
+    import threading
+
+    from omni_ros.audio_io import ArraySource, AudioFormat
+    from omni_ros.ros.mic_node import MicNode
+
+    failures: list[BaseException | None] = []
+    previous_hook = threading.excepthook
+    threading.excepthook = lambda hook_args: failures.append(hook_args.exc_value)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    fmt = AudioFormat(16000, 1, "S16LE")
+    node = MicNode(source=ArraySource(b"\0\0" * 16000, fmt, loop=True), context=context)
+    try:
+        deadline = time.monotonic() + 30.0
+        while node.chunks_published < 3:  # capturing and publishing
+            assert time.monotonic() < deadline, "mic_node published nothing"
+            time.sleep(0.01)
+        # SIGTERM: rclpy's signal handler shuts the rcl context down directly (the handle), not
+        # through Context.shutdown(), so the node is not destroyed first and its thread runs on.
+        context.handle.shutdown()
+        thread = node._thread
+        assert thread is not None
+        thread.join(timeout=10.0)  # it keeps capturing until its next publish fails
+        assert not thread.is_alive()
+        assert failures == [], failures
+    finally:
+        threading.excepthook = previous_hook
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)  # as main() does after the signal
