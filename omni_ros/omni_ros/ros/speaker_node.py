@@ -156,10 +156,12 @@ class SpeakerNode(Node):
         playing stops within one ``block_ms``, and chunks of those turns that arrive later are
         dropped too (``dropped_after_flush``): whatever the model's mode was.
     Topics out:
-        ``speaker/playback`` (omni_ros_msgs/Playback, reliable): one report per chunk when its
-        first sample is heard (``scheduled``: the stamp of that sample, the chunk's own stamp
-        unless its start was dropped), and one with ``cut`` when a flush stops it early: the
-        echo canceller's reference and the conversation's ground truth.
+        ``speaker/playback`` (omni_ros_msgs/Playback, reliable): one report per chunk as it is
+        written to the device, stamped with when its first sample will be heard (so the flow
+        learns the device's buffering from how far ahead reports come; ``scheduled``: the stamp
+        of that sample, the chunk's own stamp unless its start was dropped), and one with ``cut``
+        when a flush stops it early: the echo canceller's reference and the conversation's
+        ground truth.
         ``speaker/playing`` (std_msgs/Bool, reliable, transient-local): true while our speech
         plays, false once the queue stayed empty for ``release_ms`` or right after a flush.
         (``robot_speaking`` is for OTHER speech on the robot; this node does not publish it.)
