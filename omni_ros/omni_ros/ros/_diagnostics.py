@@ -29,6 +29,9 @@ class DiagnosticsReporter:
         #: the backend's own figures (``Backend.metrics()`` where it has one: llama.cpp-omni's
         #: server metrics, vllm-omni's error and recovery counts), reported as ``backend.<key>``.
         self.backend_metrics: Callable[[], dict[str, Any]] = dict
+        #: the speech schedule's learned terms (``schedule.*``: the p95 unit-end-to-result lag and
+        #: the speaker's device latency learned from its playback reports), read at each report.
+        self.schedule: Callable[[], dict[str, str]] = dict
 
     def on_state(self, state: StateOut, now_ns: int) -> None:
         # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
@@ -45,6 +48,7 @@ class DiagnosticsReporter:
     def clear(self) -> None:
         self.state, self.latency_ms, self.previous, self.components = None, None, None, []
         self.backend_metrics = dict
+        self.schedule = dict
 
     def report(self, node_name: str, backend: str, lifecycle: str, now_ns: int) -> DiagnosticArray:
         """One ``DiagnosticArray``: the Omni-Flow status, then one status per TensorRT component."""
@@ -59,6 +63,7 @@ class DiagnosticsReporter:
                 "lifecycle": lifecycle,
                 **{k: str(v) for k, v in self.inputs().items()},
                 **self._backend_values(),
+                **self.schedule(),
             },
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )

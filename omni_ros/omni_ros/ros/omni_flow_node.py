@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import time
 from typing import Any, ClassVar
 
@@ -30,6 +31,7 @@ from omni_ros.backends.base import Backend, create_backend
 from omni_ros.core.audio import ArrivalStamper
 from omni_ros.core.errors import DecodeError, OmniError
 from omni_ros.core.flow import OmniFlow
+from omni_ros.core.session import DuplexSession
 from omni_ros.core.types import (
     FloatArray,
     OutputEvent,
@@ -230,6 +232,7 @@ class OmniFlowNode(LifecycleNode):
             )
         voice = self._load_voice(str(self._param("ref_voice_path")))
         self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
+        self._diag.schedule = functools.partial(_schedule_values, self._flow.session)
         metrics = getattr(self._backend, "metrics", None)
         self._diag.backend_metrics = metrics if callable(metrics) else dict
         if voice is not None:
@@ -579,6 +582,15 @@ class OmniFlowNode(LifecycleNode):
         else:
             self._clock_watch.reset()
         self._diag_pub.publish(array)
+
+
+def _schedule_values(session: DuplexSession) -> dict[str, str]:
+    """What the speech schedule adds to a unit's end now (read from the diagnostics timer)."""
+    return {
+        "schedule.lag_p95_ms": f"{session.lag_p95_ns() / 1e6:.1f}",
+        "schedule.device_latency_ms": f"{session.device_latency_ns() / 1e6:.1f}",
+        "schedule.margin_ms": f"{session.margin_ns() / 1e6:.1f}",
+    }
 
 
 def _waited_ns(info: Any) -> int:

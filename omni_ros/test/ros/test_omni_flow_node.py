@@ -120,6 +120,11 @@ def test_diagnostics_report_backend_latency_and_every_counter(reference_run) -> 
         "clock_jumps",
     ):
         assert key in values
+    # The speech schedule's learned terms: unit end + p95 lag + margin (output_latency_ms 50 +
+    # the speaker's device latency; no speaker_node here, so nothing learned).
+    assert float(values["schedule.lag_p95_ms"]) > 0
+    assert float(values["schedule.device_latency_ms"]) == 0
+    assert float(values["schedule.margin_ms"]) == 50
     components = {}
     for status in probe.snapshot("diag")[-1].status:
         if ": tensorrt " in status.name:
