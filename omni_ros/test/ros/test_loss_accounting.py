@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("rclpy")
 
 from flow_harness import NS_PER_S, NodeProcess, Probe, SimDriver, diag_values, running
+from omni_ros.core.types import AUDIO_DROP_CAUSES
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(180)]
 
@@ -23,18 +24,7 @@ PARAMS = {
     "backend": "speak_until_interrupted_double",
     "speak_until_interrupted_double.refuse_prompt": "unembeddable",
 }
-DROP_CAUSES = [
-    "late",
-    "stall",
-    "queue_full",
-    "reorder",
-    "overrun",
-    "paused",
-    "reset",
-    "future",
-    "duplicate",
-    "bad_input",
-]
+DROP_CAUSES = list(AUDIO_DROP_CAUSES)  # OmniState.audio_drop_causes names them in this order
 
 
 def _latest_diag(probe: Probe) -> dict[str, str]:
