@@ -804,6 +804,9 @@ class OmniFlow:
         # Held mic audio stamped ahead of the new clock belongs to the old pass: drop and count it.
         # What is left (the new pass, already arriving) stays held for the new time base.
         self.mic.drop_held_after(now_ns + self.timeline.config.max_future_ns)
+        # Speech of the old pass: its stamps are ahead of the new ones, so pruning by stamp from
+        # the front would never reach them (the soak's RSS grew with every pass's speech).
+        self._speech_log.clear()
         self._restart_conversation(now_ns, new_time_base=True)
         # The timeline has already restarted on the new time base (a fresh origin, unit 0 next) and
         # kept the new pass's input: the reset before the next prepare must not throw that away.
