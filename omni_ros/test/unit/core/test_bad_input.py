@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import struct
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -189,6 +191,34 @@ def test_malformed_and_far_future_frames_are_counted_even_when_no_unit_chooses_t
     assert flow.counters.decode_errors - before.decode_errors == 4
     assert flow.counters.future_messages - before.future_messages == 1
     assert flow.counters.dropped_frames - before.dropped_frames == 5
+    flow.close()
+    backend.close()
+
+
+def test_malformed_frames_are_logged_rate_limited_with_how_many_were_not(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: decode failures were counted but never logged. One line per interval
+    (``flow.log_interval_s``) with the reason; the next says how many it left out."""
+    backend = ScriptedBackendDouble()
+    clock = ManualClock(100 * S)
+    flow = OmniFlow(
+        FlowConfig.from_mapping({"aec": {"enabled": False}}), backend, clock, list().append
+    )
+    flow.run_until_idle(100 * S)
+    with caplog.at_level(logging.WARNING, logger="omni_ros.core.flow"):
+        for frame in MALFORMED_FRAMES.values():
+            flow.push_image(frame)
+        flow.run_until_idle(100 * S)
+        later = time.monotonic_ns() + 11 * S  # past the 10 s interval
+        monkeypatch.setattr(time, "monotonic_ns", lambda: later)
+        flow.push_image(raw(step=5))
+        flow.run_until_idle(100 * S)
+    lines = [r.getMessage() for r in caplog.records if "malformed image" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "step" in lines[0]
+    assert lines[1].endswith(f"({len(MALFORMED_FRAMES) - 1} more since the last report)")
+    assert flow.counters.decode_errors == len(MALFORMED_FRAMES) + 1
     flow.close()
     backend.close()
 
