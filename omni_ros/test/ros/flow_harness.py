@@ -410,6 +410,7 @@ class SimDriver:
         self.ahead_ns = 2 * unit_ns + watermark_ns
         self.steps = 0
         self.send_mic = True
+        self.mic_samples_sent = 0  # at 16 kHz, every chunk published by step()
 
     def _limit_ns(self) -> int:
         with self.probe.lock:
@@ -433,6 +434,7 @@ class SimDriver:
             self.now_ns += self.step_ns
             if self.send_mic:
                 self.probe.mic_pub.publish(mic_chunk(start, self.step_ns, seed=self.steps))
+                self.mic_samples_sent += self.step_ns * 16_000 // NS_PER_S
             if self.frame_every and self.steps % self.frame_every == 0:
                 self.probe.cam_pub.publish(image(start))
             self.publish_clock(self.now_ns)

@@ -62,6 +62,7 @@ class Scene:
             GetState, f"{proc.namespace}/omni_flow_node/get_state"
         )
         self.worst_get_state_s = 0.0
+        self.bad_audio_sent = 0  # samples of undecodable chunks, as the node counts them
 
     def switch(self, name: str, on: bool) -> None:
         path = self.control / name
@@ -103,6 +104,22 @@ class Scene:
             self.driver.step(1, self.proc)
 
 
+def _audio_accounting(values: dict[str, str], sent: int) -> dict[str, Any]:
+    """Where the mic samples went (``/diagnostics``), checked: the causes add up to the totals,
+    and sent >= in = used + dropped + held with held >= 0 (held: what the open units, the
+    backlog and the buffers still have when the scenario ends)."""
+    num = {k: int(v) for k, v in values.items() if v.isdigit()}
+    drops = {k[14:]: v for k, v in num.items() if k.startswith("audio_dropped_") and v}
+    gaps = {k[11:]: v for k, v in num.items() if k.startswith("gap_filled_") and v}
+    assert sum(drops.values()) == num["dropped_audio_samples"], values
+    assert sum(gaps.values()) == num["gap_samples_filled"], values
+    held = num["audio_samples_in"] - num["audio_samples_used"] - num["dropped_audio_samples"]
+    assert held >= 0, values
+    assert num["audio_samples_in"] <= sent, (sent, values)
+    return {"sent": sent, "in": num["audio_samples_in"], "used": num["audio_samples_used"],
+            "held": held, "dropped": drops, "gaps": gaps}  # fmt: skip
+
+
 def _threads_fds(pid: int) -> tuple[int, int]:
     status = Path(f"/proc/{pid}/status").read_text()
     threads = int(next(x for x in status.splitlines() if x.startswith("Threads:")).split()[1])
@@ -126,11 +143,14 @@ def faulty_node(tmp_path: Path, **extra: Any) -> Iterator[Scene]:
         scene.units_resume("the fault ended")
         scene.run_s(2)
         after = _threads_fds(proc.proc.pid)
-        counters = {k: v for k, v in scene.diag().items() if v not in ("0", "") and k in COUNTERS}
+        values = scene.diag()
+        counters = {k: v for k, v in values.items() if v not in ("0", "") and k in COUNTERS}
+        audio = _audio_accounting(values, scene.driver.mic_samples_sent + scene.bad_audio_sent)
         print(
             f"\nFAULT {os.environ.get('PYTEST_CURRENT_TEST', '').split('::')[-1].split(' ')[0]}: "
             f"threads {before[0]} -> {after[0]}, fds {before[1]} -> {after[1]}, "
-            f"worst get_state {scene.worst_get_state_s * 1000:.0f} ms, counters {counters}"
+            f"worst get_state {scene.worst_get_state_s * 1000:.0f} ms, counters {counters}, "
+            f"audio {audio}"
         )
         assert after[0] <= before[0] + 1, (before, after)
         assert after[1] <= before[1] + 2, (before, after)
@@ -188,9 +208,11 @@ def test_malformed_messages_at_a_high_rate_are_counted_without_blocking(tmp_path
         def flood() -> None:
             t = scene.driver.now_ns
             for i in range(10):  # 100 Hz of bad audio and 100 Hz of bad frames at 10 steps/s
-                scene.probe.mic_pub.publish(mic_chunk(t + i, 10_000_000, encoding="MP3"))
+                chunk = mic_chunk(t + i, 10_000_000, encoding="MP3")
+                scene.probe.mic_pub.publish(chunk)
                 scene.probe.cam_pub.publish(image(t + i, step=1))
                 sent[0] += 2
+                scene.bad_audio_sent += len(chunk.data) // 2  # counted as 16-bit mono frames
 
         scene.run_s(3 * SCALE, flood)
         wait_for(
