@@ -15,10 +15,10 @@ import threading
 import time
 
 from omni_ros.audio_io import AudioFormat
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.ros._run import spin_node
 from omni_ros.ros.speaker_node import SpeakerNode
 
-NS_PER_S = 1_000_000_000
 SLACK_NS = 5_000_000  # a write this late after the buffer ran out still follows on
 
 
