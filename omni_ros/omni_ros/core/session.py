@@ -56,6 +56,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from omni_ros.core.clock import NS_PER_MS, NS_PER_S
 from omni_ros.core.config import from_mapping
 from omni_ros.core.errors import BackendTimeout, ConfigError, StateError
 from omni_ros.core.proactive import ProactiveClassifier, TagClassifier, split_leading_tag
@@ -71,9 +72,6 @@ from omni_ros.core.types import (
     Unit,
     UnitResult,
 )
-
-NS_PER_S = 1_000_000_000
-NS_PER_MS = 1_000_000
 
 #: How many recent playback reports the device latency's p95 is taken over (20 ms chunks: 2 s of
 #: speech; a report whose receipt was delayed only lowers its sample, the p95 keeps the rest).
