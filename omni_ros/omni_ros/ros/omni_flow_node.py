@@ -31,6 +31,7 @@ from omni_ros.backends.base import Backend, create_backend
 from omni_ros.core.audio import ArrivalStamper
 from omni_ros.core.errors import DecodeError, OmniError
 from omni_ros.core.flow import OmniFlow
+from omni_ros.core.mic_stream import frames_of
 from omni_ros.core.session import DuplexSession
 from omni_ros.core.types import (
     FloatArray,
@@ -163,6 +164,10 @@ class OmniFlowNode(LifecycleNode):
         self._stamper = ArrivalStamper()
         self._unstamped_images = 0
         self._oversize_images = 0  # refused from the serialized header, never deserialized
+        # Input that arrives while the node is not active (configured or not) is not processed:
+        # counted, so that what a publisher sent is accounted for (mic samples, camera frames).
+        self._inactive_audio_samples = 0
+        self._inactive_images = 0
         self._diag = DiagnosticsReporter()
         self._diag.inputs = self._input_counts
         self._diag_pub = self.create_publisher(
@@ -257,6 +262,8 @@ class OmniFlowNode(LifecycleNode):
             "unstamped_audio": self._stamper.unstamped,
             "unstamped_images": self._unstamped_images,
             "oversize_images": self._oversize_images,
+            "inactive_audio_samples": self._inactive_audio_samples,
+            "inactive_images": self._inactive_images,
             "ask_goals_rejected": self._ask_host.rejected if self._ask_host is not None else 0,
         }
 
@@ -415,6 +422,10 @@ class OmniFlowNode(LifecycleNode):
             self._clock_watch.inputs += 1
         if self._flow is not None and self._active:
             getattr(self._flow, method)(raw)  # queues only; bad data is counted by the core
+        elif method == "push_audio":
+            self._inactive_audio_samples += frames_of(raw)
+        elif method == "push_image":
+            self._inactive_images += 1
 
     def _on_mic(self, msg: AudioChunk, info: Any) -> None:
         """``info`` (rclpy's MessageInfo) says when the middleware received the chunk: a chunk
