@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flow_harness import NodeProcess, wait_for
+from flow_harness import NodeProcess, stop_process, wait_for
 
 pytest.importorskip("rclpy")
 
@@ -97,8 +97,7 @@ def test_a_live_audio_common_mic_reaches_the_flow_and_a_realsense_topic_is_point
         wait_for(lambda: "RealSense" in proc.log_path.read_text(), 30.0, "the camera advice", proc)
         assert peer.poll() is None
     finally:
-        peer.terminate()
-        peer.wait(timeout=10)
+        stop_process(peer)  # kills it if it outlives SIGTERM by 10 s (the peer is not under test)
         proc.stop()
     for rate, channels, encoding, size in _spied(spy):
         assert (rate, channels, encoding, size) == ("16000", "1", "S16LE", str(2 * 800))
