@@ -24,6 +24,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
+from flow_harness import stop_process  # noqa: E402
 from omni_ros.audio_io import AudioFormat  # noqa: E402
 from pcm_samples import pcm_sequence  # noqa: E402
 
@@ -40,14 +41,6 @@ def _spawn(module: str, namespace: str, params: dict[str, str]) -> subprocess.Po
     for key, value in params.items():
         args += ["-p", f"{key}:={value}"]
     return subprocess.Popen(args, env=env)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _write_wav(path: Path, pcm: bytes, rate: int) -> None:
@@ -138,7 +131,7 @@ def test_mic_chunks_are_stamped_with_the_capture_time_of_their_first_sample(
     try:
         _wait_for(lambda: len(received) >= 12, proc)
     finally:
-        _stop(proc)
+        stop_process(proc)
         peer.node.destroy_subscription(sub)
     chunk_frames = MIC_RATE * CHUNK_MS // 1000
     chunk_ns = CHUNK_MS * 1_000_000
@@ -253,7 +246,7 @@ def speaker(peer: Peer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
             "out": out,
         }
     finally:
-        _stop(proc)
+        stop_process(proc)
         for sub in subs:
             peer.node.destroy_subscription(sub)
 

@@ -6,12 +6,12 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flow_harness import stop_process
 from omni_ros.core.errors import ConfigError
 from omni_ros.tools.record import message_class, record
 from omni_ros.tools.typestore import omni_typestore
@@ -29,20 +29,6 @@ def _wav(path: Path, seconds: float) -> None:
         out.writeframes(ramp.tobytes())
 
 
-def _stop(mic: subprocess.Popen[bytes]) -> None:
-    """End the mic_node peer. Its exit on SIGTERM is test_shutdown's subject, not this file's: in
-    2 of 3 clean-clone CI runs it once took more than 10 s to exit here (one was an RCLError race,
-    fixed; the other did not reproduce in 15 SIGTERM cycles under load), which failed a recording
-    test whose bag was fine. A slow exit is reported as a warning, then the peer is killed."""
-    mic.terminate()
-    try:
-        mic.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        warnings.warn("mic_node did not exit within 10 s of SIGTERM; killed", stacklevel=2)
-        mic.kill()
-        mic.wait()
-
-
 def test_recording_a_live_mic_node_gives_a_bag_of_contiguous_stamped_chunks(tmp_path: Path) -> None:
     wav = tmp_path / "ramp.wav"
     _wav(wav, 30.0)
@@ -54,7 +40,7 @@ def test_recording_a_live_mic_node_gives_a_bag_of_contiguous_stamped_chunks(tmp_
     try:
         counts = record(tmp_path / "bag", ["/audio/mic"], duration_s=2.0, discover_s=20.0)
     finally:
-        _stop(mic)
+        stop_process(mic)
     assert counts["/audio/mic"] >= 20
     store = omni_typestore()
     with Reader(tmp_path / "bag") as reader:
@@ -96,7 +82,7 @@ def test_record_waits_for_a_topic_that_appears_late_and_lists_silent_ones(tmp_pa
         out, err = recorder.communicate(timeout=60)
     finally:
         if mic is not None:
-            _stop(mic)
+            stop_process(mic)
         if recorder.poll() is None:
             recorder.kill()
             recorder.wait()
