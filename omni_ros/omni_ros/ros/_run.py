@@ -49,6 +49,18 @@ def install_interrupt_guard() -> InterruptOnce:
     return guard
 
 
+def publish_unless_shut_down(node: Any, publisher: Any, msg: Any) -> bool:
+    """Publish from one of ``node``'s own threads; False, without raising, when Ctrl-C / SIGTERM
+    shut the node's context down under it (rclpy: "publisher's context is invalid")."""
+    try:
+        publisher.publish(msg)
+    except Exception:
+        if node.context.ok():
+            raise
+        return False
+    return True
+
+
 def spin_node(factory: Callable[[], Any], name: str, args: list[str] | None = None) -> None:
     """init, build the node, spin, handle Ctrl-C / external shutdown, destroy, try_shutdown.
 

@@ -23,7 +23,7 @@ from omni_ros.audio_io import (
 )
 from omni_ros.core.errors import ConfigError
 from omni_ros.ros import conversions as conv
-from omni_ros.ros._run import spin_node
+from omni_ros.ros._run import publish_unless_shut_down, spin_node
 from omni_ros.ros.qos import profile
 from omni_ros_msgs.msg import AudioChunk
 
@@ -125,14 +125,8 @@ class MicNode(Node):
             msg.header = conv.header(max(0, stamp_ns), self._frame_id)
             # array.array skips rclpy's per-element check of a Python sequence (see conversions).
             msg.data = array.array("B", captured.data)
-            try:
-                self._pub.publish(msg)
-            except Exception:
-                if self.context.ok():
-                    raise
-                # SIGTERM / Ctrl-C shut the context down between the loop's check and this
-                # publish ("publisher's context is invalid"): stop quietly, no traceback.
-                return
+            if not publish_unless_shut_down(self, self._pub, msg):
+                return  # SIGTERM / Ctrl-C shut the context down: stop quietly, no traceback
             self.chunks_published += 1
 
     def destroy_node(self) -> None:

@@ -30,7 +30,7 @@ from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.errors import ConfigError, DecodeError
 from omni_ros.core.types import PlaybackReport
 from omni_ros.ros import conversions as conv
-from omni_ros.ros._run import spin_node
+from omni_ros.ros._run import publish_unless_shut_down, spin_node
 from omni_ros.ros.qos import profile
 from omni_ros_msgs.msg import AudioChunk, Playback
 from omni_ros_msgs.msg import SpeechFlush as SpeechFlushMsg
@@ -327,11 +327,7 @@ class SpeakerNode(Node):
     def _publish(self, publisher: Any, msg: Any) -> None:
         """Publish from the playback thread; after Ctrl-C shut the context down, stop quietly
         (the thread can be mid-chunk when the context goes) instead of dying with a traceback."""
-        try:
-            publisher.publish(msg)
-        except Exception:
-            if self.context.ok():
-                raise
+        if not publish_unless_shut_down(self, publisher, msg):
             with self._cond:
                 self._stop = True
                 self._cond.notify_all()
