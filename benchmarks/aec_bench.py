@@ -52,13 +52,13 @@ from pathlib import Path
 
 import numpy as np
 import soxr
-from omni_ros.core.clock import NS_PER_S
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "omni_ros"), str(ROOT / "omni_ros" / "test")]
 
 from omni_ros.core.aec import AecConfig, EchoCanceller  # noqa: E402
 from omni_ros.core.bargein import BargeInDetector  # noqa: E402
+from omni_ros.core.clock import NS_PER_S  # noqa: E402
 from omni_ros.core.types import AudioBlock, FloatArray  # noqa: E402
 from omni_ros.core.vad import VadConfig, VoiceActivityDetector  # noqa: E402
 from unit.core import duplex_scene as room_sim  # noqa: E402

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omni_ros.core.clock import NS_PER_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "omni_ros"))
 
 import torch
 from omni_ros.backends.reference import ReferenceBackend, ReferenceConfig
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.types import Unit, VideoFrame
 
 

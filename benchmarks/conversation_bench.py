@@ -58,12 +58,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omni_ros.core.clock import NS_PER_S
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _room import ROOMS, Room, RoomConfig, RoomSink  # noqa: E402
+from omni_ros.core.clock import NS_PER_S  # noqa: E402
 
 MIC_RATE = 16_000
 OUT_RATE = 24_000

@@ -20,11 +20,11 @@ import sys
 import time
 
 import numpy as np
-from omni_ros.core.clock import NS_PER_S
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "omni_ros"))
 
 from omni_ros.core.audio import decode_audio
+from omni_ros.core.clock import NS_PER_S
 from omni_ros.core.images import decode_image
 from omni_ros.core.timeline import Timeline, TimelineConfig
 from omni_ros.core.types import Counters, RawAudio, RawImage

@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from omni_ros.core.clock import NS_PER_S
 
 _ROOT = Path(__file__).resolve().parents[1] / "omni_ros"
 sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(_ROOT / "test"))
 
 from omni_ros.backends.vllm_omni import VllmOmniBackend, VllmOmniConfig  # noqa: E402
+from omni_ros.core.clock import NS_PER_S  # noqa: E402
 from omni_ros.core.types import Unit, VideoFrame  # noqa: E402
 from unit.backends.loopback_vllm_server import LoopbackVllmServer  # noqa: E402
 
