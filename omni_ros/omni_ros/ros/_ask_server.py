@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import rclpy
@@ -13,6 +14,33 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 
 from omni_ros import topics
 from omni_ros_msgs.action import Ask
+
+
+def prestart_pool(executor: MultiThreadedExecutor, num_threads: int) -> int:
+    """Start every worker thread of ``executor``'s pool now, so the process's thread count is
+    fixed once the node is up (no thread is created while it runs; a leak check can count).
+
+    rclpy's MultiThreadedExecutor runs callbacks in a ``concurrent.futures.ThreadPoolExecutor``
+    (``self._executor``, rclpy/executors.py ``MultiThreadedExecutor.__init__``), which starts a
+    worker only when a task finds none idle: measured, 0 threads after construction, 4 after a
+    burst of 4 concurrent requests. Each warm-up task waits for all the others, so every
+    submission finds no idle worker and starts one. Returns the workers running afterwards (0
+    when the pool is not a ThreadPoolExecutor: the executor is left as it is).
+    """
+    pool = getattr(executor, "_executor", None)
+    if not isinstance(pool, ThreadPoolExecutor):
+        return 0
+    barrier = threading.Barrier(num_threads)
+
+    def hold() -> None:
+        try:
+            barrier.wait(timeout=5.0)
+        except threading.BrokenBarrierError:
+            pass
+
+    for future in [pool.submit(hold) for _ in range(num_threads)]:
+        future.result(timeout=10.0)
+    return len(getattr(pool, "_threads", ()))
 
 
 class AskHost:
@@ -61,6 +89,8 @@ class AskHost:
         # (+1 more for omni/set_prompt, which the main node serves here and which waits for the
         # backend's prepare.)
         self.executor = MultiThreadedExecutor(num_threads=self.max_goals + 2, context=node.context)
+        #: threads of the executor's pool, all started here (see :func:`prestart_pool`).
+        self.pool_threads = prestart_pool(self.executor, self.max_goals + 2)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self._spin, name="omni-ask", daemon=True)
         self.thread.start()
