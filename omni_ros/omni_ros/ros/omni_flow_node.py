@@ -53,7 +53,12 @@ from omni_ros.ros._clock_watch import ClockWatch, mark_stall
 from omni_ros.ros._diagnostics import DiagnosticsReporter
 from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
-from omni_ros.ros._run import install_interrupt_guard
+from omni_ros.ros._run import (
+    STOP_SIGNALS,
+    install_interrupt_guard,
+    shut_down_meanwhile,
+    spin_until_stopped,
+)
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, build_backend_config, node_setup
 from omni_ros.ros.audio_common import mic_subscriptions
 from omni_ros.ros.graph_advice import GraphAdvisor
@@ -620,9 +625,18 @@ def main(args: list[str] | None = None) -> None:
 
     SIGINT and SIGTERM both end the spin (rclpy's handlers shut the context down); the node then
     stops its loop and closes the backend (waiting, bounded, for a call in flight). A second
-    SIGINT while closing ends the wait without a traceback (backend threads are daemons).
+    SIGINT while closing ends the wait without a traceback (backend threads are daemons). Either
+    signal while the node is still starting (the backend loading) interrupts the start and
+    exits 0 (see :func:`omni_ros.ros._run._terminate`).
     """
     install_interrupt_guard()  # a second Ctrl-C during teardown must not kill it (see _run)
+    try:
+        _main(args)
+    except STOP_SIGNALS:  # a signal between the steps of _main (rclpy.init, a teardown)
+        rclpy.try_shutdown()
+
+
+def _main(args: list[str] | None) -> None:
     rclpy.init(args=args)
     node: OmniFlowNode | None = None
     try:
@@ -634,16 +648,19 @@ def main(args: list[str] | None = None) -> None:
         # the blocking omni/ask goals have their own executor (AskHost).
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_stopped(executor)
+    except (*STOP_SIGNALS, ExternalShutdownException):
         pass
+    except Exception as exc:  # the context was shut down while the node was being set up
+        if not shut_down_meanwhile(exc):
+            raise
     finally:
         try:
             if node is not None:
                 node.close()
                 node.destroy_node()
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C while closing: exit now
+        except STOP_SIGNALS:
+            pass  # a second Ctrl-C (or SIGTERM) while closing: exit now
         rclpy.try_shutdown()
 
 

@@ -194,11 +194,14 @@ class FaultyDoubleConfig:
         server), ``hang`` (generate() blocks until the file is removed).
     unit_ms: unit length.
     slow_ms: duration of a slow unit.
+    load_ms: how long building the backend takes (a 9B model loads for minutes); the file
+        ``loading`` in ``control_dir`` says it has begun.
     """
 
     control_dir: str = ""
     unit_ms: int = 1000
     slow_ms: int = 1500
+    load_ms: int = 0
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, Any] | None) -> FaultyDoubleConfig:
@@ -217,6 +220,10 @@ class FaultyBackendDouble(_ScriptedBase):
     def __init__(self, config: FaultyDoubleConfig) -> None:
         super().__init__(config.unit_ms)
         self.config = config
+        if config.load_ms:
+            with open(os.path.join(config.control_dir, "loading"), "w"):
+                pass
+            time.sleep(config.load_ms / 1000)
 
     def _on(self, switch: str) -> bool:
         return os.path.exists(os.path.join(self.config.control_dir, switch))
