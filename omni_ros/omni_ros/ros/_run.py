@@ -1,6 +1,6 @@
-"""The one ``main()`` shape of the audio nodes (init, spin, KeyboardInterrupt and external shutdown,
-``destroy_node`` + ``try_shutdown`` in finally), written once, and the SIGINT / SIGTERM
-guard every node's ``main()`` installs."""
+"""The one ``main()`` shape of every node (init, build, start, spin, Ctrl-C / SIGTERM and external
+shutdown, ``destroy_node`` + ``try_shutdown`` in finally), written once, and the SIGINT / SIGTERM
+guard it installs."""
 
 from __future__ import annotations
 
@@ -111,20 +111,42 @@ def publish_unless_shut_down(node: Any, publisher: Any, msg: Any) -> bool:
     return True
 
 
-def spin_node(factory: Callable[[], Any], name: str, args: list[str] | None = None) -> None:
-    """init, build the node, spin, handle Ctrl-C / external shutdown, destroy, try_shutdown.
+def spin_node(
+    factory: Callable[[], Any],
+    name: str,
+    args: list[str] | None = None,
+    start: Callable[[Any], None] | None = None,
+    before_destroy: Callable[[Any], None] | None = None,
+) -> None:
+    """init, build the node, start it, spin, handle Ctrl-C / SIGTERM / external shutdown,
+    destroy, try_shutdown: every node's ``main()``.
 
     A :class:`ConfigError` while building the node (a bad parameter, or an audio device that does
     not exist: its message lists the devices) ends the process with exit code 2 and the message.
+
+    Args:
+        factory: builds the node.
+        name: the executable's name (for the ConfigError message).
+        args: the command line (ROS arguments).
+        start: run on the built node before spinning (omni_flow_node's autostart: configure,
+            activate); a signal in it is a clean exit, and the node is still torn down.
+        before_destroy: run on the node before ``destroy_node`` (omni_flow_node: stop the loop
+            and close the backend).
     """
     install_interrupt_guard()
     try:
-        _spin_node(factory, name, args)
+        _spin_node(factory, name, args, start, before_destroy)
     except STOP_SIGNALS:  # a signal between the steps below (rclpy.init, a teardown)
         rclpy.try_shutdown()
 
 
-def _spin_node(factory: Callable[[], Any], name: str, args: list[str] | None) -> None:
+def _spin_node(
+    factory: Callable[[], Any],
+    name: str,
+    args: list[str] | None,
+    start: Callable[[Any], None] | None,
+    before_destroy: Callable[[Any], None] | None,
+) -> None:
     rclpy.init(args=args)
     try:
         node = factory()
@@ -141,16 +163,20 @@ def _spin_node(factory: Callable[[], Any], name: str, args: list[str] | None) ->
         rclpy.try_shutdown()
         return
     try:
+        if start is not None:
+            start(node)
         executor = SingleThreadedExecutor()
         executor.add_node(node)
         spin_until_stopped(executor)
     except (*STOP_SIGNALS, ExternalShutdownException):
         pass
-    except Exception as exc:
+    except Exception as exc:  # the context was shut down while the node was started or spun
         if not shut_down_meanwhile(exc):
             raise
     finally:
         try:
+            if before_destroy is not None:
+                before_destroy(node)
             node.destroy_node()
         except STOP_SIGNALS:
             pass  # a second Ctrl-C (or SIGTERM) while closing: exit now, without a traceback

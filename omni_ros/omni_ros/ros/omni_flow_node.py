@@ -14,12 +14,10 @@ import functools
 import time
 from typing import Any, ClassVar
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import CompressedImage, Image
@@ -53,12 +51,7 @@ from omni_ros.ros._clock_watch import ClockWatch, mark_stall
 from omni_ros.ros._diagnostics import DiagnosticsReporter
 from omni_ros.ros._inputs import PromptLimits, check_prompt, read_voice
 from omni_ros.ros._params import ParamSpec, accelerate_with_tensorrt, ros_value
-from omni_ros.ros._run import (
-    STOP_SIGNALS,
-    install_interrupt_guard,
-    shut_down_meanwhile,
-    spin_until_stopped,
-)
+from omni_ros.ros._run import spin_node
 from omni_ros.ros._setup import FLOW_PARAM_SPECS, NODE_PARAMS, build_backend_config, node_setup
 from omni_ros.ros.audio_common import mic_subscriptions
 from omni_ros.ros.graph_advice import GraphAdvisor
@@ -629,39 +622,16 @@ def main(args: list[str] | None = None) -> None:
     signal while the node is still starting (the backend loading) interrupts the start and
     exits 0 (see :func:`omni_ros.ros._run._terminate`).
     """
-    install_interrupt_guard()  # a second Ctrl-C during teardown must not kill it (see _run)
-    try:
-        _main(args)
-    except STOP_SIGNALS:  # a signal between the steps of _main (rclpy.init, a teardown)
-        rclpy.try_shutdown()
+    spin_node(
+        OmniFlowNode, "omni_flow_node", args, start=_autostart, before_destroy=OmniFlowNode.close
+    )
 
 
-def _main(args: list[str] | None) -> None:
-    rclpy.init(args=args)
-    node: OmniFlowNode | None = None
-    try:
-        node = OmniFlowNode()
-        autostart = bool(node.get_parameter("autostart").value)
-        if autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            node.trigger_activate()
-        # Every callback of this node only converts and enqueues, so one thread serves them all;
-        # the blocking omni/ask goals have their own executor (AskHost).
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        spin_until_stopped(executor)
-    except (*STOP_SIGNALS, ExternalShutdownException):
-        pass
-    except Exception as exc:  # the context was shut down while the node was being set up
-        if not shut_down_meanwhile(exc):
-            raise
-    finally:
-        try:
-            if node is not None:
-                node.close()
-                node.destroy_node()
-        except STOP_SIGNALS:
-            pass  # a second Ctrl-C (or SIGTERM) while closing: exit now
-        rclpy.try_shutdown()
+def _autostart(node: OmniFlowNode) -> None:
+    """With ``autostart``: configure, then activate if that succeeded."""
+    autostart = bool(node.get_parameter("autostart").value)
+    if autostart and node.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+        node.trigger_activate()
 
 
 if __name__ == "__main__":
