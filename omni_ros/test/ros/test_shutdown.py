@@ -35,6 +35,14 @@ def _wav(path: Path) -> Path:
     return path
 
 
+def _node_env() -> dict[str, str]:
+    """The environment of a node under test: this source tree first on PYTHONPATH."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 def _node_visible(
     name: str, namespace: str, timeout_s: float, proc: subprocess.Popen[bytes]
 ) -> None:
@@ -91,10 +99,7 @@ def test_repeated_sigint_during_teardown_still_exits_cleanly(
     argv = [sys.executable, "-m", module, "--ros-args", "-r", f"__ns:={namespace}"]
     for key, value in params.items():
         argv += ["-p", f"{key}:={value.format(wav=wav)}"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = _node_env()
     log_path = tmp_path / "node.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -182,10 +187,7 @@ def _terminate_while(
 ) -> tuple[int, float, str]:
     """Start ``argv``, SIGTERM it once ``started()`` holds; (exit code, seconds to exit, output)."""
     log_path = tmp_path / "node.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = _node_env()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
