@@ -15,6 +15,8 @@ other espeak-ng voices at a user-to-echo RMS ratio ``--ser-db``). For every echo
   0.5 s of an utterance), ``realign`` (0.1-0.8 s after the echo delay jumped by 100 ms and the
   canceller re-aligned);
 * false barge-ins per minute on ``--echo-minutes`` of the robot's own echoed speech (no user);
+* false barge-ins in ``--starts`` fresh starts per path (4 s scenes of the robot's first turn, no
+  user): the long scene holds one start, and the first second after one is the detector's hardest;
 * CPU: canceller + detector time per second of audio.
 
 ``before`` is main's rule before this detector, re-enacted: WebRTC VAD runs on the cleaned signal,
@@ -267,6 +269,10 @@ def _simulate(
     return decisions, canceller, cpu, resets
 
 
+START_SCENE_S = 4.0  # a fresh start's scene: the robot's first turn, nobody else speaking
+START_SEED = 1000  # its seeds (7 * j + delay) differ from the trials' (delay + 1, delay + 2)
+
+
 def _scene(room: room_sim.Room, seconds: float, seed: int) -> tuple[FloatArray, FloatArray]:
     far = room_sim.robot_speech(seconds, seed=seed)
     n = len(far) * MIC_RATE // room_sim.OUT_RATE + MIC_RATE
@@ -343,6 +349,14 @@ def bargein_main(args: argparse.Namespace) -> None:
                 "cpu_ms_per_s": 1000 * cpu / (len(mic) / MIC_RATE),
                 "delay_est": canceller.delay_ns / 1e6,
             }
+            # False barge-ins in the first seconds after start: each fresh canceller hears the
+            # robot's first turn once, so the long scene above holds only one start.
+            starts = [
+                _simulate(*_scene(room, START_SCENE_S, seed=START_SEED + 7 * j + delay), rule)[0]
+                for j in range(args.starts)
+            ]
+            row["start_false"] = sum(len(d) for d in starts)
+            row["start_false_scenes"] = sum(1 for d in starts if d)
             for ser in [] if args.no_trials else args.ser_db:
                 lat: dict[str, list[float | None]] = {}
                 # start: a fresh canceller, the user 0.3-2 s into the first turn.
@@ -410,14 +424,16 @@ def bargein_main(args: argparse.Namespace) -> None:
     print()
     print(
         "| echo path | rule | echo-only audio | false barge-ins (per minute) | CPU per s of audio "
-        "| false barge-ins in the 12 s delay-jump scene (no user) |"
+        "| false barge-ins in the 12 s delay-jump scene (no user) "
+        f"| false barge-ins in {args.starts} fresh starts ({START_SCENE_S:g} s each, no user) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['delay']} ms | {row['rule']} | {row['minutes']:.1f} min | {row['false']} "
             f"({row['false'] / row['minutes']:.2f}) | {row['cpu_ms_per_s']:.1f} ms "
-            f"| {row.get('jump_false', '-')} |"
+            f"| {row.get('jump_false', '-')} "
+            f"| {row['start_false']} (in {row['start_false_scenes']} starts) |"
         )
     # Pooled over paths, for the summary line.
     for rule in args.rules:
@@ -451,6 +467,12 @@ def main() -> None:
         "--min-speech-ms", type=int, default=None, help="vad.barge_in_min_speech_ms to use"
     )
     parser.add_argument("--no-trials", action="store_true", help="false barge-ins and CPU only")
+    parser.add_argument(
+        "--starts",
+        type=int,
+        default=25,
+        help="fresh starts per echo path whose false barge-ins are counted (0: none)",
+    )
     args = parser.parse_args()
     if args.min_speech_ms is not None:
         _VAD[0] = VadConfig(barge_in_min_speech_ms=args.min_speech_ms)

@@ -104,6 +104,13 @@ class AecConfig:
         delay_coherence_low_hz: lower edge of the band the coherence is averaged over.
         delay_coherence_high_hz: upper edge of that band.
         delay_tolerance_ms: two consecutive estimates must agree within this to count.
+        delay_first_arrival_ms: an estimate is the echo's first arrival: the earliest lag, up
+            to this much before GCC-PHAT's highest peak, whose correlation reaches
+            ``delay_first_arrival_ratio`` of it. An early reflection (a table, a wall) can
+            correlate more than the direct path; aligned to it, the direct path reaches the
+            microphone before its reference, which Speex cannot cancel (measured: the first
+            estimate 11 ms late on a fresh start, a false barge-in 0.7 s later).
+        delay_first_arrival_ratio: see ``delay_first_arrival_ms``; 1.0 takes the highest peak.
         delay_headroom_ms: the filter covers echoes ``[align, align + filter_ms)`` after the
             aligned reference; the alignment moves only when an estimate falls outside
             ``[align, align + filter_ms - delay_headroom_ms]`` (the headroom keeps room for the
@@ -153,6 +160,8 @@ class AecConfig:
     delay_coherence_low_hz: int = 300
     delay_coherence_high_hz: int = 3400
     delay_tolerance_ms: int = 4
+    delay_first_arrival_ms: int = 30
+    delay_first_arrival_ratio: float = 0.5
     delay_headroom_ms: int = 100
     replay_passes: int = 2
     reference_gain: float = 1.0
@@ -187,6 +196,13 @@ class AecConfig:
         if not 0.0 <= self.delay_min_coherence < 1.0 or not self.delay_first_min_coherence >= 0.0:
             raise ConfigError(
                 "AecConfig.delay_min_coherence must be in [0, 1), delay_first_min_coherence >= 0"
+            )
+        if self.delay_first_arrival_ms < 0:
+            raise ConfigError("AecConfig.delay_first_arrival_ms must be >= 0")
+        if not 0.0 < self.delay_first_arrival_ratio <= 1.0:
+            raise ConfigError(
+                f"AecConfig.delay_first_arrival_ratio = {self.delay_first_arrival_ratio}; "
+                "use (0, 1]"
             )
         if self.delay_first_window_ms <= 0:
             raise ConfigError("AecConfig.delay_first_window_ms must be > 0")
@@ -363,12 +379,23 @@ class SpeexEcho:
 
 # ------------------------------------------------------------------------------ delay estimation
 def gcc_phat_delay(
-    mic: FloatArray, ref: FloatArray, max_lag: int, beta: float = 1.0
+    mic: FloatArray,
+    ref: FloatArray,
+    max_lag: int,
+    beta: float = 1.0,
+    first_arrival: tuple[int, float] | None = None,
 ) -> tuple[int, float]:
     """Estimate how many samples ``mic`` lags ``ref`` by GCC-PHAT.
 
     ``ref`` must start ``max_lag`` samples before ``mic`` and be ``len(mic) + max_lag`` long, so a
     lag ``L`` in ``[0, max_lag]`` pairs ``mic[n]`` with ``ref[n + max_lag - L]``.
+
+    Args:
+        first_arrival: ``(samples, ratio)``: the echo's first arrival, not its strongest one:
+            the earliest lag up to ``samples`` before the highest peak whose correlation reaches
+            ``ratio`` of that peak is returned (an early reflection can correlate as strongly as
+            the direct path; aligned to it, the direct path would arrive before its reference,
+            which the canceller cannot cancel). None: the highest peak.
 
     Returns:
         ``(lag, confidence)`` where confidence is the correlation peak over the RMS of the
@@ -382,9 +409,16 @@ def gcc_phat_delay(
     cross /= np.maximum(np.abs(cross), 1e-12) ** beta
     cc = np.fft.irfft(cross, size)[: max_lag + 1]  # cc[k] = sum mic[n] ref[n + k]
     mag = np.abs(cc)
-    k = int(np.argmax(mag))
+    peak = int(np.argmax(mag))
+    k = peak
+    if first_arrival is not None:
+        span, ratio = first_arrival
+        # Earlier arrivals are smaller lags, i.e. larger k (cc[k] pairs mic[n] with ref[n + k]).
+        hi = min(max_lag, peak + span)
+        strong = np.flatnonzero(mag[peak : hi + 1] >= ratio * mag[peak])
+        k = peak + int(strong[-1])
     rms = float(np.sqrt(np.mean(mag**2))) or 1e-12
-    return max_lag - k, float(mag[k] / rms)
+    return max_lag - k, float(mag[peak] / rms)
 
 
 def echo_coherence(
@@ -814,7 +848,15 @@ class EchoCanceller:
         active = np.abs(ref[max_lag:]) > 1e-3
         if active.mean() < 0.5 or float(np.std(mic_win)) < 1e-4:
             return
-        lag, confidence = gcc_phat_delay(mic_win, ref, max_lag)
+        lag, confidence = gcc_phat_delay(
+            mic_win,
+            ref,
+            max_lag,
+            first_arrival=(
+                rate * cfg.delay_first_arrival_ms // 1000,
+                cfg.delay_first_arrival_ratio,
+            ),
+        )
         if confidence < cfg.delay_min_confidence:
             return
         aligned = ref[max_lag - lag : max_lag - lag + window]

@@ -32,8 +32,12 @@ echo-cancelled signal, two questions:
    or 0.1 s after a re-alignment, is heard (docs/BENCHMARKS.md); one who starts as our first
    echo arrives is not: nothing tells their voice from an echo path not heard yet.
 
-``barge_in_min_speech_ms`` of consecutive near-end frames make a barge-in run; the flow decides with
-it and the session's speech span (:meth:`omni_ros.core.flow.OmniFlow._check_barge_in`). Frames with
+``barge_in_min_speech_ms`` of consecutive near-end frames make a barge-in run
+(``barge_in_young_min_speech_ms`` while the canceller is young: it has not yet heard
+``aec.warmup_ms`` of our speech since its last filter reset, i.e. the first seconds after a start
+or a re-alignment, where echo the filter has not learned yet looks most like the user: measured,
+most false barge-ins of fresh starts, docs/BENCHMARKS.md); the flow decides with it and the
+session's speech span (:meth:`omni_ros.core.flow.OmniFlow._check_barge_in`). Frames with
 no reference that could echo are judged by the classifier alone.
 
 Every frame stamp is sample-exact from the stream's anchor; a block whose stamp does not continue
@@ -135,6 +139,7 @@ class BargeInState:
     filter_resets: int = 0  # the canceller's counts at the last look
     full_resets: int = 0
     replays: int = 0
+    young: bool = False  # the canceller had not converged at the last frame
     frames: int = 0
     near_end_frames: int = 0
 
@@ -155,6 +160,7 @@ class BargeInState:
         self.filter_resets = 0
         self.full_resets = 0
         self.replays = 0
+        self.young = False
         self.frames = 0
         self.near_end_frames = 0
 
@@ -200,6 +206,10 @@ class BargeInDetector:
         self._min_frames = max(
             1, -(-self.vad_config.barge_in_min_speech_ms * 1_000_000 // self.frame_ns)
         )
+        self._young_frames = max(
+            self._min_frames,
+            -(-self.vad_config.barge_in_young_min_speech_ms * 1_000_000 // self.frame_ns),
+        )
         self._hangover_frames = self.vad_config.barge_in_hangover_ms * 1_000_000 // self.frame_ns
         self._margin = float(10.0 ** (aec_cfg.dtd_margin_db / 10.0))
         self._prior = float(10.0 ** (aec_cfg.dtd_prior_db / 10.0))
@@ -212,7 +222,7 @@ class BargeInDetector:
     def active_run(self) -> tuple[int, int] | None:
         """The ongoing near-end run as ``(start_ns, duration_ns)`` once it is long enough, or None."""
         st = self.state
-        if st.run_start_ns is None or st.run_frames < self._min_frames:
+        if st.run_start_ns is None or st.run_frames < self._needed():
             return None
         return st.run_start_ns, st.run_end_ns - st.run_start_ns
 
@@ -271,6 +281,12 @@ class BargeInDetector:
         return self.last_verdicts
 
     # ---------------------------------------------------------------------------------- internals
+    def _needed(self) -> int:
+        """Near-end frames a run needs to count as a barge-in now: more while the canceller is
+        young. (The run itself is built as always: Silero's lower continuation threshold and the
+        hangover apply from ``barge_in_min_speech_ms`` on.)"""
+        return self._young_frames if self.state.young else self._min_frames
+
     def _stamp(self, sample_index: int) -> int:
         assert self.state.anchor_ns is not None
         return self.state.anchor_ns + round(sample_index * NS_PER_S / self.sample_rate)
@@ -439,6 +455,7 @@ class BargeInDetector:
         # Hysteresis as upstream Silero uses it (utils_vad.get_speech_timestamps: neg_threshold =
         # threshold - 0.15): a run already under way continues on weaker frames.
         threshold_p = self.vad_config.silero_threshold
+        st.young = echo is not None and not echo.converged
         if st.run_start_ns is not None and st.run_frames >= self._min_frames:
             threshold_p = max(0.01, threshold_p - 0.15)
         speech = prob >= threshold_p

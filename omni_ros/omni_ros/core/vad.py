@@ -75,6 +75,10 @@ class VadConfig:
             also accepts) needed for a barge-in. 64 ms (two Silero frames) measured 0 false
             barge-ins in 20 min of own echo over four echo paths; 32 ms made 1 in 12 min
             (benchmarks/aec_bench.py, docs/BENCHMARKS.md).
+        barge_in_young_min_speech_ms: the same while the echo canceller is young (it has not
+            heard ``aec.warmup_ms`` of our speech since its last filter reset: the first seconds
+            after a start or a re-alignment). 96 ms (three Silero frames) measured fewer false
+            barge-ins in fresh starts at +32-45 ms of latency there (docs/BENCHMARKS.md).
         barge_in_hangover_ms: other frames allowed inside a confirmed near-end run (between
             words) before it ends (the ``robot_speaking`` gate measures whole runs).
     """
@@ -88,6 +92,7 @@ class VadConfig:
     barge_in_model: str = "silero"
     silero_threshold: float = 0.5
     barge_in_min_speech_ms: int = 64
+    barge_in_young_min_speech_ms: int = 96
     barge_in_hangover_ms: int = 300
 
     def __post_init__(self) -> None:
@@ -107,9 +112,14 @@ class VadConfig:
             )
         if not 0.0 < self.silero_threshold < 1.0:
             raise ConfigError(f"VadConfig.silero_threshold = {self.silero_threshold}; use (0, 1)")
-        if self.barge_in_min_speech_ms < 0 or self.barge_in_hangover_ms < 0:
+        if (
+            self.barge_in_min_speech_ms < 0
+            or self.barge_in_young_min_speech_ms < 0
+            or self.barge_in_hangover_ms < 0
+        ):
             raise ConfigError(
-                "VadConfig.barge_in_min_speech_ms and barge_in_hangover_ms must be >= 0"
+                "VadConfig.barge_in_min_speech_ms, barge_in_young_min_speech_ms and "
+                "barge_in_hangover_ms must be >= 0"
             )
 
     @classmethod

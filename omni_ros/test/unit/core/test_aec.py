@@ -213,6 +213,36 @@ def test_gcc_phat_finds_a_known_lag_in_noise() -> None:
     assert confidence > 8.0
 
 
+def test_gcc_phat_can_return_the_first_arrival_before_a_stronger_reflection() -> None:
+    # The direct path at 200 samples at 0.8 of a reflection 15 ms (240 samples) later (the
+    # direct path shadowed; whitened, its peak is 0.61 of the reflection's): aligned to the
+    # reflection, the direct path would reach the microphone before its reference, which the
+    # canceller cannot cancel.
+    rng = np.random.default_rng(5)
+    ref = rng.normal(0, 1, 20_000).astype(np.float32)
+    max_lag, direct, late = 800, 200, 440
+    window, start = 8_000, 5_000
+    mic = (
+        0.8 * ref[start - direct : start - direct + window]
+        + ref[start - late : start - late + window]
+    )
+    ref_win = ref[start - max_lag : start + window]
+    assert gcc_phat_delay(mic, ref_win, max_lag)[0] == late
+    found, confidence = gcc_phat_delay(mic, ref_win, max_lag, first_arrival=(480, 0.5))
+    assert found == direct
+    assert confidence == gcc_phat_delay(mic, ref_win, max_lag)[1]  # the peak's evidence
+    # A reflection later than the search span, or one too weak, is not taken for it.
+    assert gcc_phat_delay(mic, ref_win, max_lag, first_arrival=(200, 0.5))[0] == late
+    assert gcc_phat_delay(mic, ref_win, max_lag, first_arrival=(480, 0.7))[0] == late
+
+
+def test_first_arrival_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="delay_first_arrival_ratio"):
+        AecConfig(delay_first_arrival_ratio=0.0)
+    with pytest.raises(ConfigError, match="delay_first_arrival_ms"):
+        AecConfig(delay_first_arrival_ms=-1)
+
+
 @pytest.mark.parametrize(
     ("mode", "speaking", "expected_ns"),
     [
