@@ -203,12 +203,9 @@ class BargeInDetector:
         self._recent_frames = 2 + aec_cfg.delay_window_ms * 1_000_000 // self.frame_ns
         # Echo-only frames needed before the learned ratio replaces the prior (~250 ms of echo).
         self._min_learned = min(self._history_frames, 8)
-        self._min_frames = max(
-            1, -(-self.vad_config.barge_in_min_speech_ms * 1_000_000 // self.frame_ns)
-        )
+        self._min_frames = max(1, self._frames_for(self.vad_config.barge_in_min_speech_ms))
         self._young_frames = max(
-            self._min_frames,
-            -(-self.vad_config.barge_in_young_min_speech_ms * 1_000_000 // self.frame_ns),
+            self._min_frames, self._frames_for(self.vad_config.barge_in_young_min_speech_ms)
         )
         self._hangover_frames = self.vad_config.barge_in_hangover_ms * 1_000_000 // self.frame_ns
         self._margin = float(10.0 ** (aec_cfg.dtd_margin_db / 10.0))
@@ -281,6 +278,10 @@ class BargeInDetector:
         return self.last_verdicts
 
     # ---------------------------------------------------------------------------------- internals
+    def _frames_for(self, ms: int) -> int:
+        """Whole frames that cover ``ms`` of audio (rounded up)."""
+        return -(-ms * 1_000_000 // self.frame_ns)
+
     def _needed(self) -> int:
         """Near-end frames a run needs to count as a barge-in now: more while the canceller is
         young. (The run itself is built as always: Silero's lower continuation threshold and the

@@ -183,16 +183,17 @@ PEERS = Path(__file__).parent / "peers"
 
 
 def _terminate_while(
-    argv: list[str], started: Callable[[], bool], tmp_path: Path
+    argv: list[str], started: Callable[[Path], bool], tmp_path: Path
 ) -> tuple[int, float, str]:
-    """Start ``argv``, SIGTERM it once ``started()`` holds; (exit code, seconds to exit, output)."""
+    """Start ``argv``, SIGTERM it once ``started(log)`` holds (``log``: the node's output so far);
+    returns (exit code, seconds to exit, output)."""
     log_path = tmp_path / "node.log"
     env = _node_env()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 60
-            while not started():
+            while not started(log_path):
                 assert proc.poll() is None, log_path.read_text(errors="replace")
                 assert time.monotonic() < deadline, "the node never started building"
                 time.sleep(0.02)
@@ -225,7 +226,9 @@ def test_sigterm_while_the_backend_loads_ends_omni_flow_node_at_once_with_exit_0
     argv = [sys.executable, str(PEERS / "flow_node_runner.py"), "--ros-args",
             "-r", f"__ns:=/sigterm_{os.getpid()}", "-p", "backend:=faulty_double",
             "-p", f"faulty_double.control_dir:={control}", "-p", "faulty_double.load_ms:=20000"]  # fmt: skip
-    code, took, output = _terminate_while(argv, (control / "loading").exists, tmp_path)
+    code, took, output = _terminate_while(
+        argv, lambda _log: (control / "loading").exists(), tmp_path
+    )
     assert code == 0, output[-3000:]
     assert took < 5.0, f"{took:.1f} s to exit after SIGTERM\n{output[-3000:]}"
     assert "Traceback" not in output, output[-3000:]
@@ -237,9 +240,8 @@ def test_sigterm_while_an_audio_node_is_built_exits_0_without_a_traceback(tmp_pa
     # exit code 1 (measured 4 of 30 random SIGTERMs within 1.2 s of a mic_node's start).
     argv = [sys.executable, str(PEERS / "slow_start_node.py"), "10", "--ros-args",
             "-r", f"__ns:=/sigterm_{os.getpid()}"]  # fmt: skip
-    log = tmp_path / "node.log"
     code, took, output = _terminate_while(
-        argv, lambda: log.exists() and "building" in log.read_text(errors="replace"), tmp_path
+        argv, lambda log: "building" in log.read_text(errors="replace"), tmp_path
     )
     assert code == 0, output[-3000:]
     assert took < 5.0, f"{took:.1f} s to exit after SIGTERM\n{output[-3000:]}"
