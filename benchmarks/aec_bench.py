@@ -17,6 +17,9 @@ other espeak-ng voices at a user-to-echo RMS ratio ``--ser-db``). For every echo
 * false barge-ins per minute on ``--echo-minutes`` of the robot's own echoed speech (no user);
 * false barge-ins in ``--starts`` fresh starts per path (4 s scenes of the robot's first turn, no
   user): the long scene holds one start, and the first second after one is the detector's hardest;
+* false barge-ins after the room changed (``--room-changes`` 12 s scenes per path and fade, no
+  user): 6 s into the robot's speech a new set of reflections replaces the room's, at once or
+  over 1 s (the robot moved; its direct path, fixed on its body, stays, so nothing re-aligns);
 * CPU: canceller + detector time per second of audio.
 
 ``before`` is main's rule before this detector, re-enacted: WebRTC VAD runs on the cleaned signal,
@@ -271,6 +274,9 @@ def _simulate(
 
 START_SCENE_S = 4.0  # a fresh start's scene: the robot's first turn, nobody else speaking
 START_SEED = 1000  # its seeds (7 * j + delay) differ from the trials' (delay + 1, delay + 2)
+ROOM_CHANGE_S = 6.0  # a room-change scene's reflections change this far into the robot's speech
+ROOM_FADES_S = (0.0, 1.0)  # at once, and over a second
+ROOM_SEED = 7000  # its seeds: 7 * j + delay
 
 
 def _scene(room: room_sim.Room, seconds: float, seed: int) -> tuple[FloatArray, FloatArray]:
@@ -327,6 +333,26 @@ def _trial(
     return None
 
 
+def _room_changes(delay: int, scenes: int, rule: str) -> dict[float, tuple[int, int]]:
+    """Per fade: (false barge-ins decided after the change, scenes with one) in ``scenes``
+    12 s scenes whose reflections change at ``ROOM_CHANGE_S``."""
+    out = {}
+    for fade in ROOM_FADES_S:
+        room = room_sim.Room(
+            delay_ms=delay, reflections_change_at_s=ROOM_CHANGE_S, reflections_fade_s=fade
+        )
+        after = [
+            [
+                d
+                for _s, d in _simulate(*_scene(room, 12, seed=ROOM_SEED + 7 * j + delay), rule)[0]
+                if d >= stamp(int(ROOM_CHANGE_S * MIC_RATE))
+            ]
+            for j in range(scenes)
+        ]
+        out[fade] = (sum(len(a) for a in after), sum(1 for a in after if a))
+    return out
+
+
 def bargein_main(args: argparse.Namespace) -> None:
     delays = args.delays or [40, 120, 200, 300]
     print(
@@ -357,6 +383,7 @@ def bargein_main(args: argparse.Namespace) -> None:
             ]
             row["start_false"] = sum(len(d) for d in starts)
             row["start_false_scenes"] = sum(1 for d in starts if d)
+            row["room_false"] = _room_changes(delay, args.room_changes, rule)
             for ser in [] if args.no_trials else args.ser_db:
                 lat: dict[str, list[float | None]] = {}
                 # start: a fresh canceller, the user 0.3-2 s into the first turn.
@@ -425,15 +452,25 @@ def bargein_main(args: argparse.Namespace) -> None:
     print(
         "| echo path | rule | echo-only audio | false barge-ins (per minute) | CPU per s of audio "
         "| false barge-ins in the 12 s delay-jump scene (no user) "
-        f"| false barge-ins in {args.starts} fresh starts ({START_SCENE_S:g} s each, no user) |"
+        f"| false barge-ins in {args.starts} fresh starts ({START_SCENE_S:g} s each, no user) "
+        + "".join(
+            f"| after the room changed ({'at once' if f == 0 else f'over {f:g} s'}, "
+            f"{args.room_changes} scenes) "
+            for f in ROOM_FADES_S
+        )
+        + "|"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(ROOM_FADES_S))
     for row in rows:
         print(
             f"| {row['delay']} ms | {row['rule']} | {row['minutes']:.1f} min | {row['false']} "
             f"({row['false'] / row['minutes']:.2f}) | {row['cpu_ms_per_s']:.1f} ms "
             f"| {row.get('jump_false', '-')} "
-            f"| {row['start_false']} (in {row['start_false_scenes']} starts) |"
+            f"| {row['start_false']} (in {row['start_false_scenes']} starts) "
+            + "".join(
+                f"| {n} (in {k} scenes) " for n, k in (row["room_false"][f] for f in ROOM_FADES_S)
+            )
+            + "|"
         )
     # Pooled over paths, for the summary line.
     for rule in args.rules:
@@ -472,6 +509,12 @@ def main() -> None:
         type=int,
         default=25,
         help="fresh starts per echo path whose false barge-ins are counted (0: none)",
+    )
+    parser.add_argument(
+        "--room-changes",
+        type=int,
+        default=5,
+        help="room-change scenes per echo path and fade whose false barge-ins are counted",
     )
     args = parser.parse_args()
     if args.min_speech_ms is not None:

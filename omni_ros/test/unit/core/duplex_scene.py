@@ -81,6 +81,10 @@ class Room:
     noise_db: float = -60.0  # white noise RMS, dBFS
     delay_jump_at_s: float | None = None  # the delay changes to ``jump_to_ms`` at this time
     jump_to_ms: int = 0
+    # The room's reflections change at this time (the robot moved; the direct path, fixed on its
+    # body, stays): a second set of reflections fades in over ``reflections_fade_s``.
+    reflections_change_at_s: float | None = None
+    reflections_fade_s: float = 0.0
 
 
 def room_response(room: Room, rng: np.random.Generator) -> FloatArray:
@@ -99,6 +103,14 @@ def echo_of(far: FloatArray, room: Room, seed: int, length: int) -> FloatArray:
     far16 = soxr.resample(far, OUT_RATE, MIC_RATE).astype(np.float32)
     played = np.tanh(1.2 * far16) / 1.2  # a small loudspeaker's soft saturation
     wet = np.convolve(played, room_response(room, rng))
+    if room.reflections_change_at_s is not None:
+        # Drawn after the first room, so a scene without the change is the same as before.
+        moved = np.convolve(played, room_response(room, rng))
+        ramp = (np.arange(len(wet)) - room.reflections_change_at_s * MIC_RATE) / max(
+            1.0, room.reflections_fade_s * MIC_RATE
+        )
+        mix = np.clip(ramp, 0.0, 1.0)
+        wet = (1.0 - mix) * wet + mix * moved
 
     def delayed(delay_ms: int) -> FloatArray:
         out = np.zeros(length, np.float32)

@@ -387,3 +387,23 @@ def test_a_replay_keeps_the_residual_of_its_untrained_end() -> None:
     assert len(span[0]) == len(span[1]) == 1600
     assert canceller.replayed_span(end - 50_000_000, 1600) is None  # runs past the replay
     assert canceller.replayed_span(end - 2 * S, 1600) is None  # older than its untrained end
+
+
+def test_a_room_change_scene_is_the_plain_rooms_until_its_reflections_change() -> None:
+    # benchmarks/aec_bench.py counts false barge-ins after a room change against the same seeds'
+    # scenes without one: the change must not alter what comes before it, and must alter after.
+    far = room_sim.robot_speech(3, seed=11)
+    n = 4 * RATE
+    plain = room_sim.echo_of(far, room_sim.Room(delay_ms=120), seed=11, length=n)
+    for fade_s in (0.0, 1.0):
+        moved = room_sim.echo_of(
+            far,
+            room_sim.Room(delay_ms=120, reflections_change_at_s=1.5, reflections_fade_s=fade_s),
+            seed=11,
+            length=n,
+        )
+        cut = int(1.62 * RATE)  # the change reaches the mic after the 120 ms path
+        np.testing.assert_array_equal(moved[:cut], plain[:cut])
+        after = slice(int((2.7 if fade_s else 1.7) * RATE), int(3.0 * RATE))
+        diff = room_sim.rms(moved[after] - plain[after])
+        assert diff > 0.3 * room_sim.rms(plain[after]), fade_s
