@@ -333,9 +333,15 @@ def _trial(
     return None
 
 
+def _false_counts(per_scene: list[list[tuple[int, int]]]) -> tuple[int, int]:
+    """(false barge-ins, scenes with one) from each scene's decisions."""
+    return sum(len(d) for d in per_scene), sum(1 for d in per_scene if d)
+
+
 def _room_changes(delay: int, scenes: int, rule: str) -> dict[float, tuple[int, int]]:
-    """Per fade: (false barge-ins decided after the change, scenes with one) in ``scenes``
-    12 s scenes whose reflections change at ``ROOM_CHANGE_S``."""
+    """Per fade: :func:`_false_counts` of the decisions after the change in ``scenes`` 12 s
+    scenes whose reflections change at ``ROOM_CHANGE_S``."""
+    change_ns = stamp(int(ROOM_CHANGE_S * MIC_RATE))
     out = {}
     for fade in ROOM_FADES_S:
         room = room_sim.Room(
@@ -343,13 +349,13 @@ def _room_changes(delay: int, scenes: int, rule: str) -> dict[float, tuple[int, 
         )
         after = [
             [
-                d
-                for _s, d in _simulate(*_scene(room, 12, seed=ROOM_SEED + 7 * j + delay), rule)[0]
-                if d >= stamp(int(ROOM_CHANGE_S * MIC_RATE))
+                (s, d)
+                for s, d in _simulate(*_scene(room, 12, seed=ROOM_SEED + 7 * j + delay), rule)[0]
+                if d >= change_ns
             ]
             for j in range(scenes)
         ]
-        out[fade] = (sum(len(a) for a in after), sum(1 for a in after if a))
+        out[fade] = _false_counts(after)
     return out
 
 
@@ -381,8 +387,7 @@ def bargein_main(args: argparse.Namespace) -> None:
                 _simulate(*_scene(room, START_SCENE_S, seed=START_SEED + 7 * j + delay), rule)[0]
                 for j in range(args.starts)
             ]
-            row["start_false"] = sum(len(d) for d in starts)
-            row["start_false_scenes"] = sum(1 for d in starts if d)
+            row["start_false"], row["start_false_scenes"] = _false_counts(starts)
             row["room_false"] = _room_changes(delay, args.room_changes, rule)
             for ser in [] if args.no_trials else args.ser_db:
                 lat: dict[str, list[float | None]] = {}

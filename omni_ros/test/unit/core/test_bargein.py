@@ -390,8 +390,9 @@ def test_a_replay_keeps_the_residual_of_its_untrained_end() -> None:
 
 
 def test_a_room_change_scene_is_the_plain_rooms_until_its_reflections_change() -> None:
-    # benchmarks/aec_bench.py counts false barge-ins after a room change against the same seeds'
-    # scenes without one: the change must not alter what comes before it, and must alter after.
+    # benchmarks/aec_bench.py --room-changes counts false barge-ins after the change; the scenes of
+    # every other test and benchmark use the same helper without one, so the change must leave
+    # what comes before it (and a room without it) as it was, and must alter what comes after.
     far = room_sim.robot_speech(3, seed=11)
     n = 4 * RATE
     plain = room_sim.echo_of(far, room_sim.Room(delay_ms=120), seed=11, length=n)
