@@ -142,8 +142,17 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
     """Sends an ``omni_ros_msgs/Ask`` goal; RUNNING until the result, then SUCCESS or FAILURE.
 
     SUCCESS writes the reply to ``/omni/<reply_key>``. FAILURE when the server does not appear
-    within ``server_timeout_s``, rejects the goal, or the goal ends other than SUCCEEDED (aborted
-    by the node's timeout, canceled). A halted (preempted) behaviour cancels its goal.
+    within ``server_timeout_s``, rejects the goal, does not answer it within
+    ``goal_response_timeout_s``, or the goal ends other than SUCCEEDED (aborted by the node's
+    timeout, canceled). A halted (preempted) behaviour cancels its goal.
+
+    An unanswered goal is canceled by its id. The server may well have accepted it: Fast DDS drops
+    a reply when the server has not yet matched the client's reply reader 100 ms after the request
+    (ros2/rmw_fastrtps, rmw_fastrtps_shared_cpp/src/rmw_response.cpp, ``rmw_send_response``
+    returns ``RMW_RET_TIMEOUT``; the server logs "failed to send response (timeout): client will
+    not receive response"), which a client created just before its first goal can meet. Without a
+    limit the behaviour would stay RUNNING forever while the model answered a question nobody
+    waits for.
 
     Args:
         name: behaviour name.
@@ -152,6 +161,7 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         action_name: the Ask action (relative names follow the node's namespace).
         timeout_s: the goal's ``timeout_s`` (0: the node's default).
         server_timeout_s: how long to wait for the action server to be discovered.
+        goal_response_timeout_s: how long to wait for the server to accept or reject the goal.
         reply_key: blackboard key (under ``/omni``) for the reply.
     """
 
@@ -163,14 +173,19 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         timeout_s: float = 0.0,
         server_timeout_s: float = 2.0,
         reply_key: str = REPLY_KEY,
+        goal_response_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(name)
         self.question = question
         self.action_name = action_name
         self.timeout_s = timeout_s
         self.server_timeout_s = server_timeout_s
+        self.goal_response_timeout_s = goal_response_timeout_s
         self.reply_key = reply_key
         self._client: Any = None
+        self._cancel_client: Any = None
+        self._goal_id: Any = None
+        self._sent_at = 0.0
         self._goal_future: Any = None
         self._result_future: Any = None
         self._handle: Any = None
@@ -182,12 +197,18 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         self.blackboard.register_key(key=reply_key, access=Access.WRITE)
 
     def setup(self, **kwargs: Any) -> None:
+        from action_msgs.srv import CancelGoal
         from rclpy.action import ActionClient
 
         from omni_ros_msgs.action import Ask
 
         node = _require_node(kwargs, type(self).__name__)
         self._client = ActionClient(node, Ask, self.action_name)
+        # The action's own cancel service (the ROS 2 action protocol: <action>/_action/cancel_goal),
+        # for a goal whose acceptance never reached us and so has no goal handle.
+        self._cancel_client = node.create_client(
+            CancelGoal, f"{self.action_name}/_action/cancel_goal"
+        )
 
     def initialise(self) -> None:
         self._goal_future = self._result_future = self._handle = None
@@ -196,13 +217,37 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
         self.partial_text = ""
 
     def _send(self) -> None:
+        import uuid
+
+        from unique_identifier_msgs.msg import UUID
+
         from omni_ros_msgs.action import Ask
 
         text = self.question() if callable(self.question) else self.question
         goal = Ask.Goal(text=text, timeout_s=float(self.timeout_s))
-        self._goal_future = self._client.send_goal_async(goal, feedback_callback=self._on_feedback)
+        self._goal_id = UUID(uuid=list(uuid.uuid4().bytes))
+        self._goal_future = self._client.send_goal_async(
+            goal, feedback_callback=self._on_feedback, goal_uuid=self._goal_id
+        )
         self._sent = True
+        self._sent_at = time.monotonic()
         self.feedback_message = f"asked {text!r}"
+
+    def _give_up_on_goal(self) -> None:
+        """Cancel the unanswered goal: by its id now, and through its handle if the acceptance
+        still comes."""
+        from action_msgs.msg import GoalInfo
+        from action_msgs.srv import CancelGoal
+
+        self._goal_future.add_done_callback(_cancel_when_accepted)
+        if self._cancel_client.service_is_ready():
+            request = CancelGoal.Request(goal_info=GoalInfo(goal_id=self._goal_id))
+            self._cancel_client.call_async(request)
+        self.feedback_message = (
+            f"no answer to the goal within {self.goal_response_timeout_s:g} s "
+            "(its reply may have been lost); canceled it"
+        )
+        self.logger.warning(self.feedback_message)
 
     def _on_feedback(self, feedback: Any) -> None:
         self.partial_text = str(feedback.feedback.partial_text)
@@ -219,6 +264,10 @@ class AskBehaviour(py_trees.behaviour.Behaviour):
             self._send()
         if self._result_future is None:
             if not self._goal_future.done():
+                if time.monotonic() - self._sent_at > self.goal_response_timeout_s:
+                    self._give_up_on_goal()
+                    self._goal_future = None  # settled: terminate() has nothing left to cancel
+                    return Status.FAILURE
                 return Status.RUNNING
             self._handle = self._goal_future.result()
             if not self._handle.accepted:

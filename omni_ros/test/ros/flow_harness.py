@@ -57,6 +57,98 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, proc: A
         time.sleep(0.01)
 
 
+#: A lifecycle transition's goal state (lifecycle_msgs/msg/Transition ids), by which a transition
+#: whose response was lost is seen to have taken place.
+TRANSITION_GOALS = {1: "inactive", 2: "unconfigured", 3: "active", 4: "inactive"}
+
+
+def call_service(
+    client: Any,
+    request: Any,
+    proc: Any,
+    timeout_s: float = 15.0,
+    resend_s: float | None = None,
+) -> Any:
+    """Call ``client`` and return the first response; fail after ``timeout_s``.
+
+    A response can be lost. Fast DDS sends a service's reply only once the server has matched the
+    client's reply reader, waiting at most ``max_blocking_time`` (100 ms) for it, then drops it
+    (ros2/rmw_fastrtps, rmw_fastrtps_shared_cpp/src/rmw_response.cpp, ``rmw_send_response``:
+    ``RMW_RET_TIMEOUT``; PRs #467 and #704). rclpy logs it in the server as "failed to send
+    response (timeout): client will not receive response" (rclpy/service.py,
+    ``Service.send_response``) and the client waits forever. ``service_is_ready`` says only that
+    the client has seen the server, not the reverse, so a client created just before its first call
+    can lose that call's reply: one clean-clone CI run (Jazzy) failed so on a first ``get_state``.
+
+    ``resend_s``: for a request that may be repeated (a read such as GetState or GetParameters),
+    send it again each ``resend_s`` without a response; the first reply of any copy answers.
+    """
+    wait_for(client.service_is_ready, timeout_s, f"service {client.srv_name}", proc)
+    futures = [client.call_async(request)]
+    sent_at = time.monotonic()
+
+    def answered() -> bool:
+        nonlocal sent_at
+        if any(f.done() for f in futures):
+            return True
+        if resend_s is not None and time.monotonic() - sent_at >= resend_s:
+            futures.append(client.call_async(request))
+            sent_at = time.monotonic()
+        return False
+
+    wait_for(answered, timeout_s, f"a response from {client.srv_name}", proc)
+    return next(f for f in futures if f.done()).result()
+
+
+def lifecycle_transition(
+    change: Any,
+    get_state: Any,
+    transition_id: int,
+    proc: Any,
+    timeout_s: float = 15.0,
+    lost_after_s: float = 2.0,
+) -> bool:
+    """Trigger lifecycle transition ``transition_id`` through ``change`` (ChangeState); True if it
+    took place.
+
+    A ChangeState cannot be sent twice (the second would fail: the node has moved on), so a reply
+    lost as :func:`call_service` explains is settled by the node's state instead: past
+    ``lost_after_s`` without a reply, ``get_state`` (resent) is asked each second whether the node
+    is in the transition's goal state. A reply that does come is the answer.
+    """
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    goal = TRANSITION_GOALS[transition_id]
+    wait_for(change.service_is_ready, timeout_s, f"service {change.srv_name}", proc)
+    future = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+    deadline = time.monotonic() + timeout_s
+    next_check = time.monotonic() + lost_after_s
+    while not future.done():
+        now = time.monotonic()
+        if now >= next_check:
+            left = max(0.1, deadline - now)
+            label = call_service(get_state, GetState.Request(), proc, left, resend_s=1.0)
+            if future.done():
+                break
+            if label.current_state.label == goal:
+                return True
+            next_check = time.monotonic() + 1.0
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"omni_flow_node exited ({proc.returncode}) during transition "
+                f"{transition_id}\n{proc.log()}"
+            )
+        if time.monotonic() > deadline:
+            log = proc.log() if proc is not None else ""
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for transition "
+                f"{transition_id} ({change.srv_name})\n{log}"
+            )
+        time.sleep(0.01)
+    return bool(future.result().success)
+
+
 _next_domain = [0]
 
 
@@ -264,11 +356,26 @@ class Probe:
         with self.lock:
             return len(self.received[key])
 
-    def call(self, client: Any, request: Any, proc: NodeProcess, timeout_s: float = 15.0) -> Any:
-        wait_for(client.service_is_ready, timeout_s, f"service {client.srv_name}", proc)
-        future = client.call_async(request)
-        wait_for(future.done, timeout_s, f"a response from {client.srv_name}", proc)
-        return future.result()
+    def call(
+        self,
+        client: Any,
+        request: Any,
+        proc: NodeProcess,
+        timeout_s: float = 15.0,
+        resend_s: float | None = None,
+    ) -> Any:
+        """:func:`call_service` (``resend_s`` for a request that may be repeated)."""
+        return call_service(client, request, proc, timeout_s, resend_s)
+
+    def lifecycle(self, proc: NodeProcess) -> tuple[Any, Any]:
+        """(change_state, get_state) clients of the node's lifecycle services."""
+        from lifecycle_msgs.srv import ChangeState, GetState
+
+        base = f"{proc.namespace}/omni_flow_node"
+        return (
+            self.node.create_client(ChangeState, f"{base}/change_state"),
+            self.node.create_client(GetState, f"{base}/get_state"),
+        )
 
     def close(self) -> None:
         import rclpy

@@ -202,3 +202,80 @@ def test_the_example_tree_asks_about_an_alert_and_remembers_the_reply(node: Any)
     )
     assert [e.kind for e in _bb("proactive_events")] == ["comment"], "unhandled events stay queued"
     tree.shutdown()
+
+
+class _NeverAnswered:
+    """A goal future whose reply never comes (Fast DDS dropped it: see AskBehaviour)."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], None]] = []
+
+    def done(self) -> bool:
+        return False
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.callbacks.append(callback)
+
+
+class _SilentActionClient:
+    def __init__(self) -> None:
+        self.sent: list[tuple[Any, Any]] = []
+        self.future = _NeverAnswered()
+
+    def server_is_ready(self) -> bool:
+        return True
+
+    def send_goal_async(self, goal: Any, feedback_callback: Any = None, goal_uuid: Any = None):
+        self.sent.append((goal, goal_uuid))
+        return self.future
+
+
+class _CancelService:
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def service_is_ready(self) -> bool:
+        return True
+
+    def call_async(self, request: Any) -> None:
+        self.requests.append(request)
+
+
+def test_ask_gives_up_on_a_goal_never_answered_and_cancels_it_by_its_id() -> None:
+    # Without the limit the behaviour stayed RUNNING forever when the acceptance was lost.
+    ask = AskBehaviour(question="hello?", goal_response_timeout_s=0.2)
+    ask._client, ask._cancel_client = _SilentActionClient(), _CancelService()
+    tree = py_trees.trees.BehaviourTree(ask)
+    tree.tick()
+    assert ask.status == Status.RUNNING
+    ((goal, goal_id),) = ask._client.sent
+    assert goal.text == "hello?"
+    deadline = time.monotonic() + 5
+    while ask.status == Status.RUNNING and time.monotonic() < deadline:
+        tree.tick()
+        time.sleep(0.02)
+    assert ask.status == Status.FAILURE
+    assert ask.feedback_message.startswith("no answer to the goal within 0.2 s")
+    (request,) = ask._cancel_client.requests
+    assert bytes(request.goal_info.goal_id.uuid) == bytes(goal_id.uuid)
+    assert len(ask._client.future.callbacks) == 1, "a late acceptance is canceled too"
+    tree.tick()  # a fresh start sends a new goal with a new id
+    assert len(ask._client.sent) == 2
+    assert bytes(ask._client.sent[1][1].uuid) != bytes(goal_id.uuid)
+
+
+def test_ask_that_gives_up_on_the_reply_cancels_the_goal_on_the_server(node: Any) -> None:
+    # A zero limit gives up on the first tick, as if the acceptance had been lost; the server
+    # accepted the goal and holds it ("slow ..."): the cancel by id or through the late handle
+    # must reach it.
+    ask = AskBehaviour(question="slow question", goal_response_timeout_s=0.0, server_timeout_s=15)
+    tree = py_trees.trees.BehaviourTree(ask)
+    tree.setup(node=node)
+    node.asked.clear()
+    _tick_until(tree, lambda: ask.status not in (Status.RUNNING, Status.INVALID))
+    assert ask.status == Status.FAILURE
+    deadline = time.monotonic() + 15
+    while "canceled: slow question" not in node.asked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "canceled: slow question" in node.asked
+    tree.shutdown()

@@ -45,7 +45,9 @@ def test_a_64_mb_image_is_refused_counted_and_logged_while_get_state_answers(
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log", env=PROFILE_ENV)
     with running(proc) as probe:
         get_state = probe.node.create_client(GetState, f"{proc.namespace}/omni_flow_node/get_state")
-        assert probe.call(get_state, GetState.Request(), proc, timeout_s=60).current_state.label
+        assert probe.call(
+            get_state, GetState.Request(), proc, timeout_s=60, resend_s=2.0
+        ).current_state.label
         wait_for(lambda: probe.count("diag") > 0, 60, "diagnostics", proc)
 
         def oversize() -> int:
@@ -64,13 +66,13 @@ def test_a_64_mb_image_is_refused_counted_and_logged_while_get_state_answers(
             # The node keeps answering while the frames arrive, and counts them as refused from
             # the serialized header.
             while sender.poll() is None:
-                probe.call(get_state, GetState.Request(), proc, timeout_s=10)
+                probe.call(get_state, GetState.Request(), proc, timeout_s=10, resend_s=2.0)
             wait_for(lambda: oversize() >= 1, 30, "a frame counted as oversize", proc)
         finally:
             if sender.poll() is None:
                 sender.kill()
             sender.wait()
-        probe.call(get_state, GetState.Request(), proc, timeout_s=10)
+        probe.call(get_state, GetState.Request(), proc, timeout_s=10, resend_s=2.0)
         log = proc.log()
         assert "refused a frame before deserializing it" in log, log
         assert f"image {side}x{side} exceeds max_pixels" in log, log

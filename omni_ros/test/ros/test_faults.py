@@ -76,7 +76,7 @@ class Scene:
         from lifecycle_msgs.srv import GetState
 
         started = time.monotonic()
-        self.probe.call(self._get_state, GetState.Request(), self.proc, timeout_s=5.0)
+        self.probe.call(self._get_state, GetState.Request(), self.proc, 5.0, resend_s=1.0)
         self.worst_get_state_s = max(self.worst_get_state_s, time.monotonic() - started)
 
     def run_s(self, seconds: float, each_step: Callable[[], None] | None = None) -> None:

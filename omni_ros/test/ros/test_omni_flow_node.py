@@ -26,6 +26,7 @@ from flow_harness import (
     SimDriver,
     diag_values,
     image,
+    lifecycle_transition,
     mic_chunk,
     running,
     to_ns,
@@ -359,24 +360,18 @@ def test_invalid_parameters_fail_configure_with_a_clear_error_and_no_crash(tmp_p
 
 def test_lifecycle_transitions_start_stop_and_release_the_loop(tmp_path: Path) -> None:
     from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState, GetState
+    from lifecycle_msgs.srv import GetState
 
     params = {**SIM, "backend": "speak_until_interrupted_double", "autostart": False}
     proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
     with running(proc) as probe:
-        change = probe.node.create_client(
-            ChangeState, f"{proc.namespace}/omni_flow_node/change_state"
-        )
-        get = probe.node.create_client(GetState, f"{proc.namespace}/omni_flow_node/get_state")
+        change, get = probe.lifecycle(proc)
 
         def transition(transition_id: int) -> None:
-            response = probe.call(
-                change, ChangeState.Request(transition=Transition(id=transition_id)), proc
-            )
-            assert response.success, transition_id
+            assert lifecycle_transition(change, get, transition_id, proc), transition_id
 
         def state() -> str:
-            return probe.call(get, GetState.Request(), proc).current_state.label
+            return probe.call(get, GetState.Request(), proc, resend_s=2.0).current_state.label
 
         driver = SimDriver(probe, BAG_START_NS)
         assert state() == "unconfigured"

@@ -26,6 +26,7 @@ from flow_harness import (
     SimDriver,
     diag_values,
     image,
+    lifecycle_transition,
     mic_chunk,
     running,
     wait_for,
@@ -195,13 +196,10 @@ def _threads_fds(pid: int) -> tuple[int, int]:
 
 def test_lifecycle_cycles_leak_no_thread_and_no_fd(tmp_path: Path) -> None:
     from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
 
     proc = NodeProcess.with_doubles(DOUBLE, tmp_path / "node.log")
     with running(proc) as probe:
-        change = probe.node.create_client(
-            ChangeState, f"{proc.namespace}/omni_flow_node/change_state"
-        )
+        change, get_state = probe.lifecycle(proc)
         driver = SimDriver(probe, BAG_START_NS, frame_every=0)
         driver.start(proc)
         driver.run_until(lambda: probe.count("state") >= 1, 60, "a unit", proc)
@@ -213,8 +211,7 @@ def test_lifecycle_cycles_leak_no_thread_and_no_fd(tmp_path: Path) -> None:
                 Transition.TRANSITION_CONFIGURE,
                 Transition.TRANSITION_ACTIVATE,
             ):
-                req = ChangeState.Request(transition=Transition(id=tid))
-                assert probe.call(change, req, proc).success, tid
+                assert lifecycle_transition(change, get_state, tid, proc), tid
 
         cycle()  # the first cycle may create lazily-built things once
         time.sleep(0.5)
@@ -278,7 +275,7 @@ def test_p_on_the_command_line_overrides_the_params_file(tmp_path: Path) -> None
             GetParameters, f"{proc.namespace}/omni_flow_node/get_parameters"
         )
         names = ["camera.compressed", "autostart", "speech.chunk_ms", "reference.size"]
-        values = probe.call(client, GetParameters.Request(names=names), proc).values
+        values = probe.call(client, GetParameters.Request(names=names), proc, resend_s=2.0).values
         assert values[0].bool_value is True
         assert values[1].bool_value is False
         assert values[2].integer_value == 40

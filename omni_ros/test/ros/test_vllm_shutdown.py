@@ -33,7 +33,14 @@ from omni_ros.core.clock import NS_PER_S
 pytest.importorskip("rclpy")
 pytest.importorskip("websockets")
 
-from flow_harness import NodeProcess, SimDriver, running, stop_process, wait_for
+from flow_harness import (
+    NodeProcess,
+    SimDriver,
+    lifecycle_transition,
+    running,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.ros, pytest.mark.timeout(240)]
 
@@ -171,17 +178,14 @@ def test_cleanup_with_a_vllm_unit_in_flight_leaves_the_node_usable(
     (logged), and the call in flight went on reading a socket its backend no longer owned.
     """
     from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
 
     proc = _node(tmp_path, server)
     with running(proc) as probe:
-        change = probe.node.create_client(
-            ChangeState, f"{proc.namespace}/omni_flow_node/change_state"
-        )
+        change, get_state = probe.lifecycle(proc)
 
         def transition(tid: int) -> None:
-            req = ChangeState.Request(transition=Transition(id=tid))
-            assert probe.call(change, req, proc, timeout_s=30).success, (tid, proc.log())
+            took = lifecycle_transition(change, get_state, tid, proc, timeout_s=30)
+            assert took, (tid, proc.log())
 
         driver = SimDriver(probe, BAG_START_NS, frame_every=5, lockstep=False)
         driver.start(proc)
