@@ -377,9 +377,23 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
     from std_srvs.srv import Trigger
 
     def late_count() -> int:
-        future = client.call_async(Trigger.Request())
-        _wait_for(future.done, speaker["proc"])
-        return int(future.result().message.split("late_chunks=")[1].split()[0])
+        # Nothing is queued when it is called, so the flush may be sent again: the first call on
+        # a new client can lose its reply on Fast DDS (flow_harness.call_service says why).
+        futures = [client.call_async(Trigger.Request())]
+        sent_at = time.monotonic()
+
+        def answered() -> bool:
+            nonlocal sent_at
+            if any(f.done() for f in futures):
+                return True
+            if time.monotonic() - sent_at >= 2.0:
+                futures.append(client.call_async(Trigger.Request()))
+                sent_at = time.monotonic()
+            return False
+
+        _wait_for(answered, speaker["proc"])
+        result = next(f for f in futures if f.done()).result()
+        return int(result.message.split("late_chunks=")[1].split()[0])
 
     speaking: list[bool] = speaker["speaking"]
     client = peer.node.create_client(Trigger, "/spk_test/speaker/flush")
