@@ -62,6 +62,30 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, proc: A
 TRANSITION_GOALS = {1: "inactive", 2: "unconfigured", 3: "active", 4: "inactive"}
 
 
+class ResentCall:
+    """One service request in flight, sent again each ``resend_s`` without a response (None:
+    sent once); the first reply of any copy answers. Poll :meth:`answered` (it does the
+    resending), then read :meth:`result`."""
+
+    def __init__(self, client: Any, request: Any, resend_s: float | None = None) -> None:
+        self.client = client
+        self.request = request
+        self.resend_s = resend_s
+        self.futures = [client.call_async(request)]
+        self.sent_at = time.monotonic()
+
+    def answered(self) -> bool:
+        if any(f.done() for f in self.futures):
+            return True
+        if self.resend_s is not None and time.monotonic() - self.sent_at >= self.resend_s:
+            self.futures.append(self.client.call_async(self.request))
+            self.sent_at = time.monotonic()
+        return False
+
+    def result(self) -> Any:
+        return next(f for f in self.futures if f.done()).result()
+
+
 def call_service(
     client: Any,
     request: Any,
@@ -81,23 +105,12 @@ def call_service(
     can lose that call's reply: one clean-clone CI run (Jazzy) failed so on a first ``get_state``.
 
     ``resend_s``: for a request that may be repeated (a read such as GetState or GetParameters),
-    send it again each ``resend_s`` without a response; the first reply of any copy answers.
+    send it again each ``resend_s`` without a response (:class:`ResentCall`).
     """
     wait_for(client.service_is_ready, timeout_s, f"service {client.srv_name}", proc)
-    futures = [client.call_async(request)]
-    sent_at = time.monotonic()
-
-    def answered() -> bool:
-        nonlocal sent_at
-        if any(f.done() for f in futures):
-            return True
-        if resend_s is not None and time.monotonic() - sent_at >= resend_s:
-            futures.append(client.call_async(request))
-            sent_at = time.monotonic()
-        return False
-
-    wait_for(answered, timeout_s, f"a response from {client.srv_name}", proc)
-    return next(f for f in futures if f.done()).result()
+    call = ResentCall(client, request, resend_s)
+    wait_for(call.answered, timeout_s, f"a response from {client.srv_name}", proc)
+    return call.result()
 
 
 def lifecycle_transition(
@@ -122,31 +135,23 @@ def lifecycle_transition(
     goal = TRANSITION_GOALS[transition_id]
     wait_for(change.service_is_ready, timeout_s, f"service {change.srv_name}", proc)
     future = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
-    deadline = time.monotonic() + timeout_s
     next_check = time.monotonic() + lost_after_s
-    while not future.done():
-        now = time.monotonic()
-        if now >= next_check:
-            left = max(0.1, deadline - now)
-            label = call_service(get_state, GetState.Request(), proc, left, resend_s=1.0)
-            if future.done():
-                break
-            if label.current_state.label == goal:
-                return True
+    deadline = time.monotonic() + timeout_s
+    reached = False
+
+    def settled() -> bool:
+        nonlocal next_check, reached
+        if future.done():
+            return True
+        if time.monotonic() >= next_check:
+            left = max(0.1, deadline - time.monotonic())
+            state = call_service(get_state, GetState.Request(), proc, left, resend_s=1.0)
+            reached = not future.done() and state.current_state.label == goal
             next_check = time.monotonic() + 1.0
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(
-                f"omni_flow_node exited ({proc.returncode}) during transition "
-                f"{transition_id}\n{proc.log()}"
-            )
-        if time.monotonic() > deadline:
-            log = proc.log() if proc is not None else ""
-            raise AssertionError(
-                f"timed out after {timeout_s} s waiting for transition "
-                f"{transition_id} ({change.srv_name})\n{log}"
-            )
-        time.sleep(0.01)
-    return bool(future.result().success)
+        return future.done() or reached
+
+    wait_for(settled, timeout_s, f"transition {transition_id} ({change.srv_name})", proc)
+    return reached or bool(future.result().success)
 
 
 _next_domain = [0]

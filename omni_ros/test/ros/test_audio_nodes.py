@@ -24,7 +24,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from flow_harness import stop_process  # noqa: E402
+from flow_harness import ResentCall, stop_process  # noqa: E402
 from omni_ros.audio_io import AudioFormat  # noqa: E402
 from pcm_samples import pcm_sequence  # noqa: E402
 
@@ -379,20 +379,9 @@ def test_a_late_chunk_plays_at_once_and_is_counted(peer: Peer, speaker: dict[str
     def late_count() -> int:
         # Nothing is queued when it is called, so the flush may be sent again: the first call on
         # a new client can lose its reply on Fast DDS (flow_harness.call_service says why).
-        futures = [client.call_async(Trigger.Request())]
-        sent_at = time.monotonic()
-
-        def answered() -> bool:
-            nonlocal sent_at
-            if any(f.done() for f in futures):
-                return True
-            if time.monotonic() - sent_at >= 2.0:
-                futures.append(client.call_async(Trigger.Request()))
-                sent_at = time.monotonic()
-            return False
-
-        _wait_for(answered, speaker["proc"])
-        result = next(f for f in futures if f.done()).result()
+        call = ResentCall(client, Trigger.Request(), resend_s=2.0)
+        _wait_for(call.answered, speaker["proc"])
+        result = call.result()
         return int(result.message.split("late_chunks=")[1].split()[0])
 
     speaking: list[bool] = speaker["speaking"]

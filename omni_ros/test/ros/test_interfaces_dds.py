@@ -15,6 +15,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
+from flow_harness import ResentCall  # noqa: E402
 from interface_samples import SAMPLES, build_rclpy  # noqa: E402
 
 PEER = Path(__file__).parent / "peers" / "echo_peer.py"
@@ -93,14 +94,10 @@ def test_set_prompt_service_round_trips_request_and_response(node: Any) -> None:
     )
     # The echo server's reply may be asked for again: a first call on a new client can lose its
     # reply on Fast DDS (flow_harness.call_service says why).
-    futures = [client.call_async(request)]
-    deadline = time.monotonic() + 15.0
-    while not any(f.done() for f in futures) and time.monotonic() < deadline:
-        _spin_until(node, lambda: any(f.done() for f in futures), timeout_s=2.0)
-        if not any(f.done() for f in futures):
-            futures.append(client.call_async(request))
-    assert any(f.done() for f in futures), "no reply from /echo/set_prompt in 15 s"
-    result = next(f for f in futures if f.done()).result()
+    call = ResentCall(client, request, resend_s=2.0)
+    _spin_until(node, call.answered)
+    assert call.answered(), "no reply from /echo/set_prompt in 15 s"
+    result = call.result()
     assert result.success is True
     assert result.message == "Streaming Omni Conversation.|/tmp/v.wav"
 
