@@ -15,8 +15,10 @@ echo-cancelled signal, two questions:
    ``E_e / E_x`` of frames judged echo-only is the canceller's *residual-to-reference ratio*: it
    starts near the echo path's own gain and falls by 20-40 dB as Speex converges. Its recent
    90th percentile ``r`` is learned online, and a frame is near-end speech only if
-   ``E_e > r * dtd_margin_db``. Until 8 echo-only frames (~250 ms) have been heard, ``r`` is the
-   conservative ``dtd_prior_db``. When the canceller resets its filter (a re-alignment), the history's residual
+   ``E_e > r * dtd_margin_db``. A frame that may be the user is not learned: one Silero calls
+   speech within the margin's upper half, and one above the threshold with P in Silero's
+   hysteresis band (the first syllable of a user starting early in a turn). Until 8 echo-only
+   frames (~250 ms) have been heard, ``r`` is the conservative ``dtd_prior_db``. When the canceller resets its filter (a re-alignment), the history's residual
    energies are replaced by the raw microphone energies (what an unconverged filter passes), and
    when the delay estimate moves, every ratio is recomputed against the new window, so neither
    event blinds the detector or lets echo through. A reset also ends the current run: what the
@@ -61,6 +63,8 @@ from omni_ros.core.vad import SILERO_FRAME, SileroVad, VadConfig
 _SUB_BLOCK_MS = 16  # the reference envelope's resolution: about one syllable's attack
 _REF_FLOOR = 1e-7  # mean square below which the reference cannot echo audibly (-70 dBFS)
 _DELAY_TOLERANCE_NS = 20_000_000  # GCC-PHAT's estimate vs the true direct path (+-2 ms measured)
+# Silero's hysteresis (utils_vad.get_speech_timestamps: neg_threshold = threshold - 0.15).
+_HYSTERESIS = 0.15
 
 
 class FrameClassifier(Protocol):
@@ -453,12 +457,12 @@ class BargeInDetector:
         end_ns = self._stamp(st.samples_done)
         st.frames += 1
         prob = self.classifier.step(clean)
-        # Hysteresis as upstream Silero uses it (utils_vad.get_speech_timestamps: neg_threshold =
-        # threshold - 0.15): a run already under way continues on weaker frames.
+        # Hysteresis as upstream Silero uses it (_HYSTERESIS): a run already under way continues
+        # on weaker frames.
         threshold_p = self.vad_config.silero_threshold
         st.young = echo is not None and not echo.converged
         if st.run_start_ns is not None and st.run_frames >= self._min_frames:
-            threshold_p = max(0.01, threshold_p - 0.15)
+            threshold_p = max(0.01, threshold_p - _HYSTERESIS)
         speech = prob >= threshold_p
         if echo is not None:
             clean = self._after_replay(echo, start_ns, clean)
@@ -482,10 +486,19 @@ class BargeInDetector:
             threshold_db = float(10.0 * np.log10(max(threshold, 1e-12)))
             # Learn from echo-only frames; a speech frame within the margin's upper half is
             # suspect (the user masked by our echo) and would teach the detector to ignore them.
-            # Only once our speech has been playing for the window's longest delay can the echo
-            # have arrived whatever the delay: before that (the start of a turn while the delay
-            # is unknown) a quiet frame says nothing about the echo path's gain.
-            suspect = speech and ratio > threshold / np.sqrt(self._margin)
+            # So is a frame above the threshold that Silero is unsure of (P in its hysteresis
+            # band): a user's first syllable often starts there (measured: 0.45 s into a later
+            # turn, two such frames at P 0.49 raised the threshold by 10 dB and the user went
+            # unheard for 1.6 s). A frame Silero rejects outright is learned even above the
+            # threshold: after the room changed, that is how the threshold follows the filter's
+            # larger residual. Only once our speech has been playing for the window's longest
+            # delay can the echo have arrived whatever the delay: before that (the start of a
+            # turn while the delay is unknown) a quiet frame says nothing about the echo path's
+            # gain.
+            unsure = prob >= self.vad_config.silero_threshold - _HYSTERESIS
+            suspect = (speech and ratio > threshold / np.sqrt(self._margin)) or (
+                unsure and ratio > threshold
+            )
             if not near and not suspect and self._arrived(echo, start_ns, window):
                 self._learn(start_ns, e_mic, e_res, ratio)
         if st.recent.maxlen != self._recent_frames:
