@@ -171,16 +171,21 @@ def test_ask_fails_when_no_server_appears(node: Any) -> None:
     tree.shutdown()
 
 
+def _wait_asked(node: Any, text: str, timeout_s: float = 15.0) -> None:
+    """Wait until the Ask server double has recorded ``text`` (a goal, or its cancel)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in node.asked and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert text in node.asked, (text, node.asked)
+
+
 def test_halting_a_running_ask_cancels_its_goal(node: Any) -> None:
     ask = AskBehaviour(question="slow question", server_timeout_s=15.0)
     tree = py_trees.trees.BehaviourTree(ask)
     tree.setup(node=node)
     _tick_until(tree, lambda: "slow question" in node.asked)
     ask.stop(Status.INVALID)
-    deadline = time.monotonic() + 15
-    while "canceled: slow question" not in node.asked and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "canceled: slow question" in node.asked
+    _wait_asked(node, "canceled: slow question")
     tree.shutdown()
 
 
@@ -274,8 +279,5 @@ def test_ask_that_gives_up_on_the_reply_cancels_the_goal_on_the_server(node: Any
     node.asked.clear()
     _tick_until(tree, lambda: ask.status not in (Status.RUNNING, Status.INVALID))
     assert ask.status == Status.FAILURE
-    deadline = time.monotonic() + 15
-    while "canceled: slow question" not in node.asked and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert "canceled: slow question" in node.asked
+    _wait_asked(node, "canceled: slow question")
     tree.shutdown()
