@@ -13,8 +13,8 @@ other espeak-ng voices at a user-to-echo RMS ratio ``--ser-db``). For every echo
   (decided within 500 ms of the onset) by phase of the robot's turn: ``start`` (0.3-2 s into the first
   turn after start: canceller fresh, delay unknown), ``turn`` (0.15-0.6 s into a later turn, after
   3 s of our speech and 1 s of silence: converged, the turn's first syllables), ``mid`` (4-8 s,
-  converged), ``end`` (the last 0.5 s of an utterance), ``realign`` (0.1-0.8 s after the echo delay jumped by 100 ms and the
-  canceller re-aligned);
+  converged), ``end`` (the last 0.5 s of an utterance), ``realign`` (0.1-0.8 s after the echo
+  delay jumped by 100 ms and the canceller re-aligned);
 * false barge-ins per minute on ``--echo-minutes`` of the robot's own echoed speech (no user);
 * false barge-ins in ``--starts`` fresh starts per path (4 s scenes of the robot's first turn, no
   user): the long scene holds one start, and the first second after one is the detector's hardest;
@@ -289,19 +289,6 @@ def _scene(room: room_sim.Room, seconds: float, seed: int) -> tuple[FloatArray, 
     return far, mic.astype(np.float32)
 
 
-def _turn_scene(room: room_sim.Room, seed: int) -> tuple[FloatArray, FloatArray, int]:
-    """A later turn: ``TURN_LEAD_S`` of our speech, 1 s of silence, then 6 s more; returns the
-    reference, the echoed mic and the mic sample where the later turn starts."""
-    lead = room_sim.robot_speech(TURN_LEAD_S, seed=seed + 5000)[
-        : int(TURN_LEAD_S * room_sim.OUT_RATE)
-    ]
-    lead = np.concatenate([lead, np.zeros(room_sim.OUT_RATE, dtype=np.float32)])
-    far = np.concatenate([lead, room_sim.robot_speech(6, seed=seed)]).astype(np.float32)
-    n = len(far) * MIC_RATE // room_sim.OUT_RATE + MIC_RATE
-    mic = room_sim.echo_of(far, room, seed=seed, length=n) + room_sim.noise(n, room, seed)
-    return far, mic.astype(np.float32), len(lead) * MIC_RATE // room_sim.OUT_RATE
-
-
 def _echo_level(room: room_sim.Room, far: FloatArray, seed: int, n: int) -> float:
     echo = room_sim.echo_of(far, room, seed=seed, length=n)
     return room_sim.rms(echo[np.abs(echo) > 0.03 * np.abs(echo).max()])
@@ -415,7 +402,7 @@ def bargein_main(args: argparse.Namespace) -> None:
                 ]
                 # turn: the user 0.15-0.6 s into a later turn (3 s of our speech, 1 s of silence,
                 # then the turn): the filter converged, the turn's first syllables on top of it.
-                far_t, base_t, lead = _turn_scene(room, seed=delay + 3)
+                far_t, base_t, lead = room_sim.later_turn(room, seed=delay + 3, lead_s=TURN_LEAD_S)
                 lat["turn"] = [
                     _trial(room, far_t, base_t, lead + int(off * MIC_RATE), k, ser, rule, delay + 3)
                     for k, off in enumerate(TURN_OFFSETS_S, start=3)

@@ -142,3 +142,14 @@ def voiced_start(x: FloatArray) -> int:
     e = np.sqrt(np.mean(x[: n * win].astype(np.float64).reshape(n, win) ** 2, axis=1))
     above = np.flatnonzero(e > 0.01 * e.max())
     return int(above[0]) * win if len(above) else 0
+
+
+def later_turn(room: Room, seed: int, lead_s: float = 3.0) -> tuple[FloatArray, FloatArray, int]:
+    """``lead_s`` of our speech, 1 s of silence, then 6 s of a later turn; returns the reference,
+    the echoed mic (noise included) and the mic sample where the later turn starts."""
+    lead = robot_speech(lead_s, seed=seed + 5000)[: int(lead_s * OUT_RATE)]
+    lead = np.concatenate([lead, np.zeros(OUT_RATE, dtype=np.float32)])
+    far = np.concatenate([lead, robot_speech(6, seed=seed)]).astype(np.float32)
+    n = len(far) * MIC_RATE // OUT_RATE + MIC_RATE
+    mic = echo_of(far, room, seed=seed, length=n) + noise(n, room, seed)
+    return far, mic.astype(np.float32), len(lead) * MIC_RATE // OUT_RATE

@@ -349,17 +349,6 @@ def test_a_user_right_after_a_re_alignment_is_heard() -> None:
     assert decided - onset <= 500_000_000, (decided - onset) / 1e6
 
 
-def _later_turn(room: room_sim.Room, seed: int) -> tuple[FloatArray, FloatArray, int]:
-    """3 s of our speech, 1 s of silence, then a later turn (aec_bench's ``turn`` phase);
-    returns the reference, the echoed mic and the mic sample where the later turn starts."""
-    lead = room_sim.robot_speech(3, seed=seed + 5000)[: 3 * OUT]
-    lead = np.concatenate([lead, np.zeros(OUT, dtype=np.float32)])
-    far = np.concatenate([lead, room_sim.robot_speech(6, seed=seed)]).astype(np.float32)
-    n = len(far) * RATE // OUT + RATE
-    mic = room_sim.echo_of(far, room, seed=seed, length=n) + room_sim.noise(n, room, seed)
-    return far, mic.astype(np.float32), len(lead) * RATE // OUT
-
-
 def test_a_user_starting_early_in_a_later_turn_is_not_learned_as_echo() -> None:
     # The filter has converged on our first turn; the user starts 0.45 s into the next one, as
     # loud as our echo. Their first two frames were above the threshold with Silero unsure
@@ -367,7 +356,7 @@ def test_a_user_starting_early_in_a_later_turn_is_not_learned_as_echo() -> None:
     # by 10 dB and the user went unheard for 1.6 s. Frames above the threshold in Silero's
     # hysteresis band are not learned (omni_ros.core.bargein, BargeInDetector._frame).
     room = room_sim.Room(delay_ms=40)
-    far, base, lead = _later_turn(room, seed=43)
+    far, base, lead = room_sim.later_turn(room, seed=43)
     mic, onset = _add_user(room, far, base, lead + int(0.45 * RATE), 5, 43)
     runs, canceller = _detect(far, mic)
     assert canceller.replays >= 1
