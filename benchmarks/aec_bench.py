@@ -14,13 +14,16 @@ other espeak-ng voices at a user-to-echo RMS ratio ``--ser-db``). For every echo
   turn after start: canceller fresh, delay unknown), ``turn`` (0.15-0.6 s into a later turn, after
   3 s of our speech and 1 s of silence: converged, the turn's first syllables), ``mid`` (4-8 s,
   converged), ``end`` (the last 0.5 s of an utterance), ``realign`` (0.1-0.8 s after the echo
-  delay jumped by 100 ms and the canceller re-aligned);
+  delay jumped by 100 ms and the canceller re-aligned), ``warm`` and ``moved`` (the ``start`` trials
+  warmed by the echo path the last run remembered, omni_ros.core.echo_path: in the same room, and
+  after the robot moved: other reflections, the same direct path; the new rule only);
 * false barge-ins per minute on ``--echo-minutes`` of the robot's own echoed speech (no user);
 * false barge-ins in ``--starts`` fresh starts per path (4 s scenes of the robot's first turn, no
   user): the long scene holds one start, and the first second after one is the detector's hardest;
 * false barge-ins after the room changed (``--room-changes`` 12 s scenes per path and fade, no
   user): 6 s into the robot's speech a new set of reflections replaces the room's, at once or
   over 1 s (the robot moved; its direct path, fixed on its body, stays, so nothing re-aligns);
+* false barge-ins in ``--warm-starts`` warm starts per path, same room and robot moved;
 * CPU: canceller + detector time per second of audio.
 
 ``before`` is main's rule before this detector, re-enacted: WebRTC VAD runs on the cleaned signal,
@@ -65,6 +68,7 @@ sys.path[:0] = [str(ROOT / "omni_ros"), str(ROOT / "omni_ros" / "test")]
 from omni_ros.core.aec import AecConfig, EchoCanceller  # noqa: E402
 from omni_ros.core.bargein import BargeInDetector  # noqa: E402
 from omni_ros.core.clock import NS_PER_S  # noqa: E402
+from omni_ros.core.echo_path import EchoPath, EchoPathRecorder, warm_up  # noqa: E402
 from omni_ros.core.types import AudioBlock, FloatArray  # noqa: E402
 from omni_ros.core.vad import VadConfig, VoiceActivityDetector  # noqa: E402
 from unit.core import duplex_scene as room_sim  # noqa: E402
@@ -235,13 +239,21 @@ class NewRule:
 
 
 def _simulate(
-    far: FloatArray, mic: FloatArray, rule_name: str
+    far: FloatArray,
+    mic: FloatArray,
+    rule_name: str,
+    warm: EchoPath | None = None,
+    recorder: EchoPathRecorder | None = None,
 ) -> tuple[list[tuple[int, int]], EchoCanceller, float, list[int]]:
     """Feed reference (at its play time, half a second ahead) and mic; returns every barge-in
-    decision as (run start, decided at), the canceller, CPU seconds, and filter-reset times."""
+    decision as (run start, decided at), the canceller, CPU seconds, and filter-reset times.
+    ``warm``: a remembered echo path played through first (the new rule only); ``recorder``
+    takes every block (the new rule only)."""
     aec = _old_config() if rule_name == "before" else AecConfig()
     canceller = EchoCanceller(aec)
     rule: OldRule | NewRule = OldRule() if rule_name == "before" else NewRule(aec, _VAD[0])
+    if warm is not None and isinstance(rule, NewRule):
+        warm_up(warm, T0_NS, canceller, rule.det, passes=aec.echo_path_passes)
     decisions: list[tuple[int, int]] = []
     resets: list[int] = []
     active = False
@@ -265,6 +277,8 @@ def _simulate(
         cleaned = canceller.process(AudioBlock(t_ns, MIC_RATE, mic[i : i + BLOCK]))
         run = rule.step(cleaned, canceller) if len(cleaned.samples) else None
         cpu += time.perf_counter() - t0
+        if recorder is not None and isinstance(rule, NewRule) and len(cleaned.samples):
+            recorder.add(canceller, cleaned, rule.det.last_verdicts)
         if canceller.filter_resets != before:
             resets.append(t_ns)
         if run is not None and not active:
@@ -280,13 +294,48 @@ ROOM_FADES_S = (0.0, 1.0)  # at once, and over a second
 ROOM_SEED = 7000  # its seeds: 7 * j + delay
 TURN_LEAD_S = 3.0  # a later turn follows this much of our speech and a second of silence
 TURN_OFFSETS_S = (0.15, 0.3, 0.45, 0.6)  # the user's start into it
+START_OFFSETS_S = (0.3, 0.6, 1.0, 1.5, 2.0)  # the user's start into the first turn
+WARM_RECORD_S = 8.0  # the run before a warm start: this much of our speech, nobody else talking
+WARM_PHASES = ("warm", "moved")
+WARM_SEED = 2000  # its speech seed (and, for a robot that moved, its room's) is offset by this
 
 
-def _scene(room: room_sim.Room, seconds: float, seed: int) -> tuple[FloatArray, FloatArray]:
+def _scene(
+    room: room_sim.Room, seconds: float, seed: int, room_seed: int | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Our speech (drawn from ``seed``) through the room, whose reflections are drawn from
+    ``room_seed`` (default: ``seed``)."""
     far = room_sim.robot_speech(seconds, seed=seed)
     n = len(far) * MIC_RATE // room_sim.OUT_RATE + MIC_RATE
-    mic = room_sim.echo_of(far, room, seed=seed, length=n) + room_sim.noise(n, room, seed)
+    ir_seed = seed if room_seed is None else room_seed
+    mic = room_sim.echo_of(far, room, seed=ir_seed, length=n) + room_sim.noise(n, room, seed)
     return far, mic.astype(np.float32)
+
+
+def _remembered(room: room_sim.Room, room_seed: int, moved: bool) -> EchoPath | None:
+    """What the last run remembered (omni_ros.core.echo_path): ``WARM_RECORD_S`` of other speech
+    in the room of ``room_seed`` (``moved``: in a room with other reflections, the same direct
+    path: the robot moved since)."""
+    far, mic = _scene(
+        room,
+        WARM_RECORD_S,
+        seed=room_seed + WARM_SEED,
+        room_seed=room_seed + (WARM_SEED if moved else 0),
+    )
+    recorder = EchoPathRecorder(AecConfig())
+    _d, canceller, _cpu, _r = _simulate(far, mic, "after", recorder=recorder)
+    return recorder.snapshot(canceller)
+
+
+def _warm_starts(room: room_sim.Room, delay: int, starts: int, moved: bool) -> tuple[int, int]:
+    """:func:`_false_counts` of ``starts`` fresh starts (the ``--starts`` scenes) warmed by
+    what the last run remembered."""
+    per_scene = []
+    for j in range(starts):
+        seed = START_SEED + 7 * j + delay
+        path = _remembered(room, seed, moved)
+        per_scene.append(_simulate(*_scene(room, START_SCENE_S, seed=seed), "after", warm=path)[0])
+    return _false_counts(per_scene)
 
 
 def _echo_level(room: room_sim.Room, far: FloatArray, seed: int, n: int) -> float:
@@ -325,10 +374,11 @@ def _trial(
     ser_db: float,
     rule: str,
     seed: int,
+    warm: EchoPath | None = None,
 ) -> float | None:
     level = _echo_level(room, far, seed, len(base)) * 10 ** (ser_db / 20)
     mic, onset, _end = _with_user(base, at, k, level)
-    decisions, _c, _cpu, _r = _simulate(far, mic, rule)
+    decisions, _c, _cpu, _r = _simulate(far, mic, rule, warm=warm)
     onset_ns = stamp(onset)
     for _start, decided in decisions:
         if decided >= onset_ns:
@@ -391,6 +441,9 @@ def bargein_main(args: argparse.Namespace) -> None:
                 for j in range(args.starts)
             ]
             row["start_false"], row["start_false_scenes"] = _false_counts(starts)
+            if rule == "after":
+                row["warm_false"] = _warm_starts(room, delay, args.warm_starts, moved=False)
+                row["moved_false"] = _warm_starts(room, delay, args.warm_starts, moved=True)
             row["room_false"] = _room_changes(delay, args.room_changes, rule)
             for ser in [] if args.no_trials else args.ser_db:
                 lat: dict[str, list[float | None]] = {}
@@ -398,8 +451,20 @@ def bargein_main(args: argparse.Namespace) -> None:
                 far_s, base_s = _scene(room, 12, seed=delay + 1)
                 lat["start"] = [
                     _trial(room, far_s, base_s, int(off * MIC_RATE), k, ser, rule, delay + 1)
-                    for k, off in enumerate([0.3, 0.6, 1.0, 1.5, 2.0])
+                    for k, off in enumerate(START_OFFSETS_S)
                 ]
+                # warm / moved: the same starts, warmed by the echo path the last run
+                # remembered (aec.echo_path_file), in the same room or after the robot moved.
+                for phase, moved in (("warm", False), ("moved", True)):
+                    path = _remembered(room, delay + 1, moved) if rule == "after" else None
+                    if path is None:
+                        continue
+                    lat[phase] = [
+                        _trial(
+                            room, far_s, base_s, int(off * MIC_RATE), k, ser, rule, delay + 1, path
+                        )
+                        for k, off in enumerate(START_OFFSETS_S)
+                    ]
                 # turn: the user 0.15-0.6 s into a later turn (3 s of our speech, 1 s of silence,
                 # then the turn): the filter converged, the turn's first syllables on top of it.
                 far_t, base_t, lead = room_sim.later_turn(room, seed=delay + 3, lead_s=TURN_LEAD_S)
@@ -473,9 +538,10 @@ def bargein_main(args: argparse.Namespace) -> None:
             f"{args.room_changes} scenes) "
             for f in ROOM_FADES_S
         )
-        + "|"
+        + f"| in {args.warm_starts} warm starts, same room | in {args.warm_starts} warm starts, "
+        "robot moved |"
     )
-    print("|---|---|---|---|---|---|---|" + "---|" * len(ROOM_FADES_S))
+    print("|---|---|---|---|---|---|---|" + "---|" * (len(ROOM_FADES_S) + 2))
     for row in rows:
         print(
             f"| {row['delay']} ms | {row['rule']} | {row['minutes']:.1f} min | {row['false']} "
@@ -484,6 +550,10 @@ def bargein_main(args: argparse.Namespace) -> None:
             f"| {row['start_false']} (in {row['start_false_scenes']} starts) "
             + "".join(
                 f"| {n} (in {k} scenes) " for n, k in (row["room_false"][f] for f in ROOM_FADES_S)
+            )
+            + "".join(
+                f"| {row[key][0]} (in {row[key][1]} starts) " if key in row else "| - "
+                for key in ("warm_false", "moved_false")
             )
             + "|"
         )
@@ -494,7 +564,8 @@ def bargein_main(args: argparse.Namespace) -> None:
                 x
                 for row in rows
                 if row["rule"] == rule
-                for lats in row[f"ser{ser:g}"].values()
+                for phase, lats in row[f"ser{ser:g}"].items()
+                if phase not in WARM_PHASES  # the cold phases, comparable across rules
                 for x in lats
             ]
             ok = [x for x in pooled if x is not None and x <= 500]
@@ -519,6 +590,12 @@ def main() -> None:
         "--min-speech-ms", type=int, default=None, help="vad.barge_in_min_speech_ms to use"
     )
     parser.add_argument("--no-trials", action="store_true", help="false barge-ins and CPU only")
+    parser.add_argument(
+        "--warm-starts",
+        type=int,
+        default=20,
+        help="warm starts per echo path (same room, and robot moved) whose false barge-ins are counted",
+    )
     parser.add_argument(
         "--starts",
         type=int,

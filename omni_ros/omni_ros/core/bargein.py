@@ -238,6 +238,12 @@ class BargeInDetector:
         self.state.reset()
         self.classifier.reset()
 
+    def end_run(self) -> None:
+        """Forget the current near-end run, keep what was learned (after a warm-up on a
+        remembered echo path, omni_ros.core.echo_path: nothing heard there is the user now)."""
+        st = self.state
+        st.run_start_ns, st.run_frames, st.gap_frames = None, 0, 0
+
     def process(
         self, cleaned: AudioBlock, mic: FloatArray | None = None, echo: EchoCanceller | None = None
     ) -> list[FrameVerdict]:

@@ -78,6 +78,7 @@ from omni_ros.core.backend import Backend
 from omni_ros.core.bargein import BargeInDetector
 from omni_ros.core.clock import NS_PER_MS, NS_PER_S, Clock
 from omni_ros.core.config import from_mapping
+from omni_ros.core.echo_path import load_echo_path, save_echo_path
 from omni_ros.core.errors import (
     BackendError,
     BackendProtocolError,
@@ -536,6 +537,8 @@ class OmniFlow:
         self._paused = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        #: what became of ``aec.echo_path_file`` (diagnostics ``echo_path.*``)
+        self.echo_path_status: dict[str, str] = {}
 
     # ============================================================ input methods (any thread, cheap)
     def push_audio(self, raw: RawAudio) -> None:
@@ -659,8 +662,48 @@ class OmniFlow:
             self._runner = CallRunner()
             self._runner_closed = False
         self._stop.clear()
+        self.load_echo_path()
         self._thread = threading.Thread(target=self._loop, name="omni-flow", daemon=True)
         self._thread.start()
+
+    def load_echo_path(self) -> None:
+        """Read ``aec.echo_path_file`` for the canceller's next fresh stream (omni_ros.core.
+        echo_path; :meth:`start` calls it, :meth:`stop` writes the file). No file yet, or one
+        that does not fit, means a cold start, said why (``echo_path_status``, the log)."""
+        name = self.config.aec.echo_path_file
+        if not name or self.mic.echo_path is None:
+            return
+        self.echo_path_status["echo_path.file"] = name
+        try:
+            path = load_echo_path(name, self.config.aec)
+        except FileNotFoundError:
+            self.echo_path_status["echo_path.start"] = "cold: no file yet"
+            _LOG.info("no remembered echo path in %s yet: the echo canceller starts cold", name)
+            return
+        except ConfigError as exc:
+            self.echo_path_status["echo_path.start"] = f"cold: refused: {exc}"
+            _LOG.warning("%s; the echo canceller starts cold", exc)
+            return
+        self.mic.warm_path = path
+        self.echo_path_status["echo_path.start"] = f"warm: {path.describe()}"
+        _LOG.info("echo canceller starts warm from %s (%s)", name, path.describe())
+
+    def _save_echo_path(self) -> None:
+        """Write the latest echo-only stretch to ``aec.echo_path_file`` (the worker is gone)."""
+        name = self.config.aec.echo_path_file
+        if not name or self.mic.echo_path is None or self.aec is None:
+            return
+        path = self.mic.echo_path.snapshot(self.aec)
+        if path is None:
+            self.echo_path_status["echo_path.saved"] = "nothing: too little echo-only speech"
+            return
+        try:
+            save_echo_path(path, name)
+        except OSError as exc:
+            self.echo_path_status["echo_path.saved"] = f"failed: {exc}"
+            _LOG.warning("could not write the echo path to %s: %s", name, exc)
+            return
+        self.echo_path_status["echo_path.saved"] = path.describe()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the worker thread. A backend call in flight is not waited for: it finishes on its
@@ -680,6 +723,7 @@ class OmniFlow:
             # the player belongs to a loop that no longer runs (a deactivated node).
             now_ns = self.clock.now_ns()  # stop() is its own moment, on the caller's thread
             self._emit_all(self.session.interrupt(now_ns, "stop"), now_ns)
+        self._save_echo_path()  # nothing runs on the core objects now
         self._fail_prompt_requests(StateError("the flow stopped before the prompt was prepared"))
 
     def _fail_prompt_requests(self, error: Exception) -> None:

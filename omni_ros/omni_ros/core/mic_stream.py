@@ -32,6 +32,7 @@ from omni_ros.core.aec import AecConfig, EchoCanceller, RobotSpeakingGate
 from omni_ros.core.audio import StreamResampler, audio_frames, decode_audio
 from omni_ros.core.bargein import BargeInDetector
 from omni_ros.core.clock import NS_PER_MS, NS_PER_S
+from omni_ros.core.echo_path import EchoPath, EchoPathRecorder, warm_up
 from omni_ros.core.errors import DecodeError, OmniError
 from omni_ros.core.timeline import Timeline
 from omni_ros.core.types import AudioBlock, Counters, FloatArray, RawAudio, VoiceActivity
@@ -165,6 +166,15 @@ class MicStream:
         self.log = log
         self.on_heard = on_heard
         self.state = MicStreamState()
+        #: keeps the latest echo-only stretch (omni_ros.core.echo_path) when a file is configured
+        self.echo_path = (
+            EchoPathRecorder(aec.config)
+            if aec is not None and bargein is not None and aec.config.echo_path_file
+            else None
+        )
+        #: played through the canceller and the detector before the next fresh stream begins
+        self.warm_path: EchoPath | None = None
+        self.warm_starts = 0
 
     # ------------------------------------------------------------------- 1. a message arrives
     def push(self, raw: RawAudio, now_ns: int) -> None:
@@ -219,6 +229,7 @@ class MicStream:
             if self.aec is not None:
                 if len(mic.samples):
                     self._count_aec_restart(mic)
+                    self._maybe_warm_up(mic.stamp_ns)
                 mic = self.aec.process(mic) if len(mic.samples) else mic
                 if len(mic.samples):
                     self._push_timeline(mic, received_ns)
@@ -227,9 +238,25 @@ class MicStream:
                 if self.bargein is not None:
                     raw = self.aec.last_mic if self.aec is not None else None
                     self.bargein.process(mic, raw, self.aec)
+                    if self.echo_path is not None and self.aec is not None:
+                        self.echo_path.add(self.aec, mic, self.bargein.last_verdicts)
                 self.on_heard(now_ns)
         if self.aec is None:
             self._push_timeline(block, received_ns)  # the timeline resamples whole units itself
+
+    def _maybe_warm_up(self, stamp_ns: int) -> None:
+        """A fresh canceller about to hear its first block: play the remembered echo path
+        through it (and the detector) first, ending where this block begins."""
+        assert self.aec is not None
+        if self.warm_path is None or self.aec.state.mic_anchor_ns is not None:
+            return
+        path, self.warm_path = self.warm_path, None
+        try:
+            warm_up(path, stamp_ns, self.aec, self.bargein, self.aec.config.echo_path_passes)
+        except OmniError as exc:
+            self.log.warning("echo_path", f"remembered echo path not used: {exc}")
+            return
+        self.warm_starts += 1
 
     def _to_mic_rate(self, block: AudioBlock) -> list[AudioBlock]:
         """Resample to the mic rate as one stream while stamps continue each other.
@@ -305,6 +332,9 @@ class MicStream:
         self.state.resampler.reset()
         if self.aec is not None:
             self.counters.drop_audio("reset", len(self.aec.state.remainder))
+            if self.echo_path is not None:  # the room did not change: start warm again
+                self.warm_path = self.echo_path.snapshot(self.aec) or self.warm_path
+                self.echo_path.reset()
             self.aec.reset()
 
     def held_samples(self) -> int:

@@ -32,6 +32,9 @@ class DiagnosticsReporter:
         #: the speech schedule's learned terms (``schedule.*``: the p95 unit-end-to-result lag and
         #: the speaker's device latency learned from its playback reports), read at each report.
         self.schedule: Callable[[], dict[str, str]] = dict
+        #: what became of the remembered echo path (``echo_path.*``: the file, whether the last
+        #: start was warm or why it was cold, what the last stop wrote).
+        self.echo_path: Callable[[], dict[str, str]] = dict
 
     def on_state(self, state: StateOut, now_ns: int) -> None:
         # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
@@ -49,6 +52,7 @@ class DiagnosticsReporter:
         self.state, self.latency_ms, self.previous, self.components = None, None, None, []
         self.backend_metrics = dict
         self.schedule = dict
+        self.echo_path = dict
 
     def report(self, node_name: str, backend: str, lifecycle: str, now_ns: int) -> DiagnosticArray:
         """One ``DiagnosticArray``: the Omni-Flow status, then one status per TensorRT component."""
@@ -64,6 +68,7 @@ class DiagnosticsReporter:
                 **{k: str(v) for k, v in self.inputs().items()},
                 **self._backend_values(),
                 **self.schedule(),
+                **self.echo_path(),
             },
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )

@@ -236,6 +236,7 @@ class OmniFlowNode(LifecycleNode):
         voice = self._load_voice(str(self._param("ref_voice_path")))
         self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
         self._diag.schedule = functools.partial(_schedule_values, self._flow.session)
+        self._diag.echo_path = functools.partial(dict, self._flow.echo_path_status)
         metrics = getattr(self._backend, "metrics", None)
         self._diag.backend_metrics = metrics if callable(metrics) else dict
         if voice is not None:
