@@ -300,16 +300,7 @@ WARM_PHASES = ("warm", "moved")
 WARM_SEED = 2000  # its speech seed (and, for a robot that moved, its room's) is offset by this
 
 
-def _scene(
-    room: room_sim.Room, seconds: float, seed: int, room_seed: int | None = None
-) -> tuple[FloatArray, FloatArray]:
-    """Our speech (drawn from ``seed``) through the room, whose reflections are drawn from
-    ``room_seed`` (default: ``seed``)."""
-    far = room_sim.robot_speech(seconds, seed=seed)
-    n = len(far) * MIC_RATE // room_sim.OUT_RATE + MIC_RATE
-    ir_seed = seed if room_seed is None else room_seed
-    mic = room_sim.echo_of(far, room, seed=ir_seed, length=n) + room_sim.noise(n, room, seed)
-    return far, mic.astype(np.float32)
+_scene = room_sim.echo_scene  # our speech through the room (reflections from ``room_seed``)
 
 
 def _remembered(room: room_sim.Room, room_seed: int, moved: bool) -> EchoPath | None:

@@ -21,7 +21,9 @@ Scenarios (each trial is one exchange):
   after it started, in its middle unit, and in its LAST unit (after that unit was generated).
 - ``slow``: the same with every unit stretched to 400-800 ms of compute.
 - ``startup``: a fresh node per trial; the robot speaks in its first seconds and the user barges
-  in 0.4 s into it (the echo canceller has never heard the room).
+  in 0.4 s into it (the echo canceller has never heard the room). With ``--warm-startup`` the
+  trials start warm from one ``aec.echo_path_file``, written by a node that spoke one turn with
+  nobody talking and was stopped.
 - ``silent``: the user says nothing; the robot speaks unprompted turns (proactive) through each
   echo path; every barge-in is a false one.
 
@@ -269,6 +271,7 @@ class Session:
         duration_s: float,
         delay_ms: tuple[float, float] = (0.0, 0.0),
         seed: int = 0,
+        echo_path_file: Path | None = None,
     ) -> None:
         from omni_ros.audio_io import AudioFormat
         from omni_ros.ros.speaker_node import SpeakerNode
@@ -299,6 +302,11 @@ class Session:
             f"      delay_seed: {seed}\n"
             "      size: tiny\n      seed: 7\n      num_threads: 1\n"
             "    session:\n      proactive_silence_units: 3\n"
+            + (
+                f"    aec:\n      echo_path_file: {json.dumps(str(echo_path_file))}\n"
+                if echo_path_file is not None
+                else ""
+            )
         )
         self.log = open(self.dir / "node.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -763,10 +771,26 @@ def run_startup(
     room: RoomConfig,
     utts: dict[str, list[Utterance]],
     progress: Callable[[str], None],
+    warm: bool = False,
 ) -> Results:
+    """``warm``: the trials share one ``aec.echo_path_file``, written first by a node that
+    speaks one 6-unit turn with nobody talking and is stopped (SIGINT). A trial's own run holds
+    only 0.4 s of our speech before the barge-in, too little to remember (>= 1 s), so the file
+    stays the first node's."""
     res = Results()
+    echo_path = bench.workdir / "echo_path.npz" if warm else None
+    if echo_path is not None:
+        sess = Session(bench, room, duration_s=40, seed=9, echo_path_file=echo_path)
+        try:
+            start = sess.next_unit_start(time.time_ns() + 2_500_000_000)
+            sess.plan_turn(start, 6)
+            sess.sleep_until(start + 7 * NS_PER_S)
+        finally:
+            sess.close()
+        progress(f"  remembered the echo path: {echo_path.exists()}")
     for k in range(trials):
-        sess = Session(bench, room, duration_s=75, seed=10 + k)  # the node loads for ~15-30 s
+        was_warm = echo_path is not None and echo_path.exists()
+        sess = Session(bench, room, duration_s=75, seed=10 + k, echo_path_file=echo_path)
         before = res.false_bargeins
         try:
             exchange(
@@ -775,12 +799,14 @@ def run_startup(
         finally:
             info = sess.close()
         info["false_bargeins"] = res.false_bargeins - before
+        info["warm_start"] = was_warm
         res.sessions.append(info)
         res.robot_speech_s += info["played_s"]
         b = res.bargein[-1] if res.bargein else None
         since = (sess.turns[0][0] - sess.ready_ns) / 1e9 if sess.turns else float("nan")
+        saved = "" if echo_path is None else f" ({'warm' if was_warm else 'cold'} start)"
         progress(
-            f"  trial {k + 1}/{trials}: turn {since:.1f} s after the first state, barge-in "
+            f"  trial {k + 1}/{trials}{saved}: turn {since:.1f} s after the first state, barge-in "
             f"{'stopped' if b and b['stopped'] else 'NOT stopped'} {b['latency_ms'] if b else 0:.0f} ms"
         )
     return res
@@ -904,6 +930,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=sorted(ROOMS),
         help="echo paths of the silent scenario (default: all)",
     )
+    parser.add_argument(
+        "--warm-startup",
+        action="store_true",
+        help="startup trials start warm from an aec.echo_path_file a first node wrote",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args(argv)
@@ -939,7 +970,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif scenario == "slow":
                 res = run_exchanges(bench, trials, room, (400.0, 800.0), utts, progress)
             elif scenario == "startup":
-                res = run_startup(bench, startup_trials, room, utts, progress)
+                res = run_startup(bench, startup_trials, room, utts, progress, args.warm_startup)
             else:
                 res = run_silent(bench, silent_s, [ROOMS[r] for r in args.silent_rooms], progress)
             summary = res.summary()

@@ -292,6 +292,18 @@ class EchoPathRecorder:
             return self._build(echo, self._blocks, echo.delay_ns, echo.align_ns)
         return self._good if self._good is not None else self._best
 
+    def why_nothing(self, echo: EchoCanceller) -> str:
+        """Why :meth:`snapshot` has nothing (for the log and diagnostics)."""
+        if echo.delay_estimates == 0:
+            return (
+                "nothing: no echo delay estimate yet ("
+                f"{echo.delay_rejected_no_echo} refused for lack of echo coherence)"
+            )
+        return (
+            f"nothing: no echo-only stretch with {_MIN_ACTIVE_S:g} s of our speech "
+            f"({self._active:.1f} s in the current one)"
+        )
+
     def _finish(self, echo: EchoCanceller, cut_ns: int | None) -> None:
         """End the current stretch (at ``cut_ns``: blocks reaching past it are dropped)."""
         blocks = self._blocks

@@ -695,7 +695,7 @@ class OmniFlow:
             return
         path = self.mic.echo_path.snapshot(self.aec)
         if path is None:
-            self.echo_path_status["echo_path.saved"] = "nothing: too little echo-only speech"
+            self.echo_path_status["echo_path.saved"] = self.mic.echo_path.why_nothing(self.aec)
             return
         try:
             save_echo_path(path, name)
@@ -704,6 +704,7 @@ class OmniFlow:
             _LOG.warning("could not write the echo path to %s: %s", name, exc)
             return
         self.echo_path_status["echo_path.saved"] = path.describe()
+        _LOG.info("remembered the echo path in %s (%s)", name, path.describe())
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the worker thread. A backend call in flight is not waited for: it finishes on its

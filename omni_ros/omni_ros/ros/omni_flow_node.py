@@ -345,6 +345,11 @@ class OmniFlowNode(LifecycleNode):
         try:
             if self._flow is not None:
                 self._flow.stop()
+                saved = self._flow.echo_path_status.get("echo_path.saved")
+                if saved is not None:  # aec.echo_path_file is set
+                    self.get_logger().info(
+                        f"echo path ({self._flow.config.aec.echo_path_file}): {saved}"
+                    )
         except OmniError as exc:
             self.get_logger().error(f"stopping the Omni-Flow loop failed: {exc}")
             return False

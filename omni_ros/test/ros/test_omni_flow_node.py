@@ -500,3 +500,60 @@ def test_a_backend_that_cannot_prepare_is_an_error_in_state_and_diagnostics_unti
             lambda: any(s.mode == 0 for s in probe.snapshot("state")[n:]), 30, "recovery", proc
         )
         assert probe.snapshot("state")[-1].error == ""
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_remembered_echo_path_is_read_at_activation_and_reported_in_diagnostics(
+    tmp_path: Path, broken: bool
+) -> None:
+    import numpy as np
+    from omni_ros.core.aec import AecConfig
+    from omni_ros.core.echo_path import EchoPath, save_echo_path
+
+    file = tmp_path / "echo_path.npz"
+    if broken:
+        file.write_bytes(b"\x00" * 64)
+    else:
+        cfg = AecConfig()
+        lead = cfg.sample_rate * (cfg.max_delay_ms + cfg.echo_tail_ms + 100) // 1000
+        rng = np.random.default_rng(0)
+        save_echo_path(
+            EchoPath(
+                sample_rate=cfg.sample_rate,
+                frame_ms=cfg.frame_ms,
+                filter_ms=cfg.filter_ms,
+                delay_ns=80_000_000,
+                align_ns=70_000_000,
+                mic=rng.integers(-300, 300, 2 * cfg.sample_rate).astype(np.int16),
+                ref=rng.integers(-300, 300, 2 * cfg.sample_rate + lead).astype(np.int16),
+            ),
+            file,
+        )
+    params = {
+        **SIM,
+        "backend": "speak_until_interrupted_double",
+        "diagnostics.period_s": 0.2,
+        "aec.echo_path_file": str(file),
+    }
+    proc = NodeProcess.with_doubles(params, tmp_path / "node.log")
+    with running(proc) as probe:
+        driver = SimDriver(probe, BAG_START_NS)
+        driver.start(proc)
+
+        def start_value() -> str | None:
+            for d in reversed(probe.snapshot("diag")):
+                values = diag_values(d)
+                if values and "echo_path.start" in values:
+                    return values["echo_path.start"]
+            return None
+
+        driver.run_until(lambda: start_value() is not None, 30, "echo_path.start", proc)
+        driver.run_until(lambda: probe.count("state") >= 2, 30, "units after the start", proc)
+        value = start_value()
+        assert value is not None
+        if broken:
+            assert value.startswith("cold: refused: echo path file"), value
+        else:
+            assert value == "warm: 2.0 s, delay 80 ms", value
+        assert proc.poll() is None
+    assert "Traceback" not in proc.log_path.read_text(errors="replace")

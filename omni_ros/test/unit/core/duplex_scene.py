@@ -153,3 +153,39 @@ def later_turn(room: Room, seed: int, lead_s: float = 3.0) -> tuple[FloatArray, 
     n = len(far) * MIC_RATE // OUT_RATE + MIC_RATE
     mic = echo_of(far, room, seed=seed, length=n) + noise(n, room, seed)
     return far, mic.astype(np.float32), len(lead) * MIC_RATE // OUT_RATE
+
+
+def echo_scene(
+    room: Room, seconds: float, seed: int, room_seed: int | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """About ``seconds`` of our speech (drawn from ``seed``) and the mic that hears it through
+    ``room``, whose reflections are drawn from ``room_seed`` (default ``seed``), noise included."""
+    far = robot_speech(seconds, seed=seed)
+    n = len(far) * MIC_RATE // OUT_RATE + MIC_RATE
+    ir_seed = seed if room_seed is None else room_seed
+    mic = echo_of(far, room, seed=ir_seed, length=n) + noise(n, room, seed)
+    return far, mic.astype(np.float32)
+
+
+def with_user(
+    room: Room, far: FloatArray, mic: FloatArray, at: int, k: int, room_seed: int
+) -> tuple[FloatArray, int, int]:
+    """User line ``k`` as loud as our echo (0 dB SER) added from mic sample ``at``; returns the
+    mic and the samples where the user's voice starts and ends (-40 dB of its peak)."""
+    echo = echo_of(far, room, seed=room_seed, length=len(mic))
+    level = rms(echo[np.abs(echo) > 0.03 * np.abs(echo).max()])
+    user = user_line(k)
+    user = user * (level / rms(user[np.abs(user) > 0.03 * np.abs(user).max()]))
+    out = mic.copy()
+    m = min(len(user), len(out) - at)
+    out[at : at + m] += user[:m]
+    voiced_end = len(user) - voiced_start(user[::-1].copy())
+    return out, at + voiced_start(user), at + min(m, voiced_end)
+
+
+def first_decision_after(runs: list[tuple[int, int]], onset_ns: int) -> int | None:
+    """Nanoseconds from ``onset_ns`` to the first barge-in decided after it (runs are
+    ``(run start, decided at)``), None if none; a run that began well before it is an error."""
+    assert [s for s, _ in runs if s < onset_ns - 100_000_000] == [], "a barge-in before the user"
+    later = [decided for _start, decided in runs if decided >= onset_ns]
+    return later[0] - onset_ns if later else None

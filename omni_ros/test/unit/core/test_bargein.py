@@ -220,31 +220,16 @@ def test_barge_in_in_the_first_second_of_the_first_turn_is_detected(muted: bool)
 
 
 # --------------------------------------------------------- unconverged phases (issue 9 item 4)
-def _echo_scene(room: room_sim.Room, seconds: int, seed: int) -> tuple[FloatArray, FloatArray]:
-    far = room_sim.robot_speech(seconds, seed=seed)
-    n = len(far) * RATE // OUT + RATE
-    mic = room_sim.echo_of(far, room, seed=seed, length=n) + room_sim.noise(n, room, seed)
-    return far, mic.astype(np.float32)
+_echo_scene = room_sim.echo_scene
+_first_decision_after = room_sim.first_decision_after
 
 
 def _add_user(
     room: room_sim.Room, far: FloatArray, mic: FloatArray, at: int, k: int, seed: int
 ) -> tuple[FloatArray, int]:
     """The user as loud as our echo (0 dB SER) from sample ``at``; returns the mic and onset."""
-    echo = room_sim.echo_of(far, room, seed=seed, length=len(mic))
-    level = room_sim.rms(echo[np.abs(echo) > 0.03 * np.abs(echo).max()])
-    user = room_sim.user_line(k)
-    user = user * (level / room_sim.rms(user[np.abs(user) > 0.03 * np.abs(user).max()]))
-    out = mic.copy()
-    m = min(len(user), len(out) - at)
-    out[at : at + m] += user[:m]
-    return out, _stamp(at + room_sim.voiced_start(user))
-
-
-def _first_decision_after(runs: list[tuple[int, int]], onset: int) -> int | None:
-    assert [s for s, _ in runs if s < onset - 100_000_000] == [], "a barge-in before the user"
-    later = [decided for _start, decided in runs if decided >= onset]
-    return later[0] - onset if later else None
+    out, onset, _end = room_sim.with_user(room, far, mic, at, k, seed)
+    return out, _stamp(onset)
 
 
 def test_a_user_as_loud_as_the_echo_is_heard_in_the_first_second_of_the_first_turn() -> None:

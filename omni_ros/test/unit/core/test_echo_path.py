@@ -34,16 +34,6 @@ def _stamp(i: int) -> int:
     return T0 + round(i * S / RATE)
 
 
-def _scene(
-    room: room_sim.Room, seconds: float, seed: int, room_seed: int
-) -> tuple[FloatArray, FloatArray]:
-    """Our speech (``seed``) through a room whose reflections are drawn from ``room_seed``."""
-    far = room_sim.robot_speech(seconds, seed=seed)
-    n = len(far) * RATE // OUT + RATE
-    mic = room_sim.echo_of(far, room, seed=room_seed, length=n) + room_sim.noise(n, room, seed)
-    return far, mic.astype(np.float32)
-
-
 def _run(
     far: FloatArray,
     mic: FloatArray,
@@ -85,22 +75,13 @@ def _remember(room: room_sim.Room, room_seed: int) -> EchoPath:
 def _with_user(
     room: room_sim.Room, far: FloatArray, mic: FloatArray, at: int, k: int, room_seed: int
 ) -> tuple[FloatArray, int, int]:
-    """The user as loud as our echo (0 dB SER) from ``at``: the mic, voiced onset and end."""
-    echo = room_sim.echo_of(far, room, seed=room_seed, length=len(mic))
-    level = room_sim.rms(echo[np.abs(echo) > 0.03 * np.abs(echo).max()])
-    user = room_sim.user_line(k)
-    user = user * (level / room_sim.rms(user[np.abs(user) > 0.03 * np.abs(user).max()]))
-    out = mic.copy()
-    m = min(len(user), len(out) - at)
-    out[at : at + m] += user[:m]
-    voiced_end = len(user) - room_sim.voiced_start(user[::-1].copy())
-    return out, _stamp(at + room_sim.voiced_start(user)), _stamp(at + min(m, voiced_end))
+    """The user as loud as our echo from ``at``: the mic, voiced onset and end stamps."""
+    out, onset, end = room_sim.with_user(room, far, mic, at, k, room_seed)
+    return out, _stamp(onset), _stamp(end)
 
 
-def _latency(runs: list[tuple[int, int]], onset: int) -> int | None:
-    assert [s for s, _ in runs if s < onset - 100_000_000] == [], "a barge-in before the user"
-    later = [decided for _start, decided in runs if decided >= onset]
-    return later[0] - onset if later else None
+_latency = room_sim.first_decision_after
+_scene = room_sim.echo_scene
 
 
 # ----------------------------------------------------------------------------------- warm start
