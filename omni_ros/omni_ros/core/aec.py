@@ -25,6 +25,11 @@ re-alignment. An accepted estimate that finds the filter young therefore replays
 on that audio, so its echo path is the one to learn (measured: 4-8 dB of echo reduction in the second
 after the first estimate without, 11-26 dB with it).
 
+A stream's first chunk that the next chunk's report shows to have been reported up to 5 ms early
+(a player reads its clock for the report, publishes it, and only then writes to a device that had
+paused; speaker_node's reports were 1.2-1.5 ms early, and the turn's first syllable went
+uncancelled) is moved to where the next chunk began.
+
 A :class:`RobotSpeakingGate` covers speech the canceller has no reference for (another TTS on the
 robot, announced on the ``robot_speaking`` topic): while it is set, barge-in needs a longer speech run,
 or is suppressed entirely, as configured.
@@ -64,6 +69,12 @@ _GATE_MODES = ("off", "stricter", "suppress")
 # new run, so memory follows the speech written, never the size of a jump.
 _MAX_REF_GAP_S = 10
 _REPLAY_TEST_MS = 480  # at most this much of a replay runs once, for an a-priori residual
+# A chunk that starts at most this long after a stream of ONE chunk ended shows where that chunk
+# really played: a player reports a fresh start's first chunk with the clock it read before
+# publishing the report, and its device starts playing only when the write comes, after it.
+# speaker_node: Playback report (heard = now + latency), then Playhead.wrote(now') for the
+# write; the next chunk follows on from now' (measured through the nodes: 1.2-1.5 ms).
+_FIRST_CHUNK_SNAP_NS = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -496,6 +507,8 @@ class EchoState:
     ref_stream_next_ns: int | None = None  # where the open reference resampler stream continues
     ref_stream_out: int = 0  # samples the open stream has written since it began
     ref_stream_start_ns: int = 0
+    ref_stream_chunks: int = 0  # chunks the open stream has taken
+    first_chunk_snaps: int = 0  # first chunks moved to where the chunk after them began
     delay_ns: int = 0  # latest accepted estimate (or the configured initial delay)
     align_ns: int = 0  # how far back the reference is read for the frame being cancelled
     last_estimate_ns: int | None = None
@@ -524,6 +537,7 @@ class EchoState:
         self.ref_stream_next_ns = None
         self.ref_stream_out = 0
         self.ref_stream_start_ns = 0
+        self.ref_stream_chunks = 0
         self.delay_ns = initial_delay_ns
         self.align_ns = initial_delay_ns
         self.last_estimate_ns = None
@@ -680,9 +694,17 @@ class EchoCanceller:
             return
         st = self.state
         cfg = self.config
+        same = self._resampler is not None and self._resampler_rate == rate
+        gap_ns = stamp_ns - st.ref_stream_next_ns if st.ref_stream_next_ns is not None else None
+        if (
+            same
+            and gap_ns is not None
+            and st.ref_stream_chunks == 1
+            and NS_PER_S // rate < gap_ns <= _FIRST_CHUNK_SNAP_NS
+        ):
+            self._move_stream(gap_ns)  # the first chunk played right before this one
         contiguous = (
-            self._resampler is not None
-            and self._resampler_rate == rate
+            same
             and st.ref_stream_next_ns is not None
             and abs(stamp_ns - st.ref_stream_next_ns) <= NS_PER_S // rate
         )
@@ -692,11 +714,35 @@ class EchoCanceller:
             self._resampler_rate = rate
             st.ref_stream_start_ns = stamp_ns
             st.ref_stream_out = 0
+            st.ref_stream_chunks = 0
+        st.ref_stream_chunks += 1
         x = np.nan_to_num(np.asarray(samples, dtype=np.float32)) * cfg.reference_gain
         assert self._resampler is not None
         out = self._resampler.resample_chunk(x.astype(np.float32), last=False)
         st.ref_stream_next_ns = stamp_ns + round(len(samples) * NS_PER_S / rate)
         self._write_stream_output(out)
+
+    @property
+    def first_chunk_snaps(self) -> int:
+        """How often a stream's first chunk was moved to where the next one began (see
+        ``_FIRST_CHUNK_SNAP_NS``)."""
+        return self.state.first_chunk_snaps
+
+    def _move_stream(self, shift_ns: int) -> None:
+        """Move what the open stream wrote so far ``shift_ns`` later (its resampler's state
+        goes on: the samples are the same, only their play time was wrong)."""
+        st = self.state
+        n = st.ref_stream_out
+        if n and st.ref_start_ns is not None:
+            start = st.ref_stream_start_ns
+            written = self._reference_window(start, n)
+            self._write_reference(start, np.zeros(n, dtype=np.float32))
+            shifted = st.ref_stream_start_ns + shift_ns
+            self._write_reference(shifted, written)
+        st.ref_stream_start_ns += shift_ns
+        assert st.ref_stream_next_ns is not None
+        st.ref_stream_next_ns += shift_ns
+        st.first_chunk_snaps += 1
 
     def drop_reference_after(self, stamp_ns: int) -> None:
         """Forget reference scheduled at or after ``stamp_ns`` (speech flushed by a barge-in)."""

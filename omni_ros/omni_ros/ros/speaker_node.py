@@ -369,6 +369,10 @@ class SpeakerNode(Node):
                     self._playing = None
                 continue
             self._set_speaking(True)
+            # Reported before the write, so that the flow has the reference in time: after a
+            # pause the device starts when the write comes, the report's publish (~1 ms) later,
+            # and the next chunk's report follows on from there. The echo canceller moves such
+            # a first chunk to where the next one began (omni_ros.core.aec).
             heard_ns = self._playhead.heard_at(self._now_ns(), self._sink.latency_ns)
             self._report(item, heard_ns, item.samples, late, False)
             played = self._play(item.pcm, current)

@@ -268,3 +268,48 @@ def test_bad_configuration_names_the_key() -> None:
         AecConfig(sample_rate=44_100)
     with pytest.raises(ConfigError, match="unknown"):
         AecConfig.from_mapping({"filter_len": 3})
+
+
+def _chunks(canceller: EchoCanceller, x: FloatArray, at_ns: int, first_early_ns: int) -> None:
+    """``x`` pushed in 100 ms chunks from ``at_ns``, the first reported ``first_early_ns`` early."""
+    for j, i in enumerate(range(0, len(x), OUT_RATE // 10)):
+        stamp_ns = at_ns + round(i * 1e9 / OUT_RATE) - (first_early_ns if j == 0 else 0)
+        canceller.push_reference(stamp_ns, x[i : i + OUT_RATE // 10], OUT_RATE)
+
+
+def test_a_first_chunk_reported_early_is_moved_to_where_the_next_one_began() -> None:
+    # speaker_node reports a fresh start's first chunk with the clock it read before publishing
+    # the report; the device plays it when the write comes, 1.2-1.5 ms later, and the next chunk
+    # follows on from there. The reference must be the played one.
+    x = np.random.default_rng(0).normal(0, 0.1, OUT_RATE // 2).astype(np.float32)
+    at = T0_NS + 1_000_000_000
+    early = EchoCanceller(AecConfig())
+    _chunks(early, x, at, first_early_ns=1_500_000)
+    exact = EchoCanceller(AecConfig())
+    exact.push_reference(T0_NS, np.zeros(10, np.float32), OUT_RATE)  # the same grid origin
+    _chunks(exact, x, at, first_early_ns=0)
+    n = MIC_RATE // 2
+    got = early.reference_window(at - 10_000_000, n)
+    want = exact.reference_window(at - 10_000_000, n)
+    assert early.first_chunk_snaps == 1
+    assert np.max(np.abs(got[: n - MIC_RATE // 20] - want[: n - MIC_RATE // 20])) < 1e-6
+
+
+@pytest.mark.parametrize("gap_ns", [6_000_000, 50_000_000])
+def test_a_real_pause_after_a_first_chunk_is_not_moved(gap_ns: int) -> None:
+    x = np.random.default_rng(1).normal(0, 0.1, OUT_RATE // 10).astype(np.float32)
+    canceller = EchoCanceller(AecConfig())
+    canceller.push_reference(T0_NS, x, OUT_RATE)
+    canceller.push_reference(T0_NS + 100_000_000 + gap_ns, x, OUT_RATE)
+    assert canceller.first_chunk_snaps == 0
+    first = canceller.reference_window(T0_NS, MIC_RATE // 20)
+    assert np.max(np.abs(first)) > 0.1  # still where it was reported
+
+
+def test_only_a_streams_first_chunk_is_moved() -> None:
+    x = np.random.default_rng(2).normal(0, 0.1, OUT_RATE // 10).astype(np.float32)
+    canceller = EchoCanceller(AecConfig())
+    canceller.push_reference(T0_NS, x, OUT_RATE)
+    canceller.push_reference(T0_NS + 100_000_000, x, OUT_RATE)
+    canceller.push_reference(T0_NS + 201_000_000, x, OUT_RATE)  # 1 ms after two chunks
+    assert canceller.first_chunk_snaps == 0

@@ -410,3 +410,42 @@ def test_a_room_change_scene_is_the_plain_rooms_until_its_reflections_change() -
         after = slice(int((2.7 if fade_s else 1.7) * RATE), int(3.0 * RATE))
         diff = room_sim.rms(moved[after] - plain[after])
         assert diff > 0.3 * room_sim.rms(plain[after]), fade_s
+
+
+def test_turns_whose_first_chunk_is_reported_early_do_not_barge_in_on_themselves() -> None:
+    # Found through the nodes (conversation_bench, an audible voice): speaker_node reports each
+    # turn's first chunk 1.2-1.5 ms before the device plays it (see test_aec), the echo of the
+    # turn's first syllable was not cancelled (its lag measured 121.6 ms against 120.1 ms for the
+    # rest of the turn) and the robot cut its turns 0.3 s in: 4 false barge-ins in 6 turns here
+    # before the canceller moved such a chunk to where the next one began.
+    room = room_sim.Room(delay_ms=120)
+    far = np.zeros(40 * OUT, np.float32)
+    turns = []
+    for k in range(6):
+        line = room_sim.robot_speech(3, seed=30 + k)[: 3 * OUT]
+        i = (1 + 6 * k) * OUT
+        far[i : i + len(line)] = line
+        turns.append((i, i + len(line)))
+    n = len(far) * RATE // OUT
+    mic = room_sim.echo_of(far, room, seed=3, length=n) + room_sim.noise(n, room, 3)
+    canceller = EchoCanceller(AecConfig())
+    detector = BargeInDetector(AecConfig(), VadConfig())
+    chunks = [
+        (T0 + round(i * S / OUT) - (1_500_000 if i == a else 0), far[i : min(i + OUT // 10, b)])
+        for a, b in turns
+        for i in range(a, b, OUT // 10)
+    ]
+    runs: list[int] = []
+    active = False
+    for i in range(0, n, 320):
+        while chunks and chunks[0][0] < _stamp(i) + 100_000_000:  # reported as it is written
+            stamp_ns, x = chunks.pop(0)
+            canceller.push_reference(stamp_ns, x, OUT)
+        cleaned = canceller.process(AudioBlock(_stamp(i), RATE, mic[i : i + 320]))
+        detector.process(cleaned, canceller.last_mic, canceller)
+        run = detector.active_run()
+        if run is not None and not active:
+            runs.append(run[0])
+        active = run is not None
+    assert runs == []
+    assert canceller.first_chunk_snaps == 6
