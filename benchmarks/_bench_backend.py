@@ -10,7 +10,7 @@ Three things are added on top, all for measurement:
 
 - ``voice: espeak`` (the default) replaces the audio of every speaking unit with the next second
   of an espeak-ng voice track (robot lines, half of espeak-ng's full scale, like the user's
-  utterances). The reference model's vocoder has random weights: its "speech" is a hiss at
+  utterances); a turn's first unit starts at the next line's first syllable. The reference model's vocoder has random weights: its "speech" is a hiss at
   about -48 dBFS RMS with most of its energy above 3.4 kHz, so through the rooms (gain 0.4, a
   -55 dBFS noise floor) the echo lay at the noise floor. Measured: the delay estimator accepted
   no estimate in a 6-unit turn through the nodes (7 refused for lack of echo coherence), so the
@@ -82,14 +82,22 @@ ROBOT_LINES = (
 )
 
 
-def voice_track(rate: int) -> FloatArray:
-    """The robot's voice for ``voice: espeak``: the lines with 0.3 s pauses, at ``rate``."""
+def voice_track(rate: int) -> tuple[FloatArray, list[int]]:
+    """The robot's voice for ``voice: espeak``: the lines with 0.3 s pauses, at ``rate``, and
+    where each line's speech begins (its first sample over -40 dBFS; espeak-ng's own leading
+    silence is digital zero)."""
     from omni_ros.tools.synth import speak
 
     parts: list[FloatArray] = []
+    onsets: list[int] = []
+    at = 0
     for line in ROBOT_LINES:
-        parts += [speak(line, rate) * 0.5, np.zeros(int(0.3 * rate), np.float32)]
-    return np.concatenate(parts).astype(np.float32)
+        x = speak(line, rate) * 0.5
+        loud = np.flatnonzero(np.abs(x) > 0.01)
+        onsets.append(at + (int(loud[0]) if len(loud) else 0))
+        parts += [x, np.zeros(int(0.3 * rate), np.float32)]
+        at += len(x) + int(0.3 * rate)
+    return np.concatenate(parts).astype(np.float32), onsets
 
 
 class PlannedBackend:
@@ -120,7 +128,9 @@ class PlannedBackend:
         self._current_turn: int | None = None
         self._lock = threading.Lock()
         self._timing = open(config.timing_path, "a", encoding="utf-8")  # noqa: SIM115
-        self._voice = voice_track(self.output_sample_rate) if config.voice == "espeak" else None
+        self._voice, self._line_onsets = (
+            voice_track(self.output_sample_rate) if config.voice == "espeak" else (None, [])
+        )
         self._voice_at = 0
 
     @property
@@ -169,6 +179,12 @@ class PlannedBackend:
         if turn is not None and not result.is_listen and turn[1] == turn[2] - 1:
             result = replace(result, end_of_turn=True)
         if self._voice is not None and result.audio is not None and len(result.audio):
+            if turn is not None and turn[1] == 0:
+                # A turn starts with speech, at the next line's first syllable (a turn that
+                # began in a pause between lines had no echo in its first 0.3-0.5 s, and its
+                # early barge-in trials measured nothing).
+                later = [o for o in self._line_onsets if o >= self._voice_at]
+                self._voice_at = later[0] if later else self._line_onsets[0]
             n = len(result.audio)
             idx = (self._voice_at + np.arange(n)) % len(self._voice)
             self._voice_at = (self._voice_at + n) % len(self._voice)

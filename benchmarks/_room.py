@@ -4,9 +4,11 @@
 PCM at real-time pace like a sound card with a 40 ms buffer (``write`` blocks until the block fits)
 and logs every block with the wall-clock time its first sample is heard. :class:`Room`
 turns that log into the echo part of the microphone signal: the played audio resampled to the
-microphone rate, convolved with a room impulse response (a direct path after ``delay_ms``, scaled
-by ``gain``, plus an exponentially decaying diffuse tail ``reverb_db`` below it) and summed with
-the user's speech and a noise floor by the benchmark's microphone thread.
+microphone rate, placed between microphone samples where each stretch of sound began (a
+fractional delay: continuous time, as in a real room), convolved with a room impulse response
+(a direct path after ``delay_ms``, scaled by ``gain``, plus an exponentially decaying diffuse
+tail ``reverb_db`` below it) and summed with the user's speech and a noise floor by the
+benchmark's microphone thread.
 
 Everything here runs on the wall clock (``time.time_ns``), which is the ROS clock of nodes that do
 not use sim time; the microphone stamps, the speaker's schedule and this log share it.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +27,7 @@ from omni_ros.audio_io import AudioFormat
 from omni_ros.core.clock import NS_PER_S
 
 _DEVICE_SLACK_NS = 5_000_000
+_FRAC_TAPS = 48  # each side of the fractional-delay sinc (3 ms at 16 kHz)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,9 @@ class RoomSink:
         #: into the buffer), for writes within 200 ms of that; over the buffer + 5 ms: underrun.
         self.write_lag_ns: list[int] = []
         self.underruns = 0
+        #: Whether the write under way is the player's keep-alive silence (speaker_node's
+        #: ``writing_silence``): logged as silence, not as robot speech.
+        self.is_silence: Callable[[], bool] = lambda: False
 
     def write(self, data: bytes) -> None:
         samples = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
@@ -115,7 +122,7 @@ class RoomSink:
                 self.underruns += 1  # mid-speech: the device ran dry
             start = now + self._buffer_ns
         self._end_ns = start + len(samples) * NS_PER_S // self.format.sample_rate
-        self.room.play(start, samples, data)
+        self.room.play(start, samples, data, silence=self.is_silence())
         remaining = self._end_ns - self._buffer_ns - time.time_ns()
         if remaining > 0:
             self._closed.wait(remaining / NS_PER_S)
@@ -139,11 +146,13 @@ class RoomSink:
 
 @dataclass
 class Played:
-    """One block the speaker played: wall time of its first sample, sample count, its bytes."""
+    """One block the speaker played: wall time of its first sample, sample count, its bytes, and
+    whether it was the player's keep-alive silence."""
 
     start_ns: int
     samples: int
     data: bytes
+    silence: bool = False
 
     def end_ns(self, rate: int) -> int:
         return self.start_ns + self.samples * NS_PER_S // rate
@@ -180,23 +189,64 @@ class Room:
         self.log: list[Played] = []
         self._rs: soxr.ResampleStream | None = None
         self._next_in_ns = 0
-        self._write_pos = 0
+        self._base = 0  # microphone sample index of the stretch's sample ``_y[0]``
+        self._taps = fractional_delay(0.0)
+        self._y = np.zeros(0, np.float32)  # the stretch's resampled samples not yet all placed
+        self._done = 0  # samples of ``_y`` placed so far
 
-    def play(self, start_ns: int, samples: np.ndarray, data: bytes) -> None:
-        """The speaker started playing ``samples`` (at ``out_rate``) at ``start_ns``."""
+    def play(self, start_ns: int, samples: np.ndarray, data: bytes, silence: bool = False) -> None:
+        """The speaker started playing ``samples`` (at ``out_rate``) at ``start_ns``.
+
+        A new stretch of sound begins wherever the device started it, in general between two
+        microphone samples: its resampled samples are delayed by that fraction of a sample
+        (:func:`fractional_delay`), as a real room's continuous time does, instead of rounded
+        onto the microphone's grid (which moved each stretch by up to half a sample).
+        """
         with self._lock:
-            self.log.append(Played(start_ns, len(samples), data))
+            self.log.append(Played(start_ns, len(samples), data, silence))
             if self._rs is None or abs(start_ns - self._next_in_ns) > 2_000_000:
+                self._end_stretch()
                 # A new stretch of sound: a fresh resampler placed at its own start.
                 self._rs = soxr.ResampleStream(self.out_rate, self.mic_rate, 1, dtype="float32")
-                self._write_pos = round((start_ns - self.t0_ns) * self.mic_rate / NS_PER_S)
+                pos = (start_ns - self.t0_ns) * self.mic_rate / NS_PER_S
+                self._base = int(np.floor(pos))
+                self._taps = fractional_delay(pos - self._base)
+                self._y = np.zeros(0, np.float32)
+                self._done = 0
             self._next_in_ns = start_ns + len(samples) * NS_PER_S // self.out_rate
-            out = self._rs.resample_chunk(samples)
-            pos = self._write_pos
-            end = min(len(self._played), pos + len(out))
-            if 0 <= pos < end:
-                self._played[pos:end] += out[: end - pos]
-            self._write_pos = pos + len(out)
+            self._y = np.concatenate([self._y, self._rs.resample_chunk(samples)])
+            self._place(len(self._y) - _FRAC_TAPS)
+
+    def _end_stretch(self) -> None:
+        """Play out the stretch that ended: the resampler's held-back samples and the taps'."""
+        if self._rs is None:
+            return
+        self._y = np.concatenate(
+            [self._y, self._rs.resample_chunk(np.zeros(0, np.float32), last=True)]
+        )
+        self._place(len(self._y) + _FRAC_TAPS)
+        self._rs = None
+
+    def _place(self, until: int) -> None:
+        """Add the stretch's samples ``[done, until)``, delayed by its fraction, to what was played."""
+        lo = self._done
+        if until <= lo:
+            return
+        seg = np.zeros(until - lo + 2 * _FRAC_TAPS, np.float32)
+        a, b = max(0, lo - _FRAC_TAPS), min(len(self._y), until + _FRAC_TAPS)
+        if b > a:
+            seg[a - (lo - _FRAC_TAPS) : b - (lo - _FRAC_TAPS)] = self._y[a:b]
+        out = np.convolve(seg, self._taps)[2 * _FRAC_TAPS : 2 * _FRAC_TAPS + until - lo]
+        pos = self._base + lo
+        end = min(len(self._played), pos + len(out))
+        if 0 <= pos < end:
+            self._played[pos:end] += out[: end - pos].astype(np.float32)
+        self._done = until
+        keep = max(0, self._done - _FRAC_TAPS)  # what the taps still need
+        if keep > 0:
+            self._y = self._y[keep:]
+            self._base += keep
+            self._done -= keep
 
     def echo(self, first: int, n: int) -> np.ndarray:
         """Echo at microphone samples ``[first, first + n)`` (float32)."""
@@ -213,6 +263,23 @@ class Room:
             spectrum = self._h_fft[size] = np.fft.rfft(self.h, size)
         full = np.fft.irfft(np.fft.rfft(seg, size) * spectrum, size)
         return full[taps - 1 : taps - 1 + n].astype(np.float32)
+
+
+def fractional_delay(frac: float) -> np.ndarray:
+    """Taps that delay a band-limited signal by ``frac`` (0 <= frac < 1) samples: a sinc
+    ``_FRAC_TAPS`` samples each side under a Blackman-Harris window (the room's own design, not
+    the echo canceller's; flat to about 0.001 dB below 0.8 x Nyquist)."""
+    n = np.arange(-_FRAC_TAPS, _FRAC_TAPS + 1, dtype=np.float64)
+    x = n - frac
+    t = (x + _FRAC_TAPS + 1) / (2 * _FRAC_TAPS + 2)  # window position in (0, 1)
+    w = (
+        0.35875
+        - 0.48829 * np.cos(2 * np.pi * t)
+        + 0.14128 * np.cos(4 * np.pi * t)
+        - 0.01168 * np.cos(6 * np.pi * t)
+    )
+    h = np.sinc(x) * w
+    return (h / h.sum()).astype(np.float32)
 
 
 def _fft_size(n: int) -> int:

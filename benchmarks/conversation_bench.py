@@ -7,9 +7,10 @@ What runs (all on the wall clock, real time):
   which units to speak (random weights cannot choose; see ``_bench_backend.py``), optionally
   stretched to 400-800 ms a unit (the slow backend).
 - ``speaker_node`` (the real node class, in this process) with a :class:`_room.RoomSink` (a sound
-  card with a 40 ms buffer, like a blocking PortAudio stream): what it plays goes through a
-  simulated room (delay 40-300 ms, attenuation, a reverberant tail, noise)
-  back into the microphone.
+  card with a 40 ms buffer, like a blocking PortAudio stream; ``keep_alive: on``, as ``auto`` is
+  for a sound card, ``--keep-alive off`` for the figures before 2026-12-04): what it plays goes
+  through a simulated room (delay 40-300 ms, attenuation, a reverberant tail, noise)
+  back into the microphone. The keep-alive silence is not robot speech in any figure.
 - A microphone thread that publishes ``omni_ros_msgs/AudioChunk`` on ``audio/mic`` every 20 ms,
   stamped at capture time: the user's espeak-ng utterances placed at known times, plus the echo,
   plus noise.
@@ -321,7 +322,14 @@ class Session:
             stderr=subprocess.STDOUT,
         )
         self.sink = RoomSink(AudioFormat(OUT_RATE, 1, "S16LE"), self.room)
-        self.speaker = SpeakerNode(sink=self.sink, context=bench.context)
+        from rclpy.parameter import Parameter
+
+        self.speaker = SpeakerNode(
+            sink=self.sink,
+            context=bench.context,
+            parameter_overrides=[Parameter("keep_alive", value=bench.keep_alive)],
+        )
+        self.sink.is_silence = lambda: bool(getattr(self.speaker, "writing_silence", False))
         bench.executor.add_node(self.speaker)
         self._stop = threading.Event()
         self._mic = threading.Thread(target=self._mic_loop, name="bench-mic", daemon=True)
@@ -386,7 +394,9 @@ class Session:
 
     def played(self) -> list[tuple[int, int, bytes]]:
         with self.room._lock:
-            return [(p.start_ns, p.end_ns(OUT_RATE), p.data) for p in self.room.log]
+            return [
+                (p.start_ns, p.end_ns(OUT_RATE), p.data) for p in self.room.log if not p.silence
+            ]
 
     def first_play_after(self, t_ns: int, timeout_ns: int) -> int | None:
         while time.time_ns() < timeout_ns:
@@ -525,11 +535,12 @@ class Session:
 class Bench:
     """The benchmark process's ROS context, executor and probe node."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, keep_alive: str = "on") -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
         self.workdir = workdir
+        self.keep_alive = keep_alive  # speaker_node's keep_alive (the room sink is a sound card)
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("conversation_bench", context=self.context)
@@ -935,6 +946,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="startup trials start warm from an aec.echo_path_file a first node wrote",
     )
+    parser.add_argument(
+        "--keep-alive",
+        default="on",
+        choices=["on", "off"],
+        help="speaker_node keep_alive (on, as auto is for a sound card; off: the figures before "
+        "2026-12-04)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args(argv)
@@ -950,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress("synthesising utterances (espeak-ng)")
     utts = {"q": [utterance(t) for t in QUESTIONS], "i": [utterance(t) for t in INTERJECTIONS]}
     workdir = Path(tempfile.mkdtemp(prefix="conversation_bench_"))
-    bench = Bench(workdir)
+    bench = Bench(workdir, args.keep_alive)
     results: dict[str, Any] = {
         "label": args.label,
         "machine": machine(),
@@ -959,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "trials": trials,
         "room": args.room,
+        "keep_alive": args.keep_alive,
         "scenarios": {},
     }
     room = ROOMS[args.room]

@@ -51,7 +51,15 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
     "max_ahead_s": (5.0, "stamps further ahead than this are a clock mismatch: play now"),
     "release_ms": (150.0, "speaker/playing goes false after the queue stayed empty this long"),
     "wav_path": ("", "output file for sink=wav"),
+    "keep_alive": (
+        "auto",
+        "between turns, keep the device fed with silence so that speech after a pause follows "
+        "on sample-exactly (the echo canceller's reference stays aligned with the echo): on, "
+        "off, or auto (on for sink=pyaudio)",
+    ),
 }
+
+KEEP_ALIVE = ("auto", "on", "off")
 
 
 #: How late a write may come after the audio written before it has played out and still follow
@@ -141,7 +149,18 @@ class SpeakerNode(Node):
     """Plays speech chunks at their stamps; one playback thread owns the sink.
 
     Parameters: see :data:`PARAMETERS` (``sink``, ``device``, ``sample_rate``, ``channels``,
-    ``block_ms``, ``late_tolerance_ms``, ``max_ahead_s``, ``release_ms``, ``wav_path``).
+    ``block_ms``, ``late_tolerance_ms``, ``max_ahead_s``, ``release_ms``, ``wav_path``,
+    ``keep_alive``).
+
+    Keep-alive: a device that ran dry starts again when the next write comes, at a time only
+    known to the microseconds the clock was read at (measured in the conversation benchmark:
+    reports 25-440 us early, a new value each turn). Each turn's echo is then shifted by that
+    much against the turn before, which the echo canceller's converged filter does not model
+    (half a 16 kHz sample, 31 us, already leaves 8 dB of a 2 kHz echo; docs/BENCHMARKS.md, "Turn
+    onsets"). So, like WebRTC's audio device module, which renders silence while nothing plays,
+    the player writes silence between turns (never past the next chunk's stamp): the device's
+    timeline runs on, each turn starts exactly where the silence before it ended, and only the
+    first write of a run starts the device.
 
     Topics in:
         ``omni/speech`` (omni_ros_msgs/AudioChunk, reliable): ``header.stamp`` is the time the
@@ -197,6 +216,15 @@ class SpeakerNode(Node):
         self._flushed_turn = 0  # chunks of turns <= this ...
         self._flushed_from_ns = 0  # ... playing at or after this are cancelled
         self._frame_id = str(p["device"]) or str(p["sink"])
+        keep = str(p["keep_alive"])
+        if keep not in KEEP_ALIVE:
+            raise ConfigError(f"keep_alive = {keep!r}; use {', '.join(KEEP_ALIVE)}")
+        self._keep_alive = keep == "on" or (
+            keep == "auto" and sink is None and p["sink"] == "pyaudio"
+        )
+        self._zeros = bytes(self._block_frames * fmt.bytes_per_frame)
+        self.silence_written_ns = 0  # keep-alive silence written to the device, in all
+        self.writing_silence = False  # a keep-alive write is under way (for device simulations)
         self._playhead = Playhead()
         # How late the speech now playing is because a chunk of it came late (played whole).
         self._accepted_late_ns = 0
@@ -342,19 +370,34 @@ class SpeakerNode(Node):
         self._publish(self._playback_pub, conv.playback_to_msg(report, self._frame_id))
 
     def _playback(self) -> None:
+        idle_since: int | None = None  # when the queue went empty (keep-alive's release timer)
         while True:
+            alive = self._keep_alive and self._playhead.end_ns is not None
             with self._cond:
                 if not self._queue and not self._stop:
-                    self._cond.wait(self._release_s if self._speaking else None)
+                    timeout = self._release_s if self._speaking else None
+                    if alive:  # wake each block to keep the device fed
+                        tick = self._block_frames / self._sink.format.sample_rate / 2
+                        timeout = tick if timeout is None else min(timeout, tick)
+                    self._cond.wait(timeout)
                 if self._stop:
                     return
                 item = self._queue.popleft() if self._queue else None
                 current = self._generation
                 self._playing = item  # a flush covers the chunk waiting for its time too
-            if item is None:  # idle for release_ms: whatever was written has been heard
+            if item is None:
+                if alive:
+                    now = self._now_ns()
+                    self._keep_fed(now + self._sink.latency_ns)
+                    idle_since = now if idle_since is None else idle_since
+                    if self._speaking and now - idle_since >= self._release_s * NS_PER_S:
+                        self._set_speaking(False)  # the speech itself played out long ago
+                    continue
+                # idle for release_ms: whatever was written has been heard
                 self._sink.drain()
                 self._set_speaking(False)
                 continue
+            idle_since = None
             if item.generation != current:
                 self._playing = None
                 continue
@@ -368,6 +411,8 @@ class SpeakerNode(Node):
                 with self._cond:
                     self._playing = None
                 continue
+            if self._keep_alive and not late:
+                self._keep_fed(item.stamp_ns)  # the chunk starts exactly on its stamp
             self._set_speaking(True)
             # Reported before the write, so that the flow has the reference in time: after a
             # pause the device starts when the write comes, the report's publish (~1 ms) later,
@@ -379,10 +424,35 @@ class SpeakerNode(Node):
             with self._cond:
                 self._playing = None
             if not played:
-                # Cut by a flush: what was heard is what reached the speaker by now.
-                heard = (self._now_ns() - heard_ns) * item.sample_rate // NS_PER_S
+                # Cut by a flush: what is heard is what reached the device. It plays out what it
+                # holds (no sink here can drop it: PyAudio has no abort), so the echo canceller
+                # needs that part too (reported only until now, its echo went uncancelled).
+                end = self._playhead.end_ns if self._playhead.end_ns is not None else heard_ns
+                heard = (end - heard_ns) * item.sample_rate // NS_PER_S
                 self._report(item, heard_ns, int(min(max(heard, 0), item.samples)), late, True)
                 self._set_speaking(False)
+
+    def _keep_fed(self, until_ns: int) -> None:
+        """Keep-alive: write silence (in ``block_ms`` writes) so that the device plays on until
+        ``until_ns``, unless it already ran dry (then the next write starts it afresh, as
+        without keep-alive). Silence is never reported: the echo canceller's reference is zero
+        wherever no speech was reported."""
+        fmt = self._sink.format
+        end = self._playhead.end_ns
+        now = self._now_ns()
+        if end is None or now > end + self._playhead.slack_ns:
+            return
+        frames = (until_ns - end) * fmt.sample_rate // NS_PER_S
+        self.writing_silence = True
+        try:
+            while frames > 0:
+                n = min(frames, self._block_frames)
+                self._playhead.wrote(self._now_ns(), self._sink.latency_ns, fmt.duration_ns(n))
+                self._sink.write(self._zeros[: n * fmt.bytes_per_frame])
+                self.silence_written_ns += fmt.duration_ns(n)
+                frames -= n
+        finally:
+            self.writing_silence = False
 
     def _resync(self, item: _Queued, behind: bool) -> tuple[_Queued | None, bool]:
         """The chunk as it will play, and whether it counts as late.
@@ -449,6 +519,8 @@ class SpeakerNode(Node):
         if due_ns - now > self._release_s * NS_PER_S:
             self._set_speaking(False)  # a real pause in the speech, not a gap between chunks
         while now < due_ns:
+            if self._keep_alive:  # the device plays on until the chunk, never past its stamp
+                self._keep_fed(min(now + self._sink.latency_ns, item.stamp_ns))
             with self._cond:
                 # Poll: under sim time the ROS clock does not follow the wall clock.
                 self._cond.wait(min((due_ns - now) / NS_PER_S, 0.01))
