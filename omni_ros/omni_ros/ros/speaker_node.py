@@ -55,11 +55,26 @@ PARAMETERS: dict[str, tuple[Any, str]] = {
         "auto",
         "between turns, keep the device fed with silence so that speech after a pause follows "
         "on sample-exactly (the echo canceller's reference stays aligned with the echo): on, "
-        "off, or auto (on for sink=pyaudio)",
+        "off, or auto (on for sink=pyaudio on the wall clock)",
     ),
 }
 
 KEEP_ALIVE = ("auto", "on", "off")
+
+
+def keep_alive_enabled(mode: str, sink_kind: str, sim_time: bool) -> bool:
+    """Whether the player keeps the device fed between turns (see :class:`SpeakerNode`).
+
+    ``auto`` is on for a sound card (``sink_kind`` ``pyaudio``; ``""`` for a sink passed in
+    code) on the wall clock: under sim time the ROS clock runs at the bag's pace, not the
+    device's, and silence "until now" would fill a device that plays in wall time.
+
+    Raises:
+        ConfigError: ``mode`` is not one of :data:`KEEP_ALIVE`.
+    """
+    if mode not in KEEP_ALIVE:
+        raise ConfigError(f"keep_alive = {mode!r}; use {', '.join(KEEP_ALIVE)}")
+    return mode == "on" or (mode == "auto" and sink_kind == "pyaudio" and not sim_time)
 
 
 #: How late a write may come after the audio written before it has played out and still follow
@@ -216,11 +231,10 @@ class SpeakerNode(Node):
         self._flushed_turn = 0  # chunks of turns <= this ...
         self._flushed_from_ns = 0  # ... playing at or after this are cancelled
         self._frame_id = str(p["device"]) or str(p["sink"])
-        keep = str(p["keep_alive"])
-        if keep not in KEEP_ALIVE:
-            raise ConfigError(f"keep_alive = {keep!r}; use {', '.join(KEEP_ALIVE)}")
-        self._keep_alive = keep == "on" or (
-            keep == "auto" and sink is None and p["sink"] == "pyaudio"
+        self._keep_alive = keep_alive_enabled(
+            str(p["keep_alive"]),
+            str(p["sink"]) if sink is None else "",
+            bool(self.get_parameter("use_sim_time").value),
         )
         self._zeros = bytes(self._block_frames * fmt.bytes_per_frame)
         self.silence_written_ns = 0  # keep-alive silence written to the device, in all

@@ -181,6 +181,13 @@ def test_keep_alive_is_validated_and_auto_leaves_a_passed_sink_alone() -> None:
             node.destroy_node()
     finally:
         rclpy.shutdown(context=context)
+    from omni_ros.ros.speaker_node import keep_alive_enabled
+
+    assert keep_alive_enabled("auto", "pyaudio", sim_time=False)
+    assert not keep_alive_enabled("auto", "pyaudio", sim_time=True)  # a bag's clock, not the card's
+    assert not keep_alive_enabled("auto", "wav", sim_time=False)
+    assert keep_alive_enabled("on", "", sim_time=True)
+    assert not keep_alive_enabled("off", "pyaudio", sim_time=False)
 
 
 def test_a_cut_chunk_is_reported_as_far_as_it_reached_the_device() -> None:
