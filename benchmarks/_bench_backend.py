@@ -10,9 +10,10 @@ Three things are added on top, all for measurement:
 
 - ``voice: espeak`` (the default) replaces the audio of every speaking unit with the next second
   of an espeak-ng voice track (robot lines, half of espeak-ng's full scale, like the user's
-  utterances); a turn's first unit starts at the next line's first syllable. The reference model's vocoder has random weights: its "speech" is a hiss at
-  about -48 dBFS RMS with most of its energy above 3.4 kHz, so through the rooms (gain 0.4, a
-  -55 dBFS noise floor) the echo lay at the noise floor. Measured: the delay estimator accepted
+  utterances); a turn's first unit starts at the next line's first syllable. The reference
+  model's vocoder has random weights: its "speech" is a hiss at about -48 dBFS RMS with most
+  of its energy above 3.4 kHz, so through the rooms (gain 0.4, a -55 dBFS noise floor) the
+  echo lay at the noise floor. Measured: the delay estimator accepted
   no estimate in a 6-unit turn through the nodes (7 refused for lack of echo coherence), so the
   benchmark never exercised the echo canceller or the detector against real echo.
   ``voice: model`` keeps the vocoder's output (the figures before 2026-12-03);

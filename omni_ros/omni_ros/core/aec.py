@@ -540,7 +540,7 @@ class EchoState:
     # The open stream's placement between grid samples (see EchoCanceller._place_stream): its
     # first sample lies at grid index ``frac_base`` + the fraction the ``frac_taps`` delay by.
     frac_base: int = 0
-    frac_taps: FloatArray = field(default_factory=lambda: np.ones(1, dtype=np.float32))
+    frac_taps: FloatArray = field(default_factory=lambda: fractional_delay_taps(0.0))
     frac_y: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     frac_y0: int = 0  # stream sample index of ``frac_y[0]``
     frac_next: int = 0  # next stream sample index whose placed value is to be written
@@ -776,8 +776,7 @@ class EchoCanceller:
         if st.frac_next > 0:
             self._write_index(st.frac_base, np.zeros(st.frac_next, dtype=np.float32))
         self._place_stream(st.ref_stream_start_ns + shift_ns, keep=True)
-        half = (len(st.frac_taps) - 1) // 2
-        self._emit_placed(st.ref_stream_out - half)
+        self._emit_placed(st.ref_stream_out - _FRAC_HALF)
         assert st.ref_stream_next_ns is not None
         st.ref_stream_next_ns += shift_ns
         st.first_chunk_snaps += 1
@@ -807,7 +806,7 @@ class EchoCanceller:
     def _emit_placed(self, until: int) -> None:
         """Write the placed stream up to (not including) stream sample ``until``."""
         st = self.state
-        half = (len(st.frac_taps) - 1) // 2
+        half = _FRAC_HALF
         lo = st.frac_next
         if until <= lo:
             return
@@ -837,7 +836,7 @@ class EchoCanceller:
         if len(out):
             st.frac_y = np.concatenate([st.frac_y, np.asarray(out, dtype=np.float32)])
             st.ref_stream_out += len(out)
-        half = (len(st.frac_taps) - 1) // 2
+        half = _FRAC_HALF
         self._emit_placed(st.ref_stream_out + half if last else st.ref_stream_out - half)
         if st.ref_stream_chunks > 1:  # no longer movable: keep what the taps still need
             keep = max(st.frac_y0, st.frac_next - half)

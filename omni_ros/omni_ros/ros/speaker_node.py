@@ -237,7 +237,6 @@ class SpeakerNode(Node):
             bool(self.get_parameter("use_sim_time").value),
         )
         self._zeros = bytes(self._block_frames * fmt.bytes_per_frame)
-        self.silence_written_ns = 0  # keep-alive silence written to the device, in all
         self.writing_silence = False  # a keep-alive write is under way (for device simulations)
         self._playhead = Playhead()
         # How late the speech now playing is because a chunk of it came late (played whole).
@@ -463,7 +462,6 @@ class SpeakerNode(Node):
                 n = min(frames, self._block_frames)
                 self._playhead.wrote(self._now_ns(), self._sink.latency_ns, fmt.duration_ns(n))
                 self._sink.write(self._zeros[: n * fmt.bytes_per_frame])
-                self.silence_written_ns += fmt.duration_ns(n)
                 frames -= n
         finally:
             self.writing_silence = False

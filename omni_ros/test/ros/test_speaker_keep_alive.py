@@ -26,7 +26,7 @@ rclpy = pytest.importorskip("rclpy")
 
 from omni_ros.audio_io import AudioFormat  # noqa: E402
 from omni_ros.core.errors import ConfigError  # noqa: E402
-from pcm_samples import pcm_sequence  # noqa: E402
+from pcm_samples import speech_chunk  # noqa: E402
 
 RATE = 24_000
 FMT = AudioFormat(RATE, 1, "S16LE")
@@ -80,15 +80,6 @@ class _Device:
         self._closed.set()
 
 
-def _chunk(stamp_ns: int, first_frame: int, frames: int, turn_id: int) -> Any:
-    from omni_ros_msgs.msg import AudioChunk
-
-    msg = AudioChunk(sample_rate=RATE, channels=1, encoding="S16LE", turn_id=turn_id)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS_PER_S)
-    msg.data = pcm_sequence(frames, FMT, start=first_frame)
-    return msg
-
-
 def _two_turns(keep_alive: str) -> tuple[_Device, list[tuple[int, int]], list[int]]:
     """Two turns of two 100 ms chunks, 300 ms apart, through a node on the wall clock; returns the
     device, the (stamp, heard) of every Playback report, and each chunk's stamp."""
@@ -115,7 +106,7 @@ def _two_turns(keep_alive: str) -> tuple[_Device, list[tuple[int, int]], list[in
         t0 = time.time_ns() + 150_000_000
         stamps = [t0, t0 + NS_PER_S // 10, t0 + 500_000_000, t0 + 600_000_000]
         for k, stamp in enumerate(stamps):
-            node._on_speech(_chunk(stamp, k * 2400, 2400, turn_id=1 + k // 2))
+            node._on_speech(speech_chunk(stamp, k * 2400, 2400, FMT, turn_id=1 + k // 2))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and time.time_ns() < t0 + 900_000_000:
             time.sleep(0.02)
@@ -210,7 +201,7 @@ def test_a_cut_chunk_is_reported_as_far_as_it_reached_the_device() -> None:
     sink.silence_of = node
     try:
         t0 = time.time_ns() + 100_000_000
-        node._on_speech(_chunk(t0, 0, RATE // 2, turn_id=1))  # 500 ms
+        node._on_speech(speech_chunk(t0, 0, RATE // 2, FMT))  # 500 ms
         while time.time_ns() < t0 + 150_000_000:
             time.sleep(0.005)
         node.flush()

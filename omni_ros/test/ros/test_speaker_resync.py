@@ -24,7 +24,7 @@ from omni_ros.core.clock import NS_PER_S
 rclpy = pytest.importorskip("rclpy")
 
 from omni_ros.audio_io import AudioFormat  # noqa: E402
-from pcm_samples import pcm_sequence  # noqa: E402
+from pcm_samples import speech_chunk  # noqa: E402
 
 RATE = 24_000
 FMT = AudioFormat(RATE, 1, "S16LE")
@@ -78,15 +78,6 @@ class _StallingSink:
         self._closed.set()
 
 
-def _chunk(stamp_ns: int, first_frame: int, frames: int, turn_id: int = 1) -> Any:
-    from omni_ros_msgs.msg import AudioChunk
-
-    msg = AudioChunk(sample_rate=RATE, channels=1, encoding="S16LE", turn_id=turn_id)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, NS_PER_S)
-    msg.data = pcm_sequence(frames, FMT, start=first_frame)
-    return msg
-
-
 def _run(stall_at: int, stall_ns: int, late_by_ns: int = 0) -> tuple[Any, _StallingSink, int]:
     """Five 100 ms chunks of one turn, stamped from 150 ms ahead, through a node on the test clock;
     returns the node's counters, the sink and the first stamp."""
@@ -105,7 +96,7 @@ def _run(stall_at: int, stall_ns: int, late_by_ns: int = 0) -> tuple[Any, _Stall
     try:
         start = clock.now_ns() + 150_000_000 - late_by_ns
         for k in range(5):
-            node._on_speech(_chunk(start + k * NS_PER_S // 10, k * 2400, 2400))
+            node._on_speech(speech_chunk(start + k * NS_PER_S // 10, k * 2400, 2400, FMT))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with node._cond:
