@@ -39,6 +39,7 @@ and the chunks ``speaker_node`` resynced after them (speech dropped), and the pe
     python benchmarks/conversation_bench.py --quick      # ~5 min
     python benchmarks/conversation_bench.py --trials 20 --scenarios duplex slow --json out.json
     python benchmarks/conversation_bench.py --scenarios silent --silent-s 300   # 5 min a path
+    python benchmarks/conversation_bench.py --scenarios startup --aec dtd_spectral=false  # A/B
 
 Needs a built and sourced workspace (``make build``; ``. install/setup.sh``) and espeak-ng.
 """
@@ -46,6 +47,7 @@ Needs a built and sourced workspace (``make build``; ``. install/setup.sh``) and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -303,10 +305,11 @@ class Session:
             f"      delay_seed: {seed}\n"
             "      size: tiny\n      seed: 7\n      num_threads: 1\n"
             "    session:\n      proactive_silence_units: 3\n"
-            + (
-                f"    aec:\n      echo_path_file: {json.dumps(str(echo_path_file))}\n"
-                if echo_path_file is not None
-                else ""
+            + _aec_yaml(
+                {
+                    **bench.aec,
+                    **({} if echo_path_file is None else {"echo_path_file": str(echo_path_file)}),
+                }
             )
         )
         self.log = open(self.dir / "node.log", "w")  # noqa: SIM115
@@ -532,15 +535,60 @@ class Session:
         }
 
 
+def _aec_yaml(values: dict[str, Any]) -> str:
+    """The node's ``aec:`` parameter block (empty for none)."""
+    if not values:
+        return ""
+    return "    aec:\n" + "".join(f"      {k}: {json.dumps(v)}\n" for k, v in values.items())
+
+
+def parse_aec(items: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs (``--aec``) as aec.* overrides, each checked by AecConfig.
+
+    Raises:
+        SystemExit: an unknown name, a value of the wrong type, or one AecConfig refuses.
+    """
+    from omni_ros.core.aec import AecConfig
+    from omni_ros.core.errors import ConfigError
+
+    defaults = AecConfig()
+    names = sorted(f.name for f in dataclasses.fields(AecConfig))
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--aec {item!r}: use NAME=VALUE with NAME one of {names}")
+        default = getattr(defaults, name)
+        try:
+            if isinstance(default, bool):
+                value: Any = {"true": True, "false": False}[text.lower()]
+            elif isinstance(default, (int, float)):
+                value = type(default)(text)
+            else:
+                value = text
+        except (KeyError, ValueError):
+            kind = "true or false" if isinstance(default, bool) else type(default).__name__
+            raise SystemExit(f"--aec {item!r}: {name} takes {kind}") from None
+        out[name] = value
+    try:
+        AecConfig(**out)  # what is wrong is said before any node starts
+    except ConfigError as exc:
+        raise SystemExit(f"--aec: {exc}") from None
+    return out
+
+
 class Bench:
     """The benchmark process's ROS context, executor and probe node."""
 
-    def __init__(self, workdir: Path, keep_alive: str = "on") -> None:
+    def __init__(
+        self, workdir: Path, keep_alive: str = "on", aec: dict[str, Any] | None = None
+    ) -> None:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
         self.workdir = workdir
         self.keep_alive = keep_alive  # speaker_node's keep_alive (the room sink is a sound card)
+        self.aec = dict(aec or {})  # omni_flow_node's aec.* overrides (--aec)
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
         self.node = rclpy.create_node("conversation_bench", context=self.context)
@@ -953,6 +1001,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="speaker_node keep_alive (on, as auto is for a sound card; off: the figures before "
         "2026-12-04)",
     )
+    parser.add_argument(
+        "--aec",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="omni_flow_node aec.* overrides (e.g. dtd_spectral=false: the figures before "
+        "2026-12-04's spectral test)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     parser.add_argument("--label", default="", help="a name for this run in the output")
     args = parser.parse_args(argv)
@@ -968,7 +1024,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress("synthesising utterances (espeak-ng)")
     utts = {"q": [utterance(t) for t in QUESTIONS], "i": [utterance(t) for t in INTERJECTIONS]}
     workdir = Path(tempfile.mkdtemp(prefix="conversation_bench_"))
-    bench = Bench(workdir, args.keep_alive)
+    aec = parse_aec(args.aec)
+    bench = Bench(workdir, args.keep_alive, aec)
     results: dict[str, Any] = {
         "label": args.label,
         "machine": machine(),
@@ -978,6 +1035,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trials": trials,
         "room": args.room,
         "keep_alive": args.keep_alive,
+        "aec": aec,
         "scenarios": {},
     }
     room = ROOMS[args.room]

@@ -156,6 +156,14 @@ class AecConfig:
             loud echo path: the first frames of our speech must not barge in on themselves).
         dtd_history_ms: echo-only frames the residual ratio is learned over (its 90th
             percentile); until 8 frames were learned the prior stands.
+        dtd_spectral: the spectral double-talk test while the canceller is young (it has not
+            heard ``warmup_ms`` of our speech since its last filter reset; omni_ros.core.bargein):
+            per frequency bin, the raw microphone's power against what the echo path can bring
+            there from the reference's spectra at the estimated delay (a per-bin gain learned
+            on echo-only frames). It needs the delay, not a converged filter.
+        dtd_spectral_db: how far above that prediction a bin's power must be to be the user's.
+        dtd_spectral_fraction: share of the frame's 150-4000 Hz power in such bins that makes
+            the frame near-end by the spectral test.
         gate_mode: what ``robot_speaking`` does to barge-in: ``off`` (nothing), ``stricter`` (needs
             ``gate_min_speech_ms`` of speech), ``suppress`` (no barge-in while it is set).
         gate_min_speech_ms: speech run needed for barge-in while the gate is ``stricter``.
@@ -202,6 +210,9 @@ class AecConfig:
     dtd_margin_db: float = 6.0
     dtd_prior_db: float = 0.0
     dtd_history_ms: int = 500
+    dtd_spectral: bool = True
+    dtd_spectral_db: float = 10.0
+    dtd_spectral_fraction: float = 0.3
     gate_mode: str = "stricter"
     gate_min_speech_ms: int = 500
     echo_path_file: str = ""
@@ -249,6 +260,11 @@ class AecConfig:
             )
         if self.echo_tail_ms < 0 or self.dtd_history_ms <= 0:
             raise ConfigError("AecConfig.echo_tail_ms must be >= 0 and dtd_history_ms > 0")
+        if not 0.0 < self.dtd_spectral_db <= 40.0 or not 0.0 < self.dtd_spectral_fraction <= 1.0:
+            raise ConfigError(
+                f"AecConfig.dtd_spectral_db / _fraction = {self.dtd_spectral_db} / "
+                f"{self.dtd_spectral_fraction}: need (0, 40] dB and (0, 1]"
+            )
         if self.gate_mode not in _GATE_MODES:
             raise ConfigError(f"AecConfig.gate_mode = {self.gate_mode!r}; use one of {_GATE_MODES}")
         if self.replay_passes < 0:

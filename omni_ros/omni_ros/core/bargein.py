@@ -34,6 +34,21 @@ echo-cancelled signal, two questions:
    or 0.1 s after a re-alignment, is heard (docs/BENCHMARKS.md); one who starts as our first
    echo arrives is not: nothing tells their voice from an echo path not heard yet.
 
+4. **Per frequency bin, while the canceller is young** (``aec.dtd_spectral``, on by default). In the
+   first second of a start the filter has heard too little of our echo to cancel it, so the residual
+   is about the echo's full level, and a user as loud as our echo is within the broadband ratio's
+   spread (measured: the 0 dB ``start`` trials decided after 0.7-2.3 s, docs/BENCHMARKS.md). The raw
+   microphone's power spectrum is compared bin by bin with the power the echo path can bring there:
+   the reference's spectrum at the estimated delay plus its reverberant tail, times a per-bin gain
+   learned on echo-only frames (their median, from 4 frames on). Two voices seldom fill the same
+   bins at once, so a frame with ``dtd_spectral_fraction`` of its 150-4000 Hz power more than
+   ``dtd_spectral_db`` above that prediction is near-end, if Silero calls it speech. How reverberant
+   the room is (the tail's level and decay) is learned with the gain: of a small set of tail models,
+   the one that predicts the learned frames best. The test needs the delay, not a converged filter,
+   and applies only once the delay is known: before, the loudest spectrum at any lag is no bound on
+   a reverberant echo. A frame it calls near-end is not learned as echo unless Silero rejects it
+   outright (as above: that is how the learned ratio follows a room change).
+
 ``barge_in_min_speech_ms`` of consecutive near-end frames make a barge-in run
 (``barge_in_young_min_speech_ms`` while the canceller is young: it has not yet heard
 ``aec.warmup_ms`` of our speech since its last filter reset, i.e. the first seconds after a start
@@ -53,6 +68,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from omni_ros.core.aec import AecConfig, EchoCanceller
 from omni_ros.core.clock import NS_PER_S
@@ -65,6 +81,18 @@ _REF_FLOOR = 1e-7  # mean square below which the reference cannot echo audibly (
 _DELAY_TOLERANCE_NS = 20_000_000  # GCC-PHAT's estimate vs the true direct path (+-2 ms measured)
 # Silero's hysteresis (utils_vad.get_speech_timestamps: neg_threshold = threshold - 0.15).
 _HYSTERESIS = 0.15
+# The spectral test (AecConfig.dtd_spectral): its band, the learned frames it needs, how many it
+# keeps, and the gain's smoothing across bins (5 bins of 31.25 Hz at 16 kHz: about a harmonic's
+# spacing, so one voice's partials do not each get a gain of their own).
+_SPEC_LOW_HZ, _SPEC_HIGH_HZ = 150.0, 4000.0
+Spectrum = npt.NDArray[np.float64]  # power per frequency bin (or rows of them)
+_SPEC_MIN_FRAMES = 4
+_SPEC_HISTORY_FRAMES = 16
+_SPEC_SMOOTH_BINS = 5
+# The reverberation models tried: energy down 60 or 30 dB over echo_tail_ms, at these levels
+# against the direct path (a steady sound's tail over its direct energy).
+_SPEC_TAIL_DECAYS = (13.8, 6.9)
+_SPEC_TAIL_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class FrameClassifier(Protocol):
@@ -138,6 +166,15 @@ class BargeInState:
     history: collections.deque[tuple[int, float, float]] = field(default_factory=collections.deque)
     ratios: FloatArray | None = None  # cached E_e / E_x of ``history`` under ``window``
     window: tuple[int, int] | None = None  # (lo_ns, hi_ns): echo delays the envelope covers
+    # Echo-only frames for the spectral test: (start_ns, raw mic power spectrum, and the
+    # reference's direct and reverberant power spectra under ``spec_window``).
+    spec_history: collections.deque[tuple[int, Spectrum, Spectrum, Spectrum]] = field(
+        default_factory=lambda: collections.deque(maxlen=_SPEC_HISTORY_FRAMES)
+    )
+    # The learned echo model under ``spec_window`` (BargeInDetector._spectral_model).
+    spec_model: tuple[Spectrum, int, float] | None = None
+    spec_window: tuple[int, int] | None = None
+    spectral_near_frames: int = 0  # frames only the spectral test called near-end
     # Every recent frame, for a replay to re-learn from: (start_ns, near-end).
     recent: collections.deque[tuple[int, bool]] = field(default_factory=collections.deque)
     filter_resets: int = 0  # the canceller's counts at the last look
@@ -161,6 +198,10 @@ class BargeInState:
         self.recent.clear()
         self.ratios = None
         self.window = None
+        self.spec_history.clear()
+        self.spec_model = None
+        self.spec_window = None
+        self.spectral_near_frames = 0
         self.filter_resets = 0
         self.full_resets = 0
         self.replays = 0
@@ -216,6 +257,13 @@ class BargeInDetector:
         self._prior = float(10.0 ** (aec_cfg.dtd_prior_db / 10.0))
         self._sub = max(1, self.sample_rate * _SUB_BLOCK_MS // 1000)
         self._delay_known = False
+        self._spectral = aec_cfg.dtd_spectral
+        self._spec_excess = float(10.0 ** (aec_cfg.dtd_spectral_db / 10.0))
+        self._spec_window_fn = np.hanning(self.frame_len)
+        freqs = np.fft.rfftfreq(self.frame_len, 1.0 / self.sample_rate)
+        self._spec_band = (freqs >= _SPEC_LOW_HZ) & (freqs <= _SPEC_HIGH_HZ)
+        # A bin's power at the reference floor (white noise of mean square _REF_FLOOR, windowed).
+        self._spec_floor = _REF_FLOOR * float(np.sum(self._spec_window_fn**2))
         self.state = BargeInState()
         self.last_verdicts: list[FrameVerdict] = []
 
@@ -315,6 +363,8 @@ class BargeInDetector:
             st.history.clear()
             st.recent.clear()
             st.ratios = None
+            st.spec_history.clear()
+            st.spec_model = None
         st.anchor_ns = stamp_ns
         st.samples_done = 0
         st.clean_buf = np.zeros(0, dtype=np.float32)
@@ -363,6 +413,106 @@ class BargeInDetector:
         weights = np.exp(-age / tau) * (sub_ns / tau)
         return direct + float(np.dot(weights, energies[:n_tail]))
 
+    def _power_spectrum(self, x: FloatArray) -> Spectrum:
+        """Power spectrum of one frame under a Hann window."""
+        return np.abs(np.fft.rfft(self._spec_window_fn * x.astype(np.float64))) ** 2
+
+    def _predicted_parts(
+        self, echo: EchoCanceller, start_ns: int, window: tuple[int, int]
+    ) -> tuple[Spectrum, Spectrum]:
+        """What our echo can bring into ``[start, start + frame)`` per frequency bin, from the
+        reference's power spectra (the frame's length and window, 16 ms apart): the direct
+        path's and the reverberation's, one row per decay of ``_SPEC_TAIL_DECAYS``.
+
+        With the delay known, the direct part is the spectrum at exactly the estimated delay
+        (GCC-PHAT's +-2 ms against a 32 ms frame; the loudest of its neighbours would overstate
+        a vowel's onset and teach too low a gain) and the tail the older spectra weighted by an
+        exponential decay over ``echo_tail_ms``. Otherwise the direct part is the loudest
+        spectrum at any lag of the window and there is no tail."""
+        fl = self.frame_len
+        hop = self._sub
+        tail_ns = self.aec_config.echo_tail_ms * 1_000_000
+        sub_ns = hop * NS_PER_S / self.sample_rate
+        if self._delay_known:
+            n_tail = int(tail_ns / sub_ns)
+            first_ns = start_ns - echo.delay_ns - round(n_tail * sub_ns)
+            ref = echo.reference_window(first_ns, n_tail * hop + fl)
+        else:
+            lo, hi = window
+            ref = echo.reference_window(
+                start_ns - hi, round((hi - lo) * self.sample_rate / NS_PER_S) + fl
+            )
+        ref = ref.astype(np.float64)
+        m = max(1, (len(ref) - fl) // hop + 1)
+        # The youngest spectrum ends where the window does.
+        first = len(ref) - fl - (m - 1) * hop
+        idx = first + np.arange(m)[:, None] * hop + np.arange(fl)[None, :]
+        spectra = np.abs(np.fft.rfft(ref[idx] * self._spec_window_fn, axis=1)) ** 2
+        tails = np.zeros((len(_SPEC_TAIL_DECAYS), spectra.shape[1]))
+        if not self._delay_known or m == 1:
+            return spectra.max(axis=0), tails
+        age = np.arange(m - 1, 0, -1) * sub_ns  # oldest first
+        for i, decay in enumerate(_SPEC_TAIL_DECAYS):
+            tau = tail_ns / decay
+            tails[i] = (np.exp(-age / tau) * (sub_ns / tau)) @ spectra[:-1]
+        return spectra[-1], tails
+
+    def _spectral_model(
+        self, echo: EchoCanceller, window: tuple[int, int]
+    ) -> tuple[Spectrum, int, float] | None:
+        """The learned echo model ``(gain per bin, decay row, tail level)``: the predicted power
+        is ``gain * (direct + level * tails[row])``. Of every decay and level of
+        ``_SPEC_TAIL_DECAYS`` x ``_SPEC_TAIL_LEVELS``, the one whose per-bin log ratios over
+        the echo-only frames spread least (rooms differ in how much of their echo is
+        reverberation); the gain is their median per bin, smoothed across
+        ``_SPEC_SMOOTH_BINS``. None until ``_SPEC_MIN_FRAMES`` were learned. A moved window
+        re-predicts every learned frame."""
+        st = self.state
+        if st.spec_window != window:
+            st.spec_window = window
+            st.spec_history = collections.deque(
+                ((t, y, *self._predicted_parts(echo, t, window)) for t, y, _, _ in st.spec_history),
+                maxlen=_SPEC_HISTORY_FRAMES,
+            )
+            st.spec_model = None
+        if st.spec_model is None and len(st.spec_history) >= _SPEC_MIN_FRAMES:
+            floor = self._spec_floor
+            band = self._spec_band
+            ys = np.log(np.asarray([y for _, y, _, _ in st.spec_history]) + floor)
+            direct = np.asarray([d for _, _, d, _ in st.spec_history])
+            tails = np.asarray([t for _, _, _, t in st.spec_history])
+            best: tuple[float, Spectrum, int, float] | None = None
+            for row in range(tails.shape[1]):
+                for level in _SPEC_TAIL_LEVELS if self._delay_known else (0.0,):
+                    logs = ys - np.log(direct + level * tails[:, row] + floor)
+                    gain = np.median(logs, axis=0)
+                    spread = float(np.mean(np.abs(logs - gain)[:, band]))
+                    if best is None or spread < best[0]:
+                        best = (spread, gain, row, level)
+            assert best is not None
+            kernel = np.ones(_SPEC_SMOOTH_BINS) / _SPEC_SMOOTH_BINS
+            st.spec_model = (np.convolve(np.exp(best[1]), kernel, mode="same"), best[2], best[3])
+        return st.spec_model
+
+    def _spectral_share(
+        self,
+        y: Spectrum,
+        parts: tuple[Spectrum, Spectrum],
+        model: tuple[Spectrum, int, float] | None,
+    ) -> float | None:
+        """Share of the frame's in-band power in bins ``dtd_spectral_db`` above what the echo
+        path can bring there (None while nothing was learned or the frame is silent)."""
+        if model is None:
+            return None
+        gain, row, level = model
+        p = parts[0] + level * parts[1][row]
+        band = self._spec_band
+        total = float(y[band].sum())
+        if total <= self._spec_floor * np.count_nonzero(band):
+            return None
+        loud = y > self._spec_excess * np.maximum(gain * p, self._spec_floor)
+        return float(y[band & loud].sum()) / total
+
     def _arrived(self, echo: EchoCanceller, start_ns: int, window: tuple[int, int]) -> bool:
         """Whether the reference was playing the window's longest delay before ``start_ns``."""
         n = round(self.frame_ns * self.sample_rate / NS_PER_S)
@@ -383,6 +533,8 @@ class BargeInDetector:
             st.full_resets = echo.full_resets
             st.history.clear()
             st.ratios = None
+            st.spec_history.clear()
+            st.spec_model = None
         reset = echo.filter_resets != st.filter_resets
         if reset:
             # The filter starts over: until it converges, it passes about what the mic hears.
@@ -396,6 +548,10 @@ class BargeInDetector:
                 ((t, e_mic, e_mic) for t, e_mic, _ in st.history), maxlen=self._history_frames
             )
             st.ratios = None
+            # The spectral test learns the new path from scratch (a robot warmed up in another
+            # room, or moved: the old path's gains would call its echo the user).
+            st.spec_history.clear()
+            st.spec_model = None
         if echo.replays != st.replays:
             st.replays = echo.replays
             self._relearn(echo, window, reset)
@@ -488,6 +644,23 @@ class BargeInDetector:
             ratio = e_res / env
             threshold = self._residual_ratio() * self._margin
             near = speech and ratio > threshold
+            # The spectral test on the raw microphone: a young filter leaves the echo at about
+            # its full level, so the broadband ratio cannot tell a user as loud as our echo.
+            share = y = parts = None
+            if self._spectral and st.young:  # (its FFTs cost about the detector's CPU again)
+                y = self._power_spectrum(raw)
+                parts = self._predicted_parts(echo, start_ns, window)
+                share = self._spectral_share(y, parts, self._spectral_model(echo, window))
+            # Only at a known delay: the loudest spectrum at any lag is no bound on a
+            # reverberant echo, which sums many (measured: false barge-ins 0.9 s into a start).
+            spectral = (
+                self._delay_known
+                and share is not None
+                and share >= self.aec_config.dtd_spectral_fraction
+            )
+            if speech and spectral and not near:
+                near = True
+                st.spectral_near_frames += 1
             ratio_db = float(10.0 * np.log10(max(ratio, 1e-12)))
             threshold_db = float(10.0 * np.log10(max(threshold, 1e-12)))
             # Learn from echo-only frames; a speech frame within the margin's upper half is
@@ -502,11 +675,18 @@ class BargeInDetector:
             # turn while the delay is unknown) a quiet frame says nothing about the echo path's
             # gain.
             unsure = prob >= self.vad_config.silero_threshold - _HYSTERESIS
-            suspect = (speech and ratio > threshold / np.sqrt(self._margin)) or (
-                unsure and ratio > threshold
+            suspect = (
+                (speech and ratio > threshold / np.sqrt(self._margin))
+                or (unsure and ratio > threshold)
+                # More than our echo in enough bins, and not rejected outright by Silero
+                # (what it rejects is learned as above: how the ratio follows a room change).
+                or (spectral and unsure)
             )
             if not near and not suspect and self._arrived(echo, start_ns, window):
                 self._learn(start_ns, e_mic, e_res, ratio)
+                if y is not None and parts is not None:
+                    st.spec_history.append((start_ns, y, *parts))
+                    st.spec_model = None
         if st.recent.maxlen != self._recent_frames:
             st.recent = collections.deque(st.recent, maxlen=self._recent_frames)
         st.recent.append((start_ns, near))
