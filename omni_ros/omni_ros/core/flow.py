@@ -688,6 +688,24 @@ class OmniFlow:
         self.echo_path_status["echo_path.start"] = f"warm: {path.describe()}"
         _LOG.info("echo canceller starts warm from %s (%s)", name, path.describe())
 
+    def echo_status(self) -> dict[str, str]:
+        """The echo canceller's and barge-in detector's state for ``/diagnostics`` (``echo.*``;
+        empty without a canceller). Read from another thread: plain attribute reads."""
+        aec = self.aec
+        if aec is None:
+            return {}
+        values = {
+            "echo.delay_ms": f"{aec.delay_ns / 1e6:.1f}",
+            "echo.delay_estimates": str(aec.delay_estimates),
+            "echo.delay_rejected_no_echo": str(aec.delay_rejected_no_echo),
+            "echo.filter_resets": str(aec.filter_resets),
+            "echo.converged": str(aec.converged).lower(),
+        }
+        if self.bargein is not None:
+            values["echo.residual_ratio_db"] = f"{self.bargein.residual_ratio_db:.1f}"
+            values["echo.spectral_near_frames"] = str(self.bargein.state.spectral_near_frames)
+        return values
+
     def _save_echo_path(self) -> None:
         """Write the latest echo-only stretch to ``aec.echo_path_file`` (the worker is gone)."""
         name = self.config.aec.echo_path_file

@@ -35,6 +35,10 @@ class DiagnosticsReporter:
         #: what became of the remembered echo path (``echo_path.*``: the file, whether the last
         #: start was warm or why it was cold, what the last stop wrote).
         self.echo_path: Callable[[], dict[str, str]] = dict
+        #: the echo canceller's and barge-in detector's state (``echo.*``: the delay, how many
+        #: estimates were accepted or refused, filter resets, converged, the learned residual
+        #: ratio, frames only the spectral test called the user; OmniFlow.echo_status).
+        self.echo: Callable[[], dict[str, str]] = dict
 
     def on_state(self, state: StateOut, now_ns: int) -> None:
         # OmniFlow stamps a state with its unit's END: latency = unit end -> outputs published.
@@ -48,11 +52,18 @@ class DiagnosticsReporter:
             return {"backend.metrics_error": f"{type(exc).__name__}: {exc}"}
         return {f"backend.{key}": str(value) for key, value in metrics.items()}
 
+    def _echo_values(self) -> dict[str, str]:
+        try:
+            return self.echo()
+        except Exception as exc:  # read off the worker thread: never stop the diagnostics
+            return {"echo.error": f"{type(exc).__name__}: {exc}"}
+
     def clear(self) -> None:
         self.state, self.latency_ms, self.previous, self.components = None, None, None, []
         self.backend_metrics = dict
         self.schedule = dict
         self.echo_path = dict
+        self.echo = dict
 
     def report(self, node_name: str, backend: str, lifecycle: str, now_ns: int) -> DiagnosticArray:
         """One ``DiagnosticArray``: the Omni-Flow status, then one status per TensorRT component."""
@@ -69,6 +80,7 @@ class DiagnosticsReporter:
                 **self._backend_values(),
                 **self.schedule(),
                 **self.echo_path(),
+                **self._echo_values(),
             },
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )

@@ -237,6 +237,7 @@ class OmniFlowNode(LifecycleNode):
         self._flow = OmniFlow(config, self._backend, self._omni_clock, self._emit)
         self._diag.schedule = functools.partial(_schedule_values, self._flow.session)
         self._diag.echo_path = functools.partial(dict, self._flow.echo_path_status)
+        self._diag.echo = self._flow.echo_status
         metrics = getattr(self._backend, "metrics", None)
         self._diag.backend_metrics = metrics if callable(metrics) else dict
         if voice is not None:

@@ -330,6 +330,26 @@ def test_the_backends_own_metrics_reach_diagnostics_and_a_failing_one_is_reporte
     assert values["backend.metrics_error"] == "RuntimeError: socket closed"
 
 
+def test_the_echo_cancellers_state_reaches_diagnostics_and_a_failing_read_is_reported() -> None:
+    from omni_ros.ros._diagnostics import DiagnosticsReporter
+
+    reporter = DiagnosticsReporter()
+    reporter.on_state(_state(), STAMP_NS)
+    reporter.echo = lambda: {"echo.delay_ms": "120.0", "echo.converged": "true"}
+    values = _values(reporter.report("node", "reference", "active", STAMP_NS).status[0])
+    assert values["echo.delay_ms"] == "120.0"
+    assert values["echo.converged"] == "true"
+
+    def broken() -> dict[str, str]:
+        raise ValueError("array changed size")
+
+    reporter.echo = broken
+    values = _values(reporter.report("node", "reference", "active", STAMP_NS).status[0])
+    assert values["echo.error"] == "ValueError: array changed size"
+    reporter.clear()
+    assert "echo.delay_ms" not in _values(reporter.report("n", "r", "active", STAMP_NS).status[0])
+
+
 def test_tensorrt_component_statuses_become_their_own_diagnostics() -> None:
     from omni_ros.ros._diagnostics import DiagnosticsReporter
     from omni_ros.tensorrt.diagnostics import ComponentStatus

@@ -126,6 +126,11 @@ def test_diagnostics_report_backend_latency_and_every_counter(reference_run) -> 
     assert float(values["schedule.lag_p95_ms"]) > 0
     assert float(values["schedule.device_latency_ms"]) == 0
     assert float(values["schedule.margin_ms"]) == 50
+    # The echo canceller's state (OmniFlow.echo_status): a bag without our echo in it.
+    assert values["echo.converged"] in ("true", "false")
+    for key in ("echo.delay_estimates", "echo.filter_resets", "echo.spectral_near_frames"):
+        assert int(values[key]) >= 0, key
+    assert float(values["echo.delay_ms"]) >= 0
     components = {}
     for status in probe.snapshot("diag")[-1].status:
         if ": tensorrt " in status.name:

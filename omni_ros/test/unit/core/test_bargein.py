@@ -222,6 +222,31 @@ def test_barge_in_in_the_first_second_of_the_first_turn_is_detected(muted: bool)
     assert flushed_at - onset <= 600_000_000
 
 
+def test_the_flow_reports_the_echo_cancellers_state() -> None:
+    # /diagnostics shows echo.* (omni_flow_node): the delay the canceller found and how it got
+    # there, whether it converged, and what the detector learned.
+    loop = _Loop(_robot_units(8), room_sim.Room(delay_ms=80))
+    before = loop.flow.echo_status()
+    assert before["echo.delay_estimates"] == "0"
+    assert before["echo.converged"] == "false"
+    loop.run(room_sim.noise(10 * RATE, room_sim.Room(), 4))
+    status = loop.flow.echo_status()
+    assert int(status["echo.delay_estimates"]) >= 1
+    assert abs(float(status["echo.delay_ms"]) - 80) <= 2, status
+    assert status["echo.filter_resets"] == "0"  # 80 ms lies within the filter at alignment 0
+    assert status["echo.converged"] == "true"
+    assert float(status["echo.residual_ratio_db"]) < 0
+    assert int(status["echo.spectral_near_frames"]) >= 0
+    assert int(status["echo.delay_rejected_no_echo"]) >= 0
+    off = OmniFlow(
+        FlowConfig.from_mapping({"aec": {"enabled": False}}),
+        ScriptedBackendDouble([]),
+        ManualClock(T0),
+        lambda _e: None,
+    )
+    assert off.echo_status() == {}
+
+
 # --------------------------------------------------------- unconverged phases (issue 9 item 4)
 _echo_scene = room_sim.echo_scene
 _first_decision_after = room_sim.first_decision_after
