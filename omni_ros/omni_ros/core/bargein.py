@@ -89,10 +89,20 @@ Spectrum = npt.NDArray[np.float64]  # power per frequency bin (or rows of them)
 _SPEC_MIN_FRAMES = 4
 _SPEC_HISTORY_FRAMES = 16
 _SPEC_SMOOTH_BINS = 5
+_DECAY_60_DB = 13.8  # ln(1e6): energy down 60 dB over the tail
 # The reverberation models tried: energy down 60 or 30 dB over echo_tail_ms, at these levels
 # against the direct path (a steady sound's tail over its direct energy).
-_SPEC_TAIL_DECAYS = (13.8, 6.9)
+_SPEC_TAIL_DECAYS = (_DECAY_60_DB, _DECAY_60_DB / 2)
 _SPEC_TAIL_LEVELS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def _tail_weights(n: int, sub_ns: float, tail_ns: float, decay: float) -> Spectrum:
+    """Weights of the ``n`` blocks (``sub_ns`` apart, oldest first) before the direct path in an
+    exponential reverberation whose energy falls by ``exp(-decay)`` over ``tail_ns``."""
+    age = np.arange(n, 0, -1, dtype=np.float64) * sub_ns
+    tau = tail_ns / decay
+    weights: Spectrum = np.exp(-age / tau) * (sub_ns / tau)
+    return weights
 
 
 class FrameClassifier(Protocol):
@@ -167,8 +177,9 @@ class BargeInState:
     ratios: FloatArray | None = None  # cached E_e / E_x of ``history`` under ``window``
     window: tuple[int, int] | None = None  # (lo_ns, hi_ns): echo delays the envelope covers
     # Echo-only frames for the spectral test: (start_ns, raw mic power spectrum, and the
-    # reference's direct and reverberant power spectra under ``spec_window``).
-    spec_history: collections.deque[tuple[int, Spectrum, Spectrum, Spectrum]] = field(
+    # reference's direct and reverberant power spectra under ``spec_window``, None for a frame
+    # learned while the delay was unknown).
+    spec_history: collections.deque[tuple[int, Spectrum, tuple[Spectrum, Spectrum] | None]] = field(
         default_factory=lambda: collections.deque(maxlen=_SPEC_HISTORY_FRAMES)
     )
     # The learned echo model under ``spec_window`` (BargeInDetector._spectral_model).
@@ -408,53 +419,33 @@ class BargeInDetector:
         direct = float(np.max(energies[n_tail:]))
         if n_tail == 0:
             return direct
-        age = np.arange(n_tail, 0, -1) * sub_ns  # oldest first
-        tau = tail_ns / 13.8  # energy falls 60 dB over the tail
-        weights = np.exp(-age / tau) * (sub_ns / tau)
+        weights = _tail_weights(n_tail, sub_ns, tail_ns, _DECAY_60_DB)
         return direct + float(np.dot(weights, energies[:n_tail]))
 
     def _power_spectrum(self, x: FloatArray) -> Spectrum:
         """Power spectrum of one frame under a Hann window."""
         return np.abs(np.fft.rfft(self._spec_window_fn * x.astype(np.float64))) ** 2
 
-    def _predicted_parts(
-        self, echo: EchoCanceller, start_ns: int, window: tuple[int, int]
-    ) -> tuple[Spectrum, Spectrum]:
-        """What our echo can bring into ``[start, start + frame)`` per frequency bin, from the
-        reference's power spectra (the frame's length and window, 16 ms apart): the direct
-        path's and the reverberation's, one row per decay of ``_SPEC_TAIL_DECAYS``.
-
-        With the delay known, the direct part is the spectrum at exactly the estimated delay
-        (GCC-PHAT's +-2 ms against a 32 ms frame; the loudest of its neighbours would overstate
-        a vowel's onset and teach too low a gain) and the tail the older spectra weighted by an
-        exponential decay over ``echo_tail_ms``. Otherwise the direct part is the loudest
-        spectrum at any lag of the window and there is no tail."""
+    def _predicted_parts(self, echo: EchoCanceller, start_ns: int) -> tuple[Spectrum, Spectrum]:
+        """What our echo can bring into ``[start, start + frame)`` per frequency bin at the
+        estimated delay, from the reference's power spectra (the frame's length and window,
+        16 ms apart): the direct path's, the spectrum at exactly the delay (GCC-PHAT's +-2 ms
+        against a 32 ms frame; the loudest of its neighbours would overstate a vowel's onset and
+        teach too low a gain), and the reverberation's, the older spectra weighted by an
+        exponential decay over ``echo_tail_ms``, one row per decay of ``_SPEC_TAIL_DECAYS``."""
         fl = self.frame_len
         hop = self._sub
         tail_ns = self.aec_config.echo_tail_ms * 1_000_000
         sub_ns = hop * NS_PER_S / self.sample_rate
-        if self._delay_known:
-            n_tail = int(tail_ns / sub_ns)
-            first_ns = start_ns - echo.delay_ns - round(n_tail * sub_ns)
-            ref = echo.reference_window(first_ns, n_tail * hop + fl)
-        else:
-            lo, hi = window
-            ref = echo.reference_window(
-                start_ns - hi, round((hi - lo) * self.sample_rate / NS_PER_S) + fl
-            )
-        ref = ref.astype(np.float64)
-        m = max(1, (len(ref) - fl) // hop + 1)
-        # The youngest spectrum ends where the window does.
-        first = len(ref) - fl - (m - 1) * hop
-        idx = first + np.arange(m)[:, None] * hop + np.arange(fl)[None, :]
+        n_tail = int(tail_ns / sub_ns)
+        first_ns = start_ns - echo.delay_ns - round(n_tail * sub_ns)
+        ref = echo.reference_window(first_ns, n_tail * hop + fl).astype(np.float64)
+        idx = np.arange(n_tail + 1)[:, None] * hop + np.arange(fl)[None, :]  # oldest first
         spectra = np.abs(np.fft.rfft(ref[idx] * self._spec_window_fn, axis=1)) ** 2
         tails = np.zeros((len(_SPEC_TAIL_DECAYS), spectra.shape[1]))
-        if not self._delay_known or m == 1:
-            return spectra.max(axis=0), tails
-        age = np.arange(m - 1, 0, -1) * sub_ns  # oldest first
-        for i, decay in enumerate(_SPEC_TAIL_DECAYS):
-            tau = tail_ns / decay
-            tails[i] = (np.exp(-age / tau) * (sub_ns / tau)) @ spectra[:-1]
+        if n_tail:
+            for i, decay in enumerate(_SPEC_TAIL_DECAYS):
+                tails[i] = _tail_weights(n_tail, sub_ns, tail_ns, decay) @ spectra[:-1]
         return spectra[-1], tails
 
     def _spectral_model(
@@ -465,25 +456,31 @@ class BargeInDetector:
         ``_SPEC_TAIL_DECAYS`` x ``_SPEC_TAIL_LEVELS``, the one whose per-bin log ratios over
         the echo-only frames spread least (rooms differ in how much of their echo is
         reverberation); the gain is their median per bin, smoothed across
-        ``_SPEC_SMOOTH_BINS``. None until ``_SPEC_MIN_FRAMES`` were learned. A moved window
-        re-predicts every learned frame."""
+        ``_SPEC_SMOOTH_BINS``. None until ``_SPEC_MIN_FRAMES`` were learned. Only at a known
+        delay: a moved window (a new delay) re-predicts every learned frame, as does a frame
+        learned before the delay was known (it has no prediction yet)."""
         st = self.state
-        if st.spec_window != window:
+        moved = st.spec_window != window
+        if moved or any(parts is None for _, _, parts in st.spec_history):
             st.spec_window = window
             st.spec_history = collections.deque(
-                ((t, y, *self._predicted_parts(echo, t, window)) for t, y, _, _ in st.spec_history),
+                (
+                    (t, y, self._predicted_parts(echo, t) if moved or parts is None else parts)
+                    for t, y, parts in st.spec_history
+                ),
                 maxlen=_SPEC_HISTORY_FRAMES,
             )
             st.spec_model = None
         if st.spec_model is None and len(st.spec_history) >= _SPEC_MIN_FRAMES:
             floor = self._spec_floor
             band = self._spec_band
-            ys = np.log(np.asarray([y for _, y, _, _ in st.spec_history]) + floor)
-            direct = np.asarray([d for _, _, d, _ in st.spec_history])
-            tails = np.asarray([t for _, _, _, t in st.spec_history])
+            learned = [(y, parts) for _, y, parts in st.spec_history if parts is not None]
+            ys = np.log(np.asarray([y for y, _ in learned]) + floor)
+            direct = np.asarray([parts[0] for _, parts in learned])
+            tails = np.asarray([parts[1] for _, parts in learned])
             best: tuple[float, Spectrum, int, float] | None = None
             for row in range(tails.shape[1]):
-                for level in _SPEC_TAIL_LEVELS if self._delay_known else (0.0,):
+                for level in _SPEC_TAIL_LEVELS:
                     logs = ys - np.log(direct + level * tails[:, row] + floor)
                     gain = np.median(logs, axis=0)
                     spread = float(np.mean(np.abs(logs - gain)[:, band]))
@@ -646,18 +643,16 @@ class BargeInDetector:
             near = speech and ratio > threshold
             # The spectral test on the raw microphone: a young filter leaves the echo at about
             # its full level, so the broadband ratio cannot tell a user as loud as our echo.
+            # Only at a known delay: the loudest spectrum at any lag is no bound on a
+            # reverberant echo, which sums many (measured: false barge-ins 0.9 s into a start).
+            # Before it, frames are still learned (their mic spectrum), predicted once it is.
             share = y = parts = None
             if self._spectral and st.young:  # (its FFTs cost about the detector's CPU again)
                 y = self._power_spectrum(raw)
-                parts = self._predicted_parts(echo, start_ns, window)
-                share = self._spectral_share(y, parts, self._spectral_model(echo, window))
-            # Only at a known delay: the loudest spectrum at any lag is no bound on a
-            # reverberant echo, which sums many (measured: false barge-ins 0.9 s into a start).
-            spectral = (
-                self._delay_known
-                and share is not None
-                and share >= self.aec_config.dtd_spectral_fraction
-            )
+                if self._delay_known:
+                    parts = self._predicted_parts(echo, start_ns)
+                    share = self._spectral_share(y, parts, self._spectral_model(echo, window))
+            spectral = share is not None and share >= self.aec_config.dtd_spectral_fraction
             if speech and spectral and not near:
                 near = True
                 st.spectral_near_frames += 1
@@ -684,8 +679,8 @@ class BargeInDetector:
             )
             if not near and not suspect and self._arrived(echo, start_ns, window):
                 self._learn(start_ns, e_mic, e_res, ratio)
-                if y is not None and parts is not None:
-                    st.spec_history.append((start_ns, y, *parts))
+                if y is not None:
+                    st.spec_history.append((start_ns, y, parts))
                     st.spec_model = None
         if st.recent.maxlen != self._recent_frames:
             st.recent = collections.deque(st.recent, maxlen=self._recent_frames)
