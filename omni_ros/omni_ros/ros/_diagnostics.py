@@ -6,13 +6,26 @@ diagnostics timer; attribute assignment is atomic in CPython, so no lock is need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
 
 from omni_ros.core.types import Counters, StateOut
 from omni_ros.ros import conversions as conv
+
+
+def _guarded(
+    read: Callable[[], Mapping[str, Any]], error_key: str, prefix: str = ""
+) -> dict[str, str]:
+    """What ``read`` returns (keys ``prefix``-ed, values as text), or ``{error_key: the error}``:
+    a backend's own figures, or state read off the worker thread, must never stop the
+    diagnostics."""
+    try:
+        values = read()
+    except Exception as exc:
+        return {error_key: f"{type(exc).__name__}: {exc}"}
+    return {f"{prefix}{key}": str(value) for key, value in values.items()}
 
 
 class DiagnosticsReporter:
@@ -45,19 +58,6 @@ class DiagnosticsReporter:
         self.latency_ms = (now_ns - state.stamp_ns) / 1e6
         self.state = state
 
-    def _backend_values(self) -> dict[str, str]:
-        try:
-            metrics = self.backend_metrics()
-        except Exception as exc:  # a backend's figures must never stop the diagnostics
-            return {"backend.metrics_error": f"{type(exc).__name__}: {exc}"}
-        return {f"backend.{key}": str(value) for key, value in metrics.items()}
-
-    def _echo_values(self) -> dict[str, str]:
-        try:
-            return self.echo()
-        except Exception as exc:  # read off the worker thread: never stop the diagnostics
-            return {"echo.error": f"{type(exc).__name__}: {exc}"}
-
     def clear(self) -> None:
         self.state, self.latency_ms, self.previous, self.components = None, None, None, []
         self.backend_metrics = dict
@@ -77,10 +77,10 @@ class DiagnosticsReporter:
             extra={
                 "lifecycle": lifecycle,
                 **{k: str(v) for k, v in self.inputs().items()},
-                **self._backend_values(),
+                **_guarded(self.backend_metrics, "backend.metrics_error", prefix="backend."),
                 **self.schedule(),
                 **self.echo_path(),
-                **self._echo_values(),
+                **_guarded(self.echo, "echo.error"),
             },
             inactive_reason=f"no unit yet (lifecycle: {lifecycle})",
         )

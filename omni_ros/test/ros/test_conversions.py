@@ -312,42 +312,51 @@ def test_diagnostics_reporter_compares_each_report_with_the_previous_one() -> No
     assert conv.stamp_to_ns(second.header.stamp) == STAMP_NS
 
 
-def test_the_backends_own_metrics_reach_diagnostics_and_a_failing_one_is_reported() -> None:
+@pytest.mark.parametrize(
+    ("hook", "given", "shown", "error", "error_value"),
+    [
+        (  # the backend's own metrics
+            "backend_metrics",
+            {"server_kv_cache_length": 812, "transport": "websocket"},
+            {"backend.server_kv_cache_length": "812", "backend.transport": "websocket"},
+            RuntimeError("socket closed"),
+            {"backend.metrics_error": "RuntimeError: socket closed"},
+        ),
+        (  # the echo canceller's state (OmniFlow.echo_status)
+            "echo",
+            {"echo.delay_ms": "120.0", "echo.converged": "true"},
+            {"echo.delay_ms": "120.0", "echo.converged": "true"},
+            ValueError("array changed size"),
+            {"echo.error": "ValueError: array changed size"},
+        ),
+    ],
+)
+def test_a_hooks_values_reach_diagnostics_and_a_failing_read_is_reported(
+    hook: str,
+    given: dict[str, object],
+    shown: dict[str, str],
+    error: Exception,
+    error_value: dict[str, str],
+) -> None:
     from omni_ros.ros._diagnostics import DiagnosticsReporter
 
     reporter = DiagnosticsReporter()
     reporter.on_state(_state(), STAMP_NS)
-    reporter.backend_metrics = lambda: {"server_kv_cache_length": 812, "transport": "websocket"}
+    setattr(reporter, hook, lambda: given)
     values = _values(reporter.report("node", "llamacpp_omni", "active", STAMP_NS).status[0])
-    assert values["backend.server_kv_cache_length"] == "812"
-    assert values["backend.transport"] == "websocket"
+    for key, value in shown.items():
+        assert values[key] == value
 
     def broken() -> dict[str, object]:
-        raise RuntimeError("socket closed")
+        raise error
 
-    reporter.backend_metrics = broken
+    setattr(reporter, hook, broken)
     values = _values(reporter.report("node", "llamacpp_omni", "active", STAMP_NS).status[0])
-    assert values["backend.metrics_error"] == "RuntimeError: socket closed"
-
-
-def test_the_echo_cancellers_state_reaches_diagnostics_and_a_failing_read_is_reported() -> None:
-    from omni_ros.ros._diagnostics import DiagnosticsReporter
-
-    reporter = DiagnosticsReporter()
-    reporter.on_state(_state(), STAMP_NS)
-    reporter.echo = lambda: {"echo.delay_ms": "120.0", "echo.converged": "true"}
-    values = _values(reporter.report("node", "reference", "active", STAMP_NS).status[0])
-    assert values["echo.delay_ms"] == "120.0"
-    assert values["echo.converged"] == "true"
-
-    def broken() -> dict[str, str]:
-        raise ValueError("array changed size")
-
-    reporter.echo = broken
-    values = _values(reporter.report("node", "reference", "active", STAMP_NS).status[0])
-    assert values["echo.error"] == "ValueError: array changed size"
+    for key, value in error_value.items():
+        assert values[key] == value
     reporter.clear()
-    assert "echo.delay_ms" not in _values(reporter.report("n", "r", "active", STAMP_NS).status[0])
+    cleared = _values(reporter.report("n", "r", "active", STAMP_NS).status[0])
+    assert not set(shown) & set(cleared)
 
 
 def test_tensorrt_component_statuses_become_their_own_diagnostics() -> None:
